@@ -1,0 +1,140 @@
+"""The inference weights file: generator state dict plus its model card.
+
+One file (``torch.save`` of a plain dict, loaded with ``weights_only=True``)::
+
+    {"format": "dicom-node-generator/1",
+     "model_card": {...},          # JSON-compatible: see ModelCard
+     "state_dict": {...}}          # UnetGenerator state dict (fp16 or fp32 tensors)
+
+The sha256 of the whole file identifies the model in every output's provenance.
+A ``<weights>.json`` copy of the model card is written beside it for people.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dicom_node.fusion import FusionStyle
+from dicom_node.generator import ARCHITECTURES, INPUT_SIZES, UnetGenerator, build_generator
+
+FORMAT = "dicom-node-generator/1"
+OUTPUT_KINDS = ("fusion_rgb", "uptake")
+
+
+class WeightsError(Exception):
+    """The weights file is missing, unreadable or not a dicom-node generator."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a weights file is, how it was made, and how its output is to be read."""
+
+    name: str
+    version: str
+    architecture: str  # unet_256 | unet_128
+    ngf: int
+    output_kind: str  # fusion_rgb | uptake
+    fusion: dict[str, Any] = field(default_factory=lambda: FusionStyle().as_dict())
+    # Output uptake scale for output_kind == "uptake": uptake = (y + 1) / 2 * uptake_scale
+    uptake_scale: float = 4.0
+    intended_use: str = "Research only. Synthetic PET. NOT FOR DIAGNOSTIC USE."
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    test_weights: bool = False
+
+    @property
+    def input_size(self) -> int:
+        return INPUT_SIZES[self.architecture]
+
+    @property
+    def output_channels(self) -> int:
+        return 3 if self.output_kind == "fusion_rgb" else 1
+
+    @property
+    def fusion_style(self) -> FusionStyle:
+        return FusionStyle.from_dict(self.fusion)
+
+    def validate(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise WeightsError(f"model card architecture {self.architecture!r} is not one of "
+                               f"{sorted(ARCHITECTURES)}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise WeightsError(f"model card output_kind {self.output_kind!r} is not one of "
+                               f"{OUTPUT_KINDS}")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    generator: UnetGenerator
+    card: ModelCard
+    sha256: str
+    path: Path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_weights(generator: UnetGenerator, card: ModelCard, path: Path, fp16: bool = True) -> str:
+    """Write generator weights and model card atomically; return the file's sha256."""
+    card.validate()
+    state = {
+        key: (value.half() if fp16 and value.is_floating_point() else value).detach().cpu()
+        for key, value in generator.state_dict().items()
+    }
+    payload = {"format": FORMAT, "model_card": json.loads(json.dumps(asdict(card))),
+               "state_dict": state}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    sha = file_sha256(path)
+    card_path = path.with_suffix(path.suffix + ".json")
+    card_path.write_text(json.dumps({**asdict(card), "sha256": sha}, indent=2) + "\n")
+    return sha
+
+
+def load_weights(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a weights file into an eval-mode generator on ``device``."""
+    if not path.is_file():
+        raise WeightsError(f"model weights not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise WeightsError(f"cannot read model weights {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise WeightsError(f"{path} is not a dicom-node generator weights file ({FORMAT})")
+    try:
+        card = ModelCard(**payload["model_card"])
+    except TypeError as exc:
+        raise WeightsError(f"{path}: invalid model card: {exc}") from exc
+    card.validate()
+    generator = build_generator(card.architecture, card.ngf, output_nc=card.output_channels)
+    state = {key: value.float() if value.is_floating_point() else value
+             for key, value in payload["state_dict"].items()}
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError as exc:
+        raise WeightsError(f"{path}: weights do not match the model card: {exc}") from exc
+    generator.eval()
+    generator.to(device)
+    return LoadedModel(generator=generator, card=card, sha256=file_sha256(path), path=path)
