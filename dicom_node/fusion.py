@@ -78,15 +78,27 @@ class FusionStyle:
         )
 
 
-def colormap_lut(name: str = "hot", size: int = 1024) -> FloatArray:
-    """The colormap sampled at ``size`` evenly spaced points, shape (size, 3), in [0, 1]."""
+def _knots(name: str) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Positions t and RGB colours where the piecewise-linear colormap bends."""
     if name != "hot":
         raise ValueError(f"unknown colormap {name!r}")
-    t = np.linspace(0.0, 1.0, size)
+    ts = sorted({x for points in _HOT_POINTS.values() for x, _ in points})
+    colours = []
+    for key in ("r", "g", "b"):
+        xs, ys = zip(*_HOT_POINTS[key], strict=True)
+        colours.append(np.interp(ts, xs, ys))
+    return np.asarray(ts), np.stack(colours, axis=-1)
+
+
+def colormap(t: NDArray[np.floating], name: str = "hot") -> FloatArray:
+    """Colours (..., 3) in [0, 1] of positions t in [0, 1] (exact, no lookup table)."""
+    t = np.clip(np.asarray(t, dtype=np.float64), 0.0, 1.0)
     channels = []
     for key in ("r", "g", "b"):
         xs, ys = zip(*_HOT_POINTS[key], strict=True)
         channels.append(np.interp(t, xs, ys))
+    if name != "hot":
+        raise ValueError(f"unknown colormap {name!r}")
     return np.stack(channels, axis=-1).astype(np.float32)
 
 
@@ -101,10 +113,9 @@ def window_t1c(volume: NDArray[np.floating] | NDArray[np.integer]) -> FloatArray
 
 def uptake_to_colour(uptake: NDArray[np.floating], style: FusionStyle) -> FloatArray:
     """Colormap colours (..., 3) of uptake values."""
-    lut = colormap_lut(style.colormap)
-    t = np.clip((uptake - style.window_low) / (style.window_high - style.window_low), 0.0, 1.0)
-    index = np.rint(t * (len(lut) - 1)).astype(np.intp)
-    return lut[index]
+    t = (np.asarray(uptake, dtype=np.float64) - style.window_low) / (
+        style.window_high - style.window_low)
+    return colormap(t, style.colormap)
 
 
 def fuse(grey: NDArray[np.floating], uptake: NDArray[np.floating], style: FusionStyle) -> FloatArray:
@@ -148,7 +159,8 @@ def defuse(
     """Invert :func:`fuse`: recover uptake from fusion RGB (..., 3) and its grey T1C.
 
     For each pixel the colour that was blended is ``(F - (1 - alpha) * grey) / alpha``;
-    its uptake is the window value of the nearest colormap point. A pixel whose
+    its uptake is the window value of the nearest point on the colormap curve (an
+    exact projection onto each linear piece of the curve). A pixel whose
     fusion equals its grey (within ``blend_tolerance``) had no colour blended, unless
     the nearest colormap point explains it better than "not shown" does.
     """
@@ -156,22 +168,11 @@ def defuse(
     grey = np.asarray(grey, dtype=np.float32)
     if fusion.shape != (*grey.shape, 3):
         raise ValueError(f"fusion {fusion.shape} does not match grey {grey.shape} + RGB")
-    lut = colormap_lut(style.colormap)
     colour = (fusion - (1.0 - style.alpha) * grey[..., None]) / style.alpha
-    flat = colour.reshape(-1, 3)
-    index = np.empty(len(flat), dtype=np.intp)
-    dist2 = np.empty(len(flat), dtype=np.float32)
-    chunk = 65536
-    for start in range(0, len(flat), chunk):
-        part = flat[start : start + chunk]
-        d = ((part[:, None, :] - lut[None, :, :]) ** 2).sum(axis=-1)
-        index[start : start + chunk] = d.argmin(axis=1)
-        dist2[start : start + chunk] = d.min(axis=1)
-    t = index.astype(np.float32) / (len(lut) - 1)
+    t, dist = nearest_on_colormap(colour, style.colormap)
     value = style.window_low + t * (style.window_high - style.window_low)
-    value = value.reshape(grey.shape)
     # Residual of the "blended" explanation, in fusion units, versus "not shown".
-    residual_blended = np.sqrt(dist2).reshape(grey.shape) * style.alpha
+    residual_blended = dist * style.alpha
     residual_plain = np.abs(fusion - grey[..., None]).max(axis=-1)
     shown = (residual_plain > blend_tolerance) & (residual_blended < residual_plain)
     value = np.maximum(value, style.display_threshold)
@@ -179,3 +180,23 @@ def defuse(
     confidence = np.clip(1.0 - residual_blended / 0.1, 0.0, 1.0).astype(np.float32)
     confidence = np.where(shown, confidence, 1.0).astype(np.float32)
     return Defused(uptake=uptake, shown=shown, confidence=confidence)
+
+
+def nearest_on_colormap(colour: NDArray[np.floating],
+                        name: str = "hot") -> tuple[FloatArray, FloatArray]:
+    """Position t in [0, 1] of the nearest colormap point to each colour, and the distance."""
+    knots_t, knots_rgb = _knots(name)
+    c = np.asarray(colour, dtype=np.float32)
+    best_t = np.zeros(c.shape[:-1], dtype=np.float32)
+    best_d = np.full(c.shape[:-1], np.inf, dtype=np.float32)
+    for i in range(len(knots_t) - 1):
+        a = knots_rgb[i].astype(np.float32)
+        seg = (knots_rgb[i + 1] - knots_rgb[i]).astype(np.float32)
+        length2 = float(seg @ seg)
+        s = np.clip(((c - a) @ seg) / length2, 0.0, 1.0) if length2 > 0 else np.zeros_like(best_t)
+        d = np.linalg.norm(a + s[..., None] * seg - c, axis=-1)
+        better = d < best_d
+        best_d = np.where(better, d, best_d)
+        span = knots_t[i + 1] - knots_t[i]
+        best_t = np.where(better, knots_t[i] + s * span, best_t).astype(np.float32)
+    return best_t, best_d.astype(np.float32)

@@ -1,0 +1,203 @@
+"""``dicom-node``: serve, echo, audit, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import func, select
+
+from dicom_node.config import ConfigError, NodeConfig, default_config_path, load_config
+from dicom_node.identity import apply_identity
+from dicom_node.model_weights import WeightsError
+
+log = logging.getLogger("dicom_node")
+
+
+def _load(args: argparse.Namespace) -> NodeConfig:
+    path = Path(args.config) if args.config else default_config_path()
+    return load_config(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.service import Node
+
+    config = _load(args)
+    try:
+        node = Node(config)
+    except WeightsError as exc:
+        print(f"dicom-node: cannot start: {exc}\n"
+              f"  model.weights_path in {config.source_path} must name a dicom-node generator "
+              "weights file; the demo model is made by 'make demo-model' (see README).",
+              file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.start()
+    print(f"dicom-node listening as {config.receiver.ae_title} on "
+          f"{config.receiver.bind_address}:{node.receiver.port} "
+          f"(model {node.ctx.predictor.model.card.name}, device {node.ctx.predictor.device})",
+          flush=True)
+    stop.wait()
+    node.stop()
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if args.host:
+        targets = [(args.ae_title or "ANY-SCP", args.host, args.port)]
+    else:
+        targets = [(d.ae_title, d.host, d.port) for d in config.destinations
+                   if not d.return_to_sender]
+        if not targets:
+            targets = [(config.receiver.ae_title, config.receiver.bind_address,
+                        config.receiver.port)]
+    failures = 0
+    for ae_title, host, port in targets:
+        ae = AE(ae_title=config.receiver.ae_title)
+        apply_identity(ae)
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        assoc = ae.associate(host, port, ae_title=ae_title)
+        if assoc.is_established:
+            status = assoc.send_c_echo()
+            assoc.release()
+            ok = "Status" in status and int(status.Status) == 0
+        else:
+            ok = False
+        print(f"C-ECHO {ae_title}@{host}:{port}: {'ok' if ok else 'FAILED'}")
+        failures += not ok
+    return 1 if failures else 0
+
+
+def _engine(config: NodeConfig) -> Any:
+    from storage.database import make_engine, make_session_factory
+    return make_session_factory(make_engine(config.database_url))
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from storage.audit import recent_events, verify_chain
+
+    sessions = _engine(_load(args))
+    with sessions() as session:
+        if args.verify:
+            check = verify_chain(session)
+            if check.ok:
+                print(f"audit chain intact: {check.events} events")
+                return 0
+            print(f"audit chain BROKEN at event id {check.first_broken_id}: {check.reason}")
+            return 1
+        events = recent_events(session, limit=args.limit, study_uid=args.study,
+                               series_uid=args.series, kind=args.kind)
+        for event in events:
+            if args.json:
+                print(json.dumps({"id": event.id, "at": event.at.isoformat(), "kind": event.kind,
+                                  "outcome": event.outcome, "study_uid": event.study_uid,
+                                  "series_uid": event.series_uid, "sop_uid": event.sop_uid,
+                                  "peer": event.peer, "detail": event.detail}))
+            else:
+                where = event.series_uid or event.study_uid or ""
+                print(f"{event.at:%Y-%m-%d %H:%M:%S} {event.outcome:7} {event.kind:20} "
+                      f"{event.peer:28.28} {where[-24:]:24} {event.detail}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from storage.models import Job, OutboxEntry, Series
+
+    config = _load(args)
+    sessions = _engine(config)
+    with sessions() as session:
+        states = dict(session.execute(select(Series.state, func.count()).group_by(Series.state))
+                      .tuples().all())
+        outbox: dict[str, dict[str, int]] = {}
+        for dest, state, count in session.execute(
+                select(OutboxEntry.destination, OutboxEntry.state, func.count())
+                .group_by(OutboxEntry.destination, OutboxEntry.state)).tuples():
+            outbox.setdefault(dest, {})[state] = count
+        last_fail = session.scalars(select(Job).where(Job.state == "failed")
+                                    .order_by(Job.id.desc()).limit(1)).first()
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(config.data_dir).free
+    report = {
+        "listening": f"{config.receiver.ae_title}@{config.receiver.bind_address}:"
+                     f"{config.receiver.port}",
+        "model": str(config.model.weights_path),
+        "device": config.model.device,
+        "series": states,
+        "queue_depth": states.get("queued", 0) + states.get("ready", 0),
+        "outbox": outbox,
+        "last_job_error": last_fail.error if last_fail else "",
+        "disk_free_mb": round(free / 1024 / 1024),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            print(f"{key:15} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", help="config TOML (default: the embedded config.toml)")
+        return p
+
+    add("serve", "run the node until SIGINT/SIGTERM").set_defaults(func=cmd_serve)
+    echo = add("echo", "C-ECHO the destinations (or --host/--port)")
+    echo.add_argument("--host")
+    echo.add_argument("--port", type=int, default=104)
+    echo.add_argument("--ae-title")
+    echo.set_defaults(func=cmd_echo)
+    audit = add("audit", "print recent audit events")
+    audit.add_argument("--study", help="StudyInstanceUID")
+    audit.add_argument("--series", help="SeriesInstanceUID")
+    audit.add_argument("--kind", help="event kind prefix, e.g. series or send.attempt")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--json", action="store_true")
+    audit.add_argument("--verify", action="store_true", help="check the hash chain")
+    audit.set_defaults(func=cmd_audit)
+    status = add("status", "series, queue and outbox state")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,302 @@
+"""The node's configuration: one frozen, typed object loaded from TOML.
+
+Relative paths in the file are resolved against the directory of the file itself,
+so the embedded ``config.toml`` works from any working directory. Every error names
+the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicom_node.fusion import COLORMAPS, FusionStyle
+
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(Exception):
+    """The configuration is missing, unreadable or invalid."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A calling AE the node accepts, and where results return to it."""
+
+    ae_title: str
+    addresses: tuple[str, ...] = ()  # empty: any address
+    return_host: str | None = None
+    return_port: int | None = None
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where results are sent: a fixed AE, or back to the AE that sent the series."""
+
+    name: str
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    return_to_sender: bool = False
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    ae_title: str = "DICOMNODE"
+    bind_address: str = "127.0.0.1"
+    port: int = 11112
+    max_associations: int = 10
+    max_pdu_bytes: int = 65536
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 30.0
+    network_timeout_s: float = 60.0
+    min_free_disk_mb: float = 500.0
+
+
+@dataclass(frozen=True)
+class SeriesConfig:
+    stable_after_s: float = 30.0
+    sweep_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    modalities: tuple[str, ...] = ("MR",)
+    description_include: tuple[str, ...] = (r"(?i)t1",)
+    description_exclude: tuple[str, ...] = (
+        r"(?i)\bt2", r"(?i)flair", r"(?i)dwi", r"(?i)\badc\b", r"(?i)swi", r"(?i)localizer",
+        r"(?i)scout", r"(?i)survey", r"(?i)\bpre\b", r"(?i)nativ", r"(?i)sag", r"(?i)cor\b",
+    )
+    require_contrast: bool = True
+    contrast_description_regex: str = r"(?i)(\+\s*c\b|\bpost\b|\bgd\b|gado|\bkm\b|contrast|\bce\b|\+gd)"
+    axial_tolerance_deg: float = 20.0
+    min_slices: int = 16
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    weights_path: Path
+    device: str = "auto"
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    tbr_threshold: float = 1.6
+    min_lesion_volume_ml: float = 0.1
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    retry_initial_s: float = 5.0
+    retry_max_s: float = 300.0
+    max_attempts: int = 50
+    max_age_h: float = 72.0
+    send_interval_s: float = 1.0
+    dimse_timeout_s: float = 10.0
+    batch_size: int = 500
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    manufacturer: str = "dicom-node"
+    institution_name: str = ""
+    series_number_sc: int = 9901
+    series_number_sr: int = 9902
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The whole configuration, immutable once loaded."""
+
+    data_dir: Path
+    database_url: str
+    receiver: ReceiverConfig
+    series: SeriesConfig
+    selection: SelectionConfig
+    model: ModelConfig
+    analysis: AnalysisConfig
+    outbox: OutboxConfig
+    output: OutputConfig
+    fusion: FusionStyle
+    peers: tuple[Peer, ...] = ()
+    destinations: tuple[Destination, ...] = ()
+    source_path: Path | None = field(default=None, compare=False)
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    def peer(self, ae_title: str) -> Peer | None:
+        for peer in self.peers:
+            if peer.ae_title == ae_title:
+                return peer
+        return None
+
+
+def _table(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{key}] must be a table")
+    return value
+
+
+def _build(cls: type, section: str, values: dict[str, Any], **extra: Any) -> Any:
+    """Instantiate a dataclass section, naming unknown keys and wrong types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"[{section}] unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        default = fields[name].default
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{section}.{name} must be a list of strings")
+            value = tuple(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{section}.{name} must be true or false")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{section}.{name} must be a number")
+            value = float(value)
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{section}.{name} must be an integer")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"{section}.{name} must be a string")
+        kwargs[name] = value
+    kwargs.update(extra)
+    return cls(**kwargs)
+
+
+def _check_ae(title: str, key: str) -> None:
+    if not AE_TITLE_RE.match(title) or title.strip() == "":
+        raise ConfigError(f"{key} {title!r} is not a valid AE title (1-16 printable characters)")
+
+
+def _check_port(port: int, key: str) -> None:
+    if not 0 < port < 65536:
+        raise ConfigError(f"{key} must be a port in 1..65535, got {port}")
+
+
+def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> NodeConfig:
+    """Validate a parsed TOML document into a NodeConfig."""
+    known = {"node", "receiver", "series", "selection", "model", "analysis", "outbox",
+             "output", "fusion", "peers", "destinations"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; allowed: {sorted(known)}")
+
+    node = _table(raw, "node")
+    bad = sorted(set(node) - {"data_dir", "database_url"})
+    if bad:
+        raise ConfigError(f"[node] unknown key(s) {bad}; allowed: ['data_dir', 'database_url']")
+    data_dir = Path(str(node.get("data_dir", "var")))
+    if not data_dir.is_absolute():
+        data_dir = (base_dir / data_dir).resolve()
+    database_url = str(node.get("database_url", "")) or f"sqlite:///{data_dir / 'dicom-node.db'}"
+
+    receiver: ReceiverConfig = _build(ReceiverConfig, "receiver", _table(raw, "receiver"))
+    _check_ae(receiver.ae_title, "receiver.ae_title")
+    _check_port(receiver.port, "receiver.port")
+    series: SeriesConfig = _build(SeriesConfig, "series", _table(raw, "series"))
+    if series.stable_after_s < 0 or series.sweep_interval_s <= 0:
+        raise ConfigError("series.stable_after_s must be >= 0 and series.sweep_interval_s > 0")
+    selection: SelectionConfig = _build(SelectionConfig, "selection", _table(raw, "selection"))
+    for pattern in (*selection.description_include, *selection.description_exclude,
+                    selection.contrast_description_regex):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"[selection] invalid regular expression {pattern!r}: {exc}") from exc
+
+    model_raw = dict(_table(raw, "model"))
+    if "weights_path" not in model_raw:
+        raise ConfigError("model.weights_path is required (the generator weights file)")
+    weights = Path(str(model_raw.pop("weights_path")))
+    if not weights.is_absolute():
+        weights = (base_dir / weights).resolve()
+    model: ModelConfig = _build(ModelConfig, "model", model_raw, weights_path=weights)
+    if model.device not in DEVICES:
+        raise ConfigError(f"model.device must be one of {DEVICES}, got {model.device!r}")
+    if model.batch_size < 1:
+        raise ConfigError("model.batch_size must be >= 1")
+
+    analysis: AnalysisConfig = _build(AnalysisConfig, "analysis", _table(raw, "analysis"))
+    if analysis.tbr_threshold <= 1.0:
+        raise ConfigError("analysis.tbr_threshold must be > 1.0 (a ratio to background)")
+    outbox: OutboxConfig = _build(OutboxConfig, "outbox", _table(raw, "outbox"))
+    output: OutputConfig = _build(OutputConfig, "output", _table(raw, "output"))
+
+    fusion_raw = _table(raw, "fusion")
+    if fusion_raw.get("colormap", "hot") not in COLORMAPS:
+        raise ConfigError(f"fusion.colormap must be one of {COLORMAPS}")
+    try:
+        fusion = FusionStyle.from_dict(fusion_raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[fusion] {exc}") from exc
+
+    peers_raw = raw.get("peers", [])
+    if not isinstance(peers_raw, list):
+        raise ConfigError("[[peers]] must be an array of tables")
+    peers = []
+    for i, item in enumerate(peers_raw):
+        key = f"peers[{i}]"
+        if not isinstance(item, dict) or "ae_title" not in item:
+            raise ConfigError(f"{key} needs an ae_title")
+        peer: Peer = _build(Peer, key, item, addresses=tuple(item.get("addresses", ())))
+        _check_ae(peer.ae_title, f"{key}.ae_title")
+        if (peer.return_host is None) != (peer.return_port is None):
+            raise ConfigError(f"{key}: give both return_host and return_port, or neither")
+        if peer.return_port is not None:
+            _check_port(peer.return_port, f"{key}.return_port")
+        peers.append(peer)
+
+    dest_raw = raw.get("destinations", [])
+    if not isinstance(dest_raw, list):
+        raise ConfigError("[[destinations]] must be an array of tables")
+    destinations = []
+    names: set[str] = set()
+    for i, item in enumerate(dest_raw):
+        key = f"destinations[{i}]"
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"{key} needs a name")
+        dest: Destination = _build(Destination, key, item)
+        if dest.name in names:
+            raise ConfigError(f"{key}: duplicate destination name {dest.name!r}")
+        names.add(dest.name)
+        if not dest.return_to_sender:
+            _check_ae(dest.ae_title, f"{key}.ae_title")
+            if not dest.host:
+                raise ConfigError(f"{key}.host is required unless return_to_sender = true")
+            _check_port(dest.port, f"{key}.port")
+        destinations.append(dest)
+
+    return NodeConfig(
+        data_dir=data_dir, database_url=database_url, receiver=receiver, series=series,
+        selection=selection, model=model, analysis=analysis, outbox=outbox, output=output,
+        fusion=fusion, peers=tuple(peers), destinations=tuple(destinations), source_path=source,
+    )
+
+
+def load_config(path: Path) -> NodeConfig:
+    """Read and validate the TOML file at ``path``."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(raw, path.resolve().parent, source=path.resolve())
+
+
+def default_config_path() -> Path:
+    """The embedded default config: ``config.toml`` at the project root."""
+    return Path(__file__).resolve().parent.parent / "config.toml"

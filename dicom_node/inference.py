@@ -1,0 +1,98 @@
+"""Run the generator over a T1C volume: synthetic fusion and uptake per slice.
+
+Pre-processing: window the series to grey [0, 1] (:func:`fusion.window_t1c`),
+pad to square and resize to the network size, scale to [-1, 1]. The generator runs
+in eval mode (deterministic: dropout off, BatchNorm running statistics) under
+``torch.inference_mode()``, batched, with autocast on CUDA. Its output is mapped
+back to the native matrix. A fusion model's RGB output is de-fused to uptake; an
+uptake model's output is fused over the T1C with the model card's style.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from dicom_node.fusion import FusionStyle, defuse, fuse, window_t1c
+from dicom_node.model_weights import LoadedModel
+from dicom_node.resampling import from_network, to_network
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    grey: NDArray[np.float32]  # (N, H, W) windowed T1C in [0, 1]
+    fusion: NDArray[np.float32]  # (N, H, W, 3) in [0, 1]
+    uptake: NDArray[np.float32]  # (N, H, W) synthetic uptake
+
+
+class Predictor:
+    """The loaded model, kept warm, and how to run it on a volume."""
+
+    def __init__(self, model: LoadedModel, device: torch.device, batch_size: int,
+                 render_style: FusionStyle | None = None) -> None:
+        self.model = model
+        self.device = device
+        self.batch_size = batch_size
+        # A fusion model's colours are read back with the style it was trained on (its
+        # model card); an uptake model's output is drawn with the configured style.
+        if model.card.output_kind == "uptake" and render_style is not None:
+            self.style: FusionStyle = render_style
+        else:
+            self.style = model.card.fusion_style
+
+    def run_network(self, grey: NDArray[np.float32],
+                    progress: Callable[[int, int], None] | None = None,
+                    batch_size: int | None = None) -> torch.Tensor:
+        """(N, H, W) grey -> (N, C, H, W) generator output in [-1, 1] at native size."""
+        size = self.model.card.input_size
+        batch = batch_size or self.batch_size
+        net_in, pad = to_network(grey, size)
+        net_in = net_in * 2.0 - 1.0
+        outputs = []
+        generator = self.model.generator
+        generator.eval()
+        use_cuda = self.device.type == "cuda"
+        with torch.inference_mode():
+            for start in range(0, len(net_in), batch):
+                chunk = net_in[start : start + batch]
+                if use_cuda:
+                    chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+                    chunk = chunk.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast("cuda", dtype=torch.float16):
+                        out = generator(chunk)
+                else:
+                    out = generator(chunk)
+                outputs.append(out.float().cpu())
+                if progress is not None:
+                    progress(min(start + batch, len(net_in)), len(net_in))
+        result = torch.cat(outputs, 0)
+        return from_network(result, pad).clamp(-1.0, 1.0)
+
+    def predict(self, volume: NDArray[np.float32], batch_size: int | None = None) -> Prediction:
+        grey = window_t1c(volume)
+        output = self.run_network(grey, batch_size=batch_size).numpy()
+        if self.model.card.output_kind == "uptake":
+            uptake = ((output[:, 0] + 1.0) / 2.0 * self.model.card.uptake_scale).astype(np.float32)
+            fusion = fuse(grey, uptake, self.style)
+        else:
+            fusion = np.transpose((output + 1.0) / 2.0, (0, 2, 3, 1)).astype(np.float32)
+            # Quantise as the stored SC will be, so analysis sees what the viewer sees.
+            fusion = np.rint(fusion * 255.0) / 255.0
+            uptake = defuse(fusion, grey, self.style).uptake
+        return Prediction(grey=grey, fusion=fusion.astype(np.float32), uptake=uptake)

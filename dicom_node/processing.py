@@ -1,0 +1,314 @@
+"""The series jobs: completion, selection, and processing one T1C series.
+
+Every step is a row change in the database with its audit event in the same
+transaction, so a restart resumes exactly where the node stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import UID
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import Destination, NodeConfig
+from dicom_node.fusion import to_uint8
+from dicom_node.inference import Predictor
+from dicom_node.selection import select_series
+from dicom_node.tbr import TbrResult, measure_tbr
+from dicom_node.uids import derive_uid, source_fingerprint
+from dicom_node.volume import VolumeError, load_volume
+from dicom_node.writers.provenance import Provenance
+from dicom_node.writers.sc import encode, make_sc_instance
+from dicom_node.writers.seg import make_seg
+from dicom_node.writers.sr import make_sr
+from storage.audit import AuditKind, AuditLog
+from storage.file_store import FileStore, atomic_write
+from storage.models import (
+    Instance,
+    Job,
+    OutboxEntry,
+    OutboxState,
+    OutputInstance,
+    Series,
+    SeriesState,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SeriesSkipped(Exception):
+    """The series is not something this node processes (reason in the message)."""
+
+
+@dataclass
+class NodeContext:
+    """What the jobs share: config, database, audit log, file store, the warm model."""
+
+    config: NodeConfig
+    sessions: sessionmaker[Session]
+    audit: AuditLog
+    store: FileStore
+    predictor: Predictor
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def provenance(self) -> Provenance:
+        card = self.predictor.model.card
+        return Provenance(manufacturer=self.config.output.manufacturer, model_name=card.name,
+                          model_version=card.version,
+                          weights_sha256=self.predictor.model.sha256,
+                          institution_name=self.config.output.institution_name)
+
+
+def set_state(ctx: NodeContext, session: Session, series: Series, state: str, reason: str,
+              **detail: Any) -> None:
+    """Change a series' state and audit it, in one commit."""
+    previous = series.state
+    series.state = state
+    series.state_reason = reason
+    series.updated_at = utcnow()
+    ctx.audit.record_in(session, AuditKind.SERIES_STATE, study_uid=series.study_uid,
+                        series_uid=series.series_uid, to=state, previous=previous,
+                        reason=reason, version=series.version, **detail)
+
+
+def sweep(ctx: NodeContext) -> int:
+    """receiving -> ready for series quiet for ``stable_after_s``. Returns how many."""
+    cutoff = utcnow() - timedelta(seconds=ctx.config.series.stable_after_s)
+    changed = 0
+    with ctx.sessions() as session:
+        candidates = session.scalars(select(Series).where(
+            Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff)).all()
+        for series in candidates:
+            set_state(ctx, session, series, SeriesState.READY,
+                      f"no new instance for {ctx.config.series.stable_after_s:g} s",
+                      instances=series.instance_count)
+            changed += 1
+    return changed
+
+
+def series_paths(session: Session, series: Series) -> list[Path]:
+    return [Path(p) for p in session.scalars(
+        select(Instance.path).where(Instance.series_id == series.id)).all()]
+
+
+def triage(ctx: NodeContext) -> int:
+    """ready -> queued (axial T1C) or skipped (with the reason). Returns how many."""
+    changed = 0
+    with ctx.sessions() as session:
+        ready = session.scalars(select(Series).where(Series.state == SeriesState.READY)
+                                .order_by(Series.last_received_at)).all()
+        for series in ready:
+            selection = select_series(series_paths(session, series), ctx.config.selection)
+            if selection.accepted:
+                set_state(ctx, session, series, SeriesState.QUEUED, selection.reason,
+                          slices=len(selection.slices))
+            else:
+                set_state(ctx, session, series, SeriesState.SKIPPED, selection.reason)
+            changed += 1
+    return changed
+
+
+def recover(ctx: NodeContext) -> int:
+    """At start-up: series left running by a crash go back to the queue."""
+    with ctx.sessions() as session:
+        for job in session.scalars(select(Job).where(Job.state == "running")).all():
+            job.state = "abandoned"
+            job.finished_at = utcnow()
+            job.error = "node stopped while the job ran"
+        stuck = session.scalars(select(Series).where(Series.state == SeriesState.RUNNING)).all()
+        for series in stuck:
+            set_state(ctx, session, series, SeriesState.QUEUED, "resumed after restart")
+        session.commit()
+        return len(stuck)
+
+
+def resolve_destination(ctx: NodeContext, dest: Destination,
+                        series: Series) -> tuple[str, str, int] | None:
+    """(AE title, host, port) for a destination; None if return-to-sender has no route."""
+    if not dest.return_to_sender:
+        return dest.ae_title, dest.host, dest.port
+    peer = ctx.config.peer(series.calling_ae)
+    if peer is None or peer.return_host is None or peer.return_port is None:
+        return None
+    return peer.ae_title, peer.return_host, peer.return_port
+
+
+def process_next(ctx: NodeContext) -> bool:
+    """Process the oldest queued series, if any. Returns whether one was processed."""
+    with ctx.sessions() as session:
+        series = session.scalars(select(Series).where(Series.state == SeriesState.QUEUED)
+                                 .order_by(Series.updated_at).limit(1)).first()
+        if series is None:
+            return False
+        job = Job(series_id=series.id, series_version=series.version, state="running",
+                  device=str(ctx.predictor.device))
+        session.add(job)
+        session.flush()
+        set_state(ctx, session, series, SeriesState.RUNNING, "inference started", job=job.id)
+        ctx.audit.record(AuditKind.JOB_START, study_uid=series.study_uid,
+                         series_uid=series.series_uid, job=job.id, device=job.device)
+        series_id, job_id = series.id, job.id
+    started = time.monotonic()
+    try:
+        outputs = run_series(ctx, series_id, job_id)
+    except SeriesSkipped as exc:
+        finish(ctx, series_id, job_id, SeriesState.SKIPPED, str(exc), started)
+    except VolumeError as exc:
+        finish(ctx, series_id, job_id, SeriesState.FAILED, str(exc), started)
+    except Exception as exc:  # job boundary: any failure is recorded, the worker goes on
+        log.exception("job %d failed", job_id)
+        finish(ctx, series_id, job_id, SeriesState.FAILED,
+               f"{type(exc).__name__}: {exc}", started)
+    else:
+        finish(ctx, series_id, job_id, SeriesState.DONE,
+               f"{outputs} outputs queued for sending", started)
+    return True
+
+
+def finish(ctx: NodeContext, series_id: int, job_id: int, state: str, reason: str,
+           started: float) -> None:
+    seconds = time.monotonic() - started
+    with ctx.sessions() as session:
+        series = session.get(Series, series_id)
+        job = session.get(Job, job_id)
+        assert series is not None and job is not None
+        job.state = "done" if state in (SeriesState.DONE, SeriesState.SKIPPED) else "failed"
+        job.finished_at = utcnow()
+        job.seconds = seconds
+        job.error = "" if state == SeriesState.DONE else reason
+        if series.state == SeriesState.RUNNING:  # a late instance may have reopened it
+            set_state(ctx, session, series, state, reason, job=job_id)
+        kind = AuditKind.JOB_FAIL if state == SeriesState.FAILED else AuditKind.JOB_FINISH
+        ctx.audit.record_in(session, kind, outcome="error" if state == SeriesState.FAILED
+                            else "ok", study_uid=series.study_uid, series_uid=series.series_uid,
+                            job=job_id, seconds=round(seconds, 3), result=state, reason=reason)
+
+
+def summary_lines(result: TbrResult) -> list[str]:
+    lines = [f"TBR (synthetic uptake), threshold {result.threshold:g} x bg; "
+             f"bg mean {result.background_mean:.2f}"]
+    if not result.lesions:
+        lines.append("No lesion above threshold")
+    for lesion in result.lesions[:3]:
+        lines.append(f"Lesion {lesion.number}: TBRmax {lesion.tbr_max:.2f}  "
+                     f"TBRmean {lesion.tbr_mean:.2f}  {lesion.volume_ml:.1f} mL")
+    if len(result.lesions) > 3:
+        lines.append(f"... {len(result.lesions) - 3} more lesion(s) in the SR")
+    return lines
+
+
+def run_series(ctx: NodeContext, series_id: int, job_id: int) -> int:
+    """Inference, analysis and writing for one series; returns the outputs queued."""
+    with ctx.sessions() as session:
+        series = session.get(Series, series_id)
+        assert series is not None
+        paths = series_paths(session, series)
+        version = series.version
+        study_uid = series.study_uid
+    selection = select_series(paths, ctx.config.selection)
+    if not selection.accepted:
+        raise SeriesSkipped(selection.reason)
+    volume = load_volume(selection.slices)
+    prediction = ctx.predictor.predict(volume.pixels)
+    result = measure_tbr(prediction.uptake, volume.voxel_volume_ml,
+                         ctx.config.analysis.tbr_threshold,
+                         ctx.config.analysis.min_lesion_volume_ml,
+                         ctx.predictor.style.display_threshold)
+    provenance = ctx.provenance
+    fingerprint = source_fingerprint(s.sop_uid for s in volume.slices)
+    sha = provenance.weights_sha256
+
+    def uid(kind: str, index: int = 0) -> UID:
+        return derive_uid(fingerprint, sha, version, kind, index)
+
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
+    written: list[tuple[str, object, Path]] = []
+    sc_series = uid("sc-series")
+    fusion8 = to_uint8(prediction.fusion)
+    summary = summary_lines(result)
+    for index, info in enumerate(volume.slices):
+        sc = make_sc_instance(fusion8[index], by_uid[info.sop_uid], info, sc_series,
+                              uid("sc", index), index + 1, ctx.config.output.series_number_sc,
+                              provenance, summary if index == 0 else ())
+        path = ctx.store.output_path(study_uid, str(sc_series), str(sc.SOPInstanceUID))
+        atomic_write(path, encode(sc))
+        written.append(("sc", sc, path))
+    seg_series = uid("seg-series")
+    seg = make_seg(volume.datasets, result, seg_series, uid("seg"),
+                   ctx.config.output.series_number_sc + 2, provenance)
+    seg_path = ctx.store.output_path(study_uid, str(seg_series), str(seg.SOPInstanceUID))
+    atomic_write(seg_path, encode(seg))
+    written.append(("seg", seg, seg_path))
+    sr_series = uid("sr-series")
+    sr = make_sr(volume.datasets, seg, result, sr_series, uid("sr"),
+                 ctx.config.output.series_number_sr, provenance)
+    sr_path = ctx.store.output_path(study_uid, str(sr_series), str(sr.SOPInstanceUID))
+    atomic_write(sr_path, encode(sr))
+    written.append(("sr", sr, sr_path))
+    return enqueue_outputs(ctx, series_id, job_id, version, written, result)
+
+
+def enqueue_outputs(ctx: NodeContext, series_id: int, job_id: int, version: int,
+                    written: list[tuple[str, object, Path]], result: TbrResult) -> int:
+    """Record outputs and their outbox rows (one per destination) in one transaction."""
+    queued = 0
+    with ctx.sessions() as session:
+        series = session.get(Series, series_id)
+        assert series is not None
+        routes = []
+        for dest in ctx.config.destinations:
+            route = resolve_destination(ctx, dest, series)
+            if route is None:
+                ctx.audit.record_in(session, AuditKind.SEND_ATTEMPT, outcome="error",
+                                    study_uid=series.study_uid, series_uid=series.series_uid,
+                                    destination=dest.name,
+                                    reason=f"no return route for calling AE {series.calling_ae!r}")
+                continue
+            routes.append((dest.name, *route))
+        for kind, ds, path in written:
+            sop_uid = str(ds.SOPInstanceUID)  # type: ignore[attr-defined]
+            output = session.scalars(select(OutputInstance).where(
+                OutputInstance.sop_uid == sop_uid)).first()
+            if output is None:
+                output = OutputInstance(sop_uid=sop_uid)
+                session.add(output)
+            output.sop_class_uid = str(ds.SOPClassUID)  # type: ignore[attr-defined]
+            output.series_uid = str(ds.SeriesInstanceUID)  # type: ignore[attr-defined]
+            output.kind = kind
+            output.source_series_id = series_id
+            output.series_version = version
+            output.job_id = job_id
+            output.path = str(path)
+            session.flush()
+            for name, ae_title, host, port in routes:
+                entry = session.scalars(select(OutboxEntry).where(
+                    OutboxEntry.output_id == output.id,
+                    OutboxEntry.destination == name)).first()
+                if entry is None:
+                    session.add(OutboxEntry(output_id=output.id, destination=name,
+                                            ae_title=ae_title, host=host, port=port,
+                                            state=OutboxState.PENDING))
+                    queued += 1
+                elif entry.state != OutboxState.SENT:
+                    entry.state = OutboxState.PENDING
+                    entry.next_attempt_at = utcnow()
+                    queued += 1
+        lesions = [{"lesion": lesion.number, "tbr_max": round(lesion.tbr_max, 3),
+                    "tbr_mean": round(lesion.tbr_mean, 3),
+                    "volume_ml": round(lesion.volume_ml, 2)} for lesion in result.lesions]
+        ctx.audit.record_in(session, AuditKind.OUTPUT_WRITTEN, study_uid=series.study_uid,
+                            series_uid=series.series_uid, job=job_id,
+                            outputs=len(written), outbox_entries=queued,
+                            background=round(result.background_mean, 4),
+                            finding=result.finding, lesions=lesions)
+    return queued

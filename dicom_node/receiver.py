@@ -1,0 +1,297 @@
+"""The Storage SCP: accepts MR series from known peers and files them.
+
+The C-STORE handler stays small: it takes the raw encoded bytes as they arrived
+(no decode / re-encode), writes them atomically to the file store, records the
+instance and its series in one transaction with the audit event, and returns a
+named status. Everything heavy happens later in the scheduler's jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import threading
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    EnhancedMRImageStorage,
+    MRImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import dimse_status
+from dicom_node.config import NodeConfig
+from dicom_node.identity import apply_identity
+from storage.audit import AuditKind, AuditLog
+from storage.file_store import FileStore, InvalidUID, atomic_write
+from storage.models import Association as AssociationRow
+from storage.models import Instance, Series, SeriesState, utcnow
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_SOP_CLASSES: tuple[UID, ...] = (MRImageStorage, EnhancedMRImageStorage)
+# Every transfer syntax pydicom can decode (with the pylibjpeg / openjpeg plugins).
+ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
+    dict.fromkeys([ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+                   ExplicitVRBigEndian, *ALL_TRANSFER_SYNTAXES])
+)
+HEADER_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+               "Modality", "SeriesDescription", "PatientID", "AccessionNumber", "InstanceNumber")
+
+# A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-AE-title-not-recognized
+REJECT_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+DIAG_CALLING_AE_NOT_RECOGNIZED = 0x03
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+
+
+def _peer(assoc: Association) -> tuple[str, int]:
+    return str(assoc.requestor.address), int(assoc.requestor.port)
+
+
+class Receiver:
+    """Owns the pynetdicom AE that listens for C-STORE and C-ECHO."""
+
+    def __init__(self, config: NodeConfig, sessions: sessionmaker[Session], audit: AuditLog,
+                 store: FileStore) -> None:
+        self.config = config
+        self._sessions = sessions
+        self._audit = audit
+        self._store = store
+        self._db_lock = threading.Lock()
+        self._assoc_ids: dict[int, int] = {}
+        self._server: ThreadedAssociationServer | None = None
+        self.ae = self._make_ae()
+
+    # -- set-up -------------------------------------------------------------------------
+    def _make_ae(self) -> AE:
+        rc = self.config.receiver
+        ae = AE(ae_title=rc.ae_title)
+        apply_identity(ae)
+        ae.maximum_associations = rc.max_associations
+        ae.maximum_pdu_size = rc.max_pdu_bytes
+        ae.acse_timeout = rc.acse_timeout_s
+        ae.dimse_timeout = rc.dimse_timeout_s
+        ae.network_timeout = rc.network_timeout_s
+        for sop_class in ACCEPTED_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+        ae.add_supported_context(Verification)
+        return ae
+
+    def start(self) -> None:
+        rc = self.config.receiver
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_closed, ["released"]),
+            (evt.EVT_ABORTED, self._on_closed, ["aborted"]),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+        ]
+        self._server = self.ae.start_server((rc.bind_address, rc.port), block=False,
+                                            evt_handlers=handlers)
+        log.info("listening as %s on %s:%d", rc.ae_title, rc.bind_address, self.port)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.config.receiver.port
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop accepting associations; let the ones in flight end."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- association events ---------------------------------------------------------------
+    def _on_conn_open(self, event: evt.Event) -> None:
+        sock = event.assoc.dul.socket
+        if sock is not None and sock.socket is not None:
+            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        address, port = _peer(event.assoc)
+        self._audit.record(AuditKind.ASSOC_OPEN, peer=f"{address}:{port}")
+
+    def is_allowed(self, calling_ae: str, address: str) -> tuple[bool, str]:
+        """Is this caller on the allow-list? Returns (allowed, reason)."""
+        peer = self.config.peer(calling_ae.strip())
+        if peer is None:
+            return False, f"calling AE {calling_ae.strip()!r} is not a known peer"
+        if peer.addresses and address not in peer.addresses:
+            return False, f"calling AE {peer.ae_title!r} from unexpected address {address}"
+        return True, ""
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title).strip() if primitive else ""
+        address, port = _peer(assoc)
+        allowed, reason = self.is_allowed(calling, address)
+        if not allowed:
+            # Audit first: the record exists before the peer learns of the rejection.
+            self._audit.record(AuditKind.ASSOC_REJECT, outcome="error",
+                               peer=f"{calling}@{address}:{port}", reason=reason)
+            log.warning("rejected association from %s:%d: %s", address, port, reason)
+            assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER,
+                                   DIAG_CALLING_AE_NOT_RECOGNIZED)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        address, port = _peer(assoc)
+        calling = str(assoc.requestor.ae_title).strip()
+        with self._sessions() as session:
+            row = AssociationRow(calling_ae=calling, called_ae=str(assoc.acceptor.ae_title).strip(),
+                                 peer_address=address, peer_port=port, state="accepted")
+            session.add(row)
+            session.flush()
+            self._assoc_ids[id(assoc)] = row.id
+            self._audit.record_in(session, AuditKind.ASSOC_ACCEPT,
+                                  peer=f"{calling}@{address}:{port}", association=row.id)
+
+    def _on_closed(self, event: evt.Event, how: str) -> None:
+        assoc = event.assoc
+        row_id = self._assoc_ids.pop(id(assoc), None)
+        address, port = _peer(assoc)
+        calling = str(assoc.requestor.ae_title).strip()
+        kind = AuditKind.ASSOC_RELEASE if how == "released" else AuditKind.ASSOC_ABORT
+        with self._sessions() as session:
+            if row_id is not None:
+                row = session.get(AssociationRow, row_id)
+                if row is not None:
+                    row.state = how
+                    row.closed_at = utcnow()
+            self._audit.record_in(session, kind, outcome="ok" if how == "released" else "warning",
+                                  peer=f"{calling}@{address}:{port}", association=row_id)
+
+    def _on_echo(self, event: evt.Event) -> int:
+        address, port = _peer(event.assoc)
+        self._audit.record(AuditKind.ECHO, peer=f"{event.assoc.requestor.ae_title}@{address}:{port}")
+        return dimse_status.SUCCESS
+
+    # -- C-STORE ----------------------------------------------------------------------------
+    def handle_store(self, event: evt.Event) -> int:
+        """File one instance; return a named DIMSE status."""
+        assoc = event.assoc
+        address, port = _peer(assoc)
+        peer = f"{str(assoc.requestor.ae_title).strip()}@{address}:{port}"
+        if self._disk_is_low():
+            self._audit.record(AuditKind.INSTANCE_REFUSED, outcome="error", peer=peer,
+                               reason="free disk space below min_free_disk_mb",
+                               sop_uid_sent=str(getattr(event.request, "AffectedSOPInstanceUID", "")))
+            return dimse_status.OUT_OF_RESOURCES
+        data = event.encoded_dataset()
+        try:
+            header = dcmread(BytesIO(data), stop_before_pixels=True,
+                             specific_tags=list(HEADER_TAGS))
+            study_uid = str(header.StudyInstanceUID)
+            series_uid = str(header.SeriesInstanceUID)
+            sop_uid = str(header.SOPInstanceUID)
+            path = self._store.incoming_path(study_uid, series_uid, sop_uid)
+        except (InvalidDicomError, AttributeError, ValueError, InvalidUID) as exc:
+            reason = f"cannot read identifying attributes: {exc}"
+            self._audit.record(AuditKind.INSTANCE_REFUSED, outcome="error", peer=peer,
+                               reason=reason[:500])
+            return dimse_status.CANNOT_UNDERSTAND
+        try:
+            atomic_write(path, data)
+        except OSError as exc:
+            self._audit.record(AuditKind.INSTANCE_REFUSED, outcome="error", peer=peer,
+                               study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
+                               reason=f"write failed: {exc}")
+            return dimse_status.OUT_OF_RESOURCES
+        try:
+            self._record_instance(header, event, str(path), len(data), peer, address)
+        except SQLAlchemyError as exc:
+            log.error("database error while recording %s: %s", sop_uid, exc)
+            return dimse_status.PROCESSING_FAILURE
+        return dimse_status.SUCCESS
+
+    def _disk_is_low(self) -> bool:
+        limit = int(self.config.receiver.min_free_disk_mb * 1024 * 1024)
+        if limit <= 0:
+            return False
+        self._store.root.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(self._store.root).free < limit
+
+    def _record_instance(self, header: Any, event: evt.Event, path: str, size: int, peer: str,
+                         address: str) -> None:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        study_uid = str(header.StudyInstanceUID)
+        series_uid = str(header.SeriesInstanceUID)
+        sop_uid = str(header.SOPInstanceUID)
+        now = utcnow()
+        with self._db_lock, self._sessions() as session:
+            series = session.scalars(select(Series).where(Series.series_uid == series_uid)).first()
+            if series is None:
+                series = Series(
+                    series_uid=series_uid, study_uid=study_uid,
+                    patient_id=str(header.get("PatientID", ""))[:64],
+                    accession_number=str(header.get("AccessionNumber", ""))[:16],
+                    modality=str(header.get("Modality", ""))[:16],
+                    description=str(header.get("SeriesDescription", ""))[:64],
+                    calling_ae=calling, peer_address=address, state=SeriesState.RECEIVING,
+                    first_received_at=now, last_received_at=now, updated_at=now)
+                session.add(series)
+                session.flush()
+                self._audit.record_in(session, AuditKind.SERIES_STATE, study_uid=study_uid,
+                                      series_uid=series_uid, peer=peer,
+                                      to=SeriesState.RECEIVING, reason="first instance")
+            elif series.state != SeriesState.RECEIVING:
+                previous = series.state
+                reopen = series.state in SeriesState.FINISHED
+                if reopen:
+                    series.version += 1
+                series.state = SeriesState.RECEIVING
+                series.state_reason = "late instance arrived"
+                series.updated_at = now
+                self._audit.record_in(session, AuditKind.SERIES_STATE, study_uid=study_uid,
+                                      series_uid=series_uid, peer=peer, to=SeriesState.RECEIVING,
+                                      previous=previous, version=series.version,
+                                      reason="late instance arrived")
+            series.last_received_at = now
+            series.calling_ae = calling
+            series.peer_address = address
+            instance = session.scalars(select(Instance).where(Instance.sop_uid == sop_uid)).first()
+            duplicate = instance is not None
+            if instance is None:
+                instance = Instance(sop_uid=sop_uid, series_id=series.id, path=path,
+                                    sop_class_uid=str(header.SOPClassUID),
+                                    transfer_syntax_uid=str(event.context.transfer_syntax),
+                                    size_bytes=size)
+                session.add(instance)
+                series.instance_count += 1
+            instance.path = path
+            instance.size_bytes = size
+            instance.transfer_syntax_uid = str(event.context.transfer_syntax)
+            number = header.get("InstanceNumber")
+            instance.instance_number = int(number) if number not in (None, "") else None
+            instance.association_id = self._assoc_ids.get(id(event.assoc))
+            instance.received_at = now
+            self._audit.record_in(session, AuditKind.INSTANCE_STORED, study_uid=study_uid,
+                                  series_uid=series_uid, sop_uid=sop_uid, peer=peer,
+                                  bytes=size, replaced=duplicate)

@@ -1,0 +1,192 @@
+"""The outbox sender: C-STORE of queued outputs, one association per destination and batch.
+
+Statuses are handled by class: success and warnings (B000, B006, B007) mark the
+entry sent (warnings audited as such); refusals that will not change (A9xx, Cxxx,
+0122) go straight to dead-letter; anything else, and any association failure, is
+retried with exponential backoff and jitter until ``max_attempts`` or ``max_age_h``,
+then dead-lettered. Each destination has its own association and its own retry
+times, so a dead PACS does not stall the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import dimse_status
+from dicom_node.config import NodeConfig
+from dicom_node.identity import apply_identity
+from storage.audit import AuditKind, AuditLog
+from storage.models import OutboxEntry, OutboxState, OutputInstance, Series, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def is_permanent_failure(status: int) -> bool:
+    """Refusals and errors a retry will not change."""
+    return ((status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000
+            or status == dimse_status.SOP_CLASS_NOT_SUPPORTED)
+
+
+class Sender:
+    def __init__(self, config: NodeConfig, sessions: sessionmaker[Session],
+                 audit: AuditLog) -> None:
+        self.config = config
+        self._sessions = sessions
+        self._audit = audit
+        self._lock = threading.Lock()
+
+    def backoff_s(self, attempts: int) -> float:
+        cfg = self.config.outbox
+        base = min(cfg.retry_max_s, cfg.retry_initial_s * (2 ** max(0, attempts - 1)))
+        return base * random.uniform(0.8, 1.2)
+
+    def send_due(self) -> int:
+        """Send every due entry, destination by destination. Returns how many were stored."""
+        with self._lock:
+            stored = 0
+            with self._sessions() as session:
+                due = session.execute(
+                    select(OutboxEntry.destination).where(
+                        OutboxEntry.state == OutboxState.PENDING,
+                        OutboxEntry.next_attempt_at <= utcnow()).distinct()).scalars().all()
+            for destination in due:
+                stored += self._send_destination(destination)
+            return stored
+
+    def _send_destination(self, destination: str) -> int:
+        cfg = self.config.outbox
+        with self._sessions() as session:
+            entries = session.scalars(
+                select(OutboxEntry).where(OutboxEntry.destination == destination,
+                                          OutboxEntry.state == OutboxState.PENDING,
+                                          OutboxEntry.next_attempt_at <= utcnow())
+                .order_by(OutboxEntry.id).limit(cfg.batch_size)).all()
+            if not entries:
+                return 0
+            work = []
+            for entry in entries:
+                output = session.get(OutputInstance, entry.output_id)
+                assert output is not None
+                series = session.get(Series, output.source_series_id)
+                work.append((entry.id, output.path, output.sop_class_uid, output.sop_uid,
+                             series.study_uid if series else "", output.series_uid))
+            first = entries[0]
+            ae_title, host, port = first.ae_title, first.host, first.port
+        sop_classes = sorted({item[2] for item in work})
+        ae = AE(ae_title=self.config.receiver.ae_title)
+        apply_identity(ae)
+        ae.acse_timeout = cfg.dimse_timeout_s
+        ae.dimse_timeout = cfg.dimse_timeout_s
+        ae.network_timeout = cfg.dimse_timeout_s
+        for sop_class in sop_classes:
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        assoc = ae.associate(host, port, ae_title=ae_title)
+        if not assoc.is_established:
+            reason = ("association rejected" if assoc.is_rejected else
+                      "association aborted" if assoc.is_aborted else "cannot connect")
+            self._retry_all([item[0] for item in work], f"{reason} ({ae_title}@{host}:{port})")
+            return 0
+        _nodelay(assoc)
+        stored = 0
+        try:
+            for entry_id, path, _sop_class, sop_uid, study_uid, series_uid in work:
+                if not assoc.is_established:
+                    self._retry_all([entry_id], "association ended before sending")
+                    continue
+                try:
+                    ds = dcmread(Path(path))
+                except OSError as exc:
+                    self._finish(entry_id, None, f"output file unreadable: {exc}", dead=True,
+                                 study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
+                    continue
+                response = assoc.send_c_store(ds)
+                status = int(response.Status) if "Status" in response else None
+                if status is None:
+                    self._retry_all([entry_id], "no response (timeout or abort)")
+                elif dimse_status.is_stored(status):
+                    stored += 1
+                    self._finish(entry_id, status, "", study_uid=study_uid,
+                                 series_uid=series_uid, sop_uid=sop_uid)
+                elif is_permanent_failure(status):
+                    self._finish(entry_id, status, "refused by destination", dead=True,
+                                 study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
+                else:
+                    self._retry_all([entry_id], f"status {dimse_status.describe(status)}",
+                                    status=status)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return stored
+
+    def _finish(self, entry_id: int, status: int | None, reason: str, *, dead: bool = False,
+                study_uid: str = "", series_uid: str = "", sop_uid: str = "") -> None:
+        with self._sessions() as session:
+            entry = session.get(OutboxEntry, entry_id)
+            assert entry is not None
+            entry.attempts += 1
+            entry.last_status = status
+            entry.last_error = reason
+            if dead:
+                entry.state = OutboxState.DEAD
+            else:
+                entry.state = OutboxState.SENT
+                entry.sent_at = utcnow()
+            outcome = ("error" if dead else
+                       "warning" if status is not None and dimse_status.is_warning(status)
+                       else "ok")
+            self._audit.record_in(session, AuditKind.SEND_ATTEMPT, outcome=outcome,
+                                  study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
+                                  peer=f"{entry.ae_title}@{entry.host}:{entry.port}",
+                                  destination=entry.destination,
+                                  status=dimse_status.describe(status), attempt=entry.attempts,
+                                  state=entry.state, reason=reason)
+
+    def _retry_all(self, entry_ids: list[int], reason: str, status: int | None = None) -> None:
+        cfg = self.config.outbox
+        with self._sessions() as session:
+            for entry_id in entry_ids:
+                entry = session.get(OutboxEntry, entry_id)
+                assert entry is not None
+                entry.attempts += 1
+                entry.last_status = status
+                entry.last_error = reason
+                age = utcnow() - _aware(entry.created_at)
+                if entry.attempts >= cfg.max_attempts or age > timedelta(hours=cfg.max_age_h):
+                    entry.state = OutboxState.DEAD
+                    reason_text = f"{reason}; dead-lettered after {entry.attempts} attempts"
+                else:
+                    entry.next_attempt_at = utcnow() + timedelta(
+                        seconds=self.backoff_s(entry.attempts))
+                    reason_text = reason
+                output = session.get(OutputInstance, entry.output_id)
+                self._audit.record_in(
+                    session, AuditKind.SEND_ATTEMPT, outcome="error",
+                    sop_uid=output.sop_uid if output else "",
+                    series_uid=output.series_uid if output else "",
+                    peer=f"{entry.ae_title}@{entry.host}:{entry.port}",
+                    destination=entry.destination, status=dimse_status.describe(status),
+                    attempt=entry.attempts, state=entry.state, reason=reason_text)
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; they were stored as UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _nodelay(assoc: Association) -> None:
+    """pynetdicom leaves Nagle on; small PDUs then wait for delayed ACKs."""
+    sock = assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

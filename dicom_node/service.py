@@ -1,0 +1,72 @@
+"""The running node: start everything in order, stop it cleanly."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicom_node.config import NodeConfig
+from dicom_node.inference import Predictor, pick_device
+from dicom_node.model_weights import load_weights
+from dicom_node.processing import NodeContext, recover
+from dicom_node.receiver import Receiver
+from dicom_node.scheduler import build_scheduler
+from dicom_node.sender import Sender
+from storage.audit import AuditKind, AuditLog
+from storage.database import make_engine, make_session_factory
+from storage.file_store import FileStore
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """Receiver + scheduler + sender over one database and file store."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        # Load the model first: a node with missing or bad weights never starts.
+        device = pick_device(config.model.device)
+        model = load_weights(config.model.weights_path, device)
+        self.engine = make_engine(config.database_url)
+        self.sessions = make_session_factory(self.engine)
+        self.audit = AuditLog(self.sessions)
+        self.store = FileStore(config.store_dir)
+        self.ctx = NodeContext(config=config, sessions=self.sessions, audit=self.audit,
+                               store=self.store,
+                               predictor=Predictor(model, device, config.model.batch_size,
+                                                   config.fusion))
+        self.receiver = Receiver(config, self.sessions, self.audit, self.store)
+        self.sender = Sender(config, self.sessions, self.audit)
+        self.scheduler: BackgroundScheduler | None = None
+        self._stopped = threading.Event()
+
+    def start(self, heartbeat: Callable[[], None] | None = None) -> None:
+        partials = self.store.remove_partials()
+        resumed = recover(self.ctx)
+        self.receiver.start()
+        self.scheduler = build_scheduler(self.ctx, self.sender, heartbeat)
+        self.scheduler.start()
+        card = self.ctx.predictor.model.card
+        self.audit.record(AuditKind.NODE_START, ae_title=self.config.receiver.ae_title,
+                          port=self.receiver.port, model=card.name, version=card.version,
+                          sha256=self.ctx.predictor.model.sha256,
+                          device=str(self.ctx.predictor.device), resumed_series=resumed,
+                          removed_partial_files=partials)
+        log.info("node started: model %s %s on %s", card.name, card.version,
+                 self.ctx.predictor.device)
+
+    def stop(self) -> None:
+        """Stop accepting, let the running job finish, flush, close."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.ctx.stopping.set()
+        self.receiver.stop()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+        self.audit.record(AuditKind.NODE_STOP)
+        self.engine.dispose()
+        log.info("node stopped")

@@ -1,0 +1,31 @@
+"""Deterministic output UIDs.
+
+An output's UID is derived from what it was made from: the source instances, the
+model weights' sha256, the series version, the output kind and its index. Running
+the same series through the same model again yields the same UIDs, so a re-run or a
+re-send replaces, never duplicates; a new version (late arrival) or new weights
+yield new UIDs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+from pydicom.uid import UID, generate_uid
+
+
+def source_fingerprint(source_sop_uids: Iterable[str]) -> str:
+    """One digest of the (sorted) source SOP Instance UIDs."""
+    digest = hashlib.sha256()
+    for uid in sorted(source_sop_uids):
+        digest.update(uid.encode("ascii"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def derive_uid(fingerprint: str, weights_sha256: str, version: int, kind: str,
+               index: int = 0) -> UID:
+    """A 2.25-rooted UID from the inputs (pydicom hashes the entropy sources)."""
+    return generate_uid(prefix=None,
+                        entropy_srcs=[fingerprint, weights_sha256, str(version), kind, str(index)])

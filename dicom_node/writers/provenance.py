@@ -1,0 +1,61 @@
+"""What every output says about where it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_node.identity import MANUFACTURER_MODEL_NAME, software_version
+
+BANNER = "SYNTHETIC - NOT FOR DIAGNOSTIC USE"
+# Private coding scheme for concepts no standard code covers (declared in each SR).
+PRIVATE_SCHEME = "99DCMNODE"
+PRIVATE_SCHEME_NAME = "dicom-node private codes"
+PRIVATE_SCHEME_ORG = "dicom-node project"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    manufacturer: str
+    model_name: str
+    model_version: str
+    weights_sha256: str
+    institution_name: str = ""
+
+    @property
+    def software_versions(self) -> str:
+        return f"dicom-node {software_version()}"
+
+    @property
+    def model_text(self) -> str:
+        return f"{self.model_name} {self.model_version} sha256:{self.weights_sha256}"
+
+    def contributing_equipment(self) -> hd.ContributingEquipment:
+        return hd.ContributingEquipment(
+            manufacturer=self.manufacturer,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=MANUFACTURER_MODEL_NAME,
+            software_versions=self.software_versions,
+            institution_name=self.institution_name or None,
+            contribution_description=f"Pix2Pix generator {self.model_name} "
+                                     f"{self.model_version}, weights sha256 "
+                                     f"{self.weights_sha256}"[:1024],
+        )
+
+
+def copy_patient_study(source: Dataset) -> dict[str, object]:
+    """Patient and study attributes shared by every output (same study as the source)."""
+    return {
+        "patient_id": str(source.get("PatientID", "")) or None,
+        "patient_name": source.get("PatientName") or None,
+        "patient_birth_date": str(source.get("PatientBirthDate", "")) or None,
+        "patient_sex": str(source.get("PatientSex", "")) or None,
+        "accession_number": str(source.get("AccessionNumber", "")) or None,
+        "study_id": str(source.get("StudyID", "")) or None,
+        "study_date": str(source.get("StudyDate", "")) or None,
+        "study_time": str(source.get("StudyTime", "")) or None,
+        "referring_physician_name": source.get("ReferringPhysicianName") or None,
+    }

@@ -1,0 +1,113 @@
+"""The synthetic fusion series: one RGB Secondary Capture instance per source slice.
+
+Each image carries the "SYNTHETIC - NOT FOR DIAGNOSTIC USE" banner burned into its
+pixels (BurnedInAnnotation YES), points at its source slice (SourceImageSequence),
+and names the model and weights in its Contributing Equipment. The first image also
+shows the TBR summary, for viewers that do not display SR.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from io import BytesIO
+
+import highdicom as hd
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import Dataset, dcmwrite
+from pydicom.uid import UID
+
+from dicom_node.volume import SliceInfo
+from dicom_node.writers.provenance import BANNER, Provenance, copy_patient_study
+
+SERIES_DESCRIPTION = "SYNTHETIC FDOPA PET/T1C FUSION - NOT FOR DIAGNOSTIC USE"
+
+
+def orientation_letters(direction: Sequence[float]) -> str:
+    """Patient-orientation letters (e.g. 'L', 'PF') of a direction cosine vector."""
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))
+    parts = []
+    for axis in np.argsort(-np.abs(np.asarray(direction, dtype=float))):
+        value = float(direction[axis])
+        if abs(value) < 1e-3:
+            continue
+        parts.append(letters[axis][0] if value > 0 else letters[axis][1])
+    return "".join(parts[:3]) or "L"
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def burn_in(rgb: NDArray[np.uint8], lines: Sequence[str]) -> NDArray[np.uint8]:
+    """Draw text lines on a dark band at the top of the image."""
+    image = Image.fromarray(rgb, mode="RGB")
+    width = rgb.shape[1]
+    size = max(8, min(18, width // 28))
+    font = _font(size)
+    draw = ImageDraw.Draw(image)
+    line_height = size + 3
+    band = line_height * len(lines) + 4
+    draw.rectangle((0, 0, width, band), fill=(0, 0, 0))
+    for i, line in enumerate(lines):
+        draw.text((3, 2 + i * line_height), line, fill=(255, 255, 0), font=font)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def encode(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def make_sc_instance(
+    fusion_rgb: NDArray[np.uint8],
+    source: Dataset,
+    slice_info: SliceInfo,
+    series_uid: UID,
+    sop_uid: UID,
+    instance_number: int,
+    series_number: int,
+    provenance: Provenance,
+    summary_lines: Sequence[str] = (),
+) -> Dataset:
+    """One SC instance for one slice; ``summary_lines`` are burned in below the banner."""
+    pixels = burn_in(fusion_rgb, [BANNER, *summary_lines])
+    row, col = slice_info.orientation[:3], slice_info.orientation[3:]
+    sc = hd.sc.SCImage(
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        study_instance_uid=str(source.StudyInstanceUID),
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=provenance.manufacturer,
+        pixel_spacing=slice_info.pixel_spacing,
+        patient_orientation=(orientation_letters(row), orientation_letters(col)),
+        contributing_equipment=[provenance.contributing_equipment()],
+        **copy_patient_study(source),  # type: ignore[arg-type]
+    )
+    sc.SeriesDescription = SERIES_DESCRIPTION
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    sc.ManufacturerModelName = provenance.model_name[:64]
+    sc.SoftwareVersions = provenance.software_versions
+    sc.BodyPartExamined = "BRAIN"
+    sc.DerivationDescription = (f"Synthetic 18F-FDOPA PET/T1C fusion by Pix2Pix "
+                                f"({provenance.model_name} {provenance.model_version}) "
+                                f"from the T1C slice. NOT FOR DIAGNOSTIC USE.")[:1024]
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = slice_info.sop_class_uid
+    ref.ReferencedSOPInstanceUID = slice_info.sop_uid
+    if slice_info.frame_index is not None:
+        ref.ReferencedFrameNumber = slice_info.frame_index + 1
+    sc.SourceImageSequence = [ref]
+    if "FrameOfReferenceUID" in source:
+        sc.FrameOfReferenceUID = source.FrameOfReferenceUID
+    return sc

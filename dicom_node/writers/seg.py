@@ -1,0 +1,83 @@
+"""DICOM Segmentation of the regions behind the TBR numbers.
+
+Segment 1 is the background region; segments 2.. are the lesions in the order of
+the SR (hottest first). The SEG references the source T1C images, so a viewer that
+shows SEG overlays shows exactly where each number came from.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import UID, generate_uid
+
+from dicom_node.tbr import TbrResult
+from dicom_node.writers.provenance import Provenance
+
+SERIES_DESCRIPTION = "SYNTHETIC PET TBR REGIONS - NOT FOR DIAGNOSTIC USE"
+BACKGROUND_SEGMENT = 1
+
+
+def lesion_segment_number(lesion_number: int) -> int:
+    return lesion_number + 1
+
+
+def _algorithm(provenance: Provenance, threshold: float) -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(
+        name="dicom-node TBR regions", family=codes.DCM.ArtificialIntelligence,
+        version=provenance.model_version[:16],
+        parameters={"threshold": f"{threshold:g}", "weights_sha256": provenance.weights_sha256})
+
+
+def make_seg(
+    source_datasets: list[Dataset],
+    result: TbrResult,
+    series_uid: UID,
+    sop_uid: UID,
+    series_number: int,
+    provenance: Provenance,
+) -> Dataset:
+    """A BINARY SEG (N slices x segments) over the source single-frame images."""
+    algorithm = _algorithm(provenance, result.threshold)
+    masks = [result.background_mask]
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=BACKGROUND_SEGMENT, segment_label="TBR background",
+        segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Brain,
+        algorithm_type="AUTOMATIC", algorithm_identification=algorithm,
+        tracking_id="TBR background",
+        tracking_uid=generate_uid(prefix=None, entropy_srcs=[str(sop_uid), "background"]))]
+    for lesion in result.lesions:
+        masks.append(lesion.mask)
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=lesion_segment_number(lesion.number),
+            segment_label=f"Lesion {lesion.number} (uptake >= {result.threshold:g} x background)",
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Neoplasm,
+            algorithm_type="AUTOMATIC", algorithm_identification=algorithm,
+            tracking_id=f"Lesion {lesion.number}",
+            tracking_uid=generate_uid(prefix=None,
+                                      entropy_srcs=[str(sop_uid), f"lesion-{lesion.number}"])))
+    pixel_array = np.stack(masks, axis=-1).astype(np.uint8)  # (N, H, W, S)
+    seg = hd.seg.Segmentation(
+        source_images=source_datasets,
+        pixel_array=pixel_array,
+        segmentation_type="BINARY",
+        segment_descriptions=descriptions,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=provenance.manufacturer,
+        manufacturer_model_name=provenance.model_name[:64],
+        software_versions=provenance.software_versions,
+        device_serial_number=provenance.weights_sha256[:16],
+        content_label="TBR_REGIONS",
+        content_description="Regions of the TBR measurement on synthetic PET",
+        contributing_equipment=[provenance.contributing_equipment()],
+        omit_empty_frames=True,
+    )
+    seg.SeriesDescription = SERIES_DESCRIPTION
+    return seg

@@ -1,0 +1,145 @@
+"""The TBR report: a Comprehensive 3D SR following TID 1500 (Measurement Report).
+
+Layout (see docs/conformance-statement.md for the full tree):
+
+- Observation context: the node as observer device.
+- Per lesion: a volumetric ROI measurement group (TID 1411) referencing its SEG
+  segment, with TBRmax (derivation Maximum) and TBRmean (derivation Mean), unit
+  UCUM "1", the biological tumour volume in mL, and the algorithm identification
+  (model name, version, parameters: weights sha256, threshold, method, the
+  statement that the values were measured on synthetic uptake).
+- The background group: referencing the background segment, with its mean uptake.
+- No lesion above threshold: the background group's tracking identifier says so.
+
+Concepts without a standard code use the private scheme 99DCMNODE, declared in
+CodingSchemeIdentificationSequence.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import UID, generate_uid
+
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID
+from dicom_node.tbr import TbrResult
+from dicom_node.writers.provenance import (
+    PRIVATE_SCHEME,
+    PRIVATE_SCHEME_NAME,
+    PRIVATE_SCHEME_ORG,
+    Provenance,
+)
+from dicom_node.writers.seg import BACKGROUND_SEGMENT, lesion_segment_number
+
+SERIES_DESCRIPTION = "SYNTHETIC PET TBR REPORT - NOT FOR DIAGNOSTIC USE"
+SYNTHETIC_STATEMENT = "Values measured on synthetic (AI-generated) PET uptake"
+
+TBR = hd.sr.CodedConcept("TBR", PRIVATE_SCHEME, "Tumor-to-background ratio")
+BACKGROUND_UPTAKE = hd.sr.CodedConcept("BGUPTAKE", PRIVATE_SCHEME,
+                                       "Background mean synthetic uptake")
+SYNTHETIC_METHOD = hd.sr.CodedConcept("SYNTHPET", PRIVATE_SCHEME,
+                                      "Measured on synthetic PET uptake from Pix2Pix")
+UNIT_RATIO = hd.sr.CodedConcept("1", "UCUM", "no units")
+UNIT_ML = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
+
+
+def _content_uid(sop_uid: str, label: str) -> UID:
+    """Deterministic UIDs inside the report, so a re-run writes the same object."""
+    return generate_uid(prefix=None, entropy_srcs=[sop_uid, label])
+
+
+def _algorithm(provenance: Provenance, result: TbrResult) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=provenance.model_name[:64],
+        version=provenance.model_version[:64],
+        parameters=[
+            f"weights sha256 {provenance.weights_sha256}",
+            f"threshold {result.threshold:g} x background mean",
+            f"minimum lesion volume {result.min_lesion_volume_ml:g} mL",
+            f"method: {result.method}",
+            SYNTHETIC_STATEMENT,
+        ],
+    )
+
+
+def _segment_ref(seg: Dataset, number: int) -> hd.sr.ReferencedSegment:
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID),
+        segment_number=number,
+        source_series=hd.sr.SourceSeriesForSegmentation(
+            str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)))
+
+
+def make_sr(
+    source_datasets: list[Dataset],
+    seg: Dataset,
+    result: TbrResult,
+    series_uid: UID,
+    sop_uid: UID,
+    series_number: int,
+    provenance: Provenance,
+    supersedes: list[Dataset] | None = None,
+) -> Dataset:
+    algorithm = _algorithm(provenance, result)
+    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
+    for lesion in result.lesions:
+        measurements = [
+            hd.sr.Measurement(name=TBR, value=round(lesion.tbr_max, 4), unit=UNIT_RATIO,
+                              derivation=codes.SCT.Maximum, method=SYNTHETIC_METHOD,
+                              algorithm_id=algorithm),
+            hd.sr.Measurement(name=TBR, value=round(lesion.tbr_mean, 4), unit=UNIT_RATIO,
+                              derivation=codes.SCT.Mean, method=SYNTHETIC_METHOD,
+                              algorithm_id=algorithm),
+            hd.sr.Measurement(name=codes.SCT.Volume, value=round(lesion.volume_ml, 4),
+                              unit=UNIT_ML, method=SYNTHETIC_METHOD, algorithm_id=algorithm),
+        ]
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=_content_uid(sop_uid, f"lesion-{lesion.number}"),
+                identifier=f"Lesion {lesion.number}"),
+            referenced_segment=_segment_ref(seg, lesion_segment_number(lesion.number)),
+            finding_type=codes.SCT.Neoplasm,
+            measurements=measurements,
+        ))
+    background_label = ("TBR background" if result.lesions
+                        else "TBR background; no lesion above threshold")
+    groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=_content_uid(sop_uid, "background"),
+                                                     identifier=background_label),
+        referenced_segment=_segment_ref(seg, BACKGROUND_SEGMENT),
+        finding_type=codes.SCT.Brain,
+        measurements=[hd.sr.Measurement(name=BACKGROUND_UPTAKE,
+                                        value=round(result.background_mean, 4),
+                                        unit=UNIT_RATIO, derivation=codes.SCT.Mean,
+                                        method=SYNTHETIC_METHOD, algorithm_id=algorithm)],
+    ))
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=IMPLEMENTATION_CLASS_UID, name="dicom-node", manufacturer_name=provenance.manufacturer,
+            model_name=provenance.model_name[:64]))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=hd.sr.CodedConcept("44139-4", "LN", "PET scan"),
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*source_datasets, seg],
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=provenance.manufacturer,
+        is_complete=True,
+        previous_versions=supersedes or None,
+        contributing_equipment=[provenance.contributing_equipment()],
+    )
+    sr.SeriesDescription = SERIES_DESCRIPTION
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = PRIVATE_SCHEME
+    scheme.CodingSchemeName = PRIVATE_SCHEME_NAME
+    scheme.CodingSchemeResponsibleOrganization = PRIVATE_SCHEME_ORG
+    sr.CodingSchemeIdentificationSequence = [scheme]
+    return sr

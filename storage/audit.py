@@ -1,0 +1,132 @@
+"""The audit log: append-only events, each chained to the previous by its hash.
+
+``hash = sha256(prev_hash | at | kind | outcome | study | series | sop | peer | detail)``;
+:func:`verify_chain` recomputes it and reports the first broken link.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.models import AuditEvent, utcnow
+
+GENESIS = "0" * 64
+
+
+class AuditKind:
+    ASSOC_OPEN = "association.open"
+    ASSOC_ACCEPT = "association.accept"
+    ASSOC_REJECT = "association.reject"
+    ASSOC_RELEASE = "association.release"
+    ASSOC_ABORT = "association.abort"
+    ECHO = "echo"
+    INSTANCE_STORED = "instance.stored"
+    INSTANCE_REFUSED = "instance.refused"
+    SERIES_STATE = "series.state"
+    JOB_START = "job.start"
+    JOB_FINISH = "job.finish"
+    JOB_FAIL = "job.fail"
+    OUTPUT_WRITTEN = "output.written"
+    SEND_ATTEMPT = "send.attempt"
+    NODE_START = "node.start"
+    NODE_STOP = "node.stop"
+
+
+def _digest(prev: str, at: datetime, kind: str, outcome: str, study: str, series: str,
+            sop: str, peer: str, detail: str) -> str:
+    text = "|".join((prev, at.isoformat(), kind, outcome, study, series, sop, peer, detail))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class AuditLog:
+    """Writes audit events; one lock keeps the hash chain linear across threads."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+        self._lock = threading.Lock()
+        self._last_hash: str | None = None
+
+    def record(self, kind: str, *, outcome: str = "ok", study_uid: str = "",
+               series_uid: str = "", sop_uid: str = "", peer: str = "",
+               **detail: Any) -> None:
+        """Append one event in its own transaction."""
+        detail_text = json.dumps(detail, sort_keys=True, default=str) if detail else ""
+        with self._lock, self._sessions() as session:
+            self._append(session, kind, outcome, study_uid, series_uid, sop_uid, peer, detail_text)
+            session.commit()
+
+    def record_in(self, session: Session, kind: str, *, outcome: str = "ok",
+                  study_uid: str = "", series_uid: str = "", sop_uid: str = "",
+                  peer: str = "", **detail: Any) -> None:
+        """Append one event to the caller's session and commit both together.
+
+        A state change and the event that records it land in one transaction.
+        """
+        detail_text = json.dumps(detail, sort_keys=True, default=str) if detail else ""
+        with self._lock:
+            self._append(session, kind, outcome, study_uid, series_uid, sop_uid, peer, detail_text)
+            session.commit()
+
+    def _append(self, session: Session, kind: str, outcome: str, study: str, series: str,
+                sop: str, peer: str, detail: str) -> None:
+        if self._last_hash is None:
+            last = session.scalars(
+                select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).first()
+            self._last_hash = last or GENESIS
+        at = utcnow()
+        digest = _digest(self._last_hash, at, kind, outcome, study, series, sop, peer, detail)
+        session.add(AuditEvent(at=at, kind=kind, outcome=outcome, study_uid=study,
+                               series_uid=series, sop_uid=sop, peer=peer, detail=detail,
+                               prev_hash=self._last_hash, hash=digest))
+        session.flush()
+        self._last_hash = digest
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    events: int
+    first_broken_id: int | None
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.first_broken_id is None
+
+
+def verify_chain(session: Session) -> ChainCheck:
+    prev = GENESIS
+    count = 0
+    for event in session.scalars(select(AuditEvent).order_by(AuditEvent.id)).yield_per(1000):
+        count += 1
+        if event.prev_hash != prev:
+            return ChainCheck(count, event.id, "prev_hash does not match the previous event")
+        at = event.at
+        if at.tzinfo is None:  # SQLite returns naive datetimes
+            at = at.replace(tzinfo=UTC)
+        expected = _digest(prev, at, event.kind, event.outcome, event.study_uid,
+                           event.series_uid, event.sop_uid, event.peer, event.detail)
+        if expected != event.hash:
+            return ChainCheck(count, event.id, "content does not match its hash")
+        prev = event.hash
+    return ChainCheck(count, None)
+
+
+def recent_events(session: Session, *, limit: int = 50, study_uid: str | None = None,
+                  series_uid: str | None = None, kind: str | None = None) -> Sequence[AuditEvent]:
+    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    if study_uid:
+        query = query.where(AuditEvent.study_uid == study_uid)
+    if series_uid:
+        query = query.where(AuditEvent.series_uid == series_uid)
+    if kind:
+        query = query.where(AuditEvent.kind.startswith(kind))
+    return list(reversed(session.scalars(query).all()))

@@ -1,0 +1,67 @@
+"""The file store: received instances and outputs on disk, written atomically.
+
+Layout under ``store_dir``::
+
+    incoming/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm   received, raw bytes as sent
+    outputs/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm    written by the node
+
+Every UID is checked against ``^[0-9.]{1,64}$`` before it becomes a path component,
+so a UID that looks like a path cannot escape the store.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class InvalidUID(ValueError):
+    """A UID that is not a valid DICOM UID (and must not become a path)."""
+
+
+def check_uid(uid: str, what: str = "UID") -> str:
+    if not isinstance(uid, str) or len(uid) > 64 or not UID_RE.match(uid):
+        raise InvalidUID(f"{what} {uid!r} is not a valid DICOM UID")
+    return uid
+
+
+def atomic_write(path: Path, data: bytes | bytearray | memoryview) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FileStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming = root / "incoming"
+        self.outputs = root / "outputs"
+
+    def incoming_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.incoming / check_uid(study_uid, "StudyInstanceUID") / check_uid(
+            series_uid, "SeriesInstanceUID") / f"{check_uid(sop_uid, 'SOPInstanceUID')}.dcm"
+
+    def output_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.outputs / check_uid(study_uid, "StudyInstanceUID") / check_uid(
+            series_uid, "SeriesInstanceUID") / f"{check_uid(sop_uid, 'SOPInstanceUID')}.dcm"
+
+    def remove_partials(self) -> int:
+        """Delete temporary files left by a crash mid-write; return how many."""
+        count = 0
+        for part in self.root.rglob(".tmp-*.part"):
+            part.unlink(missing_ok=True)
+            count += 1
+        return count

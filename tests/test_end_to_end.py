@@ -1,0 +1,162 @@
+"""The node end to end over loopback with real DICOM peers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
+from sqlalchemy import select
+
+from dicom_node.config import NodeConfig
+from dicom_node.service import Node
+from storage.models import AuditEvent, OutboxEntry, Series
+from tests.conftest import (
+    DcmtkStorescp,
+    PynetdicomPacs,
+    pynetdicom_send,
+    storescu,
+    validate_dicom,
+    wait_for,
+)
+from tests.dicom_factory import SeriesSpec, write_series
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _series_state(node: Node, series_uid: str) -> str | None:
+    with node.sessions() as session:
+        series = session.scalars(select(Series).where(Series.series_uid == series_uid)).first()
+        return series.state if series else None
+
+
+def _check_outputs(files: list[Path], source: list[Path]) -> None:
+    """One SC per slice, one SR, one SEG, all in the source study, all valid DICOM."""
+    src = [dcmread(p) for p in source]
+    study_uid = src[0].StudyInstanceUID
+    outputs = [dcmread(p) for p in files]
+    sc = [ds for ds in outputs if ds.SOPClassUID == SecondaryCaptureImageStorage]
+    sr = [ds for ds in outputs if ds.SOPClassUID == COMPREHENSIVE_3D_SR]
+    seg = [ds for ds in outputs if ds.SOPClassUID == SegmentationStorage]
+    assert len(sc) == len(src)
+    assert len(sr) == 1
+    assert len(seg) == 1
+    assert {ds.StudyInstanceUID for ds in outputs} == {study_uid}
+    # each SC points at its own source slice, is labelled synthetic and carries provenance
+    source_uids = {str(ds.SOPInstanceUID) for ds in src}
+    referenced = {str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in sc}
+    assert referenced == source_uids
+    for ds in sc:
+        assert ds.BurnedInAnnotation == "YES"
+        assert "NOT FOR DIAGNOSTIC USE" in ds.SeriesDescription
+        assert ds.ImageType[0] == "DERIVED"
+        assert ds.pixel_array.shape == (src[0].Rows, src[0].Columns, 3)
+        equipment = ds.ContributingEquipmentSequence[0]
+        assert "sha256" in equipment.ContributionDescription
+    assert sr[0].SOPClassUID != ComprehensiveSRStorage  # the 3D variant, as specified
+    result = validate_dicom(files[0].parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dcmtk_storescu_to_node_to_dcmtk_storescp(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node], dcmtk_storescp: DcmtkStorescp) -> None:
+    config = make_config(destinations=[{"name": "pacs", "ae_title": dcmtk_storescp.ae_title,
+                                        "host": "127.0.0.1", "port": dcmtk_storescp.port}])
+    node = start_node(config)
+    source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=12), seed=1)
+    sent = storescu(source, node.receiver.port)
+    assert sent.returncode == 0, sent.stderr
+    assert wait_for(lambda: len(dcmtk_storescp.files()) >= len(source) + 2, 180)
+    _check_outputs(dcmtk_storescp.files(), source)
+    series_uid = str(dcmread(source[0]).SeriesInstanceUID)
+    assert _series_state(node, series_uid) == "done"
+    with node.sessions() as session:
+        kinds = set(session.scalars(select(AuditEvent.kind)).all())
+        entries = session.scalars(select(OutboxEntry)).all()
+    assert {"association.accept", "instance.stored", "series.state", "job.start",
+            "job.finish", "send.attempt"} <= kinds
+    assert entries and all(e.state == "sent" for e in entries)
+
+
+def test_pynetdicom_sender_and_receiver(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
+    config = make_config(destinations=[{"name": "pacs", "ae_title": pynetdicom_pacs.ae_title,
+                                        "host": "127.0.0.1", "port": pynetdicom_pacs.port}])
+    node = start_node(config)
+    source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=10), seed=2)
+    assert pynetdicom_send(source, node.receiver.port) == [0] * len(source)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= len(source) + 2, 180)
+    _check_outputs(pynetdicom_pacs.received.files(), source)
+
+
+def test_non_t1c_series_are_stored_and_skipped_with_reason(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node]) -> None:
+    node = start_node(make_config())
+    t2 = write_series(tmp_path / "t2", SeriesSpec(n_slices=10, description="T2 TSE ax"), seed=3)
+    sagittal = write_series(tmp_path / "sag", SeriesSpec(
+        n_slices=10, description="T1 +C 3D", orientation=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0)), seed=4)
+    for files in (t2, sagittal):
+        assert pynetdicom_send(files, node.receiver.port) == [0] * len(files)
+    uids = [str(dcmread(files[0]).SeriesInstanceUID) for files in (t2, sagittal)]
+    assert wait_for(lambda: all(_series_state(node, uid) == "skipped" for uid in uids), 60)
+    with node.sessions() as session:
+        events = session.scalars(select(AuditEvent).where(AuditEvent.kind == "series.state")).all()
+    reasons = {e.series_uid: json.loads(e.detail)["reason"] for e in events
+               if json.loads(e.detail)["to"] == "skipped"}
+    assert "T2 TSE ax" in reasons[uids[0]] and "rule" in reasons[uids[0]]
+    assert "not axial" in reasons[uids[1]]
+    # stored, not lost
+    stored = list((config_store(node) / "incoming").rglob("*.dcm"))
+    assert len(stored) == len(t2) + len(sagittal)
+
+
+def config_store(node: Node) -> Path:
+    return node.config.store_dir
+
+
+def test_unknown_calling_ae_is_rejected_and_audited(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node]) -> None:
+    node = start_node(make_config())
+    source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=2), seed=5)
+    result = storescu(source, node.receiver.port, calling_ae="INTRUDER")
+    assert result.returncode != 0
+    with node.sessions() as session:
+        rejects = session.scalars(select(AuditEvent).where(
+            AuditEvent.kind == "association.reject")).all()
+        stored = session.scalars(select(AuditEvent).where(
+            AuditEvent.kind == "instance.stored")).all()
+    assert len(rejects) == 1 and "INTRUDER" in rejects[0].peer
+    assert "not a known peer" in rejects[0].detail
+    assert stored == []
+
+
+def test_destination_down_keeps_results_in_outbox_until_it_is_up(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node]) -> None:
+    pacs = PynetdicomPacs(tmp_path / "late-pacs")  # port chosen, nothing listening yet
+    config = make_config(destinations=[{"name": "pacs", "ae_title": pacs.ae_title,
+                                        "host": "127.0.0.1", "port": pacs.port}])
+    node = start_node(config)
+    source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=6)
+    assert pynetdicom_send(source, node.receiver.port) == [0] * len(source)
+
+    def failed_attempts() -> int:
+        with node.sessions() as session:
+            return len(session.scalars(select(OutboxEntry).where(
+                OutboxEntry.attempts >= 1, OutboxEntry.state == "pending")).all())
+
+    assert wait_for(lambda: failed_attempts() == len(source) + 2, 120)
+    pacs.start()
+    try:
+        assert wait_for(lambda: len(pacs.received.files()) == len(source) + 2, 120)
+        with node.sessions() as session:
+            states = session.scalars(select(OutboxEntry.state)).all()
+        assert set(states) == {"sent"}
+    finally:
+        pacs.stop()
