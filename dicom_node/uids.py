@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID
 
 
 def source_fingerprint(source_sop_uids: Iterable[str]) -> str:
@@ -24,8 +24,13 @@ def source_fingerprint(source_sop_uids: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
+def hashed_uid(*parts: str) -> UID:
+    """A 2.25 UID (PS3.5 B.2) from the first 128 bits of sha256 over the parts."""
+    digest = hashlib.sha256("\0".join(parts).encode("utf-8")).digest()
+    return UID(f"2.25.{int.from_bytes(digest[:16], 'big')}")
+
+
 def derive_uid(fingerprint: str, weights_sha256: str, version: int, kind: str,
                index: int = 0) -> UID:
-    """A 2.25-rooted UID from the inputs (pydicom hashes the entropy sources)."""
-    return generate_uid(prefix=None,
-                        entropy_srcs=[fingerprint, weights_sha256, str(version), kind, str(index)])
+    """The UID of one output, from what it was made from."""
+    return hashed_uid(fingerprint, weights_sha256, str(version), kind, str(index))

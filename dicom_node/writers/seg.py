@@ -11,9 +11,10 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID
 
 from dicom_node.tbr import TbrResult
+from dicom_node.uids import hashed_uid
 from dicom_node.writers.provenance import Provenance
 
 SERIES_DESCRIPTION = "SYNTHETIC PET TBR REGIONS - NOT FOR DIAGNOSTIC USE"
@@ -48,7 +49,7 @@ def make_seg(
         segmented_property_type=codes.SCT.Brain,
         algorithm_type="AUTOMATIC", algorithm_identification=algorithm,
         tracking_id="TBR background",
-        tracking_uid=generate_uid(prefix=None, entropy_srcs=[str(sop_uid), "background"]))]
+        tracking_uid=hashed_uid(str(sop_uid), "background"))]
     for lesion in result.lesions:
         masks.append(lesion.mask)
         descriptions.append(hd.seg.SegmentDescription(
@@ -58,8 +59,7 @@ def make_seg(
             segmented_property_type=codes.SCT.Neoplasm,
             algorithm_type="AUTOMATIC", algorithm_identification=algorithm,
             tracking_id=f"Lesion {lesion.number}",
-            tracking_uid=generate_uid(prefix=None,
-                                      entropy_srcs=[str(sop_uid), f"lesion-{lesion.number}"])))
+            tracking_uid=hashed_uid(str(sop_uid), f"lesion-{lesion.number}")))
     pixel_array = np.stack(masks, axis=-1).astype(np.uint8)  # (N, H, W, S)
     seg = hd.seg.Segmentation(
         source_images=source_datasets,

@@ -20,10 +20,11 @@ from __future__ import annotations
 import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID
 
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID
 from dicom_node.tbr import TbrResult
+from dicom_node.uids import hashed_uid
 from dicom_node.writers.provenance import (
     PRIVATE_SCHEME,
     PRIVATE_SCHEME_NAME,
@@ -46,7 +47,7 @@ UNIT_ML = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
 
 def _content_uid(sop_uid: str, label: str) -> UID:
     """Deterministic UIDs inside the report, so a re-run writes the same object."""
-    return generate_uid(prefix=None, entropy_srcs=[sop_uid, label])
+    return hashed_uid(sop_uid, label)
 
 
 def _algorithm(provenance: Provenance, result: TbrResult) -> hd.sr.AlgorithmIdentification:

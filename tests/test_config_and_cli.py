@@ -1,0 +1,71 @@
+"""Configuration validation and the CLI's start-up errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import ConfigError, default_config_path, load_config, parse_config
+
+MINIMAL = {"model": {"weights_path": "w.pt"}}
+
+
+def test_embedded_default_config_loads() -> None:
+    config = load_config(default_config_path())
+    assert config.receiver.port == 11112
+    assert config.series.stable_after_s == 30.0
+    assert config.model.weights_path.is_absolute()
+    assert any(d.return_to_sender for d in config.destinations)
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"receiver": {"port": 70000}, **MINIMAL}, "receiver.port"),
+    ({"receiver": {"colour": 1}, **MINIMAL}, "unknown key(s) ['colour']"),
+    ({"model": {"weights_path": "w.pt", "device": "tpu"}}, "model.device must be one of"),
+    ({}, "model.weights_path is required"),
+    ({"selection": {"description_include": ["("]}, **MINIMAL}, "invalid regular expression"),
+    ({"destinations": [{"name": "pacs", "ae_title": "PACS"}], **MINIMAL}, "host is required"),
+    ({"analysis": {"tbr_threshold": 0.5}, **MINIMAL}, "tbr_threshold"),
+    ({"series": {"stable_after_s": "soon"}, **MINIMAL}, "series.stable_after_s must be a number"),
+    ({"peers": [{"ae_title": "A" * 17}], **MINIMAL}, "not a valid AE title"),
+])
+def test_bad_config_names_the_key(raw: dict, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, tmp_path)
+    assert message in str(info.value)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_serve_without_weights_stops_with_a_clear_message(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[node]\ndata_dir = "var"\n[model]\nweights_path = "missing.pt"\n')
+    result = _run_cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "model weights not found" in result.stderr
+    assert str(tmp_path / "missing.pt") in result.stderr
+
+
+def test_serve_with_a_file_that_is_not_weights_refuses(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a torch file")
+    config = tmp_path / "node.toml"
+    config.write_text(f'[model]\nweights_path = "{bogus}"\n')
+    result = _run_cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "cannot read model weights" in result.stderr
+
+
+def test_invalid_config_file_is_one_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text("[receiver\nport = 1")
+    result = _run_cli("status", "--config", str(config))
+    assert result.returncode == 2
+    assert "not valid TOML" in result.stderr
+    assert "Traceback" not in result.stderr
