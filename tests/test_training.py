@@ -1,0 +1,191 @@
+"""Pix2Pix on a tiny dataset: L1 falls, resume is exact, export matches, evaluate runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from dicom_node.fusion import FusionStyle, fuse, to_uint8
+from dicom_node.generator import build_generator
+from dicom_node.model_weights import load_weights
+from training import data as ds
+from training.cli import main as cli_main
+from training.train import TrainConfig, load_checkpoint, train
+
+SIZE = 128
+
+
+def write_toy_dataset(path: Path, patients: int = 5, slices: int = 5, seed: int = 0) -> Path:
+    """A dataset folder in the training.dataset format: ellipse brains, striatum, tumours."""
+    rng = np.random.default_rng(seed)
+    style = FusionStyle()
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    arrays: dict[str, list[np.ndarray]] = {k: [] for k in (
+        "t1c", "fusion", "oracle_fusion", "uptake", "tumour_labels", "brain_mask",
+        "striatum_mask", "oedema", "patient_id", "study_uid", "slice_position_mm",
+        "has_tumour")}
+    for p in range(patients):
+        cy, cx = SIZE / 2 + rng.uniform(-6, 6, 2)
+        ty, tx = cy + rng.uniform(-25, 25), cx + rng.choice([-1, 1]) * rng.uniform(18, 28)
+        avidity = rng.uniform(1.8, 3.2)
+        for s in range(slices):
+            r_brain = 48 - 3 * abs(s - slices // 2)
+            brain = ((yy - cy) / r_brain) ** 2 + ((xx - cx) / (r_brain * 0.8)) ** 2 < 1
+            striatum = (((yy - cy) / 6) ** 2 + ((np.abs(xx - cx) - 12) / 4) ** 2 < 1) & brain
+            dist = np.hypot(yy - ty, xx - tx)
+            r_t = max(0.0, 9 - 3 * abs(s - slices // 2))
+            tumour = (dist < r_t) & brain
+            oedema = (dist < r_t + 4) & brain & ~tumour
+            t1c = np.where(brain, 0.45 + 0.05 * np.sin(xx / 5) * np.cos(yy / 7), 0.02)
+            t1c = np.where(tumour & (dist > r_t - 3), 0.95, t1c)
+            t1c = np.where(oedema, 0.35, t1c) + rng.normal(0, 0.01, t1c.shape)
+            t1c = np.clip(t1c, 0, 1).astype(np.float32)
+            expected = np.where(brain, 1.0, 0.0) + 1.5 * striatum + (avidity - 1) * tumour
+            noisy = expected + np.where(brain, rng.normal(0, 0.08, expected.shape), 0)
+            arrays["t1c"].append(t1c.astype(np.float16))
+            arrays["oracle_fusion"].append(to_uint8(fuse(t1c, expected, style)))
+            arrays["fusion"].append(to_uint8(fuse(t1c, noisy, style)))
+            arrays["uptake"].append(noisy.astype(np.float16))
+            arrays["tumour_labels"].append(tumour.astype(np.uint8))
+            arrays["brain_mask"].append(brain)
+            arrays["striatum_mask"].append(striatum)
+            arrays["oedema"].append(oedema)
+            arrays["patient_id"].append(np.array(f"P{p:02d}"))
+            arrays["study_uid"].append(np.array(f"1.2.3.{p}"))
+            arrays["slice_position_mm"].append(np.array(4.0 * s, np.float32))
+            arrays["has_tumour"].append(np.array(tumour.any()))
+    path.mkdir(parents=True, exist_ok=True)
+    stacked: dict[str, Any] = {k: np.stack(v) for k, v in arrays.items()}
+    np.savez_compressed(path / "pairs.npz", **stacked)
+    per_patient = [list(range(p * slices, (p + 1) * slices)) for p in range(patients)]
+    splits = {"method": "patient", "seed": seed, "leaks_patients": False,
+              "train": [i for part in per_patient[:-2] for i in part], "val": per_patient[-2],
+              "test": per_patient[-1], "patients": {}}
+    (path / "splits.json").write_text(json.dumps(splits))
+    (path / "dataset.json").write_text(json.dumps({"size": SIZE,
+                                                   "fusion_style": style.as_dict()}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_toy_dataset(tmp_path_factory.mktemp("toy") / "ds")
+
+
+def _config(dataset: Path, out: Path, **changes: object) -> TrainConfig:
+    base = TrainConfig(dataset=str(dataset), out=str(out), epochs=3, decay_epochs=2, ngf=8,
+                       ndf=16, batch_size=4, seed=7, device="cpu", threads=2,
+                       checkpoint_every=0, log_every=2, val_max_slices=None, lr=2e-3)
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def full_run(toy_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 uninterrupted steps (3 epochs of 4 batches) of a tiny model."""
+    out = tmp_path_factory.mktemp("full")
+    result = train(_config(toy_dataset, out, max_steps=12))
+    assert result.step == 12
+    return out
+
+
+def _generator(checkpoint: Path) -> torch.nn.Module:
+    state = load_checkpoint(checkpoint)
+    generator = build_generator("unet_128", 8, output_nc=3)
+    generator.load_state_dict(state["model"]["generator"])
+    return generator.eval()
+
+
+def _l1(generator: torch.nn.Module, dataset: Path) -> float:
+    data = ds.load_dataset(dataset)
+    x, y = ds.batch(data, data.indices("train")[:8], "fusion")
+    with torch.inference_mode():
+        return float((generator(x) - y).abs().mean())
+
+
+def test_training_decreases_l1(toy_dataset: Path, full_run: Path, tmp_path: Path) -> None:
+    start = train(_config(toy_dataset, tmp_path, max_steps=0, export=False))
+    assert start.step == 0
+    before = _l1(_generator(tmp_path / "checkpoint.pt"), toy_dataset)
+    after = _l1(_generator(full_run / "checkpoint.pt"), toy_dataset)
+    assert after < 0.85 * before, (before, after)
+    history = json.loads((full_run / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [0, 1, 2]
+    assert {"val_l1", "val_psnr", "val_ssim"} <= set(history["epochs"][-1])
+    for name in ("config.json", "losses.png", "val_metrics.png", "generator.pt"):
+        assert (full_run / name).is_file(), name
+
+
+def test_resume_continues_exactly(toy_dataset: Path, full_run: Path, tmp_path: Path) -> None:
+    first = train(_config(toy_dataset, tmp_path, max_steps=6, export=False))
+    assert (first.step, first.epoch) == (6, 1)  # stopped in the middle of epoch 1
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["batch_in_epoch"] == 2
+    with pytest.raises(ValueError, match="ngf"):
+        train(_config(toy_dataset, tmp_path, max_steps=12, ngf=16), resume=True)
+    second = train(_config(toy_dataset, tmp_path, max_steps=12), resume=True)
+    assert second.step == 12
+    resumed = load_checkpoint(tmp_path / "checkpoint.pt")
+    reference = load_checkpoint(full_run / "checkpoint.pt")
+    assert resumed["step"] == reference["step"] == 12
+    assert resumed["epoch"] == reference["epoch"] == 3
+    for part in ("generator", "discriminator"):
+        for key, value in reference["model"][part].items():
+            torch.testing.assert_close(resumed["model"][part][key], value, rtol=1e-5,
+                                       atol=1e-6, msg=f"{part}.{key}")
+    assert resumed["model"]["sched_g"] == reference["model"]["sched_g"]
+    history = json.loads(resumed["history"])
+    assert [e["epoch"] for e in history["epochs"]] == [0, 1, 2]
+    assert [s["step"] for s in history["steps"]] == list(range(2, 13, 2))
+
+
+def test_exported_weights_match_training_generator(toy_dataset: Path, full_run: Path,
+                                                   tmp_path: Path) -> None:
+    generator = _generator(full_run / "checkpoint.pt")
+    data = ds.load_dataset(toy_dataset)
+    x = ds.input_tensor(data.t1c[data.indices("test")])
+    with torch.inference_mode():
+        expected = generator(x)
+    exported = load_weights(full_run / "generator.pt")  # fp16, written at the end of train
+    assert exported.card.output_kind == "fusion_rgb"
+    assert exported.card.training["split_method"] == "patient"
+    assert exported.card.training["steps"] == 12
+    assert exported.card.metrics["validation"]["val_psnr"] > 0
+    with torch.inference_mode():
+        assert (exported.generator(x) - expected).abs().max() < 0.03
+    fp32 = tmp_path / "w32.pt"
+    assert cli_main(["export", "--checkpoint", str(full_run / "checkpoint.pt"), "--out",
+                     str(fp32), "--fp32", "--name", "toy", "--version", "9"]) == 0
+    loaded = load_weights(fp32)
+    assert (loaded.card.name, loaded.card.version) == ("toy", "9")
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.generator(x), expected, rtol=0, atol=1e-6)
+
+
+def test_evaluate_writes_report(toy_dataset: Path, full_run: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report"
+    assert cli_main(["evaluate", "--dataset", str(toy_dataset), "--weights",
+                     str(full_run / "generator.pt"), "--split", "test", "--out",
+                     str(report), "--examples", "3"]) == 0
+    text = (report / "report.md").read_text()
+    assert "piq 0.8.0 piq.fsim, chromatic" in text
+    assert "31.075" in text
+    assert "PASS" in text or "FAIL" in text
+    with (report / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    methods = {r["method"] for r in rows}
+    assert methods == {"model", "oracle", "t1c_grey", "population_mean"}
+    assert len(rows) == 4 * len(ds.load_dataset(toy_dataset).indices("test"))
+    summary = json.loads((report / "summary.json").read_text())["methods"]
+    # The oracle is rendered from the noise-free uptake: close to the real fusion.
+    assert summary["oracle"]["psnr"] > summary["population_mean"]["psnr"] > 20
+    assert summary["oracle"]["uptake_ssim_brain"] > 0.7
+    assert summary["t1c_grey"]["r_tbrmean_slices"] is None  # no uptake at all: undefined
+    assert -1 <= summary["oracle"]["r_tbrmax_slices"] <= 1
+    for name in ("examples.png", "tbr_scatter.png", "tbr_bland_altman.png", "methods.png"):
+        assert (report / name).is_file(), name

@@ -1,0 +1,160 @@
+"""The on-disk paired slice dataset (written by ``training.dataset``), read into numpy / torch.
+
+``DSDIR/pairs.npz``: ``t1c`` float16 (N, S, S) windowed grey in [0, 1]; ``fusion`` uint8
+(N, S, S, 3); ``patient_id``, ``study_uid`` str (N,); ``slice_position_mm`` float32 (N,);
+``has_tumour`` bool (N,); phantoms also carry ``uptake`` float16, ``oracle_fusion`` uint8,
+``tumour_labels`` uint8, ``brain_mask``, ``striatum_mask``, ``oedema`` bool (N, S, S).
+``DSDIR/splits.json``: ``method``, ``seed``, ``train`` / ``val`` / ``test`` index lists.
+``DSDIR/dataset.json``: ``size``, ``fusion_style`` and provenance.
+
+Network tensors: input ``x = 2 * t1c - 1`` (1 channel); target ``fusion / 255 * 2 - 1``
+(3 channels, ``target="fusion"``) or ``uptake / uptake_scale * 2 - 1`` clipped to
+[-1, 1] (1 channel, ``target="uptake"``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from dicom_node.fusion import FusionStyle
+
+TARGETS = ("fusion", "uptake")
+SPLITS = ("train", "val", "test")
+OPTIONAL_ARRAYS = ("uptake", "oracle_fusion", "tumour_labels", "brain_mask", "striatum_mask",
+                   "oedema")
+
+
+class DatasetError(Exception):
+    """The dataset folder is missing a file or holds something unexpected."""
+
+
+@dataclass
+class PairedDataset:
+    """All arrays of one dataset folder, in memory."""
+
+    path: Path
+    t1c: NDArray[np.float16]
+    fusion: NDArray[np.uint8]
+    patient_id: NDArray[np.str_]
+    study_uid: NDArray[np.str_]
+    slice_position_mm: NDArray[np.float32]
+    has_tumour: NDArray[np.bool_]
+    splits: dict[str, Any]
+    info: dict[str, Any]
+    extra: dict[str, NDArray[Any]] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return int(self.t1c.shape[-1])
+
+    @property
+    def fusion_style(self) -> FusionStyle:
+        return FusionStyle.from_dict(self.info.get("fusion_style") or {})
+
+    @property
+    def split_method(self) -> str:
+        return str(self.splits.get("method", "unknown"))
+
+    def indices(self, split: str) -> NDArray[np.int64]:
+        if split not in SPLITS:
+            raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
+        return np.asarray(self.splits.get(split, []), dtype=np.int64)
+
+    def has(self, name: str) -> bool:
+        return name in self.extra
+
+    def get(self, name: str) -> NDArray[Any]:
+        if name not in self.extra:
+            raise DatasetError(f"dataset {self.path} has no {name!r} array (phantoms only)")
+        return self.extra[name]
+
+    def summary(self, split: str) -> dict[str, int]:
+        idx = self.indices(split)
+        return {"pairs": len(idx), "patients": len(set(self.patient_id[idx].tolist())),
+                "tumour_pairs": int(self.has_tumour[idx].sum())}
+
+
+def load_dataset(path: Path) -> PairedDataset:
+    """Read ``pairs.npz``, ``splits.json`` and ``dataset.json`` of a dataset folder."""
+    pairs = path / "pairs.npz"
+    for required in (pairs, path / "splits.json", path / "dataset.json"):
+        if not required.is_file():
+            raise DatasetError(f"dataset file missing: {required}")
+    with np.load(pairs, allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    for name in ("t1c", "fusion", "patient_id", "study_uid", "slice_position_mm", "has_tumour"):
+        if name not in arrays:
+            raise DatasetError(f"{pairs} has no {name!r} array")
+    t1c, fusion = arrays["t1c"], arrays["fusion"]
+    n, size = t1c.shape[0], t1c.shape[-1]
+    if t1c.shape != (n, size, size) or fusion.shape != (n, size, size, 3):
+        raise DatasetError(f"{pairs}: t1c {t1c.shape} / fusion {fusion.shape} are not "
+                           "(N, S, S) / (N, S, S, 3)")
+    splits = json.loads((path / "splits.json").read_text())
+    info = json.loads((path / "dataset.json").read_text())
+    return PairedDataset(
+        path=path,
+        t1c=t1c.astype(np.float16, copy=False),
+        fusion=fusion.astype(np.uint8, copy=False),
+        patient_id=arrays["patient_id"].astype(str),
+        study_uid=arrays["study_uid"].astype(str),
+        slice_position_mm=arrays["slice_position_mm"].astype(np.float32),
+        has_tumour=arrays["has_tumour"].astype(bool),
+        splits=splits,
+        info=info,
+        extra={name: arrays[name] for name in OPTIONAL_ARRAYS if name in arrays},
+    )
+
+
+def input_tensor(t1c: NDArray[np.floating]) -> torch.Tensor:
+    """(B, S, S) grey T1C in [0, 1] -> (B, 1, S, S) float32 in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(t1c, dtype=np.float32))
+    return (x * 2.0 - 1.0).unsqueeze(1)
+
+
+def target_tensor(data: PairedDataset, idx: NDArray[np.int64], target: str,
+                  uptake_scale: float = 4.0) -> torch.Tensor:
+    """The network target of slices ``idx``, channels first, in [-1, 1]."""
+    if target == "fusion":
+        rgb = torch.from_numpy(data.fusion[idx].astype(np.float32) / 255.0)
+        return (rgb * 2.0 - 1.0).permute(0, 3, 1, 2).contiguous()
+    if target == "uptake":
+        up = torch.from_numpy(data.get("uptake")[idx].astype(np.float32))
+        return (up / uptake_scale * 2.0 - 1.0).clamp(-1.0, 1.0).unsqueeze(1)
+    raise DatasetError(f"target must be one of {TARGETS}, got {target!r}")
+
+
+def output_channels(target: str) -> int:
+    return 3 if target == "fusion" else 1
+
+
+def batch(data: PairedDataset, idx: NDArray[np.int64], target: str,
+          uptake_scale: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, target) tensors of slices ``idx``."""
+    return input_tensor(data.t1c[idx]), target_tensor(data, idx, target, uptake_scale)
+
+
+def sampling_weights(has_tumour: NDArray[np.bool_], tumour_oversample: float) -> torch.Tensor:
+    """Per-slice sampling weight: tumour slices ``tumour_oversample`` times as likely."""
+    weights = np.where(has_tumour, float(tumour_oversample), 1.0)
+    return torch.from_numpy(weights.astype(np.float64))
+
+
+def epoch_order(n: int, weights: torch.Tensor | None, seed: int, epoch: int) -> torch.Tensor:
+    """The positions (into the training split) drawn for one epoch, reproducible.
+
+    Without weights, a permutation; with weights, ``n`` draws with replacement. The
+    order depends only on (seed, epoch), which makes a resumed run skip exactly the
+    batches it already trained on.
+    """
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if weights is None:
+        return torch.randperm(n, generator=gen)
+    return torch.multinomial(weights, n, replacement=True, generator=gen)

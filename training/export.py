@@ -1,0 +1,113 @@
+"""``dicom-node-train export``: a training checkpoint's generator as the node's weights file.
+
+The weights file is :func:`dicom_node.model_weights.save_weights` (fp16 by default)
+with a :class:`~dicom_node.model_weights.ModelCard` describing the architecture, the
+output kind, the fusion style of the training data, how it was trained and the
+validation (and, with ``--metrics``, test) figures. Prints the file's sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from dicom_node.generator import build_generator
+from dicom_node.model_weights import ModelCard, save_weights
+from training.train import load_checkpoint
+
+OUTPUT_KIND = {"fusion": "fusion_rgb", "uptake": "uptake"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="RUNDIR/checkpoint.pt")
+    parser.add_argument("--out", required=True, type=Path, help="weights file to write (.pt)")
+    parser.add_argument("--name", default=None, help="model name (default from the target)")
+    parser.add_argument("--version", default="1", help="model version (%(default)s)")
+    parser.add_argument("--metrics", type=Path, default=None,
+                        help="summary.json of an evaluate report: its figures go into the card")
+    parser.add_argument("--fp32", action="store_true", help="keep float32 weights (default fp16)")
+    parser.add_argument("--test-weights", action="store_true",
+                        help="mark the card as test weights (not a trained model)")
+
+
+def run(args: argparse.Namespace) -> int:
+    metrics = None
+    if args.metrics is not None:
+        metrics = json.loads(args.metrics.read_text())
+    try:
+        sha, card = export_checkpoint(args.checkpoint, args.out, name=args.name,
+                                      version=args.version, test_metrics=metrics,
+                                      fp16=not args.fp32, test_weights=args.test_weights)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"wrote {args.out} ({card.architecture}, ngf {card.ngf}, {card.output_kind})")
+    print(f"sha256: {sha}")
+    return 0
+
+
+def model_card(state: dict[str, Any], name: str | None = None, version: str = "1",
+               test_metrics: dict[str, Any] | None = None,
+               test_weights: bool = False) -> ModelCard:
+    """The model card of a checkpoint's generator."""
+    config = state["config"]
+    resolved = state["resolved"]
+    info = resolved["dataset_info"]
+    history = json.loads(state["history"])
+    epochs_done = len(history.get("epochs", []))
+    training = {
+        "dataset": info["path"],
+        "dataset_source": info.get("source"),
+        "image_size": info["size"],
+        "split_method": info["split_method"],
+        "split_seed": info.get("split_seed"),
+        "leaks_patients": info.get("leaks_patients", False),
+        "pairs": {split: v["pairs"] for split, v in info["splits"].items()},
+        "patients": {split: v["patients"] for split, v in info["splits"].items()},
+        "target": config["target"],
+        "seed": config["seed"],
+        "epochs": config["epochs"],
+        "decay_epochs": config["decay_epochs"],
+        "epochs_completed": epochs_done,
+        "steps": state["step"],
+        "batch_size": config["batch_size"],
+        "ndf": config["ndf"],
+        "lr": config["lr"],
+        "beta1": config["beta1"],
+        "lambda_l1": config["lambda_l1"],
+        "tumour_oversample": config["tumour_oversample"],
+        "hflip": config["hflip"],
+        "device": resolved.get("device_resolved"),
+        "mixed_precision": resolved.get("mixed_precision"),
+        "method": "Pix2Pix (U-Net generator, 70x70 PatchGAN, vanilla GAN + 100 x L1)",
+    }
+    metrics: dict[str, Any] = {"validation": history.get("last_validation", {})}
+    if test_metrics is not None:
+        metrics["test"] = test_metrics
+    return ModelCard(
+        name=name or f"dicom-node-pix2pix-{config['target']}",
+        version=version,
+        architecture=resolved["architecture"],
+        ngf=config["ngf"],
+        output_kind=OUTPUT_KIND[config["target"]],
+        fusion=dict(info["fusion_style"]),
+        uptake_scale=float(config["uptake_scale"]),
+        training=training,
+        metrics=metrics,
+        test_weights=test_weights,
+    )
+
+
+def export_checkpoint(checkpoint: Path, out: Path, name: str | None = None, version: str = "1",
+                      test_metrics: dict[str, Any] | None = None, fp16: bool = True,
+                      test_weights: bool = False) -> tuple[str, ModelCard]:
+    """Write the generator of ``checkpoint`` as a node weights file; return (sha256, card)."""
+    state = load_checkpoint(checkpoint)
+    card = model_card(state, name, version, test_metrics, test_weights)
+    generator = build_generator(card.architecture, card.ngf, output_nc=card.output_channels)
+    generator.load_state_dict(state["model"]["generator"])
+    generator.eval()
+    sha = save_weights(generator, card, out, fp16=fp16)
+    return sha, card

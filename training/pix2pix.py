@@ -1,0 +1,197 @@
+"""Pix2Pix as published (Isola et al. 2017): PatchGAN discriminator, losses, one training step.
+
+- Generator: :func:`dicom_node.generator.build_generator` (U-Net, ``unet_256`` / ``unet_128``).
+- Discriminator: the 70x70 PatchGAN (``n_layers=3``, BatchNorm, LeakyReLU 0.2) on the
+  input and the target (or generated) image concatenated along channels.
+- Losses: vanilla GAN (``BCEWithLogitsLoss`` against all-ones / all-zeros patch maps)
+  plus ``lambda_l1`` (100) times the L1 distance between generated and target image.
+  The discriminator loss is halved, as in the reference implementation.
+- Optimisers: Adam, lr 2e-4, betas (0.5, 0.999), for both networks.
+- Learning rate: constant for ``epochs`` epochs, then linearly to zero over
+  ``decay_epochs`` epochs (the reference ``lambda_rule``), stepped once per epoch.
+- Weights initialised N(0, 0.02) (BatchNorm weights N(1, 0.02), biases 0).
+
+On CUDA the forward passes run under ``torch.autocast`` (float16) with a gradient scaler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dicom_node.generator import UnetGenerator, build_generator
+
+
+class PatchDiscriminator(nn.Module):
+    """The Pix2Pix ``NLayerDiscriminator``: a grid of real/fake logits, one per image patch.
+
+    With ``n_layers=3`` each output logit sees a 70x70 patch of the input.
+    """
+
+    def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(input_nc, ndf, kernel_size=4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, True),
+        ]
+        mult = 1
+        for n in range(1, n_layers):
+            prev, mult = mult, min(2**n, 8)
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, kernel_size=4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        prev, mult = mult, min(2**n_layers, 8)
+        layers += [
+            nn.Conv2d(ndf * prev, ndf * mult, kernel_size=4, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(ndf * mult),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf * mult, 1, kernel_size=4, stride=1, padding=1),
+        ]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(x)
+        return out
+
+
+def init_weights(net: nn.Module, gain: float = 0.02) -> None:
+    """The reference "normal" initialisation."""
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+            nn.init.normal_(module.weight, 0.0, gain)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.normal_(module.weight, 1.0, gain)
+            nn.init.zeros_(module.bias)
+
+    net.apply(init)
+
+
+def linear_decay_lambda(epochs: int, decay_epochs: int) -> Any:
+    """Multiplier of the base learning rate for a 0-based epoch index."""
+
+    def rule(epoch: int) -> float:
+        return 1.0 - max(0, epoch + 1 - epochs) / float(decay_epochs + 1)
+
+    return rule
+
+
+@dataclass(frozen=True)
+class Pix2PixConfig:
+    architecture: str = "unet_256"
+    ngf: int = 64
+    ndf: int = 64
+    input_nc: int = 1
+    output_nc: int = 3
+    lr: float = 2e-4
+    beta1: float = 0.5
+    lambda_l1: float = 100.0
+    epochs: int = 100
+    decay_epochs: int = 100
+
+
+class Pix2Pix:
+    """Generator, discriminator, their optimisers, schedulers and the AMP scaler."""
+
+    def __init__(self, config: Pix2PixConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.use_amp = device.type == "cuda"
+        self.generator: UnetGenerator = build_generator(
+            config.architecture, config.ngf, input_nc=config.input_nc, output_nc=config.output_nc
+        )
+        self.discriminator = PatchDiscriminator(config.input_nc + config.output_nc, config.ndf)
+        init_weights(self.generator)
+        init_weights(self.discriminator)
+        self.generator.to(device)
+        self.discriminator.to(device)
+        betas = (config.beta1, 0.999)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr, betas=betas)
+        rule = linear_decay_lambda(config.epochs, config.decay_epochs)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, rule)
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, rule)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.gan_loss = nn.BCEWithLogitsLoss()
+        self.l1_loss = nn.L1Loss()
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16,
+                              enabled=self.use_amp)
+
+    def _gan(self, logits: torch.Tensor, real: bool) -> torch.Tensor:
+        target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+        loss: torch.Tensor = self.gan_loss(logits.float(), target.float())
+        return loss
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One Pix2Pix iteration (D step, then G step); returns the losses."""
+        self.generator.train()
+        self.discriminator.train()
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        with self.autocast():
+            fake = self.generator(x)
+        # Discriminator: real pairs -> 1, generated pairs -> 0.
+        self.opt_d.zero_grad(set_to_none=True)
+        with self.autocast():
+            pred_fake = self.discriminator(torch.cat([x, fake.detach()], 1))
+            pred_real = self.discriminator(torch.cat([x, y], 1))
+            loss_d_fake = self._gan(pred_fake, real=False)
+            loss_d_real = self._gan(pred_real, real=True)
+            loss_d = 0.5 * (loss_d_fake + loss_d_real)
+        self.scaler.scale(loss_d).backward()
+        self.scaler.step(self.opt_d)
+        # Generator: fool D, stay close to the target in L1.
+        self.opt_g.zero_grad(set_to_none=True)
+        with self.autocast():
+            pred = self.discriminator(torch.cat([x, fake], 1))
+            loss_g_gan = self._gan(pred, real=True)
+            loss_g_l1 = self.l1_loss(fake.float(), y.float())
+            loss_g = loss_g_gan + self.config.lambda_l1 * loss_g_l1
+        self.scaler.scale(loss_g).backward()
+        self.scaler.step(self.opt_g)
+        self.scaler.update()
+        return {
+            "loss_D": float(loss_d.detach()),
+            "loss_D_real": float(loss_d_real.detach()),
+            "loss_D_fake": float(loss_d_fake.detach()),
+            "loss_G_GAN": float(loss_g_gan.detach()),
+            "loss_G_L1": float(loss_g_l1.detach()),
+        }
+
+    def step_schedulers(self) -> None:
+        self.sched_g.step()
+        self.sched_d.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.opt_g.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(),
+            "sched_d": self.sched_d.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

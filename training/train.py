@@ -1,0 +1,434 @@
+"""``dicom-node-train train``: Pix2Pix training on a paired slice dataset, resumable.
+
+Writes into ``--out`` (RUNDIR):
+
+- ``config.json``: the resolved configuration (architecture, device, dataset summary);
+- ``checkpoint.pt``: G, D, optimisers, schedulers, AMP scaler, epoch, position in the
+  epoch, global step and RNG states; written at every epoch end, every
+  ``--checkpoint-every`` steps and when ``--max-steps`` stops the run;
+- ``history.json``: losses (averaged every ``--log-every`` steps) and validation metrics
+  (L1 in network units, PSNR and SSIM on images scaled to [0, 1]) per epoch;
+- ``losses.png``, ``val_metrics.png``;
+- ``generator.pt`` (+ ``.json``): the exported inference weights, at the end.
+
+``--resume`` continues from ``checkpoint.pt`` exactly where it stopped: the sampling
+order of an epoch depends only on (seed, epoch), so the batches already trained on
+are skipped, and the torch / numpy / Python RNG states are restored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from tqdm import tqdm
+
+from training import data as ds
+from training.metrics import mean_sd, psnr, ssim
+from training.pix2pix import Pix2Pix, Pix2PixConfig
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE_FOR_SIZE = {256: "unet_256", 128: "unet_128"}
+CHECKPOINT_FORMAT = "dicom-node-pix2pix-checkpoint/1"
+# Settings that must not change when a run is resumed.
+FIXED_ON_RESUME = ("dataset", "target", "ngf", "ndf", "batch_size", "seed", "uptake_scale",
+                   "tumour_oversample", "hflip", "epochs", "decay_epochs", "lambda_l1", "lr",
+                   "beta1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str
+    out: str
+    epochs: int = 100
+    decay_epochs: int = 100
+    ngf: int = 64
+    ndf: int = 64
+    batch_size: int = 1
+    target: str = "fusion"
+    uptake_scale: float = 4.0
+    tumour_oversample: float = 4.0
+    hflip: bool = False
+    seed: int = 0
+    device: str = "auto"
+    lr: float = 2e-4
+    beta1: float = 0.5
+    lambda_l1: float = 100.0
+    max_steps: int | None = None
+    threads: int | None = None
+    val_max_slices: int | None = 512
+    checkpoint_every: int = 500
+    log_every: int = 10
+    export: bool = True
+    name: str | None = None
+    version: str = "1"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    step: int
+    epoch: int
+    finished: bool
+    last_validation: dict[str, float]
+    weights: Path | None
+    sha256: str | None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig(dataset="", out="")
+    parser.add_argument("--dataset", required=True, type=Path, help="dataset folder (pairs.npz)")
+    parser.add_argument("--out", required=True, type=Path, help="run folder (RUNDIR)")
+    parser.add_argument("--epochs", type=int, default=d.epochs,
+                        help="epochs at the constant learning rate (default %(default)s)")
+    parser.add_argument("--decay-epochs", type=int, default=d.decay_epochs,
+                        help="epochs of linear decay to 0 after that (default %(default)s)")
+    parser.add_argument("--ngf", type=int, default=d.ngf, help="generator width (%(default)s)")
+    parser.add_argument("--ndf", type=int, default=d.ndf,
+                        help="discriminator width (%(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--target", choices=ds.TARGETS, default=d.target,
+                        help="fusion: RGB fusion (as published); uptake: 1-channel uptake")
+    parser.add_argument("--uptake-scale", type=float, default=d.uptake_scale,
+                        help="uptake target y = uptake / scale * 2 - 1 (%(default)s)")
+    parser.add_argument("--tumour-oversample", type=float, default=d.tumour_oversample,
+                        help="sampling weight of tumour slices relative to others "
+                             "(1 = uniform permutation; default %(default)s)")
+    parser.add_argument("--hflip", action="store_true", help="random left-right flips")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--beta1", type=float, default=d.beta1)
+    parser.add_argument("--lambda-l1", type=float, default=d.lambda_l1)
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop after this many steps in total (resumable)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: all cores)")
+    parser.add_argument("--val-max-slices", type=int, default=d.val_max_slices,
+                        help="validate on at most this many evenly spaced val slices "
+                             "(0 = all; default %(default)s)")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                        help="also checkpoint every N steps (%(default)s)")
+    parser.add_argument("--log-every", type=int, default=d.log_every)
+    parser.add_argument("--no-export", action="store_true",
+                        help="do not write RUNDIR/generator.pt at the end")
+    parser.add_argument("--name", default=None, help="model name in the exported card")
+    parser.add_argument("--version", default=d.version, help="model version in the card")
+    parser.add_argument("--resume", action="store_true", help="continue RUNDIR/checkpoint.pt")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = TrainConfig(
+        dataset=str(args.dataset), out=str(args.out), epochs=args.epochs,
+        decay_epochs=args.decay_epochs, ngf=args.ngf, ndf=args.ndf, batch_size=args.batch_size,
+        target=args.target, uptake_scale=args.uptake_scale,
+        tumour_oversample=args.tumour_oversample, hflip=args.hflip, seed=args.seed,
+        device=args.device, lr=args.lr, beta1=args.beta1, lambda_l1=args.lambda_l1,
+        max_steps=args.max_steps, threads=args.threads,
+        val_max_slices=args.val_max_slices or None, checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every, export=not args.no_export, name=args.name,
+        version=args.version,
+    )
+    try:
+        result = train(config, resume=args.resume)
+    except (ds.DatasetError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"step {result.step}, epoch {result.epoch}, "
+          f"{'finished' if result.finished else 'stopped (resumable with --resume)'}")
+    if result.last_validation:
+        print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                          result.last_validation.items()))
+    if result.weights is not None:
+        print(f"weights: {result.weights}\nsha256: {result.sha256}")
+    return 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but CUDA is not available")
+    return device
+
+
+def architecture_for(size: int) -> str:
+    if size not in ARCHITECTURE_FOR_SIZE:
+        raise ValueError(f"dataset slice size {size} has no generator; use 128 or 256")
+    return ARCHITECTURE_FOR_SIZE[size]
+
+
+def rng_state() -> dict[str, Any]:
+    np_state: Any = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), np_state[2],
+                         np_state[3], np_state[4]))
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a dicom-node training checkpoint")
+    return state
+
+
+def dataset_info(data: ds.PairedDataset) -> dict[str, Any]:
+    return {
+        "path": str(data.path),
+        "size": data.size,
+        "fusion_style": data.fusion_style.as_dict(),
+        "split_method": data.split_method,
+        "split_seed": data.splits.get("seed"),
+        "leaks_patients": bool(data.splits.get("leaks_patients", False)),
+        "source": data.info.get("source_dir") or data.info.get("source"),
+        "splits": {split: data.summary(split) for split in ds.SPLITS},
+    }
+
+
+def subset(idx: NDArray[np.int64], limit: int | None) -> NDArray[np.int64]:
+    """At most ``limit`` evenly spaced entries of ``idx``."""
+    if limit is None or len(idx) <= limit:
+        return idx
+    picks = np.linspace(0, len(idx) - 1, limit).round().astype(np.int64)
+    return idx[picks]
+
+
+def to_unit(y: torch.Tensor) -> NDArray[np.float32]:
+    """Network output (B, C, H, W) in [-1, 1] -> (B, H, W[, 3]) in [0, 1]."""
+    unit = ((y.float().clamp(-1, 1) + 1.0) / 2.0).cpu().numpy()
+    return np.asarray(unit[:, 0] if unit.shape[1] == 1 else unit.transpose(0, 2, 3, 1),
+                      dtype=np.float32)
+
+
+def validate(model: Pix2Pix, data: ds.PairedDataset, idx: NDArray[np.int64], config: TrainConfig,
+             batch_size: int = 16) -> dict[str, float]:
+    """L1 (network units), PSNR and SSIM (images in [0, 1]) of the generator in eval mode."""
+    if len(idx) == 0:
+        return {}
+    generator = model.generator
+    generator.eval()
+    l1_sum, count = 0.0, 0
+    psnrs: list[float] = []
+    ssims: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(idx), batch_size):
+            part = idx[start : start + batch_size]
+            x, y = ds.batch(data, part, config.target, config.uptake_scale)
+            with model.autocast():
+                out = generator(x.to(model.device)).float()
+            y = y.to(model.device)
+            l1_sum += float((out - y).abs().mean(dim=(1, 2, 3)).sum())
+            count += len(part)
+            fake, real = to_unit(out), to_unit(y)
+            for a, b in zip(fake, real, strict=True):
+                psnrs.append(psnr(a, b))
+                ssims.append(ssim(a, b))
+    generator.train()
+    return {"val_l1": l1_sum / count, "val_psnr": mean_sd(psnrs)[0], "val_ssim": mean_sd(ssims)[0]}
+
+
+def train(config: TrainConfig, resume: bool = False) -> TrainResult:
+    """Train (or resume) a run; returns where it stopped and the exported weights."""
+    run_dir = Path(config.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    data = ds.load_dataset(Path(config.dataset))
+    if config.target == "uptake" and not data.has("uptake"):
+        raise ValueError("--target uptake needs a dataset with an 'uptake' array")
+    architecture = architecture_for(data.size)
+    train_idx, val_idx = data.indices("train"), data.indices("val")
+    if len(train_idx) == 0:
+        raise ValueError(f"dataset {data.path} has no training pairs")
+
+    state: dict[str, Any] | None = None
+    if resume and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path)
+        old = state["config"]
+        changed = [k for k in FIXED_ON_RESUME if old.get(k) != getattr(config, k)]
+        if changed:
+            raise ValueError(f"cannot resume with changed settings: {', '.join(changed)} "
+                             f"(checkpoint has {', '.join(f'{k}={old.get(k)}' for k in changed)})")
+    elif resume:
+        log.warning("no checkpoint at %s: starting a new run", checkpoint_path)
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    random.seed(config.seed)
+    p2p_config = Pix2PixConfig(
+        architecture=architecture, ngf=config.ngf, ndf=config.ndf,
+        output_nc=ds.output_channels(config.target), lr=config.lr, beta1=config.beta1,
+        lambda_l1=config.lambda_l1, epochs=config.epochs, decay_epochs=config.decay_epochs,
+    )
+    model = Pix2Pix(p2p_config, device)
+    history: dict[str, Any] = {"epochs": [], "steps": [], "last_validation": {}}
+    epoch, batch_in_epoch, step = 0, 0, 0
+    sums: dict[str, float] = {}
+    window: dict[str, float] = {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        sums, window = dict(state["epoch_sums"]), dict(state["log_window"])
+        history = json.loads(state["history"])
+        set_rng_state(state["rng"])
+        print(f"resuming {checkpoint_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+
+    info = dataset_info(data)
+    resolved = {**asdict(config), "architecture": architecture, "device_resolved": str(device),
+                "mixed_precision": model.use_amp, "torch": str(torch.__version__),
+                "torch_threads": torch.get_num_threads(), "dataset_info": info,
+                "input_channels": 1, "output_channels": p2p_config.output_nc}
+    write_json(run_dir / "config.json", resolved)
+
+    weights = None
+    if config.tumour_oversample != 1.0:
+        weights = ds.sampling_weights(data.has_tumour[train_idx], config.tumour_oversample)
+    val_subset = subset(val_idx, config.val_max_slices)
+    n_train = len(train_idx)
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    total_epochs = config.epochs + config.decay_epochs
+    total_steps = total_epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    def save(epoch_: int, batch_: int) -> None:
+        atomic_torch_save({
+            "format": CHECKPOINT_FORMAT, "config": asdict(config), "resolved": resolved,
+            "model": model.state_dict(), "epoch": epoch_, "batch_in_epoch": batch_,
+            "step": step, "epoch_sums": sums, "log_window": window,
+            "history": json.dumps(history), "rng": rng_state(),
+        }, checkpoint_path)
+
+    def finish_plots() -> None:
+        write_json(run_dir / "history.json", history)
+        from training.plots import training_curves
+
+        training_curves(history, run_dir)
+
+    stopped = False
+    bar = tqdm(total=total_steps, initial=min(step, total_steps), desc="train", unit="step",
+               dynamic_ncols=True)
+    started = time.monotonic()
+    while epoch < total_epochs and not stopped:
+        order = ds.epoch_order(n_train, weights, config.seed, epoch)
+        flips = torch.rand(n_train, generator=torch.Generator().manual_seed(
+            config.seed * 7_919 + epoch)) < 0.5
+        for b in range(batch_in_epoch, steps_per_epoch):
+            if config.max_steps is not None and step >= config.max_steps:
+                stopped = True
+                break
+            positions = order[b * config.batch_size : (b + 1) * config.batch_size]
+            idx = train_idx[positions.numpy()]
+            x, y = ds.batch(data, idx, config.target, config.uptake_scale)
+            if config.hflip:
+                flip = flips[positions]
+                x[flip] = x[flip].flip(-1)
+                y[flip] = y[flip].flip(-1)
+            losses = model.train_step(x, y)
+            step += 1
+            batch_in_epoch = b + 1
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + value
+                window[key] = window.get(key, 0.0) + value
+            sums["n"] = sums.get("n", 0.0) + 1
+            window["n"] = window.get("n", 0.0) + 1
+            if window["n"] >= config.log_every:
+                n = window.pop("n")
+                history["steps"].append({"step": step, "epoch": epoch,
+                                         **{k: v / n for k, v in window.items()}})
+                window = {}
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, D=f"{losses['loss_D']:.3f}",
+                            G=f"{losses['loss_G_GAN']:.3f}", L1=f"{losses['loss_G_L1']:.4f}")
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                save(epoch, batch_in_epoch)
+        if stopped:
+            break
+        # End of epoch: validation, LR schedule, history, checkpoint, plots.
+        n = sums.pop("n", 1.0)
+        entry = {"epoch": epoch, "step": step, "lr": model.lr,
+                 **{k: v / n for k, v in sums.items()}}
+        metrics = validate(model, data, val_subset, config)
+        entry.update(metrics)
+        entry["elapsed_s"] = round(time.monotonic() - started, 1)
+        history["epochs"].append(entry)
+        history["last_validation"] = metrics
+        model.step_schedulers()
+        epoch, batch_in_epoch, sums = epoch + 1, 0, {}
+        save(epoch, batch_in_epoch)
+        finish_plots()
+        if metrics:
+            tqdm.write(f"epoch {entry['epoch']}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in metrics.items()))
+    bar.close()
+    if stopped or epoch >= total_epochs:
+        if stopped:
+            history["last_validation"] = validate(model, data, val_subset, config)
+            history["last_validation"]["step"] = step
+        save(epoch, batch_in_epoch)
+        finish_plots()
+    finished = epoch >= total_epochs
+    weights_path: Path | None = None
+    sha: str | None = None
+    if config.export:
+        from training.export import export_checkpoint
+
+        weights_path = run_dir / "generator.pt"
+        sha, _ = export_checkpoint(checkpoint_path, weights_path, name=config.name,
+                                   version=config.version)
+    last = {k: float(v) for k, v in history.get("last_validation", {}).items()}
+    return TrainResult(run_dir=run_dir, step=step, epoch=epoch, finished=finished,
+                       last_validation=last, weights=weights_path, sha256=sha)
+
