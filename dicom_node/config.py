@@ -61,6 +61,9 @@ class ReceiverConfig:
 @dataclass(frozen=True)
 class SeriesConfig:
     stable_after_s: float = 30.0
+    # A geometrically complete series (contiguous positions at a constant spacing) is
+    # ready after this shorter grace period; 0 disables early completion.
+    complete_grace_s: float = 3.0
     sweep_interval_s: float = 1.0
 
 

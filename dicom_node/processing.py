@@ -6,6 +6,7 @@ transaction, so a restart resumes exactly where the node stopped.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -39,6 +40,7 @@ from storage.models import (
     OutputInstance,
     Series,
     SeriesState,
+    as_utc,
     utcnow,
 )
 
@@ -81,19 +83,54 @@ def set_state(ctx: NodeContext, session: Session, series: Series, state: str, re
                         reason=reason, version=series.version, **detail)
 
 
+def geometrically_complete(positions: list[float | None], images_in_acquisition: int | None,
+                           min_slices: int) -> bool:
+    """Contiguous slice positions at one constant spacing, count consistent with the acquisition."""
+    if len(positions) < max(2, min_slices) or any(p is None for p in positions):
+        return False
+    if images_in_acquisition and len(positions) != images_in_acquisition:
+        return False
+    ordered = sorted(p for p in positions if p is not None)
+    gaps = [b - a for a, b in itertools.pairwise(ordered)]
+    spacing = sorted(gaps)[len(gaps) // 2]
+    if spacing <= 0:
+        return False
+    return all(abs(gap - spacing) <= 0.01 * spacing + 1e-3 for gap in gaps)
+
+
 def sweep(ctx: NodeContext) -> int:
-    """receiving -> ready for series quiet for ``stable_after_s``. Returns how many."""
-    cutoff = utcnow() - timedelta(seconds=ctx.config.series.stable_after_s)
+    """receiving -> ready: quiet for ``stable_after_s``, or geometrically complete and
+    quiet for ``complete_grace_s``. Returns how many series became ready."""
+    cfg = ctx.config.series
+    now = utcnow()
+    cutoff = now - timedelta(seconds=cfg.stable_after_s)
+    grace_cutoff = now - timedelta(seconds=cfg.complete_grace_s)
     changed = 0
     with ctx.sessions() as session:
         candidates = session.scalars(select(Series).where(
-            Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff)).all()
+            Series.state == SeriesState.RECEIVING, Series.last_received_at <= grace_cutoff)).all()
         for series in candidates:
-            set_state(ctx, session, series, SeriesState.READY,
-                      f"no new instance for {ctx.config.series.stable_after_s:g} s",
+            quiet = as_utc(series.last_received_at) <= cutoff
+            if quiet:
+                reason = f"no new instance for {cfg.stable_after_s:g} s"
+            elif cfg.complete_grace_s > 0 and _complete(session, series,
+                                                          ctx.config.selection.min_slices):
+                reason = (f"geometrically complete ({series.instance_count} contiguous slices), "
+                          f"quiet for {cfg.complete_grace_s:g} s")
+            else:
+                continue
+            set_state(ctx, session, series, SeriesState.READY, reason,
                       instances=series.instance_count)
             changed += 1
     return changed
+
+
+def _complete(session: Session, series: Series, min_slices: int) -> bool:
+    rows = session.execute(select(Instance.position_mm, Instance.images_in_acquisition)
+                           .where(Instance.series_id == series.id)).all()
+    declared = {row[1] for row in rows if row[1]}
+    return geometrically_complete([row[0] for row in rows],
+                                  declared.pop() if len(declared) == 1 else None, min_slices)
 
 
 def series_paths(session: Session, series: Series) -> list[Path]:

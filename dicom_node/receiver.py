@@ -54,7 +54,9 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
                    ExplicitVRBigEndian, *ALL_TRANSFER_SYNTAXES])
 )
 HEADER_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
-               "Modality", "SeriesDescription", "PatientID", "AccessionNumber", "InstanceNumber")
+               "Modality", "SeriesDescription", "PatientID", "AccessionNumber", "InstanceNumber",
+               "ImagePositionPatient", "ImageOrientationPatient", "ImagesInAcquisition",
+               "NumberOfFrames")
 
 # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-AE-title-not-recognized
 REJECT_PERMANENT = 0x01
@@ -67,6 +69,22 @@ class StoredInstance:
     study_uid: str
     series_uid: str
     sop_uid: str
+
+
+def slice_position_mm(header: Any) -> float | None:
+    """Position of a single-frame slice along its normal; None when not computable."""
+    try:
+        if int(header.get("NumberOfFrames", 1) or 1) != 1:
+            return None
+        orientation = [float(v) for v in header.ImageOrientationPatient]
+        position = [float(v) for v in header.ImagePositionPatient]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if len(orientation) != 6 or len(position) != 3:
+        return None
+    r, c = orientation[:3], orientation[3:]
+    normal = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    return float(sum(n * p for n, p in zip(normal, position, strict=True)))
 
 
 def _peer(assoc: Association) -> tuple[str, int]:
@@ -290,6 +308,9 @@ class Receiver:
             instance.transfer_syntax_uid = str(event.context.transfer_syntax)
             number = header.get("InstanceNumber")
             instance.instance_number = int(number) if number not in (None, "") else None
+            instance.position_mm = slice_position_mm(header)
+            images = header.get("ImagesInAcquisition")
+            instance.images_in_acquisition = int(images) if images not in (None, "") else None
             instance.association_id = self._assoc_ids.get(id(event.assoc))
             instance.received_at = now
             self._audit.record_in(session, AuditKind.INSTANCE_STORED, study_uid=study_uid,

@@ -14,7 +14,7 @@ import logging
 import random
 import socket
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from pydicom import dcmread
@@ -28,7 +28,7 @@ from dicom_node import dimse_status
 from dicom_node.config import NodeConfig
 from dicom_node.identity import apply_identity
 from storage.audit import AuditKind, AuditLog
-from storage.models import OutboxEntry, OutboxState, OutputInstance, Series, utcnow
+from storage.models import OutboxEntry, OutboxState, OutputInstance, Series, as_utc, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Sender:
                 entry.attempts += 1
                 entry.last_status = status
                 entry.last_error = reason
-                age = utcnow() - _aware(entry.created_at)
+                age = utcnow() - as_utc(entry.created_at)
                 if entry.attempts >= cfg.max_attempts or age > timedelta(hours=cfg.max_age_h):
                     entry.state = OutboxState.DEAD
                     reason_text = f"{reason}; dead-lettered after {entry.attempts} attempts"
@@ -179,10 +179,6 @@ class Sender:
                     destination=entry.destination, status=dimse_status.describe(status),
                     attempt=entry.attempts, state=entry.state, reason=reason_text)
 
-
-def _aware(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; they were stored as UTC."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def _nodelay(assoc: Association) -> None:

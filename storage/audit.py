@@ -11,13 +11,13 @@ import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import AuditEvent, utcnow
+from storage.models import AuditEvent, as_utc, utcnow
 
 GENESIS = "0" * 64
 
@@ -109,9 +109,7 @@ def verify_chain(session: Session) -> ChainCheck:
         count += 1
         if event.prev_hash != prev:
             return ChainCheck(count, event.id, "prev_hash does not match the previous event")
-        at = event.at
-        if at.tzinfo is None:  # SQLite returns naive datetimes
-            at = at.replace(tzinfo=UTC)
+        at = as_utc(event.at)
         expected = _digest(prev, at, event.kind, event.outcome, event.study_uid,
                            event.series_uid, event.sop_uid, event.peer, event.detail)
         if expected != event.hash:

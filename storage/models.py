@@ -28,6 +28,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; they were stored as UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -97,6 +102,9 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer)
     instance_number: Mapped[int | None] = mapped_column(Integer)
+    # Position along the slice normal (mm), for geometric completeness; None if unknown.
+    position_mm: Mapped[float | None] = mapped_column(Float)
+    images_in_acquisition: Mapped[int | None] = mapped_column(Integer)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -160,3 +160,35 @@ def test_destination_down_keeps_results_in_outbox_until_it_is_up(
         assert set(states) == {"sent"}
     finally:
         pacs.stop()
+
+
+def test_complete_series_goes_early_and_an_incomplete_one_waits(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node]) -> None:
+    node = start_node(make_config(series={"stable_after_s": 3600.0, "complete_grace_s": 0.5}))
+    complete = write_series(tmp_path / "complete", SeriesSpec(n_slices=10), seed=7)
+    gappy = write_series(tmp_path / "gappy", SeriesSpec(n_slices=10, description="T1 +C ax 2"),
+                         seed=8)
+    del gappy[5]  # a missing slice in the middle: not geometrically complete
+    assert pynetdicom_send(gappy, node.receiver.port) == [0] * len(gappy)
+    assert pynetdicom_send(complete, node.receiver.port) == [0] * len(complete)
+    complete_uid = str(dcmread(complete[0]).SeriesInstanceUID)
+    gappy_uid = str(dcmread(gappy[0]).SeriesInstanceUID)
+    assert wait_for(lambda: _series_state(node, complete_uid) == "done", 120)
+    # the complete series was processed long before its quiet period; the gappy one waits
+    assert _series_state(node, gappy_uid) == "receiving"
+    with node.sessions() as session:
+        ready = [e for e in session.scalars(select(AuditEvent).where(
+            AuditEvent.series_uid == complete_uid, AuditEvent.kind == "series.state")).all()
+            if json.loads(e.detail)["to"] == "ready"]
+    assert "geometrically complete" in json.loads(ready[0].detail)["reason"]
+
+
+def test_geometric_completeness_rules() -> None:
+    from dicom_node.processing import geometrically_complete
+
+    assert geometrically_complete([0.0, 2.0, 4.0, 6.0], None, 4)
+    assert not geometrically_complete([0.0, 2.0, 6.0, 8.0], None, 4)  # a gap
+    assert not geometrically_complete([0.0, 2.0, 4.0, None], None, 4)  # unknown position
+    assert not geometrically_complete([0.0, 2.0, 4.0, 6.0], 5, 4)  # fewer than acquired
+    assert not geometrically_complete([0.0, 2.0, 4.0], None, 4)  # below min slices
