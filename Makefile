@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := dcmtk dicom3tools pixelmed-apps orthanc
 CONFIG ?= config.toml
 
-.PHONY: install system-packages test lint serve clean
+.PHONY: install system-packages test lint serve demo demo-model clean
 
 install: system-packages $(VENV)/.installed
 
@@ -37,6 +37,25 @@ test: lint
 
 serve: install
 	$(VENV)/bin/dicom-node serve --config $(CONFIG)
+
+# The main job on one phantom patient: node started, T1C sent with storescu, SC/SEG/SR
+# received back, TBR table and PNG previews (demo-output/).
+demo: install
+	$(VENV)/bin/dicom-node-train demo --config $(CONFIG) --out demo-output
+
+# Reproduce the shipped demo model (about 20 min on 2 CPU cores); see docs/model-card.md.
+DEMO_DATA ?= build/demo-data
+demo-model: install
+	$(VENV)/bin/dicom-node-train phantom --patients 50 --seed 0 --slice-spacing-mm 3 --out $(DEMO_DATA)/studies
+	$(VENV)/bin/dicom-node-train dataset --studies $(DEMO_DATA)/studies --out $(DEMO_DATA)/ds128 --size 128 --seed 0
+	$(VENV)/bin/dicom-node-train train --dataset $(DEMO_DATA)/ds128 --out $(DEMO_DATA)/run --ngf 16 --ndf 32 \
+	  --batch-size 8 --epochs 1 --decay-epochs 1 --tumour-oversample 4 --hflip --seed 0 --threads 2 \
+	  --checkpoint-every 100 --val-max-slices 128 --name fdopa-demo --version 1.0
+	$(VENV)/bin/dicom-node-train evaluate --dataset $(DEMO_DATA)/ds128 --weights $(DEMO_DATA)/run/generator.pt \
+	  --split test --out $(DEMO_DATA)/report
+	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run/checkpoint.pt \
+	  --out dicom_node/models/demo-generator.pt --name fdopa-demo --version 1.0 \
+	  --metrics $(DEMO_DATA)/report/summary.json
 
 clean:
 	rm -rf var build *.egg-info

@@ -37,7 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except WeightsError as exc:
         print(f"dicom-node: cannot start: {exc}\n"
               f"  model.weights_path in {config.source_path} must name a dicom-node generator "
-              "weights file; the demo model is made by 'make demo-model' (see README).",
+              "weights file; the shipped demo model is dicom_node/models/demo-generator.pt "
+              "('make demo-model' rebuilds it).",
               file=sys.stderr)
         return 2
     stop = threading.Event()

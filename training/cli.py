@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "train Pix2Pix on a dataset"),
     "evaluate": ("training.evaluate", "evaluate weights on a dataset split (report)"),
     "export": ("training.export", "export a checkpoint's generator as node weights"),
+    "demo": ("training.demo", "phantom study -> node -> results back, with a TBR table"),
 }
 
 

@@ -17,6 +17,8 @@ CodingSchemeIdentificationSequence.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
@@ -144,3 +146,59 @@ def make_sr(
     scheme.CodingSchemeResponsibleOrganization = PRIVATE_SCHEME_ORG
     sr.CodingSchemeIdentificationSequence = [scheme]
     return sr
+
+
+@dataclass(frozen=True)
+class TbrReport:
+    """The numbers a TBR SR carries, read back from the SR itself."""
+
+    background_mean: float
+    lesions: list[dict[str, float]]
+
+
+def _items(ds: Dataset) -> list[Dataset]:
+    return list(ds.get("ContentSequence", []))
+
+
+def _concept(item: Dataset) -> str:
+    seq = item.get("ConceptNameCodeSequence")
+    return str(seq[0].CodeValue) if seq else ""
+
+
+def read_tbr_report(sr: Dataset) -> TbrReport:
+    """Walk the TID 1500 tree: per measurement group its TBRmax, TBRmean, volume."""
+    background = float("nan")
+    lesions: list[dict[str, float]] = []
+
+    def visit(node: Dataset) -> None:
+        nonlocal background
+        for item in _items(node):
+            if item.ValueType == "CONTAINER" and _concept(item) == "125007":
+                group: dict[str, float] = {}
+                label = ""
+                for child in _items(item):
+                    if child.ValueType == "TEXT" and _concept(child) == "112039":
+                        label = str(child.TextValue)
+                    if child.ValueType != "NUM":
+                        continue
+                    value = float(child.MeasuredValueSequence[0].NumericValue)
+                    derivation = next((str(m.ConceptCodeSequence[0].CodeValue)
+                                       for m in _items(child) if _concept(m) == "121401"), "")
+                    concept = _concept(child)
+                    if concept == TBR.value and derivation == codes.SCT.Maximum.value:
+                        group["tbr_max"] = value
+                    elif concept == TBR.value and derivation == codes.SCT.Mean.value:
+                        group["tbr_mean"] = value
+                    elif concept == codes.SCT.Volume.value:
+                        group["volume_ml"] = value
+                    elif concept == BACKGROUND_UPTAKE.value:
+                        background = value
+                if "tbr_max" in group and label.startswith("Lesion "):
+                    group["lesion"] = float(label.split()[1])
+                    lesions.append(group)
+            else:
+                visit(item)
+
+    visit(sr)
+    lesions.sort(key=lambda g: g["lesion"])
+    return TbrReport(background_mean=background, lesions=lesions)
