@@ -94,5 +94,9 @@ class Predictor:
             fusion = np.transpose((output + 1.0) / 2.0, (0, 2, 3, 1)).astype(np.float32)
             # Quantise as the stored SC will be, so analysis sees what the viewer sees.
             fusion = np.rint(fusion * 255.0) / 255.0
-            uptake = defuse(fusion, grey, self.style).uptake
+            # The grey inside the model's fusion went through the network's resolution;
+            # de-fuse against the T1C resampled the same way, not the sharp native one.
+            net_grey, pad = to_network(grey, self.model.card.input_size)
+            matched_grey = from_network(net_grey, pad)[:, 0].numpy()
+            uptake = defuse(fusion, matched_grey, self.style).uptake
         return Prediction(grey=grey, fusion=fusion.astype(np.float32), uptake=uptake)

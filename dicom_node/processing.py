@@ -235,7 +235,7 @@ def summary_lines(result: TbrResult) -> list[str]:
     lines = [f"TBR (synthetic uptake), threshold {result.threshold:g} x bg; "
              f"bg mean {result.background_mean:.2f}"]
     if not result.lesions:
-        lines.append("No lesion above threshold")
+        lines.append(result.finding[:1].upper() + result.finding[1:])
     for lesion in result.lesions[:3]:
         lines.append(f"Lesion {lesion.number}: TBRmax {lesion.tbr_max:.2f}  "
                      f"TBRmean {lesion.tbr_mean:.2f}  {lesion.volume_ml:.1f} mL")
@@ -260,7 +260,9 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int) -> int:
     result = measure_tbr(prediction.uptake, volume.voxel_volume_ml,
                          ctx.config.analysis.tbr_threshold,
                          ctx.config.analysis.min_lesion_volume_ml,
-                         ctx.predictor.style.display_threshold)
+                         ctx.predictor.style.display_threshold,
+                         spacing_mm=volume.spacing_mm, t1c_grey=prediction.grey,
+                         columns_toward_patient_left=volume.slices[0].orientation[0] > 0)
     provenance = ctx.provenance
     fingerprint = source_fingerprint(s.sop_uid for s in volume.slices)
     sha = provenance.weights_sha256

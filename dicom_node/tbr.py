@@ -1,19 +1,32 @@
-"""Tumour-to-background ratios on synthetic uptake (first method).
+"""Tumour-to-background ratios on synthetic uptake, following amino-acid PET practice.
 
-Method (documented in docs/tbr.md):
+Method (EANM/EANO/RANO 2019 joint practice guideline for amino-acid PET of gliomas;
+details and limitations in docs/tbr.md). Volumes are axial, indexed
+(slice, row, column); spacing in mm in the same order.
 
-1. Tissue: voxels where uptake was drawn (uptake >= the display threshold).
-2. Background: a robust mean of tissue uptake: start from the tissue median and
-   average the tissue voxels below ``threshold x median``, so hot lesions do not
-   raise their own reference.
-3. Lesions: 3D connected components (26-connectivity) of tissue voxels at or above
-   ``threshold x background``; components smaller than ``min_lesion_volume_ml`` are
-   noise. Each lesion: TBRmax = max / background, TBRmean = mean / background,
-   volume in mL. Lesions are ordered hottest first.
-4. No component left: the finding is "no lesion above threshold".
-
-Known limitation of this first method: FDOPA's physiological striatal uptake is
-not excluded and the background is not restricted to the contralateral hemisphere.
+1. Brain: voxels where uptake was drawn (>= the display threshold), with the T1C
+   when given; holes filled, largest component (:mod:`dicom_node.brain_regions`).
+2. Midline: the mid-sagittal symmetry plane estimated from the volume itself
+   (mirror self-similarity over in-plane angle and offset), never the image centre.
+3. Striatum (FDOPA's physiological uptake): deep, near-midline voxels above
+   1.5 x background (robust whole-brain start value) whose mirror image across
+   the midline is hot too, grown by 6 mm within warm tissue. Excluded from
+   lesions and background.
+4. Ventricles: dark CSF on T1C (or very low uptake without T1C); excluded from
+   the background.
+5. Lesions: 3D connected components (26-connectivity) of brain voxels at or above
+   ``threshold x background mean``, striatum excluded, each at least
+   ``min_lesion_volume_ml``; ordered hottest first (lesion 1 contains the hottest
+   lesion voxel). TBRmax = max / background mean, TBRmean = mean over the region /
+   background mean, BTV = region volume in mL.
+6. Background: a crescent in the hemisphere contralateral to lesion 1 (the cortex
+   and the white matter beneath it, down to 30 mm below the brain's outline, at
+   least 4 mm from the midline) on the slices through lesion 1 (a slab of at least
+   20 mm), minus striatum, ventricles, voxels above the tumour threshold and every
+   lesion with a 5 mm margin. Without a lesion: the crescent of both hemispheres on
+   the central 30 mm of the brain. Steps 3, 5 and 6 are iterated from a robust
+   whole-brain start value until the background mean settles.
+7. No lesion: the finding is "no lesion above threshold" and no ratios are given.
 """
 
 from __future__ import annotations
@@ -24,8 +37,36 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-METHOD_TEXT = ("Background: robust mean of all brain uptake below threshold x median. "
-               "Tumour: 3D connected region of voxels >= threshold x background mean.")
+from dicom_node import brain_regions as regions
+
+DEFAULT_THRESHOLD = 1.6        # FET-style 1.6 x background (guideline practice)
+FDOPA_THRESHOLD = 2.0          # FDOPA high-grade tissue (e.g. Janvier et al. 2015)
+DEFAULT_MIN_LESION_VOLUME_ML = 0.1
+CRESCENT_DEPTH_MM = 30.0
+MIDLINE_GAP_MM = 4.0
+MIN_SLAB_MM = 20.0
+LESION_MARGIN_MM = 5.0
+NO_LESION_SLAB_MM = 30.0
+ITERATIONS = 4
+
+METHOD_TEXT = ("Background: crescent of normal-appearing grey and white matter in the "
+               "hemisphere contralateral to the hottest lesion (midline from a symmetry-plane "
+               "estimate) on the slices through it, excluding striatum, ventricles and voxels "
+               "above threshold (both hemispheres on central slices if no lesion). "
+               "Tumour: 3D connected region of voxels >= threshold x background mean, "
+               "striatum excluded (EANM/EANO/RANO 2019 practice).")
+
+Side = str  # "left" / "right" (patient), or "" when undetermined
+
+
+@dataclass(frozen=True)
+class SliceMeasure:
+    """One lesion on one slice, against the same (3D) background mean."""
+
+    slice_index: int
+    tbr_max: float
+    tbr_mean: float
+    area_mm2: float
 
 
 @dataclass(frozen=True)
@@ -38,57 +79,177 @@ class Lesion:
     mean_uptake: float
     mask: NDArray[np.bool_] = field(repr=False)
     peak_index: tuple[int, int, int] = (0, 0, 0)
+    side: Side = ""
+    per_slice: tuple[SliceMeasure, ...] = ()
 
 
 @dataclass(frozen=True)
 class TbrResult:
     background_mean: float
     background_mask: NDArray[np.bool_] = field(repr=False)
-    threshold: float = 1.6
-    min_lesion_volume_ml: float = 0.1
+    threshold: float = DEFAULT_THRESHOLD
+    min_lesion_volume_ml: float = DEFAULT_MIN_LESION_VOLUME_ML
     lesions: list[Lesion] = field(default_factory=list)
     method: str = METHOD_TEXT
+    background_side: Side = ""   # "left", "right" or "both"
+    background_slices: tuple[int, ...] = ()
+    midline: regions.Midline | None = None
+    striatum_mask: NDArray[np.bool_] | None = field(default=None, repr=False)
+    ventricle_mask: NDArray[np.bool_] | None = field(default=None, repr=False)
+    brain_mask: NDArray[np.bool_] | None = field(default=None, repr=False)
+    # Set when no ratio can be measured (e.g. no normal-appearing background found).
+    note: str = ""
 
     @property
     def finding(self) -> str:
+        if self.note:
+            return self.note
         if not self.lesions:
             return "no lesion above threshold"
         return f"{len(self.lesions)} lesion(s) above threshold"
 
 
-def measure_tbr(uptake: NDArray[np.float32], voxel_volume_ml: float, threshold: float,
-                min_lesion_volume_ml: float, display_threshold: float) -> TbrResult:
-    tissue = uptake >= display_threshold
-    if not tissue.any():
-        return TbrResult(background_mean=0.0, background_mask=tissue, threshold=threshold,
-                         min_lesion_volume_ml=min_lesion_volume_ml)
-    median = float(np.median(uptake[tissue]))
-    background_mask = tissue & (uptake < threshold * median)
-    background = float(uptake[background_mask].mean()) if background_mask.any() else median
-    hot = tissue & (uptake >= threshold * background)
-    labels, count = ndimage.label(hot, structure=np.ones((3, 3, 3), dtype=bool))
-    min_voxels = max(1, int(np.ceil(min_lesion_volume_ml / voxel_volume_ml)))
+def _side(sign: float, columns_toward_patient_left: bool) -> Side:
+    if sign == 0:
+        return ""
+    high = "left" if columns_toward_patient_left else "right"
+    low = "right" if columns_toward_patient_left else "left"
+    return high if sign > 0 else low
+
+
+def _slab(centre: int, half_mm: float, n_slices: int, slice_mm: float) -> NDArray[np.bool_]:
+    half = int(np.ceil(half_mm / slice_mm))
+    out = np.zeros(n_slices, dtype=bool)
+    out[max(0, centre - half): min(n_slices, centre + half + 1)] = True
+    return out
+
+
+def measure_tbr(uptake: NDArray[np.float32], voxel_volume_ml: float,
+                threshold: float = DEFAULT_THRESHOLD,
+                min_lesion_volume_ml: float = DEFAULT_MIN_LESION_VOLUME_ML,
+                display_threshold: float = 0.3, *,
+                spacing_mm: tuple[float, float, float] | None = None,
+                t1c_grey: NDArray[np.float32] | None = None,
+                per_slice: bool = False,
+                columns_toward_patient_left: bool = True) -> TbrResult:
+    """Guideline-style TBR measurement of an uptake volume (slice, row, column).
+
+    ``spacing_mm`` (slice, row, column) defaults to isotropic voxels of
+    ``voxel_volume_ml``. ``t1c_grey`` (the windowed T1C, same shape) sharpens the
+    brain mask, the midline and the ventricles. ``columns_toward_patient_left`` is
+    True for the usual axial orientation (ImageOrientationPatient row direction
+    +x, LPS) and only names the sides.
+    """
+    uptake = np.asarray(uptake, dtype=np.float32)
+    if spacing_mm is None:
+        edge = float(voxel_volume_ml * 1000.0) ** (1.0 / 3.0)
+        spacing_mm = (edge, edge, edge)
+    spacing = (float(spacing_mm[0]), float(spacing_mm[1]), float(spacing_mm[2]))
+    voxel_ml = float(voxel_volume_ml)
+    grey = None if t1c_grey is None else np.asarray(t1c_grey, dtype=np.float32)
+    brain = regions.brain_mask(uptake, display_threshold, grey)
+    if not brain.any():
+        return TbrResult(background_mean=0.0, background_mask=brain, threshold=threshold,
+                         min_lesion_volume_ml=min_lesion_volume_ml, brain_mask=brain)
+    midline = regions.estimate_midline(brain, spacing, grey)
+    distance = regions.signed_distance(midline, uptake.shape, spacing)  # (rows, cols)
+    depth = regions.depth_mm(brain, spacing)
+    drawn = brain & (uptake >= display_threshold)
+    values = uptake[drawn] if drawn.any() else uptake[brain]
+    median = float(np.median(values))
+    background = float(values[values < threshold * median].mean())
+    ventricles = regions.find_ventricles(brain, uptake, background, depth, grey)
+    crescent = brain & (depth <= CRESCENT_DEPTH_MM) & (
+        np.abs(distance)[None] >= MIDLINE_GAP_MM) & ~ventricles
+    min_voxels = max(1, int(np.ceil(min_lesion_volume_ml / voxel_ml)))
+    n_slices = uptake.shape[0]
+    area = brain.sum(axis=(1, 2)).astype(np.float64)
+    central = round(float((np.arange(n_slices) * area).sum() / area.sum()))
+
+    labels = np.zeros(brain.shape, dtype=np.int32)
+    order: list[int] = []
+    region = brain
+    side_sign = 0.0
+    slices = np.zeros(n_slices, dtype=bool)
+    # The striatum is found once, from the robust start value of the background.
+    striatum = regions.find_striatum(uptake, brain, background, midline, distance,
+                                     depth, spacing)
+    for _ in range(ITERATIONS):
+        above = brain & (uptake >= threshold * background)
+        hot = above & ~striatum
+        labels, count = ndimage.label(hot, structure=np.ones((3, 3, 3), dtype=bool))
+        order = []
+        if count:
+            sizes = np.bincount(labels.ravel(), minlength=count + 1)
+            flat = labels.ravel()
+            inside = np.flatnonzero(flat)
+            peaks = np.full(count + 1, -np.inf)
+            np.maximum.at(peaks, flat[inside], uptake.ravel()[inside])
+            peaks = peaks[1:]
+            candidates = [i + 1 for i in range(count) if sizes[i + 1] >= min_voxels]
+            order = sorted(candidates, key=lambda lab: -float(peaks[lab - 1]))
+        if order:
+            first = labels == order[0]
+            peak = np.unravel_index(int(np.argmax(np.where(first, uptake, -np.inf))),
+                                    uptake.shape)
+            side_sign = float(np.sign(distance[peak[1], peak[2]])) or 1.0
+            through = first.any(axis=(1, 2))
+            idx = np.flatnonzero(through)
+            mid = round((idx[0] + idx[-1]) / 2)
+            slices = through | _slab(mid, MIN_SLAB_MM / 2, n_slices, spacing[0])
+            side = (-side_sign * distance > 0)[None]
+            lesions_all = np.isin(labels, order)
+            margin = [max(1, round(LESION_MARGIN_MM / s)) for s in spacing]
+            near_lesion = ndimage.maximum_filter(
+                lesions_all, size=tuple(2 * m + 1 for m in margin))
+            region = crescent & side & slices[:, None, None] & ~near_lesion
+        else:
+            side_sign = 0.0
+            slices = _slab(central, NO_LESION_SLAB_MM / 2, n_slices, spacing[0])
+            region = crescent & slices[:, None, None]
+        region = region & ~striatum & ~above
+        if not region.any():
+            break
+        new_background = float(uptake[region].mean())
+        settled = abs(new_background - background) <= 1e-4 * max(background, 1e-6)
+        background = new_background
+        if settled:
+            break
+
+    note = ""
+    if not region.any() or not background > 0:
+        # No ratio without a reference: report that instead of dividing by nothing.
+        note = "no measurable background region: TBR not computed"
+        order = []
+        background = max(background, 0.0) if np.isfinite(background) else 0.0
     lesions: list[Lesion] = []
-    if count:
-        sizes = np.bincount(labels.ravel())
-        for label in range(1, count + 1):
-            if sizes[label] < min_voxels:
-                continue
-            mask = labels == label
-            values = uptake[mask]
-            peak_flat = int(np.argmax(np.where(mask, uptake, -np.inf)))
-            peak = np.unravel_index(peak_flat, uptake.shape)
-            lesions.append(Lesion(
-                number=0, tbr_max=float(values.max()) / background,
-                tbr_mean=float(values.mean()) / background,
-                volume_ml=float(mask.sum()) * voxel_volume_ml, max_uptake=float(values.max()),
-                mean_uptake=float(values.mean()), mask=mask,
-                peak_index=(int(peak[0]), int(peak[1]), int(peak[2]))))
-    lesions.sort(key=lambda item: item.max_uptake, reverse=True)
-    numbered = [Lesion(number=i + 1, tbr_max=item.tbr_max, tbr_mean=item.tbr_mean,
-                       volume_ml=item.volume_ml, max_uptake=item.max_uptake,
-                       mean_uptake=item.mean_uptake, mask=item.mask, peak_index=item.peak_index)
-                for i, item in enumerate(lesions)]
-    return TbrResult(background_mean=background, background_mask=background_mask & ~hot,
+    for number, label in enumerate(order, start=1):
+        mask = labels == label
+        vals = uptake[mask]
+        peak_flat = int(np.argmax(np.where(mask, uptake, -np.inf)))
+        peak = np.unravel_index(peak_flat, uptake.shape)
+        measures: tuple[SliceMeasure, ...] = ()
+        if per_slice:
+            rows = []
+            for k in np.flatnonzero(mask.any(axis=(1, 2))):
+                sv = uptake[k][mask[k]]
+                rows.append(SliceMeasure(slice_index=int(k),
+                                         tbr_max=float(sv.max()) / background,
+                                         tbr_mean=float(sv.mean()) / background,
+                                         area_mm2=float(sv.size) * spacing[1] * spacing[2]))
+            measures = tuple(rows)
+        lesions.append(Lesion(
+            number=number, tbr_max=float(vals.max()) / background,
+            tbr_mean=float(vals.mean()) / background, volume_ml=float(vals.size) * voxel_ml,
+            max_uptake=float(vals.max()), mean_uptake=float(vals.mean()), mask=mask,
+            peak_index=(int(peak[0]), int(peak[1]), int(peak[2])),
+            side=_side(float(np.sign(distance[peak[1], peak[2]])), columns_toward_patient_left),
+            per_slice=measures))
+    background_side = ("both" if side_sign == 0 else
+                       _side(-side_sign, columns_toward_patient_left))
+    return TbrResult(background_mean=background, background_mask=np.asarray(region, dtype=bool),
                      threshold=threshold, min_lesion_volume_ml=min_lesion_volume_ml,
-                     lesions=numbered)
+                     lesions=lesions, background_side=background_side,
+                     background_slices=tuple(int(k) for k in np.flatnonzero(slices)),
+                     midline=midline, striatum_mask=striatum, ventricle_mask=ventricles,
+                     brain_mask=brain, note=note)

@@ -27,6 +27,7 @@ from pydicom import Dataset, dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node.config import load_config
+from dicom_node.fusion import window_t1c
 from dicom_node.tbr import measure_tbr
 from dicom_node.writers.sr import read_tbr_report
 from training.phantom import PhantomGeometry, generate_patient
@@ -183,7 +184,9 @@ def run(args: argparse.Namespace) -> int:
     report = read_tbr_report(sr)
     same_method = measure_tbr(patient.uptake, float(np.prod(patient.geometry.spacing_mm)) / 1000,
                               config.analysis.tbr_threshold, config.analysis.min_lesion_volume_ml,
-                              patient.fusion_style.display_threshold)
+                              patient.fusion_style.display_threshold,
+                              spacing_mm=patient.geometry.spacing_mm,
+                              t1c_grey=window_t1c(patient.t1c))
     print(f"\nResults back in PACS {elapsed:.1f} s after the last instance was sent "
           f"(includes the completion grace period).\n")
     print("Tumour-to-background ratios")

@@ -106,7 +106,7 @@ def make_sr(
             measurements=measurements,
         ))
     background_label = ("TBR background" if result.lesions
-                        else "TBR background; no lesion above threshold")
+                        else f"TBR background; {result.finding}")
     groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=_content_uid(sop_uid, "background"),
                                                      identifier=background_label),
