@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dcmtk dicom3tools pixelmed-apps orthanc
+APT_PACKAGES := dcmtk dicom3tools pixelmed-apps orthanc systemd
 CONFIG ?= config.toml
 
 .PHONY: install system-packages test lint serve demo demo-model clean
@@ -16,7 +16,8 @@ install: system-packages $(VENV)/.installed
 
 system-packages:
 	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null \
-	    || ! command -v DicomSRValidator >/dev/null || ! command -v Orthanc >/dev/null; then \
+	    || ! command -v DicomSRValidator >/dev/null || ! command -v Orthanc >/dev/null \
+	    || ! command -v systemd-analyze >/dev/null; then \
 	  echo "installing Debian packages: $(APT_PACKAGES)"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \

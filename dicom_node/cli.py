@@ -30,6 +30,7 @@ def _load(args: argparse.Namespace) -> NodeConfig:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.service import Node
+    from dicom_node.systemd_notify import Notifier
 
     config = _load(args)
     try:
@@ -49,12 +50,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    node.start()
+    notifier = Notifier.from_environment()
+    node.start(heartbeat=notifier.watchdog)
+    notifier.ready(f"listening as {config.receiver.ae_title} on "
+                   f"{config.receiver.bind_address}:{node.receiver.port}, model "
+                   f"{node.ctx.predictor.model.card.name} on {node.ctx.predictor.device}")
     print(f"dicom-node listening as {config.receiver.ae_title} on "
           f"{config.receiver.bind_address}:{node.receiver.port} "
           f"(model {node.ctx.predictor.model.card.name}, device {node.ctx.predictor.device})",
           flush=True)
     stop.wait()
+    notifier.stopping("stopping: finishing the running job")
     node.stop()
     return 0
 

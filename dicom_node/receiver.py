@@ -19,13 +19,25 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
 )
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     EnhancedMRImageStorage,
@@ -48,10 +60,14 @@ from storage.models import Instance, Series, SeriesState, utcnow
 log = logging.getLogger(__name__)
 
 ACCEPTED_SOP_CLASSES: tuple[UID, ...] = (MRImageStorage, EnhancedMRImageStorage)
-# Every transfer syntax pydicom can decode (with the pylibjpeg / openjpeg plugins).
-ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
-    dict.fromkeys([ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-                   ExplicitVRBigEndian, *ALL_TRANSFER_SYNTAXES])
+# Every transfer syntax pydicom decodes with the plugins the project installs
+# (pylibjpeg-libjpeg, pylibjpeg-openjpeg, pyjpegls); tests check each decoder is there.
+ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
+    HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K, RLELossless,
 )
 HEADER_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
                "Modality", "SeriesDescription", "PatientID", "AccessionNumber", "InstanceNumber",
