@@ -161,6 +161,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_outbox(args: argparse.Namespace) -> int:
+    from dicom_node.outbox import list_entries, retry_dead
+    from storage.audit import AuditLog
+
+    sessions = _engine(_load(args))
+    with sessions() as session:
+        if args.action == "retry":
+            count = retry_dead(session, AuditLog(sessions), destination=args.destination)
+            print(f"re-queued {count} dead letter(s)")
+            return 0
+        rows = list_entries(session, state=args.state, destination=args.destination,
+                            limit=args.limit)
+    for row in rows:
+        status = f"0x{row.last_status:04X}" if row.last_status is not None else "-"
+        print(f"{row.id:6} {row.destination:12.12} {row.state:8} {row.kind:4} "
+              f"attempts {row.attempts:<3} status {status:6} {row.sop_uid[-20:]:20} "
+              f"{row.last_error[:60]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -185,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true")
     audit.add_argument("--verify", action="store_true", help="check the hash chain")
     audit.set_defaults(func=cmd_audit)
+    outbox = add("outbox", "list outbox entries; 'outbox retry' re-queues dead letters")
+    outbox.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
+    outbox.add_argument("--state", choices=["pending", "sent", "dead"])
+    outbox.add_argument("--destination")
+    outbox.add_argument("--limit", type=int, default=50)
+    outbox.set_defaults(func=cmd_outbox)
     status = add("status", "series, queue and outbox state")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)

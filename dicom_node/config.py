@@ -86,6 +86,8 @@ class ModelConfig:
     weights_path: Path
     device: str = "auto"
     batch_size: int = 16
+    timeout_s: float = 900.0  # one series' inference; past it the job is retried, then failed
+    retries: int = 2  # retries with half the batch size after a failure
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ uptake model's output is fused over the T1C with the model card's style.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,10 @@ from dicom_node.model_weights import LoadedModel
 from dicom_node.resampling import from_network, to_network
 
 log = logging.getLogger(__name__)
+
+
+class InferenceTimeout(RuntimeError):
+    """Inference of one series ran past ``model.timeout_s``."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -84,9 +89,17 @@ class Predictor:
         result = torch.cat(outputs, 0)
         return from_network(result, pad).clamp(-1.0, 1.0)
 
-    def predict(self, volume: NDArray[np.float32], batch_size: int | None = None) -> Prediction:
+    def predict(self, volume: NDArray[np.float32], batch_size: int | None = None,
+                timeout_s: float | None = None) -> Prediction:
         grey = window_t1c(volume)
-        output = self.run_network(grey, batch_size=batch_size).numpy()
+        started = time.monotonic()
+
+        def check_deadline(done: int, total: int) -> None:
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                raise InferenceTimeout(f"inference exceeded {timeout_s:g} s "
+                                       f"({done}/{total} slices done)")
+
+        output = self.run_network(grey, progress=check_deadline, batch_size=batch_size).numpy()
         if self.model.card.output_kind == "uptake":
             uptake = ((output[:, 0] + 1.0) / 2.0 * self.model.card.uptake_scale).astype(np.float32)
             fusion = fuse(grey, uptake, self.style)

@@ -15,13 +15,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.fusion import to_uint8
-from dicom_node.inference import Predictor
+from dicom_node.inference import Prediction, Predictor
 from dicom_node.selection import select_series
 from dicom_node.tbr import TbrResult, measure_tbr
 from dicom_node.uids import derive_uid, source_fingerprint
@@ -256,7 +260,7 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int) -> int:
     if not selection.accepted:
         raise SeriesSkipped(selection.reason)
     volume = load_volume(selection.slices)
-    prediction = ctx.predictor.predict(volume.pixels)
+    prediction = predict_with_retries(ctx, volume.pixels, series_id, job_id)
     result = measure_tbr(prediction.uptake, volume.voxel_volume_ml,
                          ctx.config.analysis.tbr_threshold,
                          ctx.config.analysis.min_lesion_volume_ml,
@@ -290,11 +294,53 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int) -> int:
     written.append(("seg", seg, seg_path))
     sr_series = uid("sr-series")
     sr = make_sr(volume.datasets, seg, result, sr_series, uid("sr"),
-                 ctx.config.output.series_number_sr, provenance)
+                 ctx.config.output.series_number_sr, provenance,
+                 supersedes=previous_reports(ctx, series_id, version))
     sr_path = ctx.store.output_path(study_uid, str(sr_series), str(sr.SOPInstanceUID))
     atomic_write(sr_path, encode(sr))
     written.append(("sr", sr, sr_path))
     return enqueue_outputs(ctx, series_id, job_id, version, written, result)
+
+
+def predict_with_retries(ctx: NodeContext, pixels: NDArray[np.float32], series_id: int,
+                         job_id: int) -> Prediction:
+    """Run the model; after a failure (CUDA out of memory, timeout, any error) retry with
+    half the batch size, up to ``model.retries`` times, then let the job fail."""
+    batch = ctx.predictor.batch_size
+    for attempt in range(ctx.config.model.retries + 1):
+        try:
+            return ctx.predictor.predict(pixels, batch_size=batch,
+                                         timeout_s=ctx.config.model.timeout_s)
+        except Exception as exc:  # inference boundary: retried, and every failure audited
+            if attempt == ctx.config.model.retries:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            smaller = max(1, batch // 2)
+            with ctx.sessions() as session:
+                series = session.get(Series, series_id)
+                ctx.audit.record_in(session, AuditKind.JOB_RETRY, outcome="warning",
+                                    study_uid=series.study_uid if series else "",
+                                    series_uid=series.series_uid if series else "",
+                                    job=job_id, batch_size=batch, next_batch_size=smaller,
+                                    reason=f"{type(exc).__name__}: {exc}"[:500])
+            batch = smaller
+    raise AssertionError("unreachable")
+
+
+def previous_reports(ctx: NodeContext, series_id: int, version: int) -> list[Dataset]:
+    """The SR of the newest earlier version of this series, which a new report supersedes."""
+    if version <= 1:
+        return []
+    with ctx.sessions() as session:
+        path = session.scalars(
+            select(OutputInstance.path).where(OutputInstance.source_series_id == series_id,
+                                              OutputInstance.kind == "sr",
+                                              OutputInstance.series_version < version)
+            .order_by(OutputInstance.series_version.desc()).limit(1)).first()
+    if path is None or not Path(path).is_file():
+        return []
+    return [dcmread(path, stop_before_pixels=True)]
 
 
 def enqueue_outputs(ctx: NodeContext, series_id: int, job_id: int, version: int,

@@ -37,6 +37,8 @@ class AuditKind:
     JOB_FAIL = "job.fail"
     OUTPUT_WRITTEN = "output.written"
     SEND_ATTEMPT = "send.attempt"
+    OUTBOX_RETRY = "outbox.retry"
+    JOB_RETRY = "job.retry"
     NODE_START = "node.start"
     NODE_STOP = "node.stop"
 

@@ -1,0 +1,156 @@
+"""Faults: late arrivals, dead destinations, failing inference, the audit chain."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlalchemy import select, update
+
+from dicom_node.config import NodeConfig
+from dicom_node.service import Node
+from storage.audit import verify_chain
+from storage.models import AuditEvent, OutboxEntry, Series
+from tests.conftest import PynetdicomPacs, pynetdicom_send, wait_for
+from tests.dicom_factory import SeriesSpec, write_series
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _state(node: Node, series_uid: str) -> tuple[str, int] | None:
+    with node.sessions() as session:
+        row = session.scalars(select(Series).where(Series.series_uid == series_uid)).first()
+        return (row.state, row.version) if row else None
+
+
+def test_late_instance_reopens_series_and_new_report_supersedes_the_old(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
+    node = start_node(make_config(destinations=[{
+        "name": "pacs", "ae_title": pynetdicom_pacs.ae_title, "host": "127.0.0.1",
+        "port": pynetdicom_pacs.port}]))
+    files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=11), seed=21)
+    first, late = files[:10], files[10:]
+    assert pynetdicom_send(first, node.receiver.port) == [0] * 10
+    series_uid = str(dcmread(files[0]).SeriesInstanceUID)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 12, 120)
+    assert _state(node, series_uid) == ("done", 1)
+    old_sr = next(ds for ds in pynetdicom_pacs.received.read_all() if ds.SOPClassUID == SR_CLASS)
+
+    assert pynetdicom_send(late, node.receiver.port) == [0]
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 12 + 13, 120)
+    assert _state(node, series_uid) == ("done", 2)
+    received = pynetdicom_pacs.received.read_all()
+    reports = [ds for ds in received if ds.SOPClassUID == SR_CLASS]
+    new_sr = next(ds for ds in reports if ds.SOPInstanceUID != old_sr.SOPInstanceUID)
+    predecessor = new_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old_sr.SOPInstanceUID
+    sc_series = {ds.SeriesInstanceUID for ds in received if ds.SOPClassUID == SC_CLASS}
+    assert len(sc_series) == 2  # version 2 is a new series, not a duplicate of version 1
+    assert sum(1 for ds in received if ds.SOPClassUID == SC_CLASS) == 10 + 11
+
+
+def test_refused_instances_go_to_dead_letter_and_can_be_retried(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node]) -> None:
+    refusing = PynetdicomPacs(tmp_path / "refusing", ae_title="REFUSER")
+    refusing._on_store = lambda event: 0xA900  # type: ignore[method-assign]
+    refusing.start()
+    good = PynetdicomPacs(tmp_path / "good", ae_title="GOOD").start()
+    try:
+        node = start_node(make_config(destinations=[
+            {"name": "refuser", "ae_title": "REFUSER", "host": "127.0.0.1", "port": refusing.port},
+            {"name": "good", "ae_title": "GOOD", "host": "127.0.0.1", "port": good.port}]))
+        files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=22)
+        assert pynetdicom_send(files, node.receiver.port) == [0] * 8
+        # the refusing PACS does not hold up the good one
+        assert wait_for(lambda: len(good.received.files()) == 10, 120)
+
+        def states(name: str) -> set[str]:
+            with node.sessions() as session:
+                return set(session.scalars(select(OutboxEntry.state).where(
+                    OutboxEntry.destination == name)).all())
+
+        assert wait_for(lambda: states("refuser") == {"dead"}, 60)
+        with node.sessions() as session:
+            entry = session.scalars(select(OutboxEntry).where(
+                OutboxEntry.destination == "refuser")).first()
+            assert entry is not None and entry.attempts == 1  # no pointless retries
+            assert entry.last_status == 0xA900
+        # an admin fixes the PACS and re-queues the dead letters
+        refusing.stop()
+        fixed = PynetdicomPacs(tmp_path / "fixed", ae_title="REFUSER", port=refusing.port).start()
+        try:
+            from dicom_node.outbox import retry_dead
+
+            with node.sessions() as session:
+                assert retry_dead(session, node.audit, destination="refuser") == 10
+            assert wait_for(lambda: len(fixed.received.files()) == 10, 60)
+            assert wait_for(lambda: states("refuser") == {"sent"}, 30)
+        finally:
+            fixed.stop()
+    finally:
+        good.stop()
+        refusing.stop()
+
+
+def test_inference_failure_is_retried_with_a_smaller_batch_then_recorded(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node]) -> None:
+    node = start_node(make_config(model={"batch_size": 8}))
+    calls: list[int] = []
+    real = node.ctx.predictor.run_network
+
+    def flaky(grey, progress=None, batch_size=None):  # type: ignore[no-untyped-def]
+        calls.append(batch_size or node.ctx.predictor.batch_size)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(grey, progress, batch_size)
+
+    node.ctx.predictor.run_network = flaky  # type: ignore[method-assign]
+    files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=23)
+    assert pynetdicom_send(files, node.receiver.port) == [0] * 8
+    series_uid = str(dcmread(files[0]).SeriesInstanceUID)
+    assert wait_for(lambda: (_state(node, series_uid) or ("", 0))[0] == "done", 120)
+    assert calls[0] == 8 and calls[1] < 8
+
+    # a job that always fails is marked failed with the reason; the worker goes on
+    def broken(grey, progress=None, batch_size=None):  # type: ignore[no-untyped-def]
+        raise ValueError("weights produce NaN")
+
+    node.ctx.predictor.run_network = broken  # type: ignore[method-assign]
+    bad = write_series(tmp_path / "bad", SeriesSpec(n_slices=8, description="T1 +C ax b"), seed=24)
+    assert pynetdicom_send(bad, node.receiver.port) == [0] * 8
+    bad_uid = str(dcmread(bad[0]).SeriesInstanceUID)
+    assert wait_for(lambda: (_state(node, bad_uid) or ("", 0))[0] == "failed", 120)
+    with node.sessions() as session:
+        reasons = [e.detail for e in session.scalars(select(AuditEvent).where(
+            AuditEvent.kind == "job.fail", AuditEvent.series_uid == bad_uid)).all()]
+    assert any("weights produce NaN" in r for r in reasons)
+    node.ctx.predictor.run_network = real  # type: ignore[method-assign]
+    later = write_series(tmp_path / "later", SeriesSpec(n_slices=8, description="T1 +C ax c"),
+                         seed=25)
+    assert pynetdicom_send(later, node.receiver.port) == [0] * 8
+    later_uid = str(dcmread(later[0]).SeriesInstanceUID)
+    assert wait_for(lambda: (_state(node, later_uid) or ("", 0))[0] == "done", 120)
+
+
+def test_audit_chain_verifies_and_detects_tampering(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node]) -> None:
+    node = start_node(make_config())
+    files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=3), seed=26)
+    assert pynetdicom_send(files, node.receiver.port) == [0] * 3
+    with node.sessions() as session:
+        check = verify_chain(session)
+        assert check.ok and check.events > 5
+        victim = session.scalars(select(AuditEvent).where(
+            AuditEvent.kind == "instance.stored")).first()
+        assert victim is not None
+        session.execute(update(AuditEvent).where(AuditEvent.id == victim.id)
+                        .values(detail=victim.detail.replace("false", "true")))
+        session.commit()
+        broken = verify_chain(session)
+    assert not broken.ok and broken.first_broken_id == victim.id
