@@ -1,0 +1,236 @@
+"""SIGKILL the node mid-receive, mid-inference and mid-send; after a restart every
+series is processed exactly once, every result reaches the destination, and the store
+holds no partial file."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComprehensiveSRStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session
+
+from storage.models import Job, OutboxEntry, Series
+from tests.conftest import free_port, wait_for
+from tests.dicom_factory import SeriesSpec, write_series
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+class SlowPacs:
+    """A receiving SCP that counts every SOP Instance UID it is sent (duplicates too)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.port = free_port()
+        self.delay_s = delay_s
+        self.seen: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        ae = AE(ae_title="PACS")
+        for sop in (SecondaryCaptureImageStorage, ComprehensiveSRStorage, SegmentationStorage,
+                    COMPREHENSIVE_3D_SR):
+            ae.add_supported_context(sop)
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event: evt.Event) -> int:
+        time.sleep(self.delay_s)
+        with self._lock:
+            self.seen[str(event.request.AffectedSOPInstanceUID)] += 1
+        return 0x0000
+
+    def unique(self) -> int:
+        with self._lock:
+            return len(self.seen)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+class NodeProcess:
+    def __init__(self, config: Path, port: int) -> None:
+        self.config = config
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NodeProcess:
+        self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve",
+                                      "--config", str(self.config)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import socket
+
+        def listening() -> bool:
+            with socket.socket() as sock:
+                sock.settimeout(0.2)
+                return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+        assert wait_for(listening, 120, 0.1), "node did not start"
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def setup(tmp_path: Path, test_weights: Path) -> Iterator[tuple[Path, int, SlowPacs, Path]]:
+    pacs = SlowPacs(delay_s=0.05)
+    port = free_port()
+    data = tmp_path / "node"
+    config = tmp_path / "node.toml"
+    config.write_text(f"""
+[node]
+data_dir = "{data}"
+[receiver]
+ae_title = "DICOMNODE"
+port = {port}
+min_free_disk_mb = 1.0
+[series]
+stable_after_s = 2.0
+complete_grace_s = 0.5
+sweep_interval_s = 0.2
+[selection]
+min_slices = 8
+[model]
+weights_path = "{test_weights}"
+device = "cpu"
+batch_size = 4
+[outbox]
+retry_initial_s = 0.5
+retry_max_s = 1.0
+send_interval_s = 0.2
+[[peers]]
+ae_title = "TESTSCU"
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {pacs.port}
+""")
+    yield config, port, pacs, data
+    pacs.stop()
+
+
+def _send(files: list[Path], port: int, stop_after: int | None = None) -> int:
+    """Send with a pynetdicom SCU; returns how many were acknowledged."""
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4")
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    if not assoc.is_established:
+        return 0
+    done = 0
+    for index, path in enumerate(files):
+        if stop_after is not None and index == stop_after:
+            break
+        status = assoc.send_c_store(dcmread(path))
+        if "Status" not in status or int(status.Status) != 0:
+            break
+        done += 1
+    if assoc.is_established:
+        assoc.release()
+    return done
+
+
+def _db(data: Path) -> Session:
+    return Session(create_engine(f"sqlite:///{data / 'dicom-node.db'}"))
+
+
+def _series_state(data: Path) -> str | None:
+    with _db(data) as session:
+        return session.scalars(select(Series.state)).first()
+
+
+def _check_exactly_once(data: Path, pacs: SlowPacs, n_slices: int) -> None:
+    expected = n_slices + 2
+    assert wait_for(lambda: pacs.unique() == expected, 180), pacs.unique()
+    with _db(data) as session:
+        jobs = session.scalars(select(Job)).all()
+        entries = session.scalars(select(OutboxEntry)).all()
+        series = session.scalars(select(Series)).all()
+    assert len(series) == 1 and series[0].state == "done"
+    assert [j.state for j in jobs].count("done") == 1  # processed exactly once
+    assert all(j.state in ("done", "abandoned") for j in jobs)
+    assert len(entries) == expected and {e.state for e in entries} == {"sent"}
+    # the destination saw each result at least once; a second copy is only ever a
+    # re-send of the same UID that was in flight at the kill
+    assert sum(count - 1 for count in pacs.seen.values()) <= 1
+    store = data / "store"
+    assert not list(store.rglob(".tmp-*"))
+    for path in store.rglob("*.dcm"):
+        dcmread(path)  # every stored file is whole
+
+
+def test_kill_mid_receive(tmp_path: Path, setup: tuple[Path, int, SlowPacs, Path]) -> None:
+    config, port, pacs, data = setup
+    files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=12), seed=31)
+    node = NodeProcess(config, port).start()
+    try:
+        assert _send(files, port, stop_after=5) == 5
+        node.kill()  # half a series received
+        node.start()
+        assert _send(files, port) == 12  # the sender retries the whole series
+        _check_exactly_once(data, pacs, 12)
+    finally:
+        node.stop()
+
+
+def test_kill_during_inference(tmp_path: Path, setup: tuple[Path, int, SlowPacs, Path]) -> None:
+    config, port, pacs, data = setup
+    files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=40, rows=256, columns=256),
+                         seed=32)
+    node = NodeProcess(config, port).start()
+    try:
+        assert _send(files, port) == 40
+        assert wait_for(lambda: _series_state(data) == "running", 60, 0.02)
+        node.kill()
+        with _db(data) as session:
+            assert session.scalars(select(Series.state)).first() == "running"
+        node.start()
+        _check_exactly_once(data, pacs, 40)
+        with _db(data) as session:
+            assert [j.state for j in session.scalars(select(Job)).all()] == ["abandoned", "done"]
+    finally:
+        node.stop()
+
+
+def test_kill_mid_send(tmp_path: Path, setup: tuple[Path, int, SlowPacs, Path]) -> None:
+    config, port, pacs, data = setup
+    pacs.delay_s = 0.1
+    files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=30), seed=33)
+    node = NodeProcess(config, port).start()
+    try:
+        assert _send(files, port) == 30
+        assert wait_for(lambda: pacs.unique() >= 5, 120, 0.02)
+        node.kill()
+        assert pacs.unique() < 32
+        node.start()
+        _check_exactly_once(data, pacs, 30)
+    finally:
+        node.stop()
+
+
+def test_sigterm_exits_cleanly(setup: tuple[Path, int, SlowPacs, Path]) -> None:
+    config, port, _pacs, _data = setup
+    node = NodeProcess(config, port).start()
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGTERM)
+    assert node.proc.wait(timeout=60) == 0
