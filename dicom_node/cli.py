@@ -152,6 +152,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "outbox": outbox,
         "last_job_error": last_fail.error if last_fail else "",
         "disk_free_mb": round(free / 1024 / 1024),
+        "disk_low": free < config.receiver.min_free_disk_mb * 1024 * 1024,
     }
     if args.json:
         print(json.dumps(report, indent=2))

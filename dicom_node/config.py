@@ -108,6 +108,15 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """Hours after which delivered data is deleted; 0 keeps it forever."""
+
+    incoming_h: float = 720.0
+    outputs_h: float = 720.0
+    interval_s: float = 3600.0
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     manufacturer: str = "dicom-node"
     institution_name: str = ""
@@ -129,6 +138,7 @@ class NodeConfig:
     outbox: OutboxConfig
     output: OutputConfig
     fusion: FusionStyle
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     peers: tuple[Peer, ...] = ()
     destinations: tuple[Destination, ...] = ()
     source_path: Path | None = field(default=None, compare=False)
@@ -194,7 +204,7 @@ def _check_port(port: int, key: str) -> None:
 def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> NodeConfig:
     """Validate a parsed TOML document into a NodeConfig."""
     known = {"node", "receiver", "series", "selection", "model", "analysis", "outbox",
-             "output", "fusion", "peers", "destinations"}
+             "output", "fusion", "peers", "destinations", "retention"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; allowed: {sorted(known)}")
@@ -239,6 +249,10 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         raise ConfigError("analysis.tbr_threshold must be > 1.0 (a ratio to background)")
     outbox: OutboxConfig = _build(OutboxConfig, "outbox", _table(raw, "outbox"))
     output: OutputConfig = _build(OutputConfig, "output", _table(raw, "output"))
+    retention: RetentionConfig = _build(RetentionConfig, "retention", _table(raw, "retention"))
+    if retention.incoming_h < 0 or retention.outputs_h < 0 or retention.interval_s <= 0:
+        raise ConfigError("retention.incoming_h and outputs_h must be >= 0 (0 keeps forever), "
+                          "retention.interval_s > 0")
 
     fusion_raw = _table(raw, "fusion")
     if fusion_raw.get("colormap", "hot") not in COLORMAPS:
@@ -287,7 +301,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     return NodeConfig(
         data_dir=data_dir, database_url=database_url, receiver=receiver, series=series,
         selection=selection, model=model, analysis=analysis, outbox=outbox, output=output,
-        fusion=fusion, peers=tuple(peers), destinations=tuple(destinations), source_path=source,
+        fusion=fusion, retention=retention, peers=tuple(peers), destinations=tuple(destinations),
+        source_path=source,
     )
 
 

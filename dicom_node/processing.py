@@ -139,7 +139,7 @@ def _complete(session: Session, series: Series, min_slices: int) -> bool:
 
 def series_paths(session: Session, series: Series) -> list[Path]:
     return [Path(p) for p in session.scalars(
-        select(Instance.path).where(Instance.series_id == series.id)).all()]
+        select(Instance.path).where(Instance.series_id == series.id, Instance.path != "")).all()]
 
 
 def triage(ctx: NodeContext) -> int:

@@ -19,6 +19,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.processing import NodeContext, process_next, sweep, triage
+from dicom_node.retention import apply_retention
 from dicom_node.sender import Sender
 from storage.audit import AuditKind
 
@@ -63,4 +64,11 @@ def build_scheduler(ctx: NodeContext, sender: Sender,
                       seconds=interval, id="inference", executor="inference")
     scheduler.add_job(_guarded(ctx, "send", sender.send_due), "interval",
                       seconds=ctx.config.outbox.send_interval_s, id="send", executor="send")
+
+    def retention() -> None:
+        with ctx.sessions() as session:
+            apply_retention(session, ctx.audit, ctx.config.retention)
+
+    scheduler.add_job(_guarded(ctx, "retention", retention), "interval",
+                      seconds=ctx.config.retention.interval_s, id="retention", executor="default")
     return scheduler

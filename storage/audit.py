@@ -39,6 +39,7 @@ class AuditKind:
     SEND_ATTEMPT = "send.attempt"
     OUTBOX_RETRY = "outbox.retry"
     JOB_RETRY = "job.retry"
+    RETENTION = "retention.delete"
     NODE_START = "node.start"
     NODE_STOP = "node.stop"
 

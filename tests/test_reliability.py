@@ -154,3 +154,40 @@ def test_audit_chain_verifies_and_detects_tampering(
         session.commit()
         broken = verify_chain(session)
     assert not broken.ok and broken.first_broken_id == victim.id
+
+
+def test_retention_deletes_only_what_was_delivered(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
+    from dicom_node.config import RetentionConfig
+    from dicom_node.retention import apply_retention
+
+    down = PynetdicomPacs(tmp_path / "down", ae_title="DOWN")  # never started
+    node = start_node(make_config(destinations=[
+        {"name": "pacs", "ae_title": pynetdicom_pacs.ae_title, "host": "127.0.0.1",
+         "port": pynetdicom_pacs.port}]))
+    delivered = write_series(tmp_path / "a", SeriesSpec(n_slices=8), seed=27)
+    assert pynetdicom_send(delivered, node.receiver.port) == [0] * 8
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 10, 120)
+    with node.sessions() as session:
+        assert wait_for(lambda: {e for e in session.scalars(select(OutboxEntry.state)).all()}
+                        == {"sent"}, 30)
+    store = node.config.store_dir
+    assert len(list((store / "incoming").rglob("*.dcm"))) == 8
+    immediately = RetentionConfig(incoming_h=1e-9, outputs_h=1e-9)
+    with node.sessions() as session:
+        assert apply_retention(session, node.audit, immediately) == (8, 10)
+    assert list((store / "incoming").rglob("*.dcm")) == []
+    assert list((store / "outputs").rglob("*.dcm")) == []
+
+    # undelivered results keep their source and outputs
+    node2 = start_node(make_config(destinations=[
+        {"name": "down", "ae_title": "DOWN", "host": "127.0.0.1", "port": down.port}],
+        node={"data_dir": str(tmp_path / "node2")}))
+    pending = write_series(tmp_path / "b", SeriesSpec(n_slices=8), seed=28)
+    assert pynetdicom_send(pending, node2.receiver.port) == [0] * 8
+    uid = str(dcmread(pending[0]).SeriesInstanceUID)
+    assert wait_for(lambda: (_state(node2, uid) or ("", 0))[0] == "done", 120)
+    with node2.sessions() as session:
+        assert apply_retention(session, node2.audit, immediately) == (0, 0)
+    assert len(list((node2.config.store_dir / "incoming").rglob("*.dcm"))) == 8
