@@ -167,11 +167,13 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     from storage.audit import AuditLog
 
     sessions = _engine(_load(args))
+    if args.action == "retry":
+        audit = AuditLog(sessions)
+        with audit.transaction() as session:
+            count = retry_dead(session, audit, destination=args.destination)
+        print(f"re-queued {count} dead letter(s)")
+        return 0
     with sessions() as session:
-        if args.action == "retry":
-            count = retry_dead(session, AuditLog(sessions), destination=args.destination)
-            print(f"re-queued {count} dead letter(s)")
-            return 0
         rows = list_entries(session, state=args.state, destination=args.destination,
                             limit=args.limit)
     for row in rows:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.fusion import COLORMAPS, FusionStyle
+from dicom_node.tls import TlsConfig, parse_tls
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 DEVICES = ("auto", "cpu", "cuda")
@@ -43,6 +44,7 @@ class Destination:
     host: str = ""
     port: int = 0
     return_to_sender: bool = False
+    tls: TlsConfig = field(default_factory=TlsConfig)  # [destinations.tls]: node as TLS client
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ class NodeConfig:
     output: OutputConfig
     fusion: FusionStyle
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)  # [tls]: the receiver as TLS server
     peers: tuple[Peer, ...] = ()
     destinations: tuple[Destination, ...] = ()
     source_path: Path | None = field(default=None, compare=False)
@@ -204,7 +207,7 @@ def _check_port(port: int, key: str) -> None:
 def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> NodeConfig:
     """Validate a parsed TOML document into a NodeConfig."""
     known = {"node", "receiver", "series", "selection", "model", "analysis", "outbox",
-             "output", "fusion", "peers", "destinations", "retention"}
+             "output", "fusion", "peers", "destinations", "retention", "tls"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; allowed: {sorted(known)}")
@@ -287,7 +290,9 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         key = f"destinations[{i}]"
         if not isinstance(item, dict) or "name" not in item:
             raise ConfigError(f"{key} needs a name")
-        dest: Destination = _build(Destination, key, item)
+        item = dict(item)
+        dest_tls = parse_tls(item.pop("tls", None), base_dir, section=f"{key}.tls", role="client")
+        dest: Destination = _build(Destination, key, item, tls=dest_tls)
         if dest.name in names:
             raise ConfigError(f"{key}: duplicate destination name {dest.name!r}")
         names.add(dest.name)
@@ -298,11 +303,12 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
             _check_port(dest.port, f"{key}.port")
         destinations.append(dest)
 
+    tls = parse_tls(raw.get("tls"), base_dir, section="tls", role="server")
     return NodeConfig(
         data_dir=data_dir, database_url=database_url, receiver=receiver, series=series,
         selection=selection, model=model, analysis=analysis, outbox=outbox, output=output,
         fusion=fusion, retention=retention, peers=tuple(peers), destinations=tuple(destinations),
-        source_path=source,
+        tls=tls, source_path=source,
     )
 
 

@@ -110,7 +110,7 @@ def sweep(ctx: NodeContext) -> int:
     cutoff = now - timedelta(seconds=cfg.stable_after_s)
     grace_cutoff = now - timedelta(seconds=cfg.complete_grace_s)
     changed = 0
-    with ctx.sessions() as session:
+    with ctx.audit.transaction() as session:
         candidates = session.scalars(select(Series).where(
             Series.state == SeriesState.RECEIVING, Series.last_received_at <= grace_cutoff)).all()
         for series in candidates:
@@ -143,13 +143,21 @@ def series_paths(session: Session, series: Series) -> list[Path]:
 
 
 def triage(ctx: NodeContext) -> int:
-    """ready -> queued (axial T1C) or skipped (with the reason). Returns how many."""
+    """ready -> queued (axial T1C) or skipped (with the reason). Returns how many.
+
+    The headers are read outside any write transaction, so ingest never waits on it.
+    """
     changed = 0
     with ctx.sessions() as session:
-        ready = session.scalars(select(Series).where(Series.state == SeriesState.READY)
-                                .order_by(Series.last_received_at)).all()
-        for series in ready:
-            selection = select_series(series_paths(session, series), ctx.config.selection)
+        ready = [(series.id, series_paths(session, series)) for series in session.scalars(
+            select(Series).where(Series.state == SeriesState.READY)
+            .order_by(Series.last_received_at)).all()]
+    for series_id, paths in ready:
+        selection = select_series(paths, ctx.config.selection)
+        with ctx.audit.transaction() as session:
+            series = session.get(Series, series_id)
+            if series is None or series.state != SeriesState.READY:
+                continue  # a late instance reopened it meanwhile
             if selection.accepted:
                 set_state(ctx, session, series, SeriesState.QUEUED, selection.reason,
                           slices=len(selection.slices))
@@ -161,7 +169,7 @@ def triage(ctx: NodeContext) -> int:
 
 def recover(ctx: NodeContext) -> int:
     """At start-up: series left running by a crash go back to the queue."""
-    with ctx.sessions() as session:
+    with ctx.audit.transaction() as session:
         for job in session.scalars(select(Job).where(Job.state == "running")).all():
             job.state = "abandoned"
             job.finished_at = utcnow()
@@ -186,7 +194,7 @@ def resolve_destination(ctx: NodeContext, dest: Destination,
 
 def process_next(ctx: NodeContext) -> bool:
     """Process the oldest queued series, if any. Returns whether one was processed."""
-    with ctx.sessions() as session:
+    with ctx.audit.transaction() as session:
         series = session.scalars(select(Series).where(Series.state == SeriesState.QUEUED)
                                  .order_by(Series.updated_at).limit(1)).first()
         if series is None:
@@ -219,7 +227,7 @@ def process_next(ctx: NodeContext) -> bool:
 def finish(ctx: NodeContext, series_id: int, job_id: int, state: str, reason: str,
            started: float) -> None:
     seconds = time.monotonic() - started
-    with ctx.sessions() as session:
+    with ctx.audit.transaction() as session:
         series = session.get(Series, series_id)
         job = session.get(Job, job_id)
         assert series is not None and job is not None
@@ -317,7 +325,7 @@ def predict_with_retries(ctx: NodeContext, pixels: NDArray[np.float32], series_i
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             smaller = max(1, batch // 2)
-            with ctx.sessions() as session:
+            with ctx.audit.transaction() as session:
                 series = session.get(Series, series_id)
                 ctx.audit.record_in(session, AuditKind.JOB_RETRY, outcome="warning",
                                     study_uid=series.study_uid if series else "",
@@ -347,7 +355,7 @@ def enqueue_outputs(ctx: NodeContext, series_id: int, job_id: int, version: int,
                     written: list[tuple[str, object, Path]], result: TbrResult) -> int:
     """Record outputs and their outbox rows (one per destination) in one transaction."""
     queued = 0
-    with ctx.sessions() as session:
+    with ctx.audit.transaction() as session:
         series = session.get(Series, series_id)
         assert series is not None
         routes = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
-import threading
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -52,6 +51,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import dimse_status
 from dicom_node.config import NodeConfig
 from dicom_node.identity import apply_identity
+from dicom_node.tls import peer_certificate_subject, server_context
 from storage.audit import AuditKind, AuditLog
 from storage.file_store import FileStore, InvalidUID, atomic_write
 from storage.models import Association as AssociationRow
@@ -116,7 +116,6 @@ class Receiver:
         self._sessions = sessions
         self._audit = audit
         self._store = store
-        self._db_lock = threading.Lock()
         self._assoc_ids: dict[int, int] = {}
         self._server: ThreadedAssociationServer | None = None
         self.ae = self._make_ae()
@@ -147,8 +146,9 @@ class Receiver:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self._on_echo),
         ]
+        ssl_context = server_context(self.config.tls) if self.config.tls.enabled else None
         self._server = self.ae.start_server((rc.bind_address, rc.port), block=False,
-                                            evt_handlers=handlers)
+                                            evt_handlers=handlers, ssl_context=ssl_context)
         log.info("listening as %s on %s:%d", rc.ae_title, rc.bind_address, self.port)
 
     @property
@@ -198,14 +198,17 @@ class Receiver:
         assoc = event.assoc
         address, port = _peer(assoc)
         calling = str(assoc.requestor.ae_title).strip()
-        with self._sessions() as session:
+        with self._audit.transaction() as session:
             row = AssociationRow(calling_ae=calling, called_ae=str(assoc.acceptor.ae_title).strip(),
                                  peer_address=address, peer_port=port, state="accepted")
             session.add(row)
             session.flush()
             self._assoc_ids[id(assoc)] = row.id
+            sock = assoc.dul.socket
             self._audit.record_in(session, AuditKind.ASSOC_ACCEPT,
-                                  peer=f"{calling}@{address}:{port}", association=row.id)
+                                  peer=f"{calling}@{address}:{port}", association=row.id,
+                                  tls_subject=peer_certificate_subject(
+                                      sock.socket if sock is not None else None))
 
     def _on_closed(self, event: evt.Event, how: str) -> None:
         assoc = event.assoc
@@ -213,7 +216,7 @@ class Receiver:
         address, port = _peer(assoc)
         calling = str(assoc.requestor.ae_title).strip()
         kind = AuditKind.ASSOC_RELEASE if how == "released" else AuditKind.ASSOC_ABORT
-        with self._sessions() as session:
+        with self._audit.transaction() as session:
             if row_id is not None:
                 row = session.get(AssociationRow, row_id)
                 if row is not None:
@@ -279,7 +282,7 @@ class Receiver:
         series_uid = str(header.SeriesInstanceUID)
         sop_uid = str(header.SOPInstanceUID)
         now = utcnow()
-        with self._db_lock, self._sessions() as session:
+        with self._audit.transaction() as session:
             series = session.scalars(select(Series).where(Series.series_uid == series_uid)).first()
             if series is None:
                 series = Series(

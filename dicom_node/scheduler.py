@@ -66,7 +66,7 @@ def build_scheduler(ctx: NodeContext, sender: Sender,
                       seconds=ctx.config.outbox.send_interval_s, id="send", executor="send")
 
     def retention() -> None:
-        with ctx.sessions() as session:
+        with ctx.audit.transaction() as session:
             apply_retention(session, ctx.audit, ctx.config.retention)
 
     scheduler.add_job(_guarded(ctx, "retention", retention), "interval",

@@ -25,8 +25,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import dimse_status
-from dicom_node.config import NodeConfig
+from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.identity import apply_identity
+from dicom_node.tls import TlsConfig, client_tls_args
 from storage.audit import AuditKind, AuditLog
 from storage.models import OutboxEntry, OutboxState, OutputInstance, Series, as_utc, utcnow
 
@@ -92,10 +93,19 @@ class Sender:
         ae.network_timeout = cfg.dimse_timeout_s
         for sop_class in sop_classes:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(host, port, ae_title=ae_title)
+        dest = next((d for d in self.config.destinations if d.name == destination), None)
+        tls = dest.tls if dest is not None else TlsConfig()
+        try:
+            tls_args = client_tls_args(tls, host, section=f"destination {destination!r} tls")
+        except ConfigError as exc:  # certificate files gone or replaced by bad ones
+            self._retry_all([item[0] for item in work], f"TLS set-up failed: {exc}")
+            return 0
+        assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
         if not assoc.is_established:
             reason = ("association rejected" if assoc.is_rejected else
-                      "association aborted" if assoc.is_aborted else "cannot connect")
+                      "association aborted" if assoc.is_aborted else
+                      "cannot connect or TLS handshake failed" if tls.enabled else
+                      "cannot connect")
             self._retry_all([item[0] for item in work], f"{reason} ({ae_title}@{host}:{port})")
             return 0
         _nodelay(assoc)
@@ -132,7 +142,7 @@ class Sender:
 
     def _finish(self, entry_id: int, status: int | None, reason: str, *, dead: bool = False,
                 study_uid: str = "", series_uid: str = "", sop_uid: str = "") -> None:
-        with self._sessions() as session:
+        with self._audit.transaction() as session:
             entry = session.get(OutboxEntry, entry_id)
             assert entry is not None
             entry.attempts += 1
@@ -155,7 +165,7 @@ class Sender:
 
     def _retry_all(self, entry_ids: list[int], reason: str, status: int | None = None) -> None:
         cfg = self.config.outbox
-        with self._sessions() as session:
+        with self._audit.transaction() as session:
             for entry_id in entry_ids:
                 entry = session.get(OutboxEntry, entry_id)
                 assert entry is not None

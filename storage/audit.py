@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -51,28 +52,42 @@ def _digest(prev: str, at: datetime, kind: str, outcome: str, study: str, series
 
 
 class AuditLog:
-    """Writes audit events; one lock keeps the hash chain linear across threads."""
+    """Writes audit events, and owns the node's write transactions.
+
+    One re-entrant lock keeps the hash chain linear across threads. Every transaction
+    that writes and records an event takes that lock *before* it writes (use
+    :meth:`transaction`): taking it after a write would hold the database's write
+    lock while waiting for ours, and another thread could hold ours while waiting for
+    the database's.
+    """
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._last_hash: str | None = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session for one write transaction, committed on success."""
+        with self._lock, self._sessions() as session:
+            yield session
+            session.commit()
 
     def record(self, kind: str, *, outcome: str = "ok", study_uid: str = "",
                series_uid: str = "", sop_uid: str = "", peer: str = "",
                **detail: Any) -> None:
         """Append one event in its own transaction."""
         detail_text = json.dumps(detail, sort_keys=True, default=str) if detail else ""
-        with self._lock, self._sessions() as session:
+        with self.transaction() as session:
             self._append(session, kind, outcome, study_uid, series_uid, sop_uid, peer, detail_text)
-            session.commit()
 
     def record_in(self, session: Session, kind: str, *, outcome: str = "ok",
                   study_uid: str = "", series_uid: str = "", sop_uid: str = "",
                   peer: str = "", **detail: Any) -> None:
         """Append one event to the caller's session and commit both together.
 
-        A state change and the event that records it land in one transaction.
+        A state change and the event that records it land in one transaction; the
+        caller's session must come from :meth:`transaction`.
         """
         detail_text = json.dumps(detail, sort_keys=True, default=str) if detail else ""
         with self._lock:

@@ -85,7 +85,7 @@ def test_refused_instances_go_to_dead_letter_and_can_be_retried(
         try:
             from dicom_node.outbox import retry_dead
 
-            with node.sessions() as session:
+            with node.audit.transaction() as session:
                 assert retry_dead(session, node.audit, destination="refuser") == 10
             assert wait_for(lambda: len(fixed.received.files()) == 10, 60)
             assert wait_for(lambda: states("refuser") == {"sent"}, 30)
@@ -175,7 +175,7 @@ def test_retention_deletes_only_what_was_delivered(
     store = node.config.store_dir
     assert len(list((store / "incoming").rglob("*.dcm"))) == 8
     immediately = RetentionConfig(incoming_h=1e-9, outputs_h=1e-9)
-    with node.sessions() as session:
+    with node.audit.transaction() as session:
         assert apply_retention(session, node.audit, immediately) == (8, 10)
     assert list((store / "incoming").rglob("*.dcm")) == []
     assert list((store / "outputs").rglob("*.dcm")) == []
@@ -188,6 +188,19 @@ def test_retention_deletes_only_what_was_delivered(
     assert pynetdicom_send(pending, node2.receiver.port) == [0] * 8
     uid = str(dcmread(pending[0]).SeriesInstanceUID)
     assert wait_for(lambda: (_state(node2, uid) or ("", 0))[0] == "done", 120)
-    with node2.sessions() as session:
+    with node2.audit.transaction() as session:
         assert apply_retention(session, node2.audit, immediately) == (0, 0)
     assert len(list((node2.config.store_dir / "incoming").rglob("*.dcm"))) == 8
+
+
+def test_low_disk_refuses_with_out_of_resources_and_writes_nothing(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node]) -> None:
+    node = start_node(make_config(receiver={"min_free_disk_mb": 1e12}))  # 1 EB watermark
+    files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=3), seed=29)
+    assert pynetdicom_send(files, node.receiver.port) == [0xA700] * 3
+    assert list(node.config.store_dir.rglob("*.dcm")) == []
+    with node.sessions() as session:
+        refused = session.scalars(select(AuditEvent).where(
+            AuditEvent.kind == "instance.refused")).all()
+    assert len(refused) == 3 and all("free disk" in e.detail for e in refused)
