@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -78,6 +80,7 @@ HEADER_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPCl
 REJECT_PERMANENT = 0x01
 SOURCE_SERVICE_USER = 0x01
 DIAG_CALLING_AE_NOT_RECOGNIZED = 0x03
+REJECTION_LOG_EVERY = 10  # log a persistent caller's rejections once per ten
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,8 @@ class Receiver:
         self._audit = audit
         self._store = store
         self._assoc_ids: dict[int, int] = {}
+        self._rejections: dict[tuple[str, str], list[float]] = {}
+        self._rejections_lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
         self.ae = self._make_ae()
 
@@ -180,6 +185,15 @@ class Receiver:
             return False, f"calling AE {peer.ae_title!r} from unexpected address {address}"
         return True, ""
 
+    def _count_rejection(self, calling: str, address: str) -> int:
+        """Rejections of this caller in the last minute (the per-caller rate)."""
+        now = time.monotonic()
+        with self._rejections_lock:
+            times = [t for t in self._rejections.get((calling, address), []) if now - t < 60.0]
+            times.append(now)
+            self._rejections[(calling, address)] = times
+            return len(times)
+
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         primitive = assoc.requestor.primitive
@@ -187,10 +201,14 @@ class Receiver:
         address, port = _peer(assoc)
         allowed, reason = self.is_allowed(calling, address)
         if not allowed:
+            recent = self._count_rejection(calling, address)
             # Audit first: the record exists before the peer learns of the rejection.
             self._audit.record(AuditKind.ASSOC_REJECT, outcome="error",
-                               peer=f"{calling}@{address}:{port}", reason=reason)
-            log.warning("rejected association from %s:%d: %s", address, port, reason)
+                               peer=f"{calling}@{address}:{port}", reason=reason,
+                               rejections_last_minute=recent)
+            if recent == 1 or recent % REJECTION_LOG_EVERY == 0:
+                log.warning("rejected association from %s:%d (%d in the last minute): %s",
+                            address, port, recent, reason)
             assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER,
                                    DIAG_CALLING_AE_NOT_RECOGNIZED)
 

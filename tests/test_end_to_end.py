@@ -192,3 +192,21 @@ def test_geometric_completeness_rules() -> None:
     assert not geometrically_complete([0.0, 2.0, 4.0, None], None, 4)  # unknown position
     assert not geometrically_complete([0.0, 2.0, 4.0, 6.0], 5, 4)  # fewer than acquired
     assert not geometrically_complete([0.0, 2.0, 4.0], None, 4)  # below min slices
+
+
+def test_spoofed_ae_title_from_the_wrong_address_is_rejected(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node]) -> None:
+    # STORESCU is allowed, but only from 127.0.0.2; the test connects from 127.0.0.1
+    node = start_node(make_config(peers=[{"ae_title": "STORESCU", "addresses": ["127.0.0.2"]}]))
+    source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=2), seed=9)
+    for _ in range(3):
+        assert storescu(source, node.receiver.port, calling_ae="STORESCU").returncode != 0
+    with node.sessions() as session:
+        rejects = session.scalars(select(AuditEvent).where(
+            AuditEvent.kind == "association.reject")).all()
+        stored = session.scalars(select(AuditEvent).where(
+            AuditEvent.kind == "instance.stored")).all()
+    assert len(rejects) == 3 and stored == []
+    assert "unexpected address 127.0.0.1" in rejects[0].detail
+    assert [json.loads(e.detail)["rejections_last_minute"] for e in rejects] == [1, 2, 3]
