@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from dicom_node.config import ConfigError, NodeConfig, default_config_path, load_config
 from dicom_node.identity import apply_identity
 from dicom_node.model_weights import WeightsError
+from dicom_node.tls import TlsConfig, client_tls_args
 
 log = logging.getLogger("dicom_node")
 
@@ -65,29 +66,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _echo(config: NodeConfig, ae_title: str, host: str, port: int,
+          tls: TlsConfig | None = None) -> bool:
+    ae = AE(ae_title=config.receiver.ae_title)
+    apply_identity(ae)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    tls_args = client_tls_args(tls, host) if tls is not None else None
+    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return "Status" in status and int(status.Status) == 0
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     config = _load(args)
+    targets: list[tuple[str, str, int, TlsConfig | None]]
     if args.host:
-        targets = [(args.ae_title or "ANY-SCP", args.host, args.port)]
+        targets = [(args.ae_title or "ANY-SCP", args.host, args.port, None)]
     else:
-        targets = [(d.ae_title, d.host, d.port) for d in config.destinations
+        targets = [(d.ae_title, d.host, d.port, d.tls) for d in config.destinations
                    if not d.return_to_sender]
         if not targets:
             targets = [(config.receiver.ae_title, config.receiver.bind_address,
-                        config.receiver.port)]
+                        config.receiver.port, None)]
     failures = 0
-    for ae_title, host, port in targets:
-        ae = AE(ae_title=config.receiver.ae_title)
-        apply_identity(ae)
-        ae.add_requested_context(Verification)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-        assoc = ae.associate(host, port, ae_title=ae_title)
-        if assoc.is_established:
-            status = assoc.send_c_echo()
-            assoc.release()
-            ok = "Status" in status and int(status.Status) == 0
-        else:
-            ok = False
+    for ae_title, host, port, tls in targets:
+        ok = _echo(config, ae_title, host, port, tls)
         print(f"C-ECHO {ae_title}@{host}:{port}: {'ok' if ok else 'FAILED'}")
         failures += not ok
     return 1 if failures else 0
@@ -126,31 +133,46 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from storage.models import Job, OutboxEntry, Series
+    from storage.models import AuditEvent, Job, OutboxEntry, Series
 
     config = _load(args)
     sessions = _engine(config)
     with sessions() as session:
         states = dict(session.execute(select(Series.state, func.count()).group_by(Series.state))
-                      .tuples().all())
-        outbox: dict[str, dict[str, int]] = {}
-        for dest, state, count in session.execute(
-                select(OutboxEntry.destination, OutboxEntry.state, func.count())
-                .group_by(OutboxEntry.destination, OutboxEntry.state)).tuples():
-            outbox.setdefault(dest, {})[state] = count
-        last_fail = session.scalars(select(Job).where(Job.state == "failed")
-                                    .order_by(Job.id.desc()).limit(1)).first()
+                      .all())
+        outbox: dict[str, dict[str, int]] = {
+            d.name: {"pending": 0, "retrying": 0, "dead": 0, "sent": 0}
+            for d in config.destinations}
+        for dest, state, attempts, count in session.execute(
+                select(OutboxEntry.destination, OutboxEntry.state, OutboxEntry.attempts > 0,
+                       func.count())
+                .group_by(OutboxEntry.destination, OutboxEntry.state,
+                          OutboxEntry.attempts > 0)):
+            key = "retrying" if state == "pending" and attempts else state
+            outbox.setdefault(dest, {"pending": 0, "retrying": 0, "dead": 0, "sent": 0})
+            outbox[dest][key] = outbox[dest].get(key, 0) + count
+        last_errors: dict[str, str] = {}
+        for stage, kinds in (("receive", ("instance.refused", "association.reject")),
+                             ("process", ("job.fail", "job.retry")),
+                             ("send", ("send.attempt",))):
+            event = session.scalars(select(AuditEvent).where(
+                AuditEvent.kind.in_(kinds), AuditEvent.outcome != "ok")
+                .order_by(AuditEvent.id.desc()).limit(1)).first()
+            last_errors[stage] = (f"{event.at:%Y-%m-%d %H:%M:%S} {event.kind} {event.detail}"[:300]
+                                  if event else "")
+        running = session.scalars(select(Job).where(Job.state == "running")).first()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(config.data_dir).free
     report = {
         "listening": f"{config.receiver.ae_title}@{config.receiver.bind_address}:"
-                     f"{config.receiver.port}",
+                     f"{config.receiver.port}" + (" (TLS)" if config.tls.enabled else ""),
         "model": str(config.model.weights_path),
         "device": config.model.device,
         "series": states,
         "queue_depth": states.get("queued", 0) + states.get("ready", 0),
+        "running_job": running.id if running else None,
         "outbox": outbox,
-        "last_job_error": last_fail.error if last_fail else "",
+        "last_error": last_errors,
         "disk_free_mb": round(free / 1024 / 1024),
         "disk_low": free < config.receiver.min_free_disk_mb * 1024 * 1024,
     }
@@ -158,8 +180,42 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         for key, value in report.items():
-            print(f"{key:15} {value}")
+            if isinstance(value, dict) and value and isinstance(next(iter(value.values())), dict):
+                print(f"{key}:")
+                for name, sub in value.items():
+                    print(f"  {name:13} {sub}")
+            else:
+                print(f"{key:15} {value}")
     return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the config (loading it is the validation) and C-ECHO every destination."""
+    from dicom_node.model_weights import load_weights
+
+    config = _load(args)
+    print(f"config {config.source_path}: valid")
+    try:
+        model = load_weights(config.model.weights_path)
+        print(f"model {model.card.name} {model.card.version} sha256 {model.sha256[:16]}...: ok")
+    except WeightsError as exc:
+        print(f"model: FAILED: {exc}")
+        return 1
+    failures = 0
+    for dest in config.destinations:
+        if dest.return_to_sender:
+            routes = [(p.ae_title, p.return_host, p.return_port) for p in config.peers
+                      if p.return_host and p.return_port]
+            print(f"destination {dest.name}: return to sender ({len(routes)} return route(s))")
+            targets = [(ae, host, port, dest.tls) for ae, host, port in routes
+                       if host is not None and port is not None]
+        else:
+            targets = [(dest.ae_title, dest.host, dest.port, dest.tls)]
+        for ae_title, host, port, tls in targets:
+            ok = _echo(config, ae_title, host, port, tls)
+            print(f"  C-ECHO {ae_title}@{host}:{port}: {'ok' if ok else 'FAILED'}")
+            failures += not ok
+    return 1 if failures else 0
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
@@ -214,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     outbox.add_argument("--destination")
     outbox.add_argument("--limit", type=int, default=50)
     outbox.set_defaults(func=cmd_outbox)
+    add("check-config", "validate the config and model, C-ECHO every destination"
+        ).set_defaults(func=cmd_check_config)
     status = add("status", "series, queue and outbox state")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)

@@ -110,6 +110,15 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Optional HTTP endpoint with /healthz and Prometheus /metrics (loopback by default)."""
+
+    enabled: bool = False
+    bind_address: str = "127.0.0.1"
+    port: int = 9110
+
+
+@dataclass(frozen=True)
 class RetentionConfig:
     """Hours after which delivered data is deleted; 0 keeps it forever."""
 
@@ -141,6 +150,7 @@ class NodeConfig:
     output: OutputConfig
     fusion: FusionStyle
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)  # [tls]: the receiver as TLS server
     peers: tuple[Peer, ...] = ()
     destinations: tuple[Destination, ...] = ()
@@ -207,7 +217,7 @@ def _check_port(port: int, key: str) -> None:
 def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> NodeConfig:
     """Validate a parsed TOML document into a NodeConfig."""
     known = {"node", "receiver", "series", "selection", "model", "analysis", "outbox",
-             "output", "fusion", "peers", "destinations", "retention", "tls"}
+             "output", "fusion", "peers", "destinations", "retention", "tls", "metrics"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; allowed: {sorted(known)}")
@@ -303,12 +313,14 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
             _check_port(dest.port, f"{key}.port")
         destinations.append(dest)
 
+    metrics: MetricsConfig = _build(MetricsConfig, "metrics", _table(raw, "metrics"))
+    _check_port(metrics.port, "metrics.port")
     tls = parse_tls(raw.get("tls"), base_dir, section="tls", role="server")
     return NodeConfig(
         data_dir=data_dir, database_url=database_url, receiver=receiver, series=series,
         selection=selection, model=model, analysis=analysis, outbox=outbox, output=output,
         fusion=fusion, retention=retention, peers=tuple(peers), destinations=tuple(destinations),
-        tls=tls, source_path=source,
+        tls=tls, metrics=metrics, source_path=source,
     )
 
 

@@ -37,7 +37,7 @@ def list_entries(session: Session, state: str | None = None, destination: str | 
         query = query.where(OutboxEntry.destination == destination)
     return [OutboxRow(entry.id, entry.destination, entry.state, entry.attempts, entry.last_status,
                       entry.last_error, entry.next_attempt_at, output.sop_uid, output.kind)
-            for entry, output in session.execute(query).tuples()]
+            for entry, output in session.execute(query).all()]
 
 
 def retry_dead(session: Session, audit: AuditLog, destination: str | None = None) -> int:

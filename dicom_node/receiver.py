@@ -162,6 +162,10 @@ class Receiver:
             return self.config.receiver.port
         return int(self._server.server_address[1])
 
+    @property
+    def is_listening(self) -> bool:
+        return self._server is not None
+
     def stop(self) -> None:
         """Stop accepting associations; let the ones in flight end."""
         if self._server is not None:

@@ -10,6 +10,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.config import NodeConfig
 from dicom_node.inference import Predictor, pick_device
+from dicom_node.metrics_http import MetricsServer
 from dicom_node.model_weights import load_weights
 from dicom_node.processing import NodeContext, recover
 from dicom_node.receiver import Receiver
@@ -41,6 +42,7 @@ class Node:
         self.receiver = Receiver(config, self.sessions, self.audit, self.store)
         self.sender = Sender(config, self.sessions, self.audit)
         self.scheduler: BackgroundScheduler | None = None
+        self.metrics: MetricsServer | None = None
         self._stopped = threading.Event()
 
     def start(self, heartbeat: Callable[[], None] | None = None) -> None:
@@ -49,6 +51,10 @@ class Node:
         self.receiver.start()
         self.scheduler = build_scheduler(self.ctx, self.sender, heartbeat)
         self.scheduler.start()
+        if self.config.metrics.enabled:
+            self.metrics = MetricsServer(self.sessions, self.config.metrics.bind_address,
+                                         self.config.metrics.port, self.healthy)
+            self.metrics.start()
         card = self.ctx.predictor.model.card
         self.audit.record(AuditKind.NODE_START, ae_title=self.config.receiver.ae_title,
                           port=self.receiver.port, model=card.name, version=card.version,
@@ -58,6 +64,11 @@ class Node:
         log.info("node started: model %s %s on %s", card.name, card.version,
                  self.ctx.predictor.device)
 
+    def healthy(self) -> bool:
+        """Listening, and the scheduler (sweep, inference, send) is running."""
+        return (not self._stopped.is_set() and self.receiver.is_listening
+                and self.scheduler is not None and self.scheduler.running)
+
     def stop(self) -> None:
         """Stop accepting, let the running job finish, flush, close."""
         if self._stopped.is_set():
@@ -65,6 +76,8 @@ class Node:
         self._stopped.set()
         self.ctx.stopping.set()
         self.receiver.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
         self.audit.record(AuditKind.NODE_STOP)

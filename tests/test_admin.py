@@ -1,0 +1,89 @@
+"""What an admin sees: status, check-config, /healthz and Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from dicom_node.config import NodeConfig
+from dicom_node.service import Node
+from tests.conftest import PynetdicomPacs, free_port, pynetdicom_send, wait_for
+from tests.dicom_factory import SeriesSpec, write_series
+
+
+def _config_file(tmp_path: Path, config: NodeConfig, pacs_port: int, dead_port: int) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(f"""
+[node]
+data_dir = "{config.data_dir}"
+[receiver]
+port = {config.receiver.port}
+min_free_disk_mb = 1.0
+[model]
+weights_path = "{config.model.weights_path}"
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {pacs_port}
+[[destinations]]
+name = "offline"
+ae_title = "OFFLINE"
+host = "127.0.0.1"
+port = {dead_port}
+""")
+    return path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_status_check_config_and_metrics(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
+    dead_port = free_port()
+    metrics_port = free_port()
+    config = make_config(
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                       "port": pynetdicom_pacs.port},
+                      {"name": "offline", "ae_title": "OFFLINE", "host": "127.0.0.1",
+                       "port": dead_port}],
+        metrics={"enabled": True, "port": metrics_port})
+    node = start_node(config)
+    files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=41)
+    assert pynetdicom_send(files, node.receiver.port) == [0] * 8
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 10, 120)
+    path = _config_file(tmp_path, config, pynetdicom_pacs.port, dead_port)
+
+    status = _cli("status", "--config", str(path), "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["series"] == {"done": 1}
+    assert report["outbox"]["pacs"]["sent"] == 10
+    assert wait_for(lambda: json.loads(_cli("status", "--config", str(path), "--json").stdout)
+                    ["outbox"]["offline"]["retrying"] == 10, 60)
+    assert "send.attempt" in json.loads(
+        _cli("status", "--config", str(path), "--json").stdout)["last_error"]["send"]
+    assert report["disk_free_mb"] > 0 and report["disk_low"] is False
+
+    check = _cli("check-config", "--config", str(path))
+    assert check.returncode == 1  # the offline destination does not answer
+    assert f"C-ECHO PACS@127.0.0.1:{pynetdicom_pacs.port}: ok" in check.stdout
+    assert f"C-ECHO OFFLINE@127.0.0.1:{dead_port}: FAILED" in check.stdout
+
+    base = f"http://127.0.0.1:{metrics_port}"
+    with urllib.request.urlopen(f"{base}/healthz", timeout=10) as response:
+        assert response.status == 200 and response.read() == b"ok\n"
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert "dicom_node_instances_received_total 8.0" in text
+    assert 'dicom_node_series{state="done"} 1.0' in text
+    assert 'dicom_node_outbox_entries{destination="pacs",state="sent"} 10.0' in text
+    assert "dicom_node_inference_seconds_count 1.0" in text
+    assert "dicom_node_send_failures_total" in text
