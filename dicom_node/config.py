@@ -58,6 +58,7 @@ class ReceiverConfig:
     dimse_timeout_s: float = 30.0
     network_timeout_s: float = 60.0
     min_free_disk_mb: float = 500.0
+    max_instance_mb: float = 2048.0
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
@@ -38,7 +39,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     EnhancedMRImageStorage,
@@ -55,7 +56,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.identity import apply_identity
 from dicom_node.tls import peer_certificate_subject, server_context
 from storage.audit import AuditKind, AuditLog
-from storage.file_store import FileStore, InvalidUID, atomic_write
+from storage.file_store import FileStore, InvalidUID, atomic_move, atomic_write
 from storage.models import Association as AssociationRow
 from storage.models import Instance, Series, SeriesState, utcnow
 
@@ -128,6 +129,9 @@ class Receiver:
     # -- set-up -------------------------------------------------------------------------
     def _make_ae(self) -> AE:
         rc = self.config.receiver
+        # Process-wide in pynetdicom: C-STORE data sets are written to a temporary file
+        # as they arrive instead of being buffered in memory.
+        _config.STORE_RECV_CHUNKED_DATASET = True
         ae = AE(ae_title=rc.ae_title)
         apply_identity(ae)
         ae.maximum_associations = rc.max_associations
@@ -263,28 +267,41 @@ class Receiver:
                                reason="free disk space below min_free_disk_mb",
                                sop_uid_sent=str(getattr(event.request, "AffectedSOPInstanceUID", "")))
             return dimse_status.OUT_OF_RESOURCES
-        data = event.encoded_dataset()
+        # Instances arrive streamed to a temporary file (pynetdicom's chunked receive),
+        # so a large one never sits in memory; it is renamed into the store.
+        streamed: Path | None = getattr(event.request, "_dataset_path", None)
+        data = b"" if streamed is not None else event.encoded_dataset()
+        size = streamed.stat().st_size if streamed is not None else len(data)
+        limit = int(self.config.receiver.max_instance_mb * 1024 * 1024)
+        if size > limit:
+            self._audit.record(AuditKind.INSTANCE_REFUSED, outcome="error", peer=peer,
+                               reason=f"instance of {size} bytes exceeds max_instance_mb "
+                                      f"{self.config.receiver.max_instance_mb:g}")
+            return dimse_status.OUT_OF_RESOURCES
         try:
-            header = dcmread(BytesIO(data), stop_before_pixels=True,
-                             specific_tags=list(HEADER_TAGS))
+            header = dcmread(streamed if streamed is not None else BytesIO(data),
+                             stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
             study_uid = str(header.StudyInstanceUID)
             series_uid = str(header.SeriesInstanceUID)
             sop_uid = str(header.SOPInstanceUID)
             path = self._store.incoming_path(study_uid, series_uid, sop_uid)
-        except (InvalidDicomError, AttributeError, ValueError, InvalidUID) as exc:
+        except (InvalidDicomError, AttributeError, ValueError, InvalidUID, OSError) as exc:
             reason = f"cannot read identifying attributes: {exc}"
             self._audit.record(AuditKind.INSTANCE_REFUSED, outcome="error", peer=peer,
                                reason=reason[:500])
             return dimse_status.CANNOT_UNDERSTAND
         try:
-            atomic_write(path, data)
+            if streamed is not None:
+                atomic_move(streamed, path)
+            else:
+                atomic_write(path, data)
         except OSError as exc:
             self._audit.record(AuditKind.INSTANCE_REFUSED, outcome="error", peer=peer,
                                study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
                                reason=f"write failed: {exc}")
             return dimse_status.OUT_OF_RESOURCES
         try:
-            self._record_instance(header, event, str(path), len(data), peer, address)
+            self._record_instance(header, event, str(path), size, peer, address)
         except SQLAlchemyError as exc:
             log.error("database error while recording %s: %s", sop_uid, exc)
             return dimse_status.PROCESSING_FAILURE
@@ -304,6 +321,7 @@ class Receiver:
         series_uid = str(header.SeriesInstanceUID)
         sop_uid = str(header.SOPInstanceUID)
         now = utcnow()
+        stale: list[Path] = []
         with self._audit.transaction() as session:
             series = session.scalars(select(Series).where(Series.series_uid == series_uid)).first()
             if series is None:
@@ -337,6 +355,17 @@ class Receiver:
             series.peer_address = address
             instance = session.scalars(select(Instance).where(Instance.sop_uid == sop_uid)).first()
             duplicate = instance is not None
+            moved_from = ""
+            if instance is not None and instance.series_id != series.id:
+                # The same SOP Instance UID re-sent in another series: it moves there.
+                old_series = session.get(Series, instance.series_id)
+                if old_series is not None:
+                    old_series.instance_count -= 1
+                    moved_from = old_series.series_uid
+                if instance.path and instance.path != path:
+                    stale.append(Path(instance.path))
+                instance.series_id = series.id
+                series.instance_count += 1
             if instance is None:
                 instance = Instance(sop_uid=sop_uid, series_id=series.id, path=path,
                                     sop_class_uid=str(header.SOPClassUID),
@@ -356,4 +385,7 @@ class Receiver:
             instance.received_at = now
             self._audit.record_in(session, AuditKind.INSTANCE_STORED, study_uid=study_uid,
                                   series_uid=series_uid, sop_uid=sop_uid, peer=peer,
-                                  bytes=size, replaced=duplicate)
+                                  bytes=size, replaced=duplicate,
+                                  **({"moved_from_series": moved_from} if moved_from else {}))
+        for old_file in stale:  # after the commit: the row no longer points at it
+            old_file.unlink(missing_ok=True)

@@ -11,8 +11,10 @@ so a UID that looks like a path cannot escape the store.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,6 +40,29 @@ def atomic_write(path: Path, data: bytes | bytearray | memoryview) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_move(source: Path, path: Path) -> None:
+    """Make ``source`` durable and rename it to ``path``; copy in chunks across filesystems."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with source.open("rb") as handle:
+        os.fsync(handle.fileno())
+    try:
+        os.replace(source, path)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

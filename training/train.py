@@ -35,6 +35,7 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
+from dicom_node.model_weights import load_weights
 from training import data as ds
 from training.metrics import mean_sd, psnr, ssim
 from training.pix2pix import Pix2Pix, Pix2PixConfig
@@ -75,6 +76,7 @@ class TrainConfig:
     export: bool = True
     name: str | None = None
     version: str = "1"
+    init_generator: str | None = None  # start from these weights (fine-tuning)
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="model name in the exported card")
     parser.add_argument("--version", default=d.version, help="model version in the card")
     parser.add_argument("--resume", action="store_true", help="continue RUNDIR/checkpoint.pt")
+    parser.add_argument("--init-generator", type=Path, default=None,
+                        help="start the generator from this weights file (fine-tuning)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         val_max_slices=args.val_max_slices or None, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, export=not args.no_export, name=args.name,
         version=args.version,
+        init_generator=str(args.init_generator) if args.init_generator else None,
     )
     try:
         result = train(config, resume=args.resume)
@@ -317,6 +322,13 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     epoch, batch_in_epoch, step = 0, 0, 0
     sums: dict[str, float] = {}
     window: dict[str, float] = {}
+    if state is None and config.init_generator:
+        initial = load_weights(Path(config.init_generator))
+        if (initial.card.architecture, initial.card.ngf) != (architecture, config.ngf):
+            raise ValueError(f"--init-generator is {initial.card.architecture} ngf "
+                             f"{initial.card.ngf}, this run is {architecture} ngf {config.ngf}")
+        model.generator.load_state_dict(initial.generator.state_dict())
+        print(f"generator initialised from {config.init_generator} (sha256 {initial.sha256[:16]})")
     if state is not None:
         model.load_state_dict(state["model"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]

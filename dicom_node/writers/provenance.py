@@ -46,16 +46,21 @@ class Provenance:
         )
 
 
+# Outputs are always written in UTF-8, whatever character set the source used; names
+# are copied as decoded text.
+OUTPUT_CHARACTER_SET = "ISO_IR 192"
+
+
 def copy_patient_study(source: Dataset) -> dict[str, object]:
     """Patient and study attributes shared by every output (same study as the source)."""
     return {
         "patient_id": str(source.get("PatientID", "")) or None,
-        "patient_name": source.get("PatientName") or None,
+        "patient_name": str(source.get("PatientName", "")) or None,
         "patient_birth_date": str(source.get("PatientBirthDate", "")) or None,
         "patient_sex": str(source.get("PatientSex", "")) or None,
         "accession_number": str(source.get("AccessionNumber", "")) or None,
         "study_id": str(source.get("StudyID", "")) or None,
         "study_date": str(source.get("StudyDate", "")) or None,
         "study_time": str(source.get("StudyTime", "")) or None,
-        "referring_physician_name": source.get("ReferringPhysicianName") or None,
+        "referring_physician_name": str(source.get("ReferringPhysicianName", "")) or None,
     }

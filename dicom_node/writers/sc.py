@@ -20,7 +20,7 @@ from pydicom import Dataset, dcmwrite
 from pydicom.uid import UID
 
 from dicom_node.volume import SliceInfo
-from dicom_node.writers.provenance import BANNER, Provenance, copy_patient_study
+from dicom_node.writers.provenance import BANNER, OUTPUT_CHARACTER_SET, Provenance, copy_patient_study
 
 SERIES_DESCRIPTION = "SYNTHETIC FDOPA PET/T1C FUSION - NOT FOR DIAGNOSTIC USE"
 
@@ -91,6 +91,7 @@ def make_sc_instance(
         pixel_spacing=slice_info.pixel_spacing,
         patient_orientation=(orientation_letters(row), orientation_letters(col)),
         contributing_equipment=[provenance.contributing_equipment()],
+        specific_character_set=OUTPUT_CHARACTER_SET,
         **copy_patient_study(source),  # type: ignore[arg-type]
     )
     sc.SeriesDescription = SERIES_DESCRIPTION

@@ -15,7 +15,7 @@ from pydicom.uid import UID
 
 from dicom_node.tbr import TbrResult
 from dicom_node.uids import hashed_uid
-from dicom_node.writers.provenance import Provenance
+from dicom_node.writers.provenance import OUTPUT_CHARACTER_SET, Provenance
 
 SERIES_DESCRIPTION = "SYNTHETIC PET TBR REGIONS - NOT FOR DIAGNOSTIC USE"
 BACKGROUND_SEGMENT = 1
@@ -77,6 +77,7 @@ def make_seg(
         content_label="TBR_REGIONS",
         content_description="Regions of the TBR measurement on synthetic PET",
         contributing_equipment=[provenance.contributing_equipment()],
+        specific_character_set=OUTPUT_CHARACTER_SET,
         omit_empty_frames=True,
     )
     seg.SeriesDescription = SERIES_DESCRIPTION

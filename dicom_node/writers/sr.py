@@ -28,6 +28,7 @@ from dicom_node.identity import IMPLEMENTATION_CLASS_UID
 from dicom_node.tbr import TbrResult
 from dicom_node.uids import hashed_uid
 from dicom_node.writers.provenance import (
+    OUTPUT_CHARACTER_SET,
     PRIVATE_SCHEME,
     PRIVATE_SCHEME_NAME,
     PRIVATE_SCHEME_ORG,
@@ -138,6 +139,7 @@ def make_sr(
         is_complete=True,
         previous_versions=supersedes or None,
         contributing_equipment=[provenance.contributing_equipment()],
+        specific_character_set=OUTPUT_CHARACTER_SET,
     )
     sr.SeriesDescription = SERIES_DESCRIPTION
     scheme = Dataset()
