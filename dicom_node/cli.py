@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)  # "skipped: already running"
     try:
         result: int = args.func(args)
     except ConfigError as exc:

@@ -168,17 +168,23 @@ def defuse(
     grey = np.asarray(grey, dtype=np.float32)
     if fusion.shape != (*grey.shape, 3):
         raise ValueError(f"fusion {fusion.shape} does not match grey {grey.shape} + RGB")
-    colour = (fusion - (1.0 - style.alpha) * grey[..., None]) / style.alpha
+    residual_plain = np.abs(fusion - grey[..., None]).max(axis=-1)
+    # Only pixels that differ from their grey can carry colour: project just those.
+    candidate = residual_plain > blend_tolerance
+    colour = (fusion[candidate] - (1.0 - style.alpha) * grey[candidate][:, None]) / style.alpha
     t, dist = nearest_on_colormap(colour, style.colormap)
-    value = style.window_low + t * (style.window_high - style.window_low)
     # Residual of the "blended" explanation, in fusion units, versus "not shown".
     residual_blended = dist * style.alpha
-    residual_plain = np.abs(fusion - grey[..., None]).max(axis=-1)
-    shown = (residual_plain > blend_tolerance) & (residual_blended < residual_plain)
-    value = np.maximum(value, style.display_threshold)
-    uptake = np.where(shown, value, 0.0).astype(np.float32)
-    confidence = np.clip(1.0 - residual_blended / 0.1, 0.0, 1.0).astype(np.float32)
-    confidence = np.where(shown, confidence, 1.0).astype(np.float32)
+    chosen = residual_blended < residual_plain[candidate]
+    shown = np.zeros(grey.shape, dtype=bool)
+    shown[candidate] = chosen
+    value = np.maximum(style.window_low + t * (style.window_high - style.window_low),
+                       style.display_threshold)
+    uptake = np.zeros(grey.shape, dtype=np.float32)
+    uptake[candidate] = np.where(chosen, value, 0.0)
+    confidence = np.ones(grey.shape, dtype=np.float32)
+    confidence[candidate] = np.where(
+        chosen, np.clip(1.0 - residual_blended / 0.1, 0.0, 1.0), 1.0)
     return Defused(uptake=uptake, shown=shown, confidence=confidence)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -37,9 +38,10 @@ def _guarded(ctx: NodeContext, name: str, work: Callable[[], object]) -> Callabl
     return run
 
 
-def drain_queue(ctx: NodeContext) -> None:
+def drain_queue(ctx: NodeContext, on_processed: Callable[[], None] | None = None) -> None:
     while not ctx.stopping.is_set() and process_next(ctx):
-        pass
+        if on_processed is not None:
+            on_processed()
 
 
 def build_scheduler(ctx: NodeContext, sender: Sender,
@@ -52,16 +54,23 @@ def build_scheduler(ctx: NodeContext, sender: Sender,
     )
     interval = ctx.config.series.sweep_interval_s
 
+    def wake(job_id: str) -> None:
+        """Run a job now instead of at its next interval (work is waiting for it)."""
+        job = scheduler.get_job(job_id)
+        if job is not None:
+            job.modify(next_run_time=datetime.now(UTC))
+
     def sweep_and_triage() -> None:
         sweep(ctx)
-        triage(ctx)
+        if triage(ctx):
+            wake("inference")
         if heartbeat is not None:
             heartbeat()
 
     scheduler.add_job(_guarded(ctx, "sweep", sweep_and_triage), "interval", seconds=interval,
                       id="sweep", executor="default")
-    scheduler.add_job(_guarded(ctx, "inference", lambda: drain_queue(ctx)), "interval",
-                      seconds=interval, id="inference", executor="inference")
+    scheduler.add_job(_guarded(ctx, "inference", lambda: drain_queue(ctx, lambda: wake("send"))),
+                      "interval", seconds=interval, id="inference", executor="inference")
     scheduler.add_job(_guarded(ctx, "send", sender.send_due), "interval",
                       seconds=ctx.config.outbox.send_interval_s, id="send", executor="send")
 

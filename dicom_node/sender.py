@@ -17,7 +17,7 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -115,13 +115,11 @@ class Sender:
                 if not assoc.is_established:
                     self._retry_all([entry_id], "association ended before sending")
                     continue
-                try:
-                    ds = dcmread(Path(path))
-                except OSError as exc:
-                    self._finish(entry_id, None, f"output file unreadable: {exc}", dead=True,
+                if not Path(path).is_file():
+                    self._finish(entry_id, None, f"output file missing: {path}", dead=True,
                                  study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
                     continue
-                response = assoc.send_c_store(ds)
+                response = self._store(assoc, Path(path))
                 status = int(response.Status) if "Status" in response else None
                 if status is None:
                     self._retry_all([entry_id], "no response (timeout or abort)")
@@ -139,6 +137,15 @@ class Sender:
             if assoc.is_established:
                 assoc.release()
         return stored
+
+    @staticmethod
+    def _store(assoc: Association, path: Path) -> Dataset:
+        """C-STORE the file's bytes as written; re-encode only if the peer accepted no
+        context in the file's own transfer syntax."""
+        try:
+            return assoc.send_c_store(path)
+        except ValueError:
+            return assoc.send_c_store(dcmread(path))
 
     def _finish(self, entry_id: int, status: int | None, reason: str, *, dead: bool = False,
                 study_uid: str = "", series_uid: str = "", sop_uid: str = "") -> None:
