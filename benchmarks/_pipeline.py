@@ -1,0 +1,197 @@
+"""The node's own series code path (processing.run_series), stage by stage, timed.
+
+Same calls, same order as ``processing.run_series``; only the timing is added.
+Outputs are recorded with ``processing.enqueue_outputs`` so ``sender.Sender`` can
+send them exactly as the running node would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import benchmarks._common  # noqa: F401  (puts the repo on sys.path)
+
+
+@dataclass
+class Timer:
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+    def wrap(self, owner: Any, attr: str, name: str) -> Callable[[], None]:
+        """Time every call of ``owner.attr`` into stage ``name``; returns an undo."""
+        original = getattr(owner, attr)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.stage(name):
+                return original(*args, **kwargs)
+
+        setattr(owner, attr, timed)
+        return lambda: setattr(owner, attr, original)
+
+
+def make_context(data_dir: Path, device: str = "cpu", batch_size: int = 16,
+                 destinations: list[dict[str, Any]] | None = None) -> Any:
+    from benchmarks._common import free_port, node_raw_config
+    from dicom_node.config import parse_config
+    from dicom_node.inference import Predictor, pick_device
+    from dicom_node.model_weights import load_weights
+    from dicom_node.processing import NodeContext
+    from storage.audit import AuditLog
+    from storage.database import make_engine, make_session_factory
+    from storage.file_store import FileStore
+
+    raw = node_raw_config(data_dir, free_port(), model={"device": device,
+                                                        "batch_size": batch_size},
+                          destinations=destinations or [])
+    config = parse_config(raw, data_dir)
+    dev = pick_device(config.model.device)
+    model = load_weights(config.model.weights_path, dev)
+    engine = make_engine(config.database_url)
+    sessions = make_session_factory(engine)
+    ctx = NodeContext(config=config, sessions=sessions, audit=AuditLog(sessions),
+                      store=FileStore(config.store_dir),
+                      predictor=Predictor(model, dev, config.model.batch_size, config.fusion))
+    ctx.engine = engine  # type: ignore[attr-defined]
+    return ctx
+
+
+def add_series_and_job(ctx: Any, study_uid: str, series_uid: str) -> tuple[int, int]:
+    from storage.models import Job, Series, SeriesState
+
+    with ctx.sessions() as session:
+        series = Series(series_uid=series_uid, study_uid=study_uid, calling_ae="STORESCU",
+                        peer_address="127.0.0.1", state=SeriesState.RUNNING)
+        session.add(series)
+        session.flush()
+        job = Job(series_id=series.id, series_version=1, state="running", device="bench")
+        session.add(job)
+        session.commit()
+        return series.id, job.id
+
+
+def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
+                     fine: bool = True) -> int:
+    """processing.run_series with timing; returns the number of outbox entries queued."""
+    import dicom_node.inference as inference
+    import dicom_node.writers.sc as sc_mod
+    from dicom_node import processing as p
+    from dicom_node.selection import select_series
+    from dicom_node.volume import load_volume
+
+    undo = []
+    if fine:
+        undo += [timer.wrap(inference, "window_t1c", "  pre: window_t1c"),
+                 timer.wrap(inference, "to_network", "  pre/post: to_network (resize)"),
+                 timer.wrap(inference, "from_network", "  post: from_network (resize back)"),
+                 timer.wrap(inference, "defuse", "  post: defuse (colour -> uptake)"),
+                 timer.wrap(sc_mod, "burn_in", "  SC: burn_in (text)")]
+        generator = ctx.predictor.model.generator
+        original_forward = generator.forward
+
+        def forward(x: Any) -> Any:
+            with timer.stage("  model: generator forward"):
+                out = original_forward(x)
+                if x.is_cuda:
+                    import torch
+                    torch.cuda.synchronize()
+                return out
+
+        generator.forward = forward
+        undo.append(lambda: delattr(generator, "forward"))
+    try:
+        with timer.stage("select_series (headers)"):
+            selection = select_series(paths, ctx.config.selection)
+        assert selection.accepted, selection.reason
+        with timer.stage("load/decode (load_volume)"):
+            volume = load_volume(selection.slices)
+        study_uid = str(volume.datasets[0].StudyInstanceUID)
+        series_id, job_id = add_series_and_job(ctx, study_uid,
+                                               str(volume.datasets[0].SeriesInstanceUID))
+        with timer.stage("Predictor.predict (pre+model+post)"):
+            prediction = ctx.predictor.predict(volume.pixels)
+        with timer.stage("TBR (measure_tbr)"):
+            result = p.measure_tbr(prediction.uptake, volume.voxel_volume_ml,
+                                   ctx.config.analysis.tbr_threshold,
+                                   ctx.config.analysis.min_lesion_volume_ml,
+                                   ctx.predictor.style.display_threshold,
+                                   spacing_mm=volume.spacing_mm, t1c_grey=prediction.grey,
+                                   columns_toward_patient_left=volume.slices[0].orientation[0] > 0)
+        provenance = ctx.provenance
+        fingerprint = p.source_fingerprint(s.sop_uid for s in volume.slices)
+        sha = provenance.weights_sha256
+
+        def uid(kind: str, index: int = 0) -> Any:
+            return p.derive_uid(fingerprint, sha, 1, kind, index)
+
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
+        written: list[tuple[str, object, Path]] = []
+        sc_series = uid("sc-series")
+        fusion8 = p.to_uint8(prediction.fusion)
+        summary = p.summary_lines(result)
+        for index, info in enumerate(volume.slices):
+            with timer.stage("SC: make_sc_instance (highdicom)"):
+                sc = p.make_sc_instance(fusion8[index], by_uid[info.sop_uid], info, sc_series,
+                                        uid("sc", index), index + 1,
+                                        ctx.config.output.series_number_sc, provenance,
+                                        summary if index == 0 else ())
+            path = ctx.store.output_path(study_uid, str(sc_series), str(sc.SOPInstanceUID))
+            with timer.stage("SC: encode (dcmwrite)"):
+                data = p.encode(sc)
+            with timer.stage("SC: atomic_write (fsync)"):
+                p.atomic_write(path, data)
+            written.append(("sc", sc, path))
+        with timer.stage("SEG: make+encode+write"):
+            seg = p.make_seg(volume.datasets, result, uid("seg-series"), uid("seg"),
+                             ctx.config.output.series_number_sc + 2, provenance)
+            seg_path = ctx.store.output_path(study_uid, str(seg.SeriesInstanceUID),
+                                             str(seg.SOPInstanceUID))
+            p.atomic_write(seg_path, p.encode(seg))
+            written.append(("seg", seg, seg_path))
+        with timer.stage("SR: make+encode+write"):
+            sr = p.make_sr(volume.datasets, seg, result, uid("sr-series"), uid("sr"),
+                           ctx.config.output.series_number_sr, provenance, supersedes=[])
+            sr_path = ctx.store.output_path(study_uid, str(sr.SeriesInstanceUID),
+                                            str(sr.SOPInstanceUID))
+            p.atomic_write(sr_path, p.encode(sr))
+            written.append(("sr", sr, sr_path))
+        with timer.stage("enqueue_outputs (DB)"):
+            return int(p.enqueue_outputs(ctx, series_id, job_id, 1, written, result))
+    finally:
+        for fn in reversed(undo):
+            fn()
+
+
+def reset_outbox(ctx: Any) -> int:
+    """Every outbox entry back to pending and due now (for repeated send runs)."""
+    from sqlalchemy import update
+
+    from storage.models import OutboxEntry, OutboxState, utcnow
+
+    with ctx.sessions() as session:
+        result = session.execute(update(OutboxEntry).values(
+            state=OutboxState.PENDING, attempts=0, next_attempt_at=utcnow(), sent_at=None))
+        session.commit()
+        return int(result.rowcount or 0)
+
+
+def output_paths(ctx: Any) -> list[Path]:
+    from sqlalchemy import select
+
+    from storage.models import OutputInstance
+
+    with ctx.sessions() as session:
+        return [Path(p) for p in session.scalars(
+            select(OutputInstance.path).order_by(OutputInstance.id)).all()]

@@ -1,0 +1,192 @@
+"""End to end: storescu -> `dicom-node serve` (subprocess) -> DCMTK storescp.
+
+A 176 x 256x256 T1C series is sent with DCMTK storescu (TCP_NODELAY=1) to a node
+started as ``dicom-node serve --config <generated toml>`` (demo model, device auto,
+default series timing: geometric completion after ``complete_grace_s``), whose one
+destination is DCMTK storescp. Clock starts when storescu exits (the last instance
+acknowledged by the node) and stops when storescp has written every result
+(176 SC + SEG + SR). The quiet/grace period is read from the node's audit table
+(the series' ``ready`` event) and reported separately, as are the job time (jobs
+table) and the last outbox ``sent_at``. Peak RSS is the node's VmHWM.
+
+    .venv/bin/python -m benchmarks.end_to_end [--runs 2] [--slices 176] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sqlite3
+import subprocess
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import (
+    DEMO_WEIGHTS,
+    REPO,
+    Storescp,
+    command_line,
+    fmt,
+    free_port,
+    machine_line,
+    median,
+    port_open,
+    storescu_timed,
+    table,
+    wait_for,
+    write_mr_series,
+)
+
+TOML = """\
+[node]
+data_dir = "{data_dir}"
+
+[receiver]
+ae_title = "DICOMNODE"
+bind_address = "127.0.0.1"
+port = {port}
+min_free_disk_mb = 1.0
+
+[series]
+stable_after_s = {stable}
+complete_grace_s = {grace}
+sweep_interval_s = {sweep}
+
+[model]
+weights_path = "{weights}"
+device = "{device}"
+batch_size = 16
+
+[outbox]
+send_interval_s = {send_interval}
+
+[[peers]]
+ae_title = "STORESCU"
+addresses = ["127.0.0.1"]
+
+[[destinations]]
+name = "pacs"
+ae_title = "STORESCP"
+host = "127.0.0.1"
+port = {pacs_port}
+"""
+
+
+def parse_ts(text: str) -> float:
+    value = datetime.fromisoformat(text)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
+def vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def one_run(root: Path, source: list[Path], args: argparse.Namespace) -> dict[str, float]:
+    scp = Storescp(root / "storescp").start()
+    port = free_port()
+    data_dir = root / "node"
+    config = root / "node.toml"
+    config.write_text(TOML.format(data_dir=data_dir, port=port, stable=args.stable_after,
+                                  grace=args.grace, sweep=args.sweep, weights=DEMO_WEIGHTS,
+                                  device=args.device, send_interval=args.send_interval,
+                                  pacs_port=scp.port))
+    log = (root / "node.log").open("wb")
+    node = subprocess.Popen([str(REPO / ".venv" / "bin" / "dicom-node"), "serve", "--config",
+                             str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    expected = len(source) + 2
+    try:
+        if not wait_for(lambda: port_open(port), 120, 0.1):
+            raise RuntimeError(f"node did not start: {(root / 'node.log').read_text()[-2000:]}")
+        storescu_timed(source, port, "DICOMNODE")
+        acked = time.time()
+        done = wait_for(lambda: scp.count() >= expected, args.timeout, 0.02)
+        stored = time.time()
+        if not done:
+            raise RuntimeError(f"storescp got {scp.count()} of {expected} in {args.timeout} s")
+        rss = vm_hwm_mb(node.pid)
+    finally:
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+        log.close()
+        scp.stop()
+    db = sqlite3.connect(data_dir / "dicom-node.db")
+    try:
+        events = db.execute("SELECT at, kind, detail FROM audit_events WHERE kind IN "
+                            "('series.state', 'job.start', 'job.finish') ORDER BY id").fetchall()
+        last_sent = db.execute("SELECT max(sent_at) FROM outbox").fetchone()[0]
+        job_seconds = db.execute("SELECT seconds FROM jobs ORDER BY id DESC").fetchone()[0]
+    finally:
+        db.close()
+    at: dict[str, float] = {}
+    for ts, kind, detail in events:
+        to = json.loads(detail or "{}").get("to") if kind == "series.state" else kind
+        at.setdefault(str(to), parse_ts(ts))
+    ready = at["ready"]
+    return {"quiet": ready - acked,
+            "to_job": at["job.start"] - ready,
+            "job": float(job_seconds),
+            "to_sent": parse_ts(last_sent) - at["job.finish"],
+            "to_stored": stored - at["job.finish"],
+            "excl": stored - ready,
+            "total": stored - acked,
+            "rss": rss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--slices", type=int, default=176)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--grace", type=float, default=3.0, help="series.complete_grace_s")
+    parser.add_argument("--stable-after", type=float, default=30.0,
+                        help="series.stable_after_s")
+    parser.add_argument("--sweep", type=float, default=1.0, help="series.sweep_interval_s")
+    parser.add_argument("--send-interval", type=float, default=1.0,
+                        help="outbox.send_interval_s")
+    parser.add_argument("--timeout", type=float, default=240.0)
+    parser.add_argument("--quick", action="store_true", help="1 run")
+    args = parser.parse_args()
+    runs = 1 if args.quick else max(1, args.runs)
+    results: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        root = Path(tmp)
+        source = write_mr_series(root / "src", args.slices, 256, 256, seed=21)
+        for run in range(runs):
+            results.append(one_run(root / f"run{run}", source, args))
+    labels = [
+        ("quiet/grace: storescu exit -> series ready (audit)", "quiet"),
+        ("ready -> job start (sweep/triage/scheduler poll)", "to_job"),
+        ("job (run_series: decode, inference, TBR, write, enqueue)", "job"),
+        ("job end -> last outbox sent_at (send poll + C-STORE)", "to_sent"),
+        ("job end -> last result file at storescp", "to_stored"),
+        ("END TO END excluding quiet period (ready -> stored)", "excl"),
+        ("END TO END including quiet period (storescu exit -> stored)", "total"),
+        ("node peak RSS, MB (VmHWM)", "rss"),
+    ]
+    rows: list[list[Any]] = []
+    for label, key in labels:
+        values = [r[key] for r in results]
+        rows.append([label, fmt(median(values), 2), " ".join(fmt(v, 2) for v in values)])
+    print(f"End to end, {args.slices} x 256x256 T1C, storescu -> dicom-node serve (device "
+          f"{args.device}, complete_grace_s {args.grace:g}, sweep {args.sweep:g} s, send "
+          f"poll {args.send_interval:g} s) -> DCMTK storescp; median of {runs} run(s); "
+          f"{machine_line()}")
+    print(table(["interval", "median s", "runs"], rows))
+    print(f"reproduce: {command_line()}")
+
+
+if __name__ == "__main__":
+    main()
