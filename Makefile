@@ -44,18 +44,18 @@ serve: install
 demo: install
 	$(VENV)/bin/dicom-node-train demo --config $(CONFIG) --out demo-output
 
-# Reproduce the shipped demo model (about 20 min on 2 CPU cores); see docs/model-card.md.
+# Reproduce the shipped demo model (about 35 min on 2 CPU cores); see docs/model-card.md.
 DEMO_DATA ?= build/demo-data
 demo-model: install
 	$(VENV)/bin/dicom-node-train phantom --patients 50 --seed 0 --slice-spacing-mm 3 --out $(DEMO_DATA)/studies
 	$(VENV)/bin/dicom-node-train dataset --studies $(DEMO_DATA)/studies --out $(DEMO_DATA)/ds128 --size 128 --seed 0
 	$(VENV)/bin/dicom-node-train train --dataset $(DEMO_DATA)/ds128 --out $(DEMO_DATA)/run --ngf 16 --ndf 32 \
-	  --batch-size 8 --epochs 1 --decay-epochs 1 --tumour-oversample 4 --hflip --seed 0 --threads 2 \
-	  --checkpoint-every 100 --val-max-slices 128 --name fdopa-demo --version 1.0
+	  --batch-size 8 --epochs 6 --decay-epochs 6 --tumour-oversample 6 --hflip --seed 0 --threads 2 \
+	  --checkpoint-every 200 --val-max-slices 128 --name fdopa-demo --version 1.1
 	$(VENV)/bin/dicom-node-train evaluate --dataset $(DEMO_DATA)/ds128 --weights $(DEMO_DATA)/run/generator.pt \
 	  --split test --out $(DEMO_DATA)/report
 	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run/checkpoint.pt \
-	  --out dicom_node/models/demo-generator.pt --name fdopa-demo --version 1.0 \
+	  --out dicom_node/models/demo-generator.pt --name fdopa-demo --version 1.1 \
 	  --metrics $(DEMO_DATA)/report/summary.json
 
 clean:
