@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'node method on the real PET uptake':44} {lesion.number:>6} {lesion.tbr_max:7.2f} "
               f"{lesion.tbr_mean:8.2f} {lesion.volume_ml:7.1f}")
     for item in report.lesions:
-        print(f"{'node on synthetic uptake (SR)':44} {item['lesion']:>6} {item['tbr_max']:7.2f} "
+        print(f"{'node on synthetic uptake (SR)':44} {int(item['lesion']):>6} {item['tbr_max']:7.2f} "
               f"{item['tbr_mean']:8.2f} {item['volume_ml']:7.1f}")
     if not report.lesions:
         print(f"{'node on synthetic uptake (SR)':44} no lesion above threshold")
