@@ -60,7 +60,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{config.receiver.bind_address}:{node.receiver.port} "
           f"(model {node.ctx.predictor.model.card.name}, device {node.ctx.predictor.device})",
           flush=True)
-    stop.wait()
+    # Wake now and then: a signal delivered to another thread only runs its Python
+    # handler once the main thread executes bytecode again.
+    while not stop.wait(timeout=0.5):
+        pass
     notifier.stopping("stopping: finishing the running job")
     node.stop()
     return 0

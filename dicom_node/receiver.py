@@ -107,6 +107,17 @@ def slice_position_mm(header: Any) -> float | None:
     return float(sum(n * p for n, p in zip(normal, position, strict=True)))
 
 
+def _discard_partial_dataset(assoc: Association) -> None:
+    """Delete the temporary file of an instance still being received when the
+    association ended (pynetdicom removes it only after a complete C-STORE)."""
+    message = getattr(assoc.dimse, "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    partial.close()
+    Path(partial.name).unlink(missing_ok=True)
+
+
 def _peer(assoc: Association) -> tuple[str, int]:
     return str(assoc.requestor.address), int(assoc.requestor.port)
 
@@ -238,6 +249,7 @@ class Receiver:
 
     def _on_closed(self, event: evt.Event, how: str) -> None:
         assoc = event.assoc
+        _discard_partial_dataset(assoc)
         row_id = self._assoc_ids.pop(id(assoc), None)
         address, port = _peer(assoc)
         calling = str(assoc.requestor.ae_title).strip()
