@@ -4,8 +4,9 @@ Statuses are handled by class: success and warnings (B000, B006, B007) mark the
 entry sent (warnings audited as such); refusals that will not change (A9xx, Cxxx,
 0122) go straight to dead-letter; anything else, and any association failure, is
 retried with exponential backoff and jitter until ``max_attempts`` or ``max_age_h``,
-then dead-lettered. Each destination has its own association and its own retry
-times, so a dead PACS does not stall the others.
+then dead-lettered. Each destination has its own association, thread and retry
+times: after a failed association all its due entries wait out the backoff (the
+circuit is open) while the other destinations go on.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import random
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -54,17 +56,18 @@ class Sender:
         return base * random.uniform(0.8, 1.2)
 
     def send_due(self) -> int:
-        """Send every due entry, destination by destination. Returns how many were stored."""
+        """Send every due entry, each destination on its own thread, so a destination that
+        hangs until its timeout does not hold up the others. Returns how many were stored."""
         with self._lock:
-            stored = 0
             with self._sessions() as session:
                 due = session.execute(
                     select(OutboxEntry.destination).where(
                         OutboxEntry.state == OutboxState.PENDING,
                         OutboxEntry.next_attempt_at <= utcnow()).distinct()).scalars().all()
-            for destination in due:
-                stored += self._send_destination(destination)
-            return stored
+            if len(due) <= 1:
+                return sum(self._send_destination(destination) for destination in due)
+            with ThreadPoolExecutor(max_workers=len(due), thread_name_prefix="send") as pool:
+                return sum(pool.map(self._send_destination, due))
 
     def _send_destination(self, destination: str) -> int:
         cfg = self.config.outbox

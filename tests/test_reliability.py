@@ -204,3 +204,41 @@ def test_low_disk_refuses_with_out_of_resources_and_writes_nothing(
         refused = session.scalars(select(AuditEvent).where(
             AuditEvent.kind == "instance.refused")).all()
     assert len(refused) == 3 and all("free disk" in e.detail for e in refused)
+
+
+def test_warning_statuses_are_stored_and_transient_failures_retried(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node]) -> None:
+    warns = PynetdicomPacs(tmp_path / "warns", ae_title="WARNS")
+    warns._on_store = lambda event: 0xB000  # type: ignore[method-assign]
+    warns.start()
+    busy = PynetdicomPacs(tmp_path / "busy", ae_title="BUSY")
+    answers = iter([0xA700] * 3)  # out of resources three times, then fine
+    real_store = busy._on_store
+    busy._on_store = lambda event: next(answers, None) or real_store(event)  # type: ignore[method-assign]
+    busy.start()
+    try:
+        node = start_node(make_config(destinations=[
+            {"name": "warns", "ae_title": "WARNS", "host": "127.0.0.1", "port": warns.port},
+            {"name": "busy", "ae_title": "BUSY", "host": "127.0.0.1", "port": busy.port}]))
+        files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=30)
+        assert pynetdicom_send(files, node.receiver.port) == [0] * 8
+
+        def states(name: str) -> list[str]:
+            with node.sessions() as session:
+                return list(session.scalars(select(OutboxEntry.state).where(
+                    OutboxEntry.destination == name)).all())
+
+        assert wait_for(lambda: states("warns") == ["sent"] * 10, 120)
+        assert wait_for(lambda: states("busy") == ["sent"] * 10, 120)
+        assert len(busy.received.files()) == 10
+        with node.sessions() as session:
+            attempts = session.scalars(select(AuditEvent).where(
+                AuditEvent.kind == "send.attempt")).all()
+        warned = [e for e in attempts if "WARNS" in e.peer]
+        assert warned and all(e.outcome == "warning" for e in warned)
+        retried = [e for e in attempts if "BUSY" in e.peer and e.outcome == "error"]
+        assert len(retried) == 3 and all("0xA700" in e.detail for e in retried)
+    finally:
+        warns.stop()
+        busy.stop()
