@@ -31,7 +31,7 @@ from dicom_node.tbr import TbrResult, measure_tbr
 from dicom_node.uids import derive_uid, source_fingerprint
 from dicom_node.volume import VolumeError, load_volume
 from dicom_node.writers.provenance import Provenance
-from dicom_node.writers.sc import encode, make_sc_instance
+from dicom_node.writers.sc import encode, make_sc_series
 from dicom_node.writers.seg import make_seg
 from dicom_node.writers.sr import make_sr
 from storage.audit import AuditKind, AuditLog
@@ -204,8 +204,8 @@ def process_next(ctx: NodeContext) -> bool:
         session.add(job)
         session.flush()
         set_state(ctx, session, series, SeriesState.RUNNING, "inference started", job=job.id)
-        ctx.audit.record(AuditKind.JOB_START, study_uid=series.study_uid,
-                         series_uid=series.series_uid, job=job.id, device=job.device)
+        ctx.audit.record_in(session, AuditKind.JOB_START, study_uid=series.study_uid,
+                            series_uid=series.series_uid, job=job.id, device=job.device)
         series_id, job_id = series.id, job.id
     started = time.monotonic()
     try:
@@ -287,10 +287,11 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int) -> int:
     sc_series = uid("sc-series")
     fusion8 = to_uint8(prediction.fusion)
     summary = summary_lines(result)
-    for index, info in enumerate(volume.slices):
-        sc = make_sc_instance(fusion8[index], by_uid[info.sop_uid], info, sc_series,
-                              uid("sc", index), index + 1, ctx.config.output.series_number_sc,
-                              provenance, summary if index == 0 else ())
+    sc_instances = make_sc_series(
+        fusion8, [by_uid[info.sop_uid] for info in volume.slices], volume.slices, sc_series,
+        [uid("sc", index) for index in range(len(volume.slices))],
+        ctx.config.output.series_number_sc, provenance, summary)
+    for sc in sc_instances:
         path = ctx.store.output_path(study_uid, str(sc_series), str(sc.SOPInstanceUID))
         atomic_write(path, encode(sc))
         written.append(("sc", sc, path))

@@ -68,10 +68,15 @@ class AuditLog:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        """A session for one write transaction, committed on success."""
+        """A session for one write transaction, committed on success (with every event
+        recorded in it); rolled back, events included, on an exception."""
         with self._lock, self._sessions() as session:
-            yield session
-            session.commit()
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                self._last_hash = None  # re-read the chain's end from the database
+                raise
 
     def record(self, kind: str, *, outcome: str = "ok", study_uid: str = "",
                series_uid: str = "", sop_uid: str = "", peer: str = "",
@@ -84,15 +89,11 @@ class AuditLog:
     def record_in(self, session: Session, kind: str, *, outcome: str = "ok",
                   study_uid: str = "", series_uid: str = "", sop_uid: str = "",
                   peer: str = "", **detail: Any) -> None:
-        """Append one event to the caller's session and commit both together.
-
-        A state change and the event that records it land in one transaction; the
-        caller's session must come from :meth:`transaction`.
-        """
+        """Append one event to the caller's transaction (a session from
+        :meth:`transaction`): the change and the event that records it commit together."""
         detail_text = json.dumps(detail, sort_keys=True, default=str) if detail else ""
         with self._lock:
             self._append(session, kind, outcome, study_uid, series_uid, sop_uid, peer, detail_text)
-            session.commit()
 
     def _append(self, session: Session, kind: str, outcome: str, study: str, series: str,
                 sop: str, peer: str, detail: str) -> None:

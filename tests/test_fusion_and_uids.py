@@ -45,3 +45,29 @@ def test_output_uids_are_deterministic_and_distinct() -> None:
               derive_uid(fingerprint, "ab" * 32, 1, "sr", 0)}
     assert first not in others and len(others) == 4
     assert len(first) <= 64 and first.startswith("2.25.")
+
+
+def test_sc_series_instances_are_independent(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The fast per-slice copies must not share their per-slice attributes."""
+    from dicom_node.config import SelectionConfig
+    from dicom_node.selection import select_series
+    from dicom_node.volume import load_volume
+    from dicom_node.writers.provenance import Provenance
+    from dicom_node.writers.sc import make_sc_series
+    from tests.dicom_factory import SeriesSpec, write_series
+
+    files = write_series(tmp_path, SeriesSpec(n_slices=4, rows=32, columns=32), seed=3)
+    selection = select_series(files, SelectionConfig(min_slices=2))
+    volume = load_volume(selection.slices)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
+    fusion = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    uids = [f"2.25.{i + 1}" for i in range(4)]
+    series = list(make_sc_series(fusion, [by_uid[s.sop_uid] for s in volume.slices],
+                                 volume.slices, "2.25.99", uids, 9901,
+                                 Provenance("m", "n", "v", "0" * 64), ["summary"]))
+    assert [str(ds.SOPInstanceUID) for ds in series] == uids
+    assert [str(ds.file_meta.MediaStorageSOPInstanceUID) for ds in series] == uids
+    assert [int(ds.InstanceNumber) for ds in series] == [1, 2, 3, 4]
+    assert [str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in series] == [
+        s.sop_uid for s in volume.slices]
+    assert series[0].PixelData != series[1].PixelData  # only the first carries the summary

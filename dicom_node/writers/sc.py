@@ -9,7 +9,7 @@ shows the TBR summary, for viewers that do not display SR.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from io import BytesIO
 
 import highdicom as hd
@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset, dcmwrite
+from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID
 
 from dicom_node.volume import SliceInfo
@@ -112,3 +113,39 @@ def make_sc_instance(
     if "FrameOfReferenceUID" in source:
         sc.FrameOfReferenceUID = source.FrameOfReferenceUID
     return sc
+
+
+def make_sc_series(
+    fusion_rgb: NDArray[np.uint8],
+    sources: Sequence[Dataset],
+    slices: Sequence[SliceInfo],
+    series_uid: UID,
+    sop_uids: Sequence[UID],
+    series_number: int,
+    provenance: Provenance,
+    summary_lines: Sequence[str] = (),
+) -> Iterator[Dataset]:
+    """One SC instance per slice. The first is built (and validated) by highdicom; the
+    others are copies of it with only the per-slice attributes replaced, which avoids
+    highdicom's per-instance checks on a series of hundreds of slices."""
+    template = make_sc_instance(fusion_rgb[0], sources[0], slices[0], series_uid, sop_uids[0], 1,
+                                series_number, provenance, summary_lines)
+    yield template
+    for index in range(1, len(slices)):
+        info = slices[index]
+        ds = Dataset()  # a new element dict sharing the template's unchanged elements;
+        ds.update(template)  # every element replaced below gets a new DataElement
+        meta = FileMetaDataset()
+        meta.update(template.file_meta)
+        meta.add_new(0x00020003, "UI", sop_uids[index])  # MediaStorageSOPInstanceUID
+        ds.file_meta = meta
+        ds.add_new(0x00080018, "UI", sop_uids[index])  # SOPInstanceUID
+        ds.add_new(0x00200013, "IS", index + 1)  # InstanceNumber
+        ds.add_new(0x7FE00010, "OB", burn_in(fusion_rgb[index], [BANNER]).tobytes())
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = info.sop_class_uid
+        ref.ReferencedSOPInstanceUID = info.sop_uid
+        if info.frame_index is not None:
+            ref.ReferencedFrameNumber = info.frame_index + 1
+        ds.add_new(0x00082112, "SQ", [ref])  # SourceImageSequence
+        yield ds
