@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 from sqlalchemy import select
@@ -210,3 +212,22 @@ def test_spoofed_ae_title_from_the_wrong_address_is_rejected(
     assert len(rejects) == 3 and stored == []
     assert "unexpected address 127.0.0.1" in rejects[0].detail
     assert [json.loads(e.detail)["rejections_last_minute"] for e in rejects] == [1, 2, 3]
+
+
+def test_no_patient_names_in_application_logs(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dicom_node")
+    caplog.set_level(logging.DEBUG, logger="storage")
+    node = start_node(make_config(destinations=[{
+        "name": "pacs", "ae_title": pynetdicom_pacs.ae_title, "host": "127.0.0.1",
+        "port": pynetdicom_pacs.port}]))
+    source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8, patient_name="ZEBRAFINCH^ODETTE"),
+                          seed=10)
+    assert pynetdicom_send(source, node.receiver.port) == [0] * 8
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 10, 120)
+    assert caplog.records, "the node should have logged something"
+    assert "ZEBRAFINCH" not in caplog.text.upper()
+    # ...while the outputs do carry the name (it is the same patient)
+    assert str(pynetdicom_pacs.received.read_all()[0].PatientName) == "ZEBRAFINCH^ODETTE"
