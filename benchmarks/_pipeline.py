@@ -141,12 +141,13 @@ def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
         sc_series = uid("sc-series")
         fusion8 = p.to_uint8(prediction.fusion)
         summary = p.summary_lines(result)
-        for index, info in enumerate(volume.slices):
-            with timer.stage("SC: make_sc_instance (highdicom)"):
-                sc = p.make_sc_instance(fusion8[index], by_uid[info.sop_uid], info, sc_series,
-                                        uid("sc", index), index + 1,
-                                        ctx.config.output.series_number_sc, provenance,
-                                        summary if index == 0 else ())
+        instances = p.make_sc_series(
+            fusion8, [by_uid[info.sop_uid] for info in volume.slices], volume.slices, sc_series,
+            [uid("sc", index) for index in range(len(volume.slices))],
+            ctx.config.output.series_number_sc, provenance, summary)
+        for _ in volume.slices:
+            with timer.stage("SC: make_sc_series (template + per-slice copy)"):
+                sc = next(instances)
             path = ctx.store.output_path(study_uid, str(sc_series), str(sc.SOPInstanceUID))
             with timer.stage("SC: encode (dcmwrite)"):
                 data = p.encode(sc)
