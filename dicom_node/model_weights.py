@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 
 from dicom_node.fusion import FusionStyle
 from dicom_node.generator import ARCHITECTURES, INPUT_SIZES, UnetGenerator, build_generator
+from storage.file_store import atomic_writer
 
 FORMAT = "dicom-node-generator/1"
 OUTPUT_KINDS = ("fusion_rgb", "uptake")
@@ -97,16 +96,8 @@ def save_weights(generator: UnetGenerator, card: ModelCard, path: Path, fp16: bo
     payload = {"format": FORMAT, "model_card": json.loads(json.dumps(asdict(card))),
                "state_dict": state}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as handle:
+        torch.save(payload, handle)
     sha = file_sha256(path)
     card_path = path.with_suffix(path.suffix + ".json")
     card_path.write_text(json.dumps({**asdict(card), "sha256": sha}, indent=2) + "\n")

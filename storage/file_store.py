@@ -16,7 +16,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -31,19 +34,27 @@ def check_uid(uid: str, what: str = "UID") -> str:
     return uid
 
 
-def atomic_write(path: Path, data: bytes | bytearray | memoryview) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary handle on a temporary file beside ``path``; on success it is fsynced and
+    renamed over ``path``, on an exception removed. Readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: Path, data: bytes | bytearray | memoryview) -> None:
+    """Write bytes to ``path`` atomically (see :func:`atomic_writer`)."""
+    with atomic_writer(path) as handle:
+        handle.write(data)
 
 
 def atomic_move(source: Path, path: Path) -> None:

@@ -21,8 +21,6 @@ The oracle fusion is ground truth only and is never written as DICOM.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from storage.file_store import atomic_write, atomic_writer
 from training import phantom
 from training.phantom import PhantomPatient
 
@@ -389,52 +388,27 @@ def _fusion_slice(patient: PhantomPatient, uids: PatientUids, k: int) -> Dataset
 
 
 def _write(ds: Dataset, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            ds.save_as(handle, enforce_file_format=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as handle:
+        ds.save_as(handle, enforce_file_format=True)
     return path
 
 
 def _write_bytes(data: bytes, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
     return path
 
 
 def _write_npz(patient: PhantomPatient, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(
-                handle,
-                uptake=patient.uptake.astype(np.float32),
-                oracle_uptake=patient.oracle_uptake.astype(np.float32),
-                oracle_fusion=patient.oracle_fusion,
-                tumour_labels=patient.tumour_labels.astype(np.uint8),
-                oedema=patient.oedema,
-                brain_mask=patient.brain_mask,
-                striatum_mask=patient.striatum_mask,
-                background_mask=patient.background_mask,
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as handle:
+        np.savez_compressed(
+            handle,
+            uptake=patient.uptake.astype(np.float32),
+            oracle_uptake=patient.oracle_uptake.astype(np.float32),
+            oracle_fusion=patient.oracle_fusion,
+            tumour_labels=patient.tumour_labels.astype(np.uint8),
+            oedema=patient.oedema,
+            brain_mask=patient.brain_mask,
+            striatum_mask=patient.striatum_mask,
+            background_mask=patient.background_mask,
+        )
     return path

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from dicom_node.model_weights import load_weights
+from storage.file_store import atomic_writer
 from training import data as ds
 from training.metrics import mean_sd, psnr, ssim
 from training.pix2pix import Pix2Pix, Pix2PixConfig
@@ -200,16 +200,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as handle:
+        torch.save(obj, handle)
 
 
 def write_json(path: Path, payload: Any) -> None:
