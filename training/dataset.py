@@ -53,15 +53,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
@@ -74,6 +72,7 @@ from tqdm import tqdm
 
 from dicom_node.fusion import FusionStyle, fuse, to_uint8, window_t1c
 from dicom_node.resampling import padding_for, to_network
+from storage.file_store import atomic_writer
 
 logger = logging.getLogger(__name__)
 
@@ -547,17 +546,9 @@ def _split_counts(n_patients: int) -> tuple[int, int]:
 # --- writing ----------------------------------------------------------------------------------
 
 
-def _atomic(path: Path, write: object) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)  # type: ignore[operator]
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    with atomic_writer(path) as handle:
+        write(handle)
 
 
 def _write_json(path: Path, document: dict[str, object]) -> None:
