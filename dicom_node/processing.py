@@ -316,13 +316,15 @@ def predict_with_retries(ctx: NodeContext, pixels: NDArray[np.float32], series_i
     """Run the model; after a failure (CUDA out of memory, timeout, any error) retry with
     half the batch size, up to ``model.retries`` times, then let the job fail."""
     batch = ctx.predictor.batch_size
-    for attempt in range(ctx.config.model.retries + 1):
+    attempt = 0
+    while True:
         try:
             return ctx.predictor.predict(pixels, batch_size=batch,
                                          timeout_s=ctx.config.model.timeout_s)
         except Exception as exc:  # inference boundary: retried, and every failure audited
             if attempt == ctx.config.model.retries:
                 raise
+            attempt += 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             smaller = max(1, batch // 2)
@@ -334,7 +336,6 @@ def predict_with_retries(ctx: NodeContext, pixels: NDArray[np.float32], series_i
                                     job=job_id, batch_size=batch, next_batch_size=smaller,
                                     reason=f"{type(exc).__name__}: {exc}"[:500])
             batch = smaller
-    raise AssertionError("unreachable")
 
 
 def previous_reports(ctx: NodeContext, series_id: int, version: int) -> list[Dataset]:

@@ -157,6 +157,7 @@ class Receiver:
 
     def start(self) -> None:
         rc = self.config.receiver
+        self._store.root.mkdir(parents=True, exist_ok=True)  # once, not per instance
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -323,7 +324,6 @@ class Receiver:
         limit = int(self.config.receiver.min_free_disk_mb * 1024 * 1024)
         if limit <= 0:
             return False
-        self._store.root.mkdir(parents=True, exist_ok=True)
         return shutil.disk_usage(self._store.root).free < limit
 
     def _record_instance(self, header: Any, event: evt.Event, path: str, size: int, peer: str,
