@@ -112,12 +112,15 @@ class HandlerTimes:
         self._undo.append(lambda: setattr(owner, name, original))
 
     def install(self) -> None:
+        import dicom_node.instance_recorder as recorder
         import dicom_node.receiver as receiver
 
         self._wrap(receiver.Receiver, "handle_store", "handle_store (all)")
         self._wrap(receiver, "dcmread", "header dcmread")
         self._wrap(receiver, "atomic_write", "atomic_write (fsync+rename)")
-        self._wrap(receiver.Receiver, "_record_instance", "_record_instance (SQLite+audit)")
+        self._wrap(receiver, "atomic_move", "atomic_move (fsync+rename)")
+        self._wrap(recorder.InstanceRecorder, "record",
+                   "recorder batch (SQLite+audit, off the handler's path)")
         self._wrap(receiver.Receiver, "_disk_is_low", "_disk_is_low")
 
     def uninstall(self) -> None:
@@ -129,7 +132,7 @@ class HandlerTimes:
         parts = []
         for label in self.total:
             n = max(1, self.count[label])
-            parts.append(f"{label} {1000 * self.total[label] / n:.2f} ms")
+            parts.append(f"{label} {1000 * self.total[label] / n:.2f} ms x {self.count[label]}")
         return "; ".join(parts)
 
 

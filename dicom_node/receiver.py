@@ -1,9 +1,10 @@
 """The Storage SCP: accepts MR series from known peers and files them.
 
 The C-STORE handler stays small: it takes the raw encoded bytes as they arrived
-(no decode / re-encode), writes them atomically to the file store, records the
-instance and its series in one transaction with the audit event, and returns a
-named status. Everything heavy happens later in the scheduler's jobs.
+(no decode / re-encode), makes them durable in the file store (fsync + rename),
+hands the instance to the :class:`InstanceRecorder` (which commits the instance,
+its series and the audit event in batches) and returns a named status. Everything
+heavy happens later in the scheduler's jobs.
 """
 
 from __future__ import annotations
@@ -41,24 +42,24 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     EnhancedMRImageStorage,
     MRImageStorage,
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import dimse_status
 from dicom_node.config import NodeConfig
 from dicom_node.identity import apply_identity
+from dicom_node.instance_recorder import InstanceRecorder, ReceivedInstance, unrecorded_files
 from dicom_node.tls import peer_certificate_subject, server_context
 from storage.audit import AuditKind, AuditLog
 from storage.file_store import FileStore, InvalidUID, atomic_move, atomic_write
 from storage.models import Association as AssociationRow
-from storage.models import Instance, Series, SeriesState, utcnow
+from storage.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class Receiver:
         self._rejections: dict[tuple[str, str], list[float]] = {}
         self._rejections_lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
+        self.recorder = InstanceRecorder(audit)
         self.ae = self._make_ae()
 
     # -- set-up -------------------------------------------------------------------------
@@ -158,10 +160,12 @@ class Receiver:
     def start(self) -> None:
         rc = self.config.receiver
         self._store.root.mkdir(parents=True, exist_ok=True)  # once, not per instance
+        self.recorder.start()
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_RELEASED, self._on_closed, ["released"]),
             (evt.EVT_ABORTED, self._on_closed, ["aborted"]),
             (evt.EVT_C_STORE, self.handle_store),
@@ -187,6 +191,7 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self.recorder.stop()
 
     # -- association events ---------------------------------------------------------------
     def _on_conn_open(self, event: evt.Event) -> None:
@@ -247,6 +252,15 @@ class Receiver:
                                   peer=f"{calling}@{address}:{port}", association=row.id,
                                   tls_subject=peer_certificate_subject(
                                       sock.socket if sock is not None else None))
+
+    def _on_acse_recv(self, event: evt.Event) -> None:
+        # Runs before pynetdicom answers an A-RELEASE request: the sender's release
+        # completes only once every instance it sent is committed.
+        primitive = event.primitive  # type: ignore[attr-defined]
+        released = isinstance(primitive, A_RELEASE) and primitive.result is None
+        if released and not self.recorder.flush(self.config.receiver.network_timeout_s):
+            log.warning("instances of a released association not yet recorded: %s",
+                            self.recorder.last_error or "recorder busy")
 
     def _on_closed(self, event: evt.Event, how: str) -> None:
         assoc = event.assoc
@@ -313,11 +327,9 @@ class Receiver:
                                study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
                                reason=f"write failed: {exc}")
             return dimse_status.OUT_OF_RESOURCES
-        try:
-            self._record_instance(header, event, str(path), size, peer, address)
-        except SQLAlchemyError as exc:
-            log.error("database error while recording %s: %s", sop_uid, exc)
-            return dimse_status.PROCESSING_FAILURE
+        # The file is durable: the recorder commits its row with the next batch (and a
+        # start-up scan records it should the node die before that).
+        self.recorder.submit(self._received(header, event, str(path), size, peer, address))
         return dimse_status.SUCCESS
 
     def _disk_is_low(self) -> bool:
@@ -326,78 +338,51 @@ class Receiver:
             return False
         return shutil.disk_usage(self._store.root).free < limit
 
-    def _record_instance(self, header: Any, event: evt.Event, path: str, size: int, peer: str,
-                         address: str) -> None:
-        calling = str(event.assoc.requestor.ae_title).strip()
-        study_uid = str(header.StudyInstanceUID)
-        series_uid = str(header.SeriesInstanceUID)
-        sop_uid = str(header.SOPInstanceUID)
-        now = utcnow()
-        stale: list[Path] = []
-        with self._audit.transaction() as session:
-            series = session.scalars(select(Series).where(Series.series_uid == series_uid)).first()
-            if series is None:
-                series = Series(
-                    series_uid=series_uid, study_uid=study_uid,
-                    patient_id=str(header.get("PatientID", ""))[:64],
-                    accession_number=str(header.get("AccessionNumber", ""))[:16],
-                    modality=str(header.get("Modality", ""))[:16],
-                    description=str(header.get("SeriesDescription", ""))[:64],
-                    calling_ae=calling, peer_address=address, state=SeriesState.RECEIVING,
-                    first_received_at=now, last_received_at=now, updated_at=now)
-                session.add(series)
-                session.flush()
-                self._audit.record_in(session, AuditKind.SERIES_STATE, study_uid=study_uid,
-                                      series_uid=series_uid, peer=peer,
-                                      to=SeriesState.RECEIVING, reason="first instance")
-            elif series.state != SeriesState.RECEIVING:
-                previous = series.state
-                reopen = series.state in SeriesState.FINISHED
-                if reopen:
-                    series.version += 1
-                series.state = SeriesState.RECEIVING
-                series.state_reason = "late instance arrived"
-                series.updated_at = now
-                self._audit.record_in(session, AuditKind.SERIES_STATE, study_uid=study_uid,
-                                      series_uid=series_uid, peer=peer, to=SeriesState.RECEIVING,
-                                      previous=previous, version=series.version,
-                                      reason="late instance arrived")
-            series.last_received_at = now
-            series.calling_ae = calling
-            series.peer_address = address
-            instance = session.scalars(select(Instance).where(Instance.sop_uid == sop_uid)).first()
-            duplicate = instance is not None
-            moved_from = ""
-            if instance is not None and instance.series_id != series.id:
-                # The same SOP Instance UID re-sent in another series: it moves there.
-                old_series = session.get(Series, instance.series_id)
-                if old_series is not None:
-                    old_series.instance_count -= 1
-                    moved_from = old_series.series_uid
-                if instance.path and instance.path != path:
-                    stale.append(Path(instance.path))
-                instance.series_id = series.id
-                series.instance_count += 1
-            if instance is None:
-                instance = Instance(sop_uid=sop_uid, series_id=series.id, path=path,
-                                    sop_class_uid=str(header.SOPClassUID),
-                                    transfer_syntax_uid=str(event.context.transfer_syntax),
-                                    size_bytes=size)
-                session.add(instance)
-                series.instance_count += 1
-            instance.path = path
-            instance.size_bytes = size
-            instance.transfer_syntax_uid = str(event.context.transfer_syntax)
-            number = header.get("InstanceNumber")
-            instance.instance_number = int(number) if number not in (None, "") else None
-            instance.position_mm = slice_position_mm(header)
-            images = header.get("ImagesInAcquisition")
-            instance.images_in_acquisition = int(images) if images not in (None, "") else None
-            instance.association_id = self._assoc_ids.get(id(event.assoc))
-            instance.received_at = now
-            self._audit.record_in(session, AuditKind.INSTANCE_STORED, study_uid=study_uid,
-                                  series_uid=series_uid, sop_uid=sop_uid, peer=peer,
-                                  bytes=size, replaced=duplicate,
-                                  **({"moved_from_series": moved_from} if moved_from else {}))
-        for old_file in stale:  # after the commit: the row no longer points at it
-            old_file.unlink(missing_ok=True)
+    def _received(self, header: Any, event: evt.Event, path: str, size: int, peer: str,
+                  address: str) -> ReceivedInstance:
+        return received_instance(header, path, size, str(event.context.transfer_syntax),
+                                 calling_ae=str(event.assoc.requestor.ae_title).strip(),
+                                 peer_address=address, peer=peer,
+                                 association_id=self._assoc_ids.get(id(event.assoc)))
+
+    def record_unrecorded_files(self) -> int:
+        """Record files in ``incoming/`` that have no database row (the node died after
+        making them durable and before committing them). Call before :meth:`start`."""
+        with self._sessions() as session:
+            paths = list(unrecorded_files(session, self._store))
+        items = []
+        for path in paths:
+            try:
+                header = dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+                syntax = str(header.file_meta.get("TransferSyntaxUID", ""))
+                items.append(received_instance(header, str(path), path.stat().st_size, syntax,
+                                               calling_ae="", peer_address="", peer="recovered",
+                                               association_id=None, recovered=True))
+            except (InvalidDicomError, AttributeError, ValueError, OSError) as exc:
+                log.error("cannot recover %s: %s", path, exc)
+        for start in range(0, len(items), 256):
+            self.recorder.record(items[start : start + 256])
+        if items:
+            log.warning("recorded %d received instances that had no database row", len(items))
+        return len(items)
+
+
+def received_instance(header: Any, path: str, size: int, transfer_syntax: str, *,
+                      calling_ae: str, peer_address: str, peer: str,
+                      association_id: int | None, recovered: bool = False) -> ReceivedInstance:
+    """The recorder's view of one instance, from its header."""
+    number = header.get("InstanceNumber")
+    images = header.get("ImagesInAcquisition")
+    return ReceivedInstance(
+        study_uid=str(header.StudyInstanceUID), series_uid=str(header.SeriesInstanceUID),
+        sop_uid=str(header.SOPInstanceUID), sop_class_uid=str(header.SOPClassUID),
+        transfer_syntax_uid=transfer_syntax, path=path, size_bytes=size,
+        patient_id=str(header.get("PatientID", ""))[:64],
+        accession_number=str(header.get("AccessionNumber", ""))[:16],
+        modality=str(header.get("Modality", ""))[:16],
+        description=str(header.get("SeriesDescription", ""))[:64],
+        instance_number=int(number) if number not in (None, "") else None,
+        position_mm=slice_position_mm(header),
+        images_in_acquisition=int(images) if images not in (None, "") else None,
+        calling_ae=calling_ae, peer_address=peer_address, peer=peer,
+        association_id=association_id, received_at=utcnow(), recovered=recovered)

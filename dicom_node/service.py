@@ -47,6 +47,7 @@ class Node:
 
     def start(self, heartbeat: Callable[[], None] | None = None) -> None:
         partials = self.store.remove_partials()
+        unrecorded = self.receiver.record_unrecorded_files()
         resumed = recover(self.ctx)
         self.receiver.start()
         self.scheduler = build_scheduler(self.ctx, self.sender, heartbeat)
@@ -60,7 +61,7 @@ class Node:
                           port=self.receiver.port, model=card.name, version=card.version,
                           sha256=self.ctx.predictor.model.sha256,
                           device=str(self.ctx.predictor.device), resumed_series=resumed,
-                          removed_partial_files=partials)
+                          removed_partial_files=partials, recorded_unrecorded_files=unrecorded)
         log.info("node started: model %s %s on %s", card.name, card.version,
                  self.ctx.predictor.device)
 

@@ -1,0 +1,269 @@
+"""Records received instances in the database, in batches, off the C-STORE path.
+
+The C-STORE handler makes the instance durable on disk (fsync + rename into
+``incoming/``) and then hands a :class:`ReceivedInstance` to the recorder, which
+writes the instance row, its series' bookkeeping and the audit event in one
+transaction per batch (group commit). Whatever arrived while a batch was being
+committed forms the next batch, so a busy receiver commits a few times per
+second instead of once per instance, and a quiet one commits each instance
+within milliseconds.
+
+Nothing is lost if the node dies between the file and its row: at start-up
+:func:`unrecorded_files` finds every file in ``incoming/`` without a row and the
+recorder records it (audited as ``recovered``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from storage.audit import AuditKind, AuditLog
+from storage.file_store import FileStore
+from storage.models import Instance, Series, SeriesState, as_utc, utcnow
+
+log = logging.getLogger(__name__)
+
+#: Most instances committed in one transaction.
+MAX_BATCH = 512
+#: Wait before retrying a batch whose transaction failed (database locked, disk full).
+RETRY_DELAY_S = 1.0
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the handler learnt about one instance it made durable."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    patient_id: str
+    accession_number: str
+    modality: str
+    description: str
+    instance_number: int | None
+    position_mm: float | None
+    images_in_acquisition: int | None
+    calling_ae: str
+    peer_address: str
+    peer: str
+    association_id: int | None
+    received_at: datetime
+    recovered: bool = False
+
+
+class InstanceRecorder:
+    """A single thread that commits received instances in batches."""
+
+    def __init__(self, audit: AuditLog, max_batch: int = MAX_BATCH) -> None:
+        self._audit = audit
+        self._max_batch = max_batch
+        self._queue: queue.Queue[ReceivedInstance] = queue.Queue()
+        self._submitted = 0
+        self._committed = 0
+        self._progress = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str = ""
+
+    # -- life cycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="instance-recorder",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Commit what is queued, then end the thread."""
+        self.flush(timeout_s)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    # -- producer side ------------------------------------------------------------------
+    def submit(self, item: ReceivedInstance) -> None:
+        with self._progress:
+            self._submitted += 1
+        self._queue.put(item)
+
+    @property
+    def pending(self) -> int:
+        with self._progress:
+            return self._submitted - self._committed
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until everything submitted so far is committed; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._progress:
+            target = self._submitted
+            while self._committed < target:
+                left = deadline - time.monotonic()
+                if left <= 0 or (self._thread is None or not self._thread.is_alive()):
+                    return self._committed >= target
+                self._progress.wait(min(left, 0.5))
+        return True
+
+    # -- the thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while not (self._stop.is_set() and self._queue.empty()):
+            try:
+                first = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._commit_until_done(batch)
+
+    def _commit_until_done(self, batch: list[ReceivedInstance]) -> None:
+        """Job boundary: a failed transaction is retried; the files are already durable."""
+        while True:
+            try:
+                self.record(batch)
+                self.last_error = ""
+                break
+            except (SQLAlchemyError, OSError) as exc:
+                self.last_error = f"recording {len(batch)} instances failed: {exc}"
+                log.error("%s; retrying in %.0f s", self.last_error, RETRY_DELAY_S)
+                if self._stop.wait(RETRY_DELAY_S):
+                    # Stopping with a failing database: the files stay in incoming/
+                    # and the next start records them.
+                    break
+        with self._progress:
+            self._committed += len(batch)
+            self._progress.notify_all()
+
+    def record(self, batch: list[ReceivedInstance]) -> None:
+        """Record a batch in one transaction (also usable directly, e.g. in tests)."""
+        stale: list[Path] = []
+        with self._audit.transaction() as session:
+            series_by_uid = _load_series(session, {item.series_uid for item in batch})
+            instances = _load_instances(session, {item.sop_uid for item in batch})
+            for item in batch:
+                series = series_by_uid.get(item.series_uid)
+                if series is None:
+                    series = _new_series(item)
+                    session.add(series)
+                    session.flush()
+                    series_by_uid[item.series_uid] = series
+                    self._audit.record_in(session, AuditKind.SERIES_STATE,
+                                          study_uid=item.study_uid, series_uid=item.series_uid,
+                                          peer=item.peer, to=SeriesState.RECEIVING,
+                                          reason="first instance")
+                elif series.state != SeriesState.RECEIVING:
+                    self._reopen(session, series, item)
+                series.last_received_at = max(as_utc(series.last_received_at), item.received_at)
+                if item.calling_ae:
+                    series.calling_ae = item.calling_ae
+                    series.peer_address = item.peer_address
+                instance = instances.get(item.sop_uid)
+                duplicate = instance is not None
+                moved_from = ""
+                if instance is not None and instance.series_id != series.id:
+                    # The same SOP Instance UID re-sent in another series: it moves there.
+                    old_series = session.get(Series, instance.series_id)
+                    if old_series is not None:
+                        old_series.instance_count -= 1
+                        moved_from = old_series.series_uid
+                    instance.series_id = series.id
+                    series.instance_count += 1
+                if instance is not None and instance.path and instance.path != item.path:
+                    stale.append(Path(instance.path))
+                if instance is None:
+                    instance = Instance(sop_uid=item.sop_uid, series_id=series.id,
+                                        path=item.path, sop_class_uid=item.sop_class_uid,
+                                        transfer_syntax_uid=item.transfer_syntax_uid,
+                                        size_bytes=item.size_bytes)
+                    session.add(instance)
+                    instances[item.sop_uid] = instance
+                    series.instance_count += 1
+                _fill(instance, item)
+                detail: dict[str, Any] = {"bytes": item.size_bytes, "replaced": duplicate}
+                if moved_from:
+                    detail["moved_from_series"] = moved_from
+                if item.recovered:
+                    detail["recovered"] = "file without a database row found at start-up"
+                self._audit.record_in(session, AuditKind.INSTANCE_STORED,
+                                      study_uid=item.study_uid, series_uid=item.series_uid,
+                                      sop_uid=item.sop_uid, peer=item.peer, **detail)
+        for old_file in stale:  # after the commit: no row points at it any more
+            old_file.unlink(missing_ok=True)
+
+    def _reopen(self, session: Session, series: Series, item: ReceivedInstance) -> None:
+        previous = series.state
+        if series.state in SeriesState.FINISHED:
+            series.version += 1
+        series.state = SeriesState.RECEIVING
+        series.state_reason = "late instance arrived"
+        series.updated_at = utcnow()
+        self._audit.record_in(session, AuditKind.SERIES_STATE, study_uid=item.study_uid,
+                              series_uid=item.series_uid, peer=item.peer,
+                              to=SeriesState.RECEIVING, previous=previous,
+                              version=series.version, reason="late instance arrived")
+
+
+def _load_series(session: Session, uids: set[str]) -> dict[str, Series]:
+    rows = session.scalars(select(Series).where(Series.series_uid.in_(uids))).all()
+    return {row.series_uid: row for row in rows}
+
+
+def _load_instances(session: Session, uids: set[str]) -> dict[str, Instance]:
+    found: dict[str, Instance] = {}
+    ordered = sorted(uids)
+    for start in range(0, len(ordered), 500):  # stay under SQLite's variable limit
+        chunk = ordered[start : start + 500]
+        for row in session.scalars(select(Instance).where(Instance.sop_uid.in_(chunk))):
+            found[row.sop_uid] = row
+    return found
+
+
+def _new_series(item: ReceivedInstance) -> Series:
+    return Series(series_uid=item.series_uid, study_uid=item.study_uid,
+                  patient_id=item.patient_id, accession_number=item.accession_number,
+                  modality=item.modality, description=item.description,
+                  calling_ae=item.calling_ae, peer_address=item.peer_address,
+                  state=SeriesState.RECEIVING, first_received_at=item.received_at,
+                  last_received_at=item.received_at, updated_at=item.received_at)
+
+
+def _fill(instance: Instance, item: ReceivedInstance) -> None:
+    instance.path = item.path
+    instance.size_bytes = item.size_bytes
+    instance.transfer_syntax_uid = item.transfer_syntax_uid
+    instance.instance_number = item.instance_number
+    instance.position_mm = item.position_mm
+    instance.images_in_acquisition = item.images_in_acquisition
+    if item.association_id is not None:
+        instance.association_id = item.association_id
+    instance.received_at = item.received_at
+
+
+def unrecorded_files(session: Session, store: FileStore) -> Iterator[Path]:
+    """Files in ``incoming/`` that no instance row points at (a crash after the file was
+    made durable and before its row was committed)."""
+    if not store.incoming.is_dir():
+        return
+    known = set(session.scalars(select(Instance.path)))
+    for path in sorted(store.incoming.glob("*/*/*.dcm")):
+        if str(path) not in known:
+            yield path
