@@ -108,6 +108,10 @@ class OutboxConfig:
     send_interval_s: float = 1.0
     dimse_timeout_s: float = 10.0
     batch_size: int = 500
+    #: Associations opened in parallel to one destination for a batch of at least
+    #: ``2 * min_instances_per_association`` instances; each sends a contiguous share.
+    associations_per_destination: int = 2
+    min_instances_per_association: int = 32
 
 
 @dataclass(frozen=True)
@@ -262,6 +266,9 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     if analysis.tbr_threshold <= 1.0:
         raise ConfigError("analysis.tbr_threshold must be > 1.0 (a ratio to background)")
     outbox: OutboxConfig = _build(OutboxConfig, "outbox", _table(raw, "outbox"))
+    if not 1 <= outbox.associations_per_destination <= 16 or outbox.min_instances_per_association < 1:
+        raise ConfigError("outbox.associations_per_destination must be 1..16 and "
+                          "outbox.min_instances_per_association >= 1")
     output: OutputConfig = _build(OutputConfig, "output", _table(raw, "output"))
     retention: RetentionConfig = _build(RetentionConfig, "retention", _table(raw, "retention"))
     if retention.incoming_h < 0 or retention.outputs_h < 0 or retention.interval_s <= 0:

@@ -1,4 +1,4 @@
-"""The outbox sender: C-STORE of queued outputs, one association per destination and batch.
+"""The outbox sender: C-STORE of queued outputs, per destination and batch.
 
 Statuses are handled by class: success and warnings (B000, B006, B007) mark the
 entry sent (warnings audited as such); refusals that will not change (A9xx, Cxxx,
@@ -6,7 +6,8 @@ entry sent (warnings audited as such); refusals that will not change (A9xx, Cxxx
 retried with exponential backoff and jitter until ``max_attempts`` or ``max_age_h``,
 then dead-lettered. Each destination has its own association, thread and retry
 times: after a failed association all its due entries wait out the backoff (the
-circuit is open) while the other destinations go on.
+circuit is open) while the other destinations go on. A large batch is split into
+contiguous shares sent over ``associations_per_destination`` parallel associations.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -34,6 +36,9 @@ from storage.audit import AuditKind, AuditLog
 from storage.models import OutboxEntry, OutboxState, OutputInstance, Series, as_utc, utcnow
 
 log = logging.getLogger(__name__)
+
+# (outbox entry id, file path, SOP class, SOP instance UID, study UID, series UID)
+_Work = tuple[int, str, str, str, str, str]
 
 
 def is_permanent_failure(status: int) -> bool:
@@ -79,7 +84,7 @@ class Sender:
                 .order_by(OutboxEntry.id).limit(cfg.batch_size)).all()
             if not entries:
                 return 0
-            work = []
+            work: list[_Work] = []
             for entry in entries:
                 output = session.get(OutputInstance, entry.output_id)
                 assert output is not None
@@ -88,6 +93,35 @@ class Sender:
                              series.study_uid if series else "", output.series_uid))
             first = entries[0]
             ae_title, host, port = first.ae_title, first.host, first.port
+        dest = next((d for d in self.config.destinations if d.name == destination), None)
+        tls = dest.tls if dest is not None else TlsConfig()
+        try:
+            tls_args = client_tls_args(tls, host, section=f"destination {destination!r} tls")
+        except ConfigError as exc:  # certificate files gone or replaced by bad ones
+            self._retry_all([item[0] for item in work], f"TLS set-up failed: {exc}")
+            return 0
+        shares = self._shares(work)
+        if len(shares) == 1:
+            return self._send_over_association(shares[0], ae_title, host, port, tls_args,
+                                               tls.enabled)
+        # pynetdicom spends most of a C-STORE waiting on its polling reactors; a second
+        # association overlaps that wait with the other's work and bookkeeping.
+        with ThreadPoolExecutor(max_workers=len(shares),
+                                thread_name_prefix=f"send-{destination}") as pool:
+            return sum(pool.map(lambda share: self._send_over_association(
+                share, ae_title, host, port, tls_args, tls.enabled), shares))
+
+    def _shares(self, work: list[_Work]) -> list[list[_Work]]:
+        """Split a batch into contiguous shares, one per association."""
+        cfg = self.config.outbox
+        count = max(1, min(cfg.associations_per_destination,
+                           len(work) // cfg.min_instances_per_association))
+        size = -(-len(work) // count)
+        return [work[i : i + size] for i in range(0, len(work), size)]
+
+    def _send_over_association(self, work: list[_Work], ae_title: str, host: str, port: int,
+                               tls_args: Any, tls_enabled: bool) -> int:
+        cfg = self.config.outbox
         sop_classes = sorted({item[2] for item in work})
         ae = AE(ae_title=self.config.receiver.ae_title)
         apply_identity(ae)
@@ -96,18 +130,11 @@ class Sender:
         ae.network_timeout = cfg.dimse_timeout_s
         for sop_class in sop_classes:
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        dest = next((d for d in self.config.destinations if d.name == destination), None)
-        tls = dest.tls if dest is not None else TlsConfig()
-        try:
-            tls_args = client_tls_args(tls, host, section=f"destination {destination!r} tls")
-        except ConfigError as exc:  # certificate files gone or replaced by bad ones
-            self._retry_all([item[0] for item in work], f"TLS set-up failed: {exc}")
-            return 0
         assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
         if not assoc.is_established:
             reason = ("association rejected" if assoc.is_rejected else
                       "association aborted" if assoc.is_aborted else
-                      "cannot connect or TLS handshake failed" if tls.enabled else
+                      "cannot connect or TLS handshake failed" if tls_enabled else
                       "cannot connect")
             self._retry_all([item[0] for item in work], f"{reason} ({ae_title}@{host}:{port})")
             return 0
