@@ -1,4 +1,4 @@
-"""``dicom-node``: serve, echo, audit, status."""
+"""``dicom-node``: serve, receive, echo, audit, status, outbox, check-config."""
 
 from __future__ import annotations
 
@@ -29,6 +29,42 @@ def _load(args: argparse.Namespace) -> NodeConfig:
     return load_config(path)
 
 
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    from dicom_node.service import ReceiveOnlyNode
+    from dicom_node.systemd_notify import Notifier
+
+    config = _load(args)
+    if args.port == config.receiver.port:
+        print(f"dicom-node receive: --port must differ from receiver.port ({args.port}), "
+              "where 'dicom-node serve' listens", file=sys.stderr)
+        return 2
+    node = ReceiveOnlyNode(config, args.port)
+    stop = _stop_on_signals()
+    notifier = Notifier.from_environment()
+    node.start()
+    notifier.ready(f"receive-only, listening as {config.receiver.ae_title} on "
+                   f"{config.receiver.bind_address}:{node.receiver.port}")
+    print(f"dicom-node receive-only listening as {config.receiver.ae_title} on "
+          f"{config.receiver.bind_address}:{node.receiver.port}", flush=True)
+    while not stop.wait(timeout=0.5):  # wake now and then: see cmd_serve
+        notifier.watchdog()
+    notifier.stopping("stopping: recording what was received")
+    node.stop()
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.service import Node
     from dicom_node.systemd_notify import Notifier
@@ -43,14 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "('make demo-model' rebuilds it).",
               file=sys.stderr)
         return 2
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("signal %d: shutting down", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = _stop_on_signals()
     notifier = Notifier.from_environment()
     node.start(heartbeat=notifier.watchdog)
     notifier.ready(f"listening as {config.receiver.ae_title} on "
@@ -254,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("serve", "run the node until SIGINT/SIGTERM").set_defaults(func=cmd_serve)
+    receive = add("receive", "a second, receive-only Storage SCP process on another port "
+                             "(same database and store) for many concurrent senders")
+    receive.add_argument("--port", type=int, required=True)
+    receive.set_defaults(func=cmd_receive)
     echo = add("echo", "C-ECHO the destinations (or --host/--port)")
     echo.add_argument("--host")
     echo.add_argument("--port", type=int, default=104)

@@ -59,6 +59,10 @@ class ReceiverConfig:
     network_timeout_s: float = 60.0
     min_free_disk_mb: float = 500.0
     max_instance_mb: float = 2048.0
+    #: true: fsync each instance before its C-STORE response. false: the instance recorder
+    #: fsyncs the files of each batch before committing their rows, and an association's
+    #: release is answered only after that (durable per association, not per instance).
+    fsync_each_instance: bool = False
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from storage.audit import AuditKind, AuditLog
-from storage.file_store import FileStore
+from storage.file_store import FileStore, fsync_file
 from storage.models import Instance, Series, SeriesState, as_utc, utcnow
 
 log = logging.getLogger(__name__)
 
 #: Most instances committed in one transaction.
 MAX_BATCH = 512
+#: After the first instance of a batch, wait at most this long for more (a release
+#: cuts it short), so one sender's stream commits a few times a second, not per instance.
+LINGER_S = 0.05
 #: Wait before retrying a batch whose transaction failed (database locked, disk full).
 RETRY_DELAY_S = 1.0
 
@@ -65,14 +68,18 @@ class ReceivedInstance:
     association_id: int | None
     received_at: datetime
     recovered: bool = False
+    needs_sync: bool = False  # the handler did not fsync it: the recorder does
 
 
 class InstanceRecorder:
     """A single thread that commits received instances in batches."""
 
-    def __init__(self, audit: AuditLog, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, audit: AuditLog, max_batch: int = MAX_BATCH,
+                 linger_s: float = LINGER_S) -> None:
         self._audit = audit
         self._max_batch = max_batch
+        self._linger_s = linger_s
+        self._urgent = threading.Event()
         self._queue: queue.Queue[ReceivedInstance] = queue.Queue()
         self._submitted = 0
         self._committed = 0
@@ -111,13 +118,15 @@ class InstanceRecorder:
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until everything submitted so far is committed; False on timeout."""
         deadline = time.monotonic() + timeout_s
+        self._urgent.set()
         with self._progress:
             target = self._submitted
             while self._committed < target:
                 left = deadline - time.monotonic()
                 if left <= 0 or (self._thread is None or not self._thread.is_alive()):
                     return self._committed >= target
-                self._progress.wait(min(left, 0.5))
+                self._urgent.set()  # the batch being formed commits without lingering
+                self._progress.wait(min(left, 0.01))
         return True
 
     # -- the thread ---------------------------------------------------------------------
@@ -128,11 +137,21 @@ class InstanceRecorder:
             except queue.Empty:
                 continue
             batch = [first]
+            until = time.monotonic() + self._linger_s
             while len(batch) < self._max_batch:
                 try:
                     batch.append(self._queue.get_nowait())
+                    continue
                 except queue.Empty:
+                    pass
+                left = until - time.monotonic()
+                if left <= 0 or self._urgent.is_set() or self._stop.is_set():
                     break
+                try:
+                    batch.append(self._queue.get(timeout=min(left, 0.005)))
+                except queue.Empty:
+                    continue
+            self._urgent.clear()
             self._commit_until_done(batch)
 
     def _commit_until_done(self, batch: list[ReceivedInstance]) -> None:
@@ -154,7 +173,11 @@ class InstanceRecorder:
             self._progress.notify_all()
 
     def record(self, batch: list[ReceivedInstance]) -> None:
-        """Record a batch in one transaction (also usable directly, e.g. in tests)."""
+        """Make the batch's files durable, then record it in one transaction (also usable
+        directly, e.g. in tests)."""
+        for item in batch:
+            if item.needs_sync:
+                fsync_file(Path(item.path))  # gone: replaced by a later copy, fsynced then
         stale: list[Path] = []
         with self._audit.transaction() as session:
             series_by_uid = _load_series(session, {item.series_uid for item in batch})
@@ -203,7 +226,7 @@ class InstanceRecorder:
                     detail["moved_from_series"] = moved_from
                 if item.recovered:
                     detail["recovered"] = "file without a database row found at start-up"
-                self._audit.record_in(session, AuditKind.INSTANCE_STORED,
+                self._audit.record_batched_in(session, AuditKind.INSTANCE_STORED,
                                       study_uid=item.study_uid, series_uid=item.series_uid,
                                       sop_uid=item.sop_uid, peer=item.peer, **detail)
         for old_file in stale:  # after the commit: no row points at it any more

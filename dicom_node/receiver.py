@@ -318,17 +318,19 @@ class Receiver:
                                reason=reason[:500])
             return dimse_status.CANNOT_UNDERSTAND
         try:
+            sync = self.config.receiver.fsync_each_instance
             if streamed is not None:
-                atomic_move(streamed, path)
+                atomic_move(streamed, path, sync=sync)
             else:
-                atomic_write(path, data)
+                atomic_write(path, data, sync=sync)
         except OSError as exc:
             self._audit.record(AuditKind.INSTANCE_REFUSED, outcome="error", peer=peer,
                                study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
                                reason=f"write failed: {exc}")
             return dimse_status.OUT_OF_RESOURCES
-        # The file is durable: the recorder commits its row with the next batch (and a
-        # start-up scan records it should the node die before that).
+        # The file is in the store: the recorder makes it durable (unless that was done
+        # above) and commits its row with the next batch; a start-up scan records it
+        # should the node die before that.
         self.recorder.submit(self._received(header, event, str(path), size, peer, address))
         return dimse_status.SUCCESS
 
@@ -343,7 +345,8 @@ class Receiver:
         return received_instance(header, path, size, str(event.context.transfer_syntax),
                                  calling_ae=str(event.assoc.requestor.ae_title).strip(),
                                  peer_address=address, peer=peer,
-                                 association_id=self._assoc_ids.get(id(event.assoc)))
+                                 association_id=self._assoc_ids.get(id(event.assoc)),
+                                 needs_sync=not self.config.receiver.fsync_each_instance)
 
     def record_unrecorded_files(self) -> int:
         """Record files in ``incoming/`` that have no database row (the node died after
@@ -357,7 +360,8 @@ class Receiver:
                 syntax = str(header.file_meta.get("TransferSyntaxUID", ""))
                 items.append(received_instance(header, str(path), path.stat().st_size, syntax,
                                                calling_ae="", peer_address="", peer="recovered",
-                                               association_id=None, recovered=True))
+                                               association_id=None, recovered=True,
+                                               needs_sync=True))
             except (InvalidDicomError, AttributeError, ValueError, OSError) as exc:
                 log.error("cannot recover %s: %s", path, exc)
         for start in range(0, len(items), 256):
@@ -369,7 +373,8 @@ class Receiver:
 
 def received_instance(header: Any, path: str, size: int, transfer_syntax: str, *,
                       calling_ae: str, peer_address: str, peer: str,
-                      association_id: int | None, recovered: bool = False) -> ReceivedInstance:
+                      association_id: int | None, recovered: bool = False,
+                      needs_sync: bool = False) -> ReceivedInstance:
     """The recorder's view of one instance, from its header."""
     number = header.get("InstanceNumber")
     images = header.get("ImagesInAcquisition")
@@ -385,4 +390,5 @@ def received_instance(header: Any, path: str, size: int, transfer_syntax: str, *
         position_mm=slice_position_mm(header),
         images_in_acquisition=int(images) if images not in (None, "") else None,
         calling_ae=calling_ae, peer_address=peer_address, peer=peer,
-        association_id=association_id, received_at=utcnow(), recovered=recovered)
+        association_id=association_id, received_at=utcnow(), recovered=recovered,
+        needs_sync=needs_sync)

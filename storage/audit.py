@@ -61,10 +61,15 @@ class AuditLog:
     the database's.
     """
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], shared: bool = True) -> None:
         self._sessions = sessions
         self._lock = threading.RLock()
         self._last_hash: str | None = None
+        # Other processes (``dicom-node receive``, ``dicom-node outbox retry``) append to
+        # the same chain: every transaction takes the database's write lock first (SQLite:
+        # BEGIN IMMEDIATE) and re-reads the chain's end. ``shared=False`` only for a
+        # database no other process writes to.
+        self.shared = shared
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -72,6 +77,10 @@ class AuditLog:
         recorded in it); rolled back, events included, on an exception."""
         with self._lock, self._sessions() as session:
             try:
+                if self.shared:
+                    if session.get_bind().dialect.name == "sqlite":
+                        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+                    self._last_hash = None
                 yield session
                 session.commit()
             except BaseException:
@@ -95,8 +104,18 @@ class AuditLog:
         with self._lock:
             self._append(session, kind, outcome, study_uid, series_uid, sop_uid, peer, detail_text)
 
+    def record_batched_in(self, session: Session, kind: str, *, outcome: str = "ok",
+                          study_uid: str = "", series_uid: str = "", sop_uid: str = "",
+                          peer: str = "", **detail: Any) -> None:
+        """As :meth:`record_in`, without flushing each event: the events of a batch are
+        inserted together at commit, in the order they were recorded."""
+        detail_text = json.dumps(detail, sort_keys=True, default=str) if detail else ""
+        with self._lock:
+            self._append(session, kind, outcome, study_uid, series_uid, sop_uid, peer,
+                         detail_text, flush=False)
+
     def _append(self, session: Session, kind: str, outcome: str, study: str, series: str,
-                sop: str, peer: str, detail: str) -> None:
+                sop: str, peer: str, detail: str, flush: bool = True) -> None:
         if self._last_hash is None:
             last = session.scalars(
                 select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).first()
@@ -106,7 +125,8 @@ class AuditLog:
         session.add(AuditEvent(at=at, kind=kind, outcome=outcome, study_uid=study,
                                series_uid=series, sop_uid=sop, peer=peer, detail=detail,
                                prev_hash=self._last_hash, hash=digest))
-        session.flush()
+        if flush:
+            session.flush()
         self._last_hash = digest
 
 

@@ -35,33 +35,36 @@ def check_uid(uid: str, what: str = "UID") -> str:
 
 
 @contextmanager
-def atomic_writer(path: Path) -> Iterator[BinaryIO]:
-    """A binary handle on a temporary file beside ``path``; on success it is fsynced and
-    renamed over ``path``, on an exception removed. Readers never see a partial file."""
+def atomic_writer(path: Path, sync: bool = True) -> Iterator[BinaryIO]:
+    """A binary handle on a temporary file beside ``path``; on success it is fsynced
+    (unless ``sync`` is false) and renamed over ``path``, on an exception removed.
+    Readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write(path: Path, data: bytes | bytearray | memoryview) -> None:
+def atomic_write(path: Path, data: bytes | bytearray | memoryview, sync: bool = True) -> None:
     """Write bytes to ``path`` atomically (see :func:`atomic_writer`)."""
-    with atomic_writer(path) as handle:
+    with atomic_writer(path, sync) as handle:
         handle.write(data)
 
 
-def atomic_move(source: Path, path: Path) -> None:
-    """Make ``source`` durable and rename it to ``path``; copy in chunks across filesystems."""
+def atomic_move(source: Path, path: Path, sync: bool = True) -> None:
+    """Rename ``source`` to ``path`` (made durable first unless ``sync`` is false: then the
+    caller fsyncs later, see :func:`fsync_file`); copy in chunks across filesystems."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with source.open("rb") as handle:
-        os.fsync(handle.fileno())
+    if sync:
+        fsync_file(source)
     try:
         os.replace(source, path)
         return
@@ -73,11 +76,25 @@ def atomic_move(source: Path, path: Path) -> None:
         with os.fdopen(fd, "wb") as out, source.open("rb") as src:
             shutil.copyfileobj(src, out, 1 << 20)
             out.flush()
-            os.fsync(out.fileno())
+            if sync:
+                os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_file(path: Path) -> bool:
+    """Flush a file's data to disk; False if it is gone (replaced or deleted meanwhile)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 class FileStore:

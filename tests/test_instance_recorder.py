@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,8 +17,9 @@ from sqlalchemy import func, select
 from dicom_node.config import NodeConfig
 from dicom_node.service import Node
 from storage.audit import AuditKind, verify_chain
+from storage.database import make_engine, make_session_factory
 from storage.models import AuditEvent, Instance, Series, SeriesState
-from tests.conftest import pynetdicom_send, storescu
+from tests.conftest import PynetdicomPacs, free_port, pynetdicom_send, storescu, wait_for
 from tests.dicom_factory import SeriesSpec, write_series
 
 
@@ -113,3 +119,82 @@ def test_file_without_row_is_recorded_at_start(
         assert verify_chain(session).ok
     # a second start finds nothing more to recover
     assert restarted.receiver.record_unrecorded_files() == 0
+
+
+def test_receive_only_process_beside_the_node(
+        tmp_path: Path, test_weights: Path, pynetdicom_pacs: PynetdicomPacs) -> None:
+    """``dicom-node receive --port P`` (a second process on the same database and store)
+    takes two series from two storescu senders while ``dicom-node serve`` takes a third;
+    the node processes all three and delivers their results, and the audit chain both
+    processes appended to stays intact."""
+    port, second_port = free_port(), free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f"""
+[node]
+data_dir = "{tmp_path / 'node'}"
+[receiver]
+ae_title = "DICOMNODE"
+port = {port}
+min_free_disk_mb = 1.0
+[series]
+stable_after_s = 2.0
+complete_grace_s = 0.5
+sweep_interval_s = 0.2
+[selection]
+min_slices = 8
+[model]
+weights_path = "{test_weights}"
+device = "cpu"
+batch_size = 4
+[outbox]
+retry_initial_s = 0.5
+retry_max_s = 1.0
+send_interval_s = 0.2
+[[peers]]
+ae_title = "STORESCU"
+[[destinations]]
+name = "pacs"
+ae_title = "{pynetdicom_pacs.ae_title}"
+host = "127.0.0.1"
+port = {pynetdicom_pacs.port}
+""")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "dicom_node.cli", *args, "--config",
+                               str(config)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+             for args in (["serve"], ["receive", "--port", str(second_port)])]
+    try:
+        assert wait_for(lambda: _listening(port) and _listening(second_port), 120, 0.1)
+        series = [write_series(tmp_path / f"s{i}", SeriesSpec(n_slices=12, patient_id=f"P{i}"),
+                               seed=10 + i) for i in range(3)]
+        senders = [threading.Thread(target=storescu, args=(files, p))
+                   for files, p in zip(series, (second_port, second_port, port), strict=True)]
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join()
+        # 12 SC + SEG + SR per series, or 12 SC + SR when no lesion is found
+        assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= 3 * 13, 180, 0.5)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=60)
+    assert all(proc.returncode == 0 for proc in procs), [p.stderr.read() for p in procs if p.stderr]
+    studies = {str(ds.StudyInstanceUID) for ds in pynetdicom_pacs.received.read_all()}
+    assert studies == {str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+                       for files in series}
+    engine = make_engine(f"sqlite:///{tmp_path / 'node' / 'dicom-node.db'}")
+    with make_session_factory(engine)() as session:
+        assert verify_chain(session).ok
+        starts = list(session.scalars(select(AuditEvent.detail).where(
+            AuditEvent.kind == AuditKind.NODE_START)))
+        assert any("receive-only" in detail for detail in starts)
+        assert session.scalar(select(func.count()).select_from(Instance)) == 36
+    engine.dispose()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
