@@ -35,8 +35,22 @@ from benchmarks._common import (
 from benchmarks._pipeline import Timer, make_context, output_paths, reset_outbox, run_series_timed
 
 
-def pynetdicom_send(files: list[Path], port: int, *, nodelay: bool, from_path: bool) -> float:
-    """pynetdicom SCU, one association; ``from_path`` sends the file bytes undecoded."""
+def pynetdicom_send(files: list[Path], port: int, *, nodelay: bool, from_path: bool,
+                    chunked: bool = False) -> float:
+    """pynetdicom SCU, one association; ``from_path`` passes the file path (pynetdicom
+    then decodes and re-encodes it), ``chunked`` also sets pynetdicom's
+    STORE_SEND_CHUNKED_DATASET (the file's bytes are streamed undecoded)."""
+    from pynetdicom import _config
+
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = chunked
+    try:
+        return _pynetdicom_send(files, port, nodelay=nodelay, from_path=from_path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = before
+
+
+def _pynetdicom_send(files: list[Path], port: int, *, nodelay: bool, from_path: bool) -> float:
     from pydicom import dcmread
     from pynetdicom import AE
 
@@ -109,6 +123,9 @@ def main() -> None:
                  lambda: pynetdicom_send(files, scp.port, nodelay=True, from_path=False)),
                 ("pynetdicom + TCP_NODELAY, send file path",
                  lambda: pynetdicom_send(files, scp.port, nodelay=True, from_path=True)),
+                ("pynetdicom + TCP_NODELAY, file streamed (chunked)",
+                 lambda: pynetdicom_send(files, scp.port, nodelay=True, from_path=True,
+                                         chunked=True)),
             ]
             for _ in range(runs):
                 for name, fn in senders:

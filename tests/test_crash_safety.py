@@ -171,8 +171,9 @@ def _check_exactly_once(data: Path, pacs: SlowPacs, n_slices: int) -> None:
     assert all(j.state in ("done", "abandoned") for j in jobs)
     assert len(entries) == expected and {e.state for e in entries} == {"sent"}
     # the destination saw each result at least once; a second copy is only ever a
-    # re-send of the same UID that was in flight at the kill
-    assert sum(count - 1 for count in pacs.seen.values()) <= 1
+    # re-send of the UID in flight at the kill or of one whose outcome was still waiting
+    # for its group commit (OUTCOME_LINGER_S, 50 ms: one more at this PACS's 10/s)
+    assert sum(count - 1 for count in pacs.seen.values()) <= 2
     store = data / "store"
     assert not list(store.rglob(".tmp-*"))
     for path in store.rglob("*.dcm"):
