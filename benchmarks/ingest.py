@@ -16,6 +16,8 @@ import argparse
 import logging
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -33,6 +35,7 @@ from benchmarks._common import (
     median,
     node_raw_config,
     port_open,
+    storescu_popen,
     storescu_timed,
     table,
     wait_for,
@@ -168,6 +171,71 @@ def run_node(files: list[Path], work: Path, senders: int) -> float:
         node.stop()
 
 
+TWO_PROCESSES = "dicom-node serve + receive (2 processes)"
+
+
+def _toml(raw: dict[str, Any]) -> str:
+    """The few TOML shapes a node config uses: tables of scalars and string lists, and
+    arrays of tables."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines: list[str] = []
+    for name, section in raw.items():
+        if isinstance(section, dict):
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {value(v)}" for k, v in section.items()]
+        else:
+            for table_ in section:
+                lines.append(f"[[{name}]]")
+                lines += [f"{k} = {value(v)}" for k, v in table_.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_node_two_processes(files: list[Path], work: Path, senders: int) -> float:
+    """``dicom-node serve`` (in this process) plus ``dicom-node receive`` (a second
+    process, same database and store) on its own port; the senders alternate ports."""
+    from dicom_node.config import parse_config
+    from dicom_node.service import Node
+
+    port, second = free_port(), free_port()
+    raw = node_raw_config(work / "node", port)
+    config_path = work / "node.toml"
+    config_path.write_text(_toml(raw))
+    node = Node(parse_config(raw, work))
+    node.start()
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "receive", "--port",
+                             str(second), "--config", str(config_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        # Wait for its "listening" line: probing the port would leave half-open
+        # associations that count against max_associations until their ARTIM timeout.
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "listening" not in line:
+            raise RuntimeError(f"dicom-node receive did not start: {line!r}")
+        wait_for(lambda: port_open(port), 10)
+        chunks = [list(files[i::senders]) for i in range(senders)]
+        started = time.perf_counter()
+        procs = [storescu_popen(chunk, (port, second)[i % 2], "DICOMNODE", "STORESCU", ())
+                 for i, chunk in enumerate(chunks) if chunk]
+        for sender in procs:
+            _, err = sender.communicate(timeout=600)
+            if sender.returncode != 0:
+                raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-300:]}")
+        return time.perf_counter() - started
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        node.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="runs per cell (median)")
@@ -183,6 +251,7 @@ def main() -> None:
         ("bare pynetdicom (write)", lambda f, w, s: run_bare(f, w, s, fsync=False)),
         ("bare pynetdicom (fsync+rename)", lambda f, w, s: run_bare(f, w, s, fsync=True)),
         ("dicom-node Receiver", run_node),
+        (TWO_PROCESSES, run_node_two_processes),
     ]
     times: dict[tuple[str, int, str], list[float]] = defaultdict(list)
     sizes: dict[str, tuple[int, int]] = {}
@@ -198,6 +267,8 @@ def main() -> None:
             for label, files in series.items():
                 for senders in (1, 4):
                     for name, fn in receivers:
+                        if name == TWO_PROCESSES and senders == 1:
+                            continue  # one sender reaches one port, i.e. one process
                         work = Path(tempfile.mkdtemp(prefix="r-", dir=root))
                         measure = name == "dicom-node Receiver" and senders == 1 and \
                             label == datasets[0][0]
@@ -218,6 +289,8 @@ def main() -> None:
             ref_dcmtk = median(times[(label, senders, "DCMTK storescp")])
             ref_bare = median(times[(label, senders, "bare pynetdicom (write)")])
             for name, _ in receivers:
+                if not times[(label, senders, name)]:
+                    continue
                 t = median(times[(label, senders, name)])
                 rows.append([label, senders, name, fmt(count / t, 0),
                              fmt(nbytes / t / 1e6, 1), fmt(ref_dcmtk / t, 3),
