@@ -63,6 +63,9 @@ class ReceiverConfig:
     #: fsyncs the files of each batch before committing their rows, and an association's
     #: release is answered only after that (durable per association, not per instance).
     fsync_each_instance: bool = False
+    #: Ports of receive-only processes that ``dicom-node serve`` starts beside itself
+    #: (``dicom-node receive``): many concurrent senders spread over them use more cores.
+    extra_ports: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -240,9 +243,19 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         data_dir = (base_dir / data_dir).resolve()
     database_url = str(node.get("database_url", "")) or f"sqlite:///{data_dir / 'dicom-node.db'}"
 
-    receiver: ReceiverConfig = _build(ReceiverConfig, "receiver", _table(raw, "receiver"))
+    receiver_raw = dict(_table(raw, "receiver"))
+    extra_ports = receiver_raw.pop("extra_ports", [])
+    if not isinstance(extra_ports, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in extra_ports):
+        raise ConfigError("receiver.extra_ports must be a list of port numbers")
+    receiver: ReceiverConfig = _build(ReceiverConfig, "receiver", receiver_raw,
+                                      extra_ports=tuple(extra_ports))
     _check_ae(receiver.ae_title, "receiver.ae_title")
     _check_port(receiver.port, "receiver.port")
+    for extra_port in receiver.extra_ports:
+        _check_port(extra_port, "receiver.extra_ports")
+    if len({receiver.port, *receiver.extra_ports}) != 1 + len(receiver.extra_ports):
+        raise ConfigError("receiver.extra_ports must differ from receiver.port and each other")
     series: SeriesConfig = _build(SeriesConfig, "series", _table(raw, "series"))
     if series.stable_after_s < 0 or series.sweep_interval_s <= 0:
         raise ConfigError("series.stable_after_s must be >= 0 and series.sweep_interval_s > 0")

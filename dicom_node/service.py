@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import replace
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.inference import Predictor, pick_device
 from dicom_node.metrics_http import MetricsServer
 from dicom_node.model_weights import load_weights
@@ -44,6 +47,7 @@ class Node:
         self.sender = Sender(config, self.sessions, self.audit)
         self.scheduler: BackgroundScheduler | None = None
         self.metrics: MetricsServer | None = None
+        self._receive_processes: list[subprocess.Popen[bytes]] = []
         self._stopped = threading.Event()
 
     def start(self, heartbeat: Callable[[], None] | None = None) -> None:
@@ -51,6 +55,7 @@ class Node:
         unrecorded = self.receiver.record_unrecorded_files()
         resumed = recover(self.ctx)
         self.receiver.start()
+        self._start_receive_processes()
         self.scheduler = build_scheduler(self.ctx, self.sender, heartbeat)
         self.scheduler.start()
         if self.config.metrics.enabled:
@@ -66,10 +71,36 @@ class Node:
         log.info("node started: model %s %s on %s", card.name, card.version,
                  self.ctx.predictor.device)
 
+    def _start_receive_processes(self) -> None:
+        """``dicom-node receive`` on each of receiver.extra_ports, from the same config file."""
+        ports = self.config.receiver.extra_ports
+        if not ports:
+            return
+        if self.config.source_path is None:
+            raise ConfigError("receiver.extra_ports needs the node started from a config file")
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # main only
+        for port in ports:
+            self._receive_processes.append(subprocess.Popen(
+                [sys.executable, "-m", "dicom_node.cli", "receive", "--port", str(port),
+                 "--config", str(self.config.source_path)], env=env))
+            log.info("started receive-only process on port %d", port)
+
+    def _stop_receive_processes(self) -> None:
+        for proc in self._receive_processes:
+            proc.terminate()
+        for proc in self._receive_processes:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._receive_processes.clear()
+
     def healthy(self) -> bool:
         """Listening, and the scheduler (sweep, inference, send) is running."""
         return (not self._stopped.is_set() and self.receiver.is_listening
-                and self.scheduler is not None and self.scheduler.running)
+                and self.scheduler is not None and self.scheduler.running
+                and all(proc.poll() is None for proc in self._receive_processes))
 
     def stop(self) -> None:
         """Stop accepting, let the running job finish, flush, close."""
@@ -78,6 +109,7 @@ class Node:
         self._stopped.set()
         self.ctx.stopping.set()
         self.receiver.stop()
+        self._stop_receive_processes()
         if self.metrics is not None:
             self.metrics.stop()
         if self.scheduler is not None:

@@ -123,10 +123,11 @@ def test_file_without_row_is_recorded_at_start(
 
 def test_receive_only_process_beside_the_node(
         tmp_path: Path, test_weights: Path, pynetdicom_pacs: PynetdicomPacs) -> None:
-    """``dicom-node receive --port P`` (a second process on the same database and store)
-    takes two series from two storescu senders while ``dicom-node serve`` takes a third;
-    the node processes all three and delivers their results, and the audit chain both
-    processes appended to stays intact."""
+    """With ``receiver.extra_ports = [P]``, ``dicom-node serve`` starts ``dicom-node
+    receive --port P`` (a second process on the same database and store), which takes
+    two series from two storescu senders while the node takes a third; the node
+    processes all three and delivers their results, the audit chain both processes
+    appended to stays intact, and stopping the node stops the receive process."""
     port, second_port = free_port(), free_port()
     config = tmp_path / "node.toml"
     config.write_text(f"""
@@ -135,6 +136,7 @@ data_dir = "{tmp_path / 'node'}"
 [receiver]
 ae_title = "DICOMNODE"
 port = {port}
+extra_ports = [{second_port}]
 min_free_disk_mb = 1.0
 [series]
 stable_after_s = 2.0
@@ -159,20 +161,22 @@ host = "127.0.0.1"
 port = {pynetdicom_pacs.port}
 """)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "dicom_node.cli", *args, "--config",
+    procs = [subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config",
                                str(config)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-             for args in (["serve"], ["receive", "--port", str(second_port)])]
+                              stderr=subprocess.PIPE)]
     try:
-        assert wait_for(lambda: _listening(port) and _listening(second_port), 120, 0.1)
+        assert wait_for(lambda: _listening(port) and _listening(second_port), 120, 1.0)
         series = [write_series(tmp_path / f"s{i}", SeriesSpec(n_slices=12, patient_id=f"P{i}"),
                                seed=10 + i) for i in range(3)]
-        senders = [threading.Thread(target=storescu, args=(files, p))
+        results: list[subprocess.CompletedProcess[str]] = []
+        senders = [threading.Thread(target=lambda f, p: results.append(storescu(f, p)),
+                                    args=(files, p))
                    for files, p in zip(series, (second_port, second_port, port), strict=True)]
         for thread in senders:
             thread.start()
         for thread in senders:
             thread.join()
+        assert [r.returncode for r in results] == [0, 0, 0], [r.stderr for r in results]
         # 12 SC + SEG + SR per series, or 12 SC + SR when no lesion is found
         assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= 3 * 13, 180, 0.5)
     finally:
@@ -181,6 +185,7 @@ port = {pynetdicom_pacs.port}
         for proc in procs:
             proc.wait(timeout=60)
     assert all(proc.returncode == 0 for proc in procs), [p.stderr.read() for p in procs if p.stderr]
+    assert not _listening(second_port)  # the receive process ended with the node
     studies = {str(ds.StudyInstanceUID) for ds in pynetdicom_pacs.received.read_all()}
     assert studies == {str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
                        for files in series}
