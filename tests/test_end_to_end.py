@@ -24,6 +24,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.dicom_factory import SeriesSpec, write_series
+from tests.weights_factory import make_test_weights
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -93,6 +94,27 @@ def test_pynetdicom_sender_and_receiver(
     assert pynetdicom_send(source, node.receiver.port) == [0] * len(source)
     assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= len(source) + 2, 180)
     _check_outputs(pynetdicom_pacs.received.files(), source)
+
+
+def test_uptake_model_output_is_fused_over_the_t1c(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
+    """A model with a 1-channel uptake output (the shipped demo model's kind): the node
+    draws the fusion itself over the native T1C, and the outputs are the same set."""
+    weights = tmp_path / "uptake-generator.pt"
+    sha = make_test_weights(weights, output_kind="uptake", seed=5)
+    config = make_config(model={"weights_path": str(weights)},
+                         destinations=[{"name": "pacs", "ae_title": pynetdicom_pacs.ae_title,
+                                        "host": "127.0.0.1", "port": pynetdicom_pacs.port}])
+    node = start_node(config)
+    assert node.ctx.predictor.model.card.output_kind == "uptake"
+    source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=10), seed=6)
+    assert pynetdicom_send(source, node.receiver.port) == [0] * len(source)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= len(source) + 2, 180)
+    _check_outputs(pynetdicom_pacs.received.files(), source)
+    sc = [ds for ds in pynetdicom_pacs.received.read_all()
+          if ds.SOPClassUID == SecondaryCaptureImageStorage]
+    assert all(sha in ds.ContributingEquipmentSequence[0].ContributionDescription for ds in sc)
 
 
 def test_non_t1c_series_are_stored_and_skipped_with_reason(
