@@ -285,9 +285,9 @@ class _OutcomeWriter:
     def _write(self, batch: list[_Outcome]) -> None:
         now = utcnow()
         with self._audit.transaction() as session:
-            attempts = dict(session.execute(
+            attempts = {entry_id: count for entry_id, count in session.execute(
                 select(OutboxEntry.id, OutboxEntry.attempts)
-                .where(OutboxEntry.id.in_([o.entry_id for o in batch]))).tuples().all())
+                .where(OutboxEntry.id.in_([o.entry_id for o in batch])))}
             session.execute(update(OutboxEntry), [
                 {"id": o.entry_id, "attempts": attempts.get(o.entry_id, 0) + 1,
                  "last_status": o.status, "last_error": o.reason,

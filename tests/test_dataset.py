@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 
 from dicom_node.fusion import FusionStyle, fuse, to_uint8, window_t1c
+from dicom_node.resampling import to_network
 from training.cli import main as train_main
 from training.dataset import (
     PatientLeakWarning,
     build_dataset,
     choose_series,
+    grey_to_network,
     load_pairs,
     pair_slices,
     rgb_to_network,
@@ -112,6 +114,7 @@ def test_dataset_round_trips(cohort: tuple[Path, list[PhantomPatient]], tmp_path
     pairs = load_pairs(tmp_path)
     expected = {
         "t1c": (np.float16, (n, SIZE, SIZE)), "fusion": (np.uint8, (n, SIZE, SIZE, 3)),
+        "t1c_backdrop": (np.uint8, (n, SIZE, SIZE)),
         "slice_position_mm": (np.float32, (n,)), "has_tumour": (np.bool_, (n,)),
         "uptake": (np.float16, (n, SIZE, SIZE)), "oracle_fusion": (np.uint8, (n, SIZE, SIZE, 3)),
         "tumour_labels": (np.uint8, (n, SIZE, SIZE)), "brain_mask": (np.bool_, (n, SIZE, SIZE)),
@@ -130,6 +133,15 @@ def test_dataset_round_trips(cohort: tuple[Path, list[PhantomPatient]], tmp_path
     grey = window_t1c(first.t1c)
     np.testing.assert_array_equal(pairs["fusion"][mine], rgb_to_network(first.fusion, SIZE))
     oracle = rgb_to_network(to_uint8(fuse(grey, first.oracle_uptake, FusionStyle())), SIZE)
+    # The backdrop is the fusion's own grey wherever no uptake reaches into the pixel.
+    backdrop = pairs["t1c_backdrop"][mine]
+    np.testing.assert_array_equal(backdrop, grey_to_network(grey, SIZE))
+    shown = first.uptake >= FusionStyle().display_threshold
+    touched = to_network(shown.astype(np.float32), SIZE)[0][:, 0].numpy() > 0
+    grey_pixels = pairs["fusion"][mine][~touched]
+    assert (~touched).sum() > 1000 and (grey_pixels[:, 0] > 0).sum() > 100
+    for channel in range(3):
+        np.testing.assert_array_equal(backdrop[~touched], grey_pixels[:, channel])
     np.testing.assert_array_equal(pairs["oracle_fusion"][mine], oracle)
     tumour_slices = [bool(first.tumour_labels[k].any()) for k in range(SMALL.slices)]
     np.testing.assert_array_equal(pairs["has_tumour"][mine], tumour_slices)

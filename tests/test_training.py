@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -189,3 +190,37 @@ def test_evaluate_writes_report(toy_dataset: Path, full_run: Path, tmp_path: Pat
     assert -1 <= summary["oracle"]["r_tbrmax_slices"] <= 1
     for name in ("examples.png", "tbr_scatter.png", "tbr_bland_altman.png", "methods.png"):
         assert (report / name).is_file(), name
+
+
+def test_tumour_l1_weights_cover_the_lesion_and_its_margin(toy_dataset: Path) -> None:
+    data = ds.load_dataset(toy_dataset)
+    idx = np.flatnonzero(data.has_tumour)[:3]
+    weights = ds.l1_weights(data, idx, 30.0, margin_px=2)[:, 0].numpy()
+    tumour = data.get("tumour_labels")[idx] > 0
+    assert weights.shape == tumour.shape
+    assert (weights[tumour] == 30.0).all()
+    from scipy import ndimage
+
+    grown = np.stack([ndimage.binary_dilation(t, np.ones((5, 5), bool)) for t in tumour])
+    assert (weights[grown] == 30.0).all() and (weights[~grown] == 1.0).all()
+    assert grown.sum() > tumour.sum()
+
+
+def test_tumour_weighted_training_runs_and_is_fixed_on_resume(toy_dataset: Path,
+                                                              tmp_path: Path) -> None:
+    run = train(_config(toy_dataset, tmp_path, max_steps=4, export=False,
+                        tumour_l1_weight=20.0, tumour_oversample=4.0))
+    assert run.step == 4
+    history = json.loads((tmp_path / "history.json").read_text())
+    # Tumour pixels weigh 20x: the weighted term exceeds the plain L1 it is logged beside.
+    assert all(s["loss_G_L1_weighted"] > s["loss_G_L1"] for s in history["steps"])
+    with pytest.raises(ValueError, match="tumour_l1_weight"):
+        train(_config(toy_dataset, tmp_path, max_steps=8, tumour_l1_weight=5.0,
+                      tumour_oversample=4.0), resume=True)
+    without_masks = tmp_path / "nomasks"
+    shutil.copytree(toy_dataset, without_masks)
+    arrays = dict(np.load(without_masks / "pairs.npz"))
+    del arrays["tumour_labels"]
+    np.savez_compressed(without_masks / "pairs.npz", **arrays)
+    with pytest.raises(ValueError, match="tumour masks"):
+        train(_config(without_masks, tmp_path / "other", tumour_l1_weight=5.0))

@@ -2,8 +2,11 @@
 
 ``DSDIR/pairs.npz``: ``t1c`` float16 (N, S, S) windowed grey in [0, 1]; ``fusion`` uint8
 (N, S, S, 3); ``patient_id``, ``study_uid`` str (N,); ``slice_position_mm`` float32 (N,);
-``has_tumour`` bool (N,); phantoms also carry ``uptake`` float16, ``oracle_fusion`` uint8,
-``tumour_labels`` uint8, ``brain_mask``, ``striatum_mask``, ``oedema`` bool (N, S, S).
+``has_tumour`` bool (N,); ``t1c_backdrop`` uint8 (N, S, S), the T1C exactly as the
+fusion images show it where no uptake is drawn (datasets built before it existed lack it:
+:meth:`PairedDataset.backdrop` then falls back to ``t1c``); phantoms also carry
+``uptake`` float16, ``oracle_fusion`` uint8, ``tumour_labels`` uint8, ``brain_mask``,
+``striatum_mask``, ``oedema`` bool (N, S, S).
 ``DSDIR/splits.json``: ``method``, ``seed``, ``train`` / ``val`` / ``test`` index lists.
 ``DSDIR/dataset.json``: ``size``, ``fusion_style`` and provenance.
 
@@ -21,13 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from dicom_node.fusion import FusionStyle
 
 TARGETS = ("fusion", "uptake")
 SPLITS = ("train", "val", "test")
-OPTIONAL_ARRAYS = ("uptake", "oracle_fusion", "tumour_labels", "brain_mask", "striatum_mask",
+OPTIONAL_ARRAYS = ("t1c_backdrop", "uptake", "oracle_fusion", "tumour_labels", "brain_mask", "striatum_mask",
                    "oedema")
 
 
@@ -74,6 +78,13 @@ class PairedDataset:
         if name not in self.extra:
             raise DatasetError(f"dataset {self.path} has no {name!r} array (phantoms only)")
         return self.extra[name]
+
+    def backdrop(self, idx: NDArray[np.int64]) -> NDArray[np.float32]:
+        """The grey T1C under the fusion of slices ``idx`` in [0, 1]: what a synthetic
+        fusion is drawn over so that it matches the real fusion where no uptake shows."""
+        if "t1c_backdrop" in self.extra:
+            return self.extra["t1c_backdrop"][idx].astype(np.float32) / 255.0
+        return self.t1c[idx].astype(np.float32)
 
     def summary(self, split: str) -> dict[str, int]:
         idx = self.indices(split)
@@ -139,6 +150,19 @@ def batch(data: PairedDataset, idx: NDArray[np.int64], target: str,
           uptake_scale: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(input, target) tensors of slices ``idx``."""
     return input_tensor(data.t1c[idx]), target_tensor(data, idx, target, uptake_scale)
+
+
+def l1_weights(data: PairedDataset, idx: NDArray[np.int64], tumour_weight: float,
+               margin_px: int) -> torch.Tensor:
+    """Per-pixel L1 weights (B, 1, S, S): ``tumour_weight`` on the tumour masks grown by
+    ``margin_px`` pixels (where the blurred PET uptake of a lesion lies), 1 elsewhere.
+
+    Needs the dataset's ``tumour_labels`` (phantoms, or a site's segmentations).
+    """
+    mask = torch.from_numpy(data.get("tumour_labels")[idx] > 0).float().unsqueeze(1)
+    if margin_px > 0:
+        mask = F.max_pool2d(mask, kernel_size=2 * margin_px + 1, stride=1, padding=margin_px)
+    return 1.0 + (float(tumour_weight) - 1.0) * mask
 
 
 def sampling_weights(has_tumour: NDArray[np.bool_], tumour_oversample: float) -> torch.Tensor:

@@ -25,6 +25,10 @@ On-disk format (the training code reads exactly this)::
 
     DSDIR/pairs.npz
         t1c               float16 (N, S, S)     windowed T1C in [0, 1]
+        t1c_backdrop      uint8   (N, S, S)     the T1C as the fusion shows it: the windowed
+                                                T1C as uint8 grey at the native matrix,
+                                                resampled like the fusion (the exact pixels
+                                                of the fusion where no uptake is drawn)
         fusion            uint8   (N, S, S, 3)  RGB fusion target
         patient_id        str     (N,)          PatientID of every pair
         study_uid         str     (N,)          StudyInstanceUID
@@ -138,6 +142,7 @@ class StudyPairs:
     patient_id: str
     study_uid: str
     t1c: NDArray[np.float16]
+    t1c_backdrop: NDArray[np.uint8]
     fusion: NDArray[np.uint8]
     slice_position_mm: NDArray[np.float32]
     has_tumour: NDArray[np.bool_]
@@ -374,6 +379,13 @@ def rgb_to_network(rgb: NDArray[np.uint8], size: int) -> NDArray[np.uint8]:
     return to_uint8(out)
 
 
+def grey_to_network(grey: NDArray[np.floating], size: int) -> NDArray[np.uint8]:
+    """(N, H, W) windowed grey -> (N, size, size) uint8 as a fusion image's grey pixels:
+    quantised at the native matrix, then resampled like :func:`rgb_to_network`."""
+    resized, _ = to_network(to_uint8(grey).astype(np.float32) / 255.0, size)
+    return to_uint8(resized[:, 0].numpy())
+
+
 def nearest_to_network(volume: NDArray[np.generic], size: int) -> NDArray[np.generic]:
     """(N, H, W) labels/masks -> (N, size, size), padded like to_network, nearest neighbour."""
     n, height, width = volume.shape
@@ -461,6 +473,7 @@ def build_study_pairs(study: StudyHeaders, root: Path, size: int, style: FusionS
     return StudyPairs(
         patient_id=study.patient_id, study_uid=study.uid,
         t1c=np.clip(t1c_net, 0.0, 1.0).astype(np.float16),
+        t1c_backdrop=grey_to_network(grey_paired, size),
         fusion=rgb_to_network(fusion_native, size),
         slice_position_mm=positions[t1c_idx].astype(np.float32),
         has_tumour=has_tumour, ground_truth=ground_truth, unpaired=unpaired,
@@ -591,6 +604,7 @@ def build_dataset(studies_dir: Path, out_dir: Path, size: int = 128, split: str 
         raise ValueError(f"no usable study under {studies_dir}: {reasons}")
     arrays: dict[str, NDArray[np.generic]] = {
         "t1c": np.concatenate([b.t1c for b in built]),
+        "t1c_backdrop": np.concatenate([b.t1c_backdrop for b in built]),
         "fusion": np.concatenate([b.fusion for b in built]),
         "patient_id": np.array([b.patient_id for b in built for _ in range(len(b.t1c))],
                                dtype=str),

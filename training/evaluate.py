@@ -4,13 +4,14 @@ Methods compared on the same slices:
 
 - ``model``: the weights file, run as the node runs it (``load_weights``, eval mode,
   ``torch.inference_mode``, input ``2 * t1c - 1``); an RGB model's output is quantised
-  to uint8 like the node's Secondary Capture; an uptake model's output is fused on the
-  T1C with the dataset's fusion style.
+  to uint8 like the node's Secondary Capture; an uptake model's output is fused with the
+  dataset's fusion style over the dataset's ``t1c_backdrop`` (the T1C exactly as the real
+  fusion shows it where no uptake is drawn), as the node draws it over the native T1C.
 - ``oracle`` (phantoms): the dataset's ``oracle_fusion``, rendered from the uptake
   expected from what the T1C shows. No model can beat it on average.
-- ``t1c_grey``: the T1C alone in grey, no PET overlay.
+- ``t1c_grey``: the T1C alone in grey (the backdrop), no PET overlay.
 - ``population_mean``: the mean uptake of the training split per slice-position bin,
-  tumour and oedema pixels replaced by the slice's background mean, fused on the T1C.
+  tumour and oedema pixels replaced by the slice's background mean, fused on the backdrop.
 
 Metrics:
 
@@ -133,12 +134,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
-            batch_size: int = 16) -> tuple[NDArray[np.uint8], NDArray[np.float32] | None]:
-    """Synthetic fusion (uint8 RGB) and, for an uptake model, its uptake, of (n, S, S) T1C."""
+            batch_size: int = 16, backdrop: NDArray[np.floating] | None = None
+            ) -> tuple[NDArray[np.uint8], NDArray[np.float32] | None]:
+    """Synthetic fusion (uint8 RGB) and, for an uptake model, its uptake, of (n, S, S) T1C.
+
+    An uptake model's output is drawn over ``backdrop`` (the T1C as the real fusion shows
+    it; default ``t1c``), as the node draws it over the series' own T1C.
+    """
     generator, card = model.generator, model.card
     device = next(generator.parameters()).device
     generator.eval()
     n, height, width = t1c.shape
+    under = np.asarray(t1c if backdrop is None else backdrop, dtype=np.float32)
     fusion = np.empty((n, height, width, 3), dtype=np.uint8)
     uptake = np.empty((n, height, width), dtype=np.float32) if card.output_kind == "uptake" \
         else None
@@ -153,7 +160,8 @@ def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
             else:
                 up = unit[:, 0] * card.uptake_scale
                 uptake[start : start + len(grey)] = up
-                fusion[start : start + len(grey)] = to_uint8(fuse(grey, up, style))
+                fusion[start : start + len(grey)] = to_uint8(
+                    fuse(under[start : start + len(grey)], up, style))
     return fusion, uptake
 
 
@@ -232,14 +240,16 @@ def population_mean_fusion(data: ds.PairedDataset, idx: NDArray[np.int64], bin_m
     centres, means = population_mean_uptake(data, bin_mm)
     style = data.fusion_style
     out = np.empty((len(idx), data.size, data.size, 3), dtype=np.uint8)
+    under = data.backdrop(idx)
     for k, i in enumerate(idx):
         nearest = int(np.argmin(np.abs(centres - float(data.slice_position_mm[i]))))
-        out[k] = to_uint8(fuse(data.t1c[i].astype(np.float32), means[nearest], style))
+        out[k] = to_uint8(fuse(under[k], means[nearest], style))
     return out
 
 
-def grey_fusion(t1c: NDArray[np.floating]) -> NDArray[np.uint8]:
-    return to_uint8(np.repeat(np.asarray(t1c, dtype=np.float32)[..., None], 3, axis=-1))
+def grey_fusion(grey: NDArray[np.floating]) -> NDArray[np.uint8]:
+    """The T1C alone as a fusion image would show it, no uptake drawn."""
+    return to_uint8(np.repeat(np.asarray(grey, dtype=np.float32)[..., None], 3, axis=-1))
 
 
 # ------------------------------------------------------------------------------- metrics
@@ -493,20 +503,21 @@ def evaluate(dataset: Path, weights: Path, split: str, out: Path, device: str = 
                     style.as_dict(), model.card.fusion_style.as_dict())
     uptake_scale = float(model.card.uptake_scale)
     grey = data.t1c[idx].astype(np.float32)
+    backdrop = data.backdrop(idx)
     real = data.fusion[idx]
-    fusion, _ = predict(model, grey, style, batch_size)
+    fusion, _ = predict(model, grey, style, batch_size, backdrop=backdrop)
     methods = [Method("model", fusion)]
     if data.has("oracle_fusion"):
         methods.append(Method("oracle", data.get("oracle_fusion")[idx]))
-    methods.append(Method("t1c_grey", grey_fusion(grey)))
+    methods.append(Method("t1c_grey", grey_fusion(backdrop)))
     methods.append(Method("population_mean", population_mean_fusion(data, idx, bin_mm)))
 
     has_masks = data.has("brain_mask")
     real_uptake = None
     if has_masks:
-        real_uptake = defuse_uptake(real, grey, style)
+        real_uptake = defuse_uptake(real, backdrop, style)
         for method in tqdm(methods, desc="de-fusion", unit="method", leave=False):
-            method.uptake = defuse_uptake(method.fusion, grey, style)
+            method.uptake = defuse_uptake(method.fusion, backdrop, style)
     rois = tbr_rois(data, idx)
     real_tbr: dict[str, dict[str, NDArray[np.float64]]] = {}
     if rois and real_uptake is not None:

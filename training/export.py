@@ -48,6 +48,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def method_text(config: dict[str, Any]) -> str:
+    """One line naming the training method, with what differs from the publication."""
+    text = (f"Pix2Pix (U-Net generator, 70x70 PatchGAN, vanilla GAN + "
+            f"{config['lambda_l1']:g} x L1")
+    weight = float(config.get("tumour_l1_weight", 1.0))
+    if weight != 1.0:
+        text += (f"; L1 weighted {weight:g}x on tumour masks grown by "
+                 f"{config.get('tumour_margin_px', 0)} px")
+    return text + ")"
+
+
 def model_card(state: dict[str, Any], name: str | None = None, version: str = "1",
                test_metrics: dict[str, Any] | None = None,
                test_weights: bool = False) -> ModelCard:
@@ -78,10 +89,12 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         "beta1": config["beta1"],
         "lambda_l1": config["lambda_l1"],
         "tumour_oversample": config["tumour_oversample"],
+        "tumour_l1_weight": config.get("tumour_l1_weight", 1.0),
+        "tumour_margin_px": config.get("tumour_margin_px", 0),
         "hflip": config["hflip"],
         "device": resolved.get("device_resolved"),
         "mixed_precision": resolved.get("mixed_precision"),
-        "method": "Pix2Pix (U-Net generator, 70x70 PatchGAN, vanilla GAN + 100 x L1)",
+        "method": method_text(config),
     }
     metrics: dict[str, Any] = {"validation": history.get("last_validation", {})}
     if test_metrics is not None:

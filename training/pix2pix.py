@@ -5,6 +5,8 @@
   input and the target (or generated) image concatenated along channels.
 - Losses: vanilla GAN (``BCEWithLogitsLoss`` against all-ones / all-zeros patch maps)
   plus ``lambda_l1`` (100) times the L1 distance between generated and target image.
+  Optionally (not in the publication) the L1 term weighs some pixels more, e.g. tumour
+  regions (``train_step(..., l1_weight=...)``: the mean of weight x |fake - target|).
   The discriminator loss is halved, as in the reference implementation.
 - Optimisers: Adam, lr 2e-4, betas (0.5, 0.999), for both networks.
 - Learning rate: constant for ``epochs`` epochs, then linearly to zero over
@@ -131,8 +133,13 @@ class Pix2Pix:
         loss: torch.Tensor = self.gan_loss(logits.float(), target.float())
         return loss
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """One Pix2Pix iteration (D step, then G step); returns the losses."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor,
+                   l1_weight: torch.Tensor | None = None) -> dict[str, float]:
+        """One Pix2Pix iteration (D step, then G step); returns the losses.
+
+        ``l1_weight`` (B, 1, H, W), if given, weighs the L1 term per pixel; the reported
+        ``loss_G_L1`` stays the plain L1 so that runs compare.
+        """
         self.generator.train()
         self.discriminator.train()
         x = x.to(self.device, non_blocking=True)
@@ -154,8 +161,13 @@ class Pix2Pix:
         with self.autocast():
             pred = self.discriminator(torch.cat([x, fake], 1))
             loss_g_gan = self._gan(pred, real=True)
-            loss_g_l1 = self.l1_loss(fake.float(), y.float())
-            loss_g = loss_g_gan + self.config.lambda_l1 * loss_g_l1
+            error = (fake.float() - y.float()).abs()
+            loss_g_l1 = error.mean()
+            if l1_weight is None:
+                loss_l1_term = loss_g_l1
+            else:
+                loss_l1_term = (error * l1_weight.to(self.device, non_blocking=True)).mean()
+            loss_g = loss_g_gan + self.config.lambda_l1 * loss_l1_term
         self.scaler.scale(loss_g).backward()
         self.scaler.step(self.opt_g)
         self.scaler.update()
@@ -165,6 +177,7 @@ class Pix2Pix:
             "loss_D_fake": float(loss_d_fake.detach()),
             "loss_G_GAN": float(loss_g_gan.detach()),
             "loss_G_L1": float(loss_g_l1.detach()),
+            "loss_G_L1_weighted": float(loss_l1_term.detach()),
         }
 
     def step_schedulers(self) -> None:

@@ -46,8 +46,8 @@ ARCHITECTURE_FOR_SIZE = {256: "unet_256", 128: "unet_128"}
 CHECKPOINT_FORMAT = "dicom-node-pix2pix-checkpoint/1"
 # Settings that must not change when a run is resumed.
 FIXED_ON_RESUME = ("dataset", "target", "ngf", "ndf", "batch_size", "seed", "uptake_scale",
-                   "tumour_oversample", "hflip", "epochs", "decay_epochs", "lambda_l1", "lr",
-                   "beta1")
+                   "tumour_oversample", "tumour_l1_weight", "tumour_margin_px", "hflip",
+                   "epochs", "decay_epochs", "lambda_l1", "lr", "beta1")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ class TrainConfig:
     target: str = "fusion"
     uptake_scale: float = 4.0
     tumour_oversample: float = 4.0
+    tumour_l1_weight: float = 1.0  # 1 = the published loss
+    tumour_margin_px: int = 2
     hflip: bool = False
     seed: int = 0
     device: str = "auto"
@@ -109,6 +111,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tumour-oversample", type=float, default=d.tumour_oversample,
                         help="sampling weight of tumour slices relative to others "
                              "(1 = uniform permutation; default %(default)s)")
+    parser.add_argument("--tumour-l1-weight", type=float, default=d.tumour_l1_weight,
+                        help="L1 weight of pixels on the dataset's tumour masks grown by "
+                             "--tumour-margin-px, relative to 1 elsewhere (needs "
+                             "tumour_labels; 1 = the published loss; default %(default)s)")
+    parser.add_argument("--tumour-margin-px", type=int, default=d.tumour_margin_px,
+                        help="grow the tumour masks by this many pixels for "
+                             "--tumour-l1-weight (the blurred uptake reaches past the "
+                             "lesion; default %(default)s)")
     parser.add_argument("--hflip", action="store_true", help="random left-right flips")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
@@ -140,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
         dataset=str(args.dataset), out=str(args.out), epochs=args.epochs,
         decay_epochs=args.decay_epochs, ngf=args.ngf, ndf=args.ndf, batch_size=args.batch_size,
         target=args.target, uptake_scale=args.uptake_scale,
-        tumour_oversample=args.tumour_oversample, hflip=args.hflip, seed=args.seed,
+        tumour_oversample=args.tumour_oversample, tumour_l1_weight=args.tumour_l1_weight,
+        tumour_margin_px=args.tumour_margin_px, hflip=args.hflip, seed=args.seed,
         device=args.device, lr=args.lr, beta1=args.beta1, lambda_l1=args.lambda_l1,
         max_steps=args.max_steps, threads=args.threads,
         val_max_slices=args.val_max_slices or None, checkpoint_every=args.checkpoint_every,
@@ -285,6 +296,9 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     data = ds.load_dataset(Path(config.dataset))
     if config.target == "uptake" and not data.has("uptake"):
         raise ValueError("--target uptake needs a dataset with an 'uptake' array")
+    if config.tumour_l1_weight != 1.0 and not data.has("tumour_labels"):
+        raise ValueError("--tumour-l1-weight needs a dataset with tumour masks "
+                         "('tumour_labels')")
     architecture = architecture_for(data.size)
     train_idx, val_idx = data.indices("train"), data.indices("val")
     if len(train_idx) == 0:
@@ -294,7 +308,9 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     if resume and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path)
         old = state["config"]
-        changed = [k for k in FIXED_ON_RESUME if old.get(k) != getattr(config, k)]
+        defaults = TrainConfig(dataset="", out="")  # settings older checkpoints lack
+        changed = [k for k in FIXED_ON_RESUME
+                   if old.get(k, getattr(defaults, k)) != getattr(config, k)]
         if changed:
             raise ValueError(f"cannot resume with changed settings: {', '.join(changed)} "
                              f"(checkpoint has {', '.join(f'{k}={old.get(k)}' for k in changed)})")
@@ -376,11 +392,17 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             positions = order[b * config.batch_size : (b + 1) * config.batch_size]
             idx = train_idx[positions.numpy()]
             x, y = ds.batch(data, idx, config.target, config.uptake_scale)
+            l1_weight = None
+            if config.tumour_l1_weight != 1.0:
+                l1_weight = ds.l1_weights(data, idx, config.tumour_l1_weight,
+                                          config.tumour_margin_px)
             if config.hflip:
                 flip = flips[positions]
                 x[flip] = x[flip].flip(-1)
                 y[flip] = y[flip].flip(-1)
-            losses = model.train_step(x, y)
+                if l1_weight is not None:
+                    l1_weight[flip] = l1_weight[flip].flip(-1)
+            losses = model.train_step(x, y, l1_weight)
             step += 1
             batch_in_epoch = b + 1
             for key, value in losses.items():
