@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -182,6 +182,7 @@ class InstanceRecorder:
         with self._audit.transaction() as session:
             series_by_uid = _load_series(session, {item.series_uid for item in batch})
             instances = _load_instances(session, {item.sop_uid for item in batch})
+            new_rows: dict[str, dict[str, Any]] = {}
             for item in batch:
                 series = series_by_uid.get(item.series_uid)
                 if series is None:
@@ -199,28 +200,28 @@ class InstanceRecorder:
                 if item.calling_ae:
                     series.calling_ae = item.calling_ae
                     series.peer_address = item.peer_address
+                duplicate, moved_from = False, ""
                 instance = instances.get(item.sop_uid)
-                duplicate = instance is not None
-                moved_from = ""
-                if instance is not None and instance.series_id != series.id:
-                    # The same SOP Instance UID re-sent in another series: it moves there.
-                    old_series = session.get(Series, instance.series_id)
-                    if old_series is not None:
-                        old_series.instance_count -= 1
-                        moved_from = old_series.series_uid
-                    instance.series_id = series.id
+                row = new_rows.get(item.sop_uid)
+                if instance is not None:
+                    duplicate = True
+                    if instance.series_id != series.id:
+                        # The same SOP Instance UID re-sent in another series: it moves.
+                        moved_from = _move(session, instance.series_id, series)
+                        instance.series_id = series.id
+                    if instance.path and instance.path != item.path:
+                        stale.append(Path(instance.path))
+                    _fill(instance, item)
+                elif row is not None:  # twice in this batch
+                    duplicate = True
+                    if row["series_id"] != series.id:
+                        moved_from = _move(session, row["series_id"], series)
+                    if row["path"] != item.path:
+                        stale.append(Path(row["path"]))
+                    row.update(_row(item, series.id))
+                else:
+                    new_rows[item.sop_uid] = _row(item, series.id)
                     series.instance_count += 1
-                if instance is not None and instance.path and instance.path != item.path:
-                    stale.append(Path(instance.path))
-                if instance is None:
-                    instance = Instance(sop_uid=item.sop_uid, series_id=series.id,
-                                        path=item.path, sop_class_uid=item.sop_class_uid,
-                                        transfer_syntax_uid=item.transfer_syntax_uid,
-                                        size_bytes=item.size_bytes)
-                    session.add(instance)
-                    instances[item.sop_uid] = instance
-                    series.instance_count += 1
-                _fill(instance, item)
                 detail: dict[str, Any] = {"bytes": item.size_bytes, "replaced": duplicate}
                 if moved_from:
                     detail["moved_from_series"] = moved_from
@@ -229,6 +230,8 @@ class InstanceRecorder:
                 self._audit.record_batched_in(session, AuditKind.INSTANCE_STORED,
                                       study_uid=item.study_uid, series_uid=item.series_uid,
                                       sop_uid=item.sop_uid, peer=item.peer, **detail)
+            if new_rows:  # one multi-row INSERT, not an ORM object per instance
+                session.execute(insert(Instance), list(new_rows.values()))
         for old_file in stale:  # after the commit: no row points at it any more
             old_file.unlink(missing_ok=True)
 
@@ -279,6 +282,26 @@ def _fill(instance: Instance, item: ReceivedInstance) -> None:
     if item.association_id is not None:
         instance.association_id = item.association_id
     instance.received_at = item.received_at
+
+
+def _row(item: ReceivedInstance, series_id: int) -> dict[str, Any]:
+    """The instance row of a new instance, for a bulk INSERT."""
+    return {"sop_uid": item.sop_uid, "series_id": series_id, "path": item.path,
+            "sop_class_uid": item.sop_class_uid,
+            "transfer_syntax_uid": item.transfer_syntax_uid, "size_bytes": item.size_bytes,
+            "instance_number": item.instance_number, "position_mm": item.position_mm,
+            "images_in_acquisition": item.images_in_acquisition,
+            "association_id": item.association_id, "received_at": item.received_at}
+
+
+def _move(session: Session, old_series_id: int, new_series: Series) -> str:
+    """Count an instance out of its old series and into ``new_series``; the old UID."""
+    old_series = session.get(Series, old_series_id)
+    new_series.instance_count += 1
+    if old_series is None:
+        return ""
+    old_series.instance_count -= 1
+    return old_series.series_uid
 
 
 def unrecorded_files(session: Session, store: FileStore) -> Iterator[Path]:

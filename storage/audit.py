@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import AuditEvent, as_utc, utcnow
@@ -43,6 +43,9 @@ class AuditKind:
     RETENTION = "retention.delete"
     NODE_START = "node.start"
     NODE_STOP = "node.stop"
+
+
+_BATCHED = "dicom_node.audit.batched"  # session.info key: events awaiting one INSERT
 
 
 def _digest(prev: str, at: datetime, kind: str, outcome: str, study: str, series: str,
@@ -82,6 +85,7 @@ class AuditLog:
                         session.connection().exec_driver_sql("BEGIN IMMEDIATE")
                     self._last_hash = None
                 yield session
+                self._insert_batched(session)
                 session.commit()
             except BaseException:
                 self._last_hash = None  # re-read the chain's end from the database
@@ -122,12 +126,23 @@ class AuditLog:
             self._last_hash = last or GENESIS
         at = utcnow()
         digest = _digest(self._last_hash, at, kind, outcome, study, series, sop, peer, detail)
-        session.add(AuditEvent(at=at, kind=kind, outcome=outcome, study_uid=study,
-                               series_uid=series, sop_uid=sop, peer=peer, detail=detail,
-                               prev_hash=self._last_hash, hash=digest))
-        if flush:
-            session.flush()
+        row = {"at": at, "kind": kind, "outcome": outcome, "study_uid": study,
+               "series_uid": series, "sop_uid": sop, "peer": peer, "detail": detail,
+               "prev_hash": self._last_hash, "hash": digest}
         self._last_hash = digest
+        if not flush:
+            # One multi-row INSERT per transaction instead of an ORM object per event.
+            session.info.setdefault(_BATCHED, []).append(row)
+            return
+        self._insert_batched(session)  # earlier events first: ids follow the chain
+        session.add(AuditEvent(**row))
+        session.flush()
+
+    @staticmethod
+    def _insert_batched(session: Session) -> None:
+        rows = session.info.pop(_BATCHED, None)
+        if rows:
+            session.execute(insert(AuditEvent), rows)
 
 
 @dataclass(frozen=True)

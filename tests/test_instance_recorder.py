@@ -15,10 +15,11 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 
 from dicom_node.config import NodeConfig
+from dicom_node.instance_recorder import InstanceRecorder, ReceivedInstance
 from dicom_node.service import Node
-from storage.audit import AuditKind, verify_chain
+from storage.audit import AuditKind, AuditLog, verify_chain
 from storage.database import make_engine, make_session_factory
-from storage.models import AuditEvent, Instance, Series, SeriesState
+from storage.models import AuditEvent, Instance, Series, SeriesState, utcnow
 from tests.conftest import PynetdicomPacs, free_port, pynetdicom_send, storescu, wait_for
 from tests.dicom_factory import SeriesSpec, write_series
 
@@ -203,3 +204,46 @@ def _listening(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _item(tmp_path: Path, sop: str, series: str, name: str) -> ReceivedInstance:
+    path = tmp_path / name
+    path.write_bytes(b"DICM")
+    return ReceivedInstance(
+        study_uid="1.2.3", series_uid=series, sop_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.4", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=str(path), size_bytes=4, patient_id="P1", accession_number="A1", modality="MR",
+        description="T1 +C", instance_number=1, position_mm=0.0, images_in_acquisition=None,
+        calling_ae="SCU", peer_address="127.0.0.1", peer="SCU@127.0.0.1:1",
+        association_id=None, received_at=utcnow())
+
+
+def test_one_batch_with_repeats_and_moves_keeps_counts_and_chain(tmp_path: Path) -> None:
+    """A SOP Instance UID twice in one batch is one row (the later copy); one re-sent in
+    another series within the batch moves there; counts, files and audit chain agree."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    sessions = make_session_factory(engine)
+    recorder = InstanceRecorder(AuditLog(sessions))
+    recorder.record([_item(tmp_path, "1.9.1", "1.5.1", "a.dcm"),
+                     _item(tmp_path, "1.9.2", "1.5.1", "b.dcm"),
+                     _item(tmp_path, "1.9.1", "1.5.1", "a2.dcm"),   # repeat, new file
+                     _item(tmp_path, "1.9.2", "1.5.2", "b2.dcm"),   # moves to series 2
+                     _item(tmp_path, "1.9.3", "1.5.2", "c.dcm")])
+    recorder.record([_item(tmp_path, "1.9.3", "1.5.1", "c2.dcm")])  # moves back, next batch
+    with sessions() as session:
+        rows = {r.sop_uid: r for r in session.scalars(select(Instance))}
+        series = {s.series_uid: s for s in session.scalars(select(Series))}
+        assert sorted(rows) == ["1.9.1", "1.9.2", "1.9.3"]
+        assert Path(rows["1.9.1"].path).name == "a2.dcm"
+        assert rows["1.9.2"].series_id == series["1.5.2"].id
+        assert rows["1.9.3"].series_id == series["1.5.1"].id
+        assert (series["1.5.1"].instance_count, series["1.5.2"].instance_count) == (2, 1)
+        events = list(session.scalars(select(AuditEvent).where(
+            AuditEvent.kind == AuditKind.INSTANCE_STORED).order_by(AuditEvent.id)))
+        assert [e.sop_uid for e in events] == ["1.9.1", "1.9.2", "1.9.1", "1.9.2", "1.9.3",
+                                              "1.9.3"]
+        assert '"moved_from_series": "1.5.1"' in events[3].detail
+        assert verify_chain(session).ok
+    # Replaced copies are deleted once no row points at them.
+    assert not (tmp_path / "a.dcm").exists() and not (tmp_path / "b.dcm").exists()
+    assert not (tmp_path / "c.dcm").exists() and (tmp_path / "c2.dcm").exists()
