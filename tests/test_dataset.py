@@ -194,3 +194,16 @@ def test_cli_slice_split_prints_warning(cohort: tuple[Path, list[PhantomPatient]
     assert "WARNING" in captured.err and "patient" in captured.err
     assert "train" in captured.out and "tumour slices" in captured.out
     assert json.loads((tmp_path / "splits.json").read_text())["leaks_patients"] is True
+
+
+def test_workers_build_the_same_dataset(cohort: tuple[Path, list[PhantomPatient]],
+                                        tmp_path: Path) -> None:
+    root, _ = cohort
+    build_dataset(root, tmp_path / "one", size=SIZE, seed=0, progress=False)
+    build_dataset(root, tmp_path / "two", size=SIZE, seed=0, progress=False, workers=2)
+    one, two = load_pairs(tmp_path / "one"), load_pairs(tmp_path / "two")
+    assert sorted(one) == sorted(two)
+    for key in one:
+        np.testing.assert_array_equal(one[key], two[key], err_msg=key)
+    assert (tmp_path / "one" / "splits.json").read_text() == \
+        (tmp_path / "two" / "splits.json").read_text()

@@ -57,11 +57,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -582,17 +586,29 @@ class DatasetSummary:
 
 
 def build_dataset(studies_dir: Path, out_dir: Path, size: int = 128, split: str = "patient",
-                  seed: int = 0, style: FusionStyle | None = None, progress: bool = True
-                  ) -> DatasetSummary:
-    """Scan, pair, resample, split and write a dataset (see the module docstring)."""
+                  seed: int = 0, style: FusionStyle | None = None, progress: bool = True,
+                  workers: int = 1) -> DatasetSummary:
+    """Scan, pair, resample, split and write a dataset (see the module docstring).
+
+    ``workers`` > 1 builds that many studies at once in worker processes; the result is
+    the same as with one.
+    """
     style = style or FusionStyle()
     if size < 16:
         raise ValueError("size must be at least 16")
     studies = scan_studies(studies_dir, progress=progress)
     built: list[StudyPairs] = []
     skipped: list[dict[str, str]] = []
-    for study in tqdm(studies, desc="studies", unit="study", disable=not progress):
-        result = build_study_pairs(study, Path(studies_dir), size, style)
+    build = partial(build_study_pairs, root=Path(studies_dir), size=size, style=style)
+    pool_or_none = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=torch.set_num_threads, initargs=(1,))
+                    if workers > 1 else nullcontext())
+    with pool_or_none as pool:
+        results: Iterable[StudyPairs | str] = (
+            pool.map(build, studies) if pool is not None else map(build, studies))
+        collected = list(tqdm(zip(studies, results, strict=True), total=len(studies),
+                              desc="studies", unit="study", disable=not progress))
+    for study, result in collected:
         if isinstance(result, str):
             skipped.append({"study_uid": study.uid, "patient_id": study.patient_id,
                             "reason": result})
@@ -678,12 +694,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=SPLIT_METHODS, default="patient",
                         help="patient (default) or slice (the paper's; leaks patients)")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="studies built at once in worker processes (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         summary = build_dataset(args.studies, args.out, size=args.size, split=args.split,
-                                seed=args.seed)
+                                seed=args.seed, workers=max(1, args.workers))
     except ValueError as exc:
         print(f"dataset: {exc}", file=sys.stderr)
         return 2
