@@ -44,19 +44,22 @@ serve: install
 demo: install
 	$(VENV)/bin/dicom-node-train demo --config $(CONFIG) --out demo-output
 
-# Reproduce the shipped demo model (about 35 min on 2 CPU cores); see docs/model-card.md.
+# Reproduce the shipped demo model (about 2 h on 2 CPU cores); see docs/model-card.md.
 DEMO_DATA ?= build/demo-data
 demo-model: install
-	$(VENV)/bin/dicom-node-train phantom --patients 50 --seed 0 --slice-spacing-mm 3 --out $(DEMO_DATA)/studies
-	$(VENV)/bin/dicom-node-train dataset --studies $(DEMO_DATA)/studies --out $(DEMO_DATA)/ds128 --size 128 --seed 0
-	$(VENV)/bin/dicom-node-train train --dataset $(DEMO_DATA)/ds128 --out $(DEMO_DATA)/run --ngf 16 --ndf 32 \
-	  --batch-size 8 --epochs 6 --decay-epochs 6 --tumour-oversample 6 --hflip --seed 0 --threads 2 \
-	  --checkpoint-every 200 --val-max-slices 128 --name fdopa-demo --version 1.1
-	$(VENV)/bin/dicom-node-train evaluate --dataset $(DEMO_DATA)/ds128 --weights $(DEMO_DATA)/run/generator.pt \
-	  --split test --out $(DEMO_DATA)/report
-	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run/checkpoint.pt \
-	  --out dicom_node/models/demo-generator.pt --name fdopa-demo --version 1.1 \
-	  --metrics $(DEMO_DATA)/report/summary.json
+	$(VENV)/bin/dicom-node-train phantom --patients 400 --seed 0 --slice-spacing-mm 3 --workers 2 \
+	  --out $(DEMO_DATA)/studies
+	$(VENV)/bin/dicom-node-train dataset --studies $(DEMO_DATA)/studies --out $(DEMO_DATA)/ds128-400 \
+	  --size 128 --seed 0 --workers 2
+	$(VENV)/bin/dicom-node-train train --dataset $(DEMO_DATA)/ds128-400 --out $(DEMO_DATA)/run400 \
+	  --target uptake --ngf 16 --ndf 32 --batch-size 8 --epochs 3 --decay-epochs 3 \
+	  --tumour-oversample 6 --tumour-l1-weight 30 --lambda-l1 1000 --hflip --seed 0 --threads 2 \
+	  --checkpoint-every 500 --val-max-slices 512 --name fdopa-demo --version 2.0
+	$(VENV)/bin/dicom-node-train evaluate --dataset $(DEMO_DATA)/ds128-400 \
+	  --weights $(DEMO_DATA)/run400/generator.pt --split test --out $(DEMO_DATA)/report400
+	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run400/checkpoint.pt \
+	  --out dicom_node/models/demo-generator.pt --name fdopa-demo --version 2.0 \
+	  --metrics $(DEMO_DATA)/report400/summary.json
 
 clean:
 	rm -rf var build *.egg-info

@@ -175,3 +175,14 @@ def test_cli_writes_a_cohort(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["PH0001", "PH0002"]
     assert len(list((tmp_path / "PH0002" / "DICOM" / "T1C").glob("*.dcm"))) == 21
     assert "2 patients" in capsys.readouterr().out
+    # Worker processes write the same files.
+    parallel = tmp_path / "parallel"
+    assert train_main(["phantom", "--patients", "2", "--seed", "5", "--out", str(parallel),
+                       "--matrix", "64", "--slice-spacing-mm", "8", "--workers", "2"]) == 0
+    written = sorted(p.relative_to(tmp_path / "PH0001").as_posix()
+                     for p in (tmp_path / "PH0001").rglob("*") if p.is_file())
+    assert len(written) > 60
+    for patient in ("PH0001", "PH0002"):
+        for name in written:
+            assert (tmp_path / patient / name).read_bytes() == \
+                (parallel / patient / name).read_bytes(), (patient, name)
