@@ -19,8 +19,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -54,6 +54,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import dimse_status
 from dicom_node.config import NodeConfig
 from dicom_node.identity import apply_identity
+from dicom_node.instance_header import InstanceHeader, read_instance_header
 from dicom_node.instance_recorder import InstanceRecorder, ReceivedInstance, unrecorded_files
 from dicom_node.tls import peer_certificate_subject, server_context
 from storage.audit import AuditKind, AuditLog
@@ -73,11 +74,6 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
     JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
     HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K, RLELossless,
 )
-HEADER_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
-               "Modality", "SeriesDescription", "PatientID", "AccessionNumber", "InstanceNumber",
-               "ImagePositionPatient", "ImageOrientationPatient", "ImagesInAcquisition",
-               "NumberOfFrames")
-
 # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-AE-title-not-recognized
 REJECT_PERMANENT = 0x01
 SOURCE_SERVICE_USER = 0x01
@@ -90,22 +86,6 @@ class StoredInstance:
     study_uid: str
     series_uid: str
     sop_uid: str
-
-
-def slice_position_mm(header: Any) -> float | None:
-    """Position of a single-frame slice along its normal; None when not computable."""
-    try:
-        if int(header.get("NumberOfFrames", 1) or 1) != 1:
-            return None
-        orientation = [float(v) for v in header.ImageOrientationPatient]
-        position = [float(v) for v in header.ImagePositionPatient]
-    except (AttributeError, TypeError, ValueError):
-        return None
-    if len(orientation) != 6 or len(position) != 3:
-        return None
-    r, c = orientation[:3], orientation[3:]
-    normal = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
-    return float(sum(n * p for n, p in zip(normal, position, strict=True)))
 
 
 def _discard_partial_dataset(assoc: Association) -> None:
@@ -306,17 +286,18 @@ class Receiver:
                                       f"{self.config.receiver.max_instance_mb:g}")
             return dimse_status.OUT_OF_RESOURCES
         try:
-            header = dcmread(streamed if streamed is not None else BytesIO(data),
-                             stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
-            study_uid = str(header.StudyInstanceUID)
-            series_uid = str(header.SeriesInstanceUID)
-            sop_uid = str(header.SOPInstanceUID)
-            path = self._store.incoming_path(study_uid, series_uid, sop_uid)
+            if streamed is not None:
+                header = read_instance_header(streamed)
+            else:  # pynetdicom handed the bytes in memory
+                header = read_instance_header(BytesIO(data))
+            path = self._store.incoming_path(header.study_uid, header.series_uid,
+                                             header.sop_uid)
         except (InvalidDicomError, AttributeError, ValueError, InvalidUID, OSError) as exc:
             reason = f"cannot read identifying attributes: {exc}"
             self._audit.record(AuditKind.INSTANCE_REFUSED, outcome="error", peer=peer,
                                reason=reason[:500])
             return dimse_status.CANNOT_UNDERSTAND
+        study_uid, series_uid, sop_uid = header.study_uid, header.series_uid, header.sop_uid
         try:
             sync = self.config.receiver.fsync_each_instance
             if streamed is not None:
@@ -356,8 +337,8 @@ class Receiver:
         items = []
         for path in paths:
             try:
-                header = dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
-                syntax = str(header.file_meta.get("TransferSyntaxUID", ""))
+                header = read_instance_header(path)
+                syntax = str(read_file_meta_info(path).get("TransferSyntaxUID", ""))
                 items.append(received_instance(header, str(path), path.stat().st_size, syntax,
                                                calling_ae="", peer_address="", peer="recovered",
                                                association_id=None, recovered=True,
@@ -371,24 +352,18 @@ class Receiver:
         return len(items)
 
 
-def received_instance(header: Any, path: str, size: int, transfer_syntax: str, *,
+def received_instance(header: InstanceHeader, path: str, size: int, transfer_syntax: str, *,
                       calling_ae: str, peer_address: str, peer: str,
                       association_id: int | None, recovered: bool = False,
                       needs_sync: bool = False) -> ReceivedInstance:
     """The recorder's view of one instance, from its header."""
-    number = header.get("InstanceNumber")
-    images = header.get("ImagesInAcquisition")
     return ReceivedInstance(
-        study_uid=str(header.StudyInstanceUID), series_uid=str(header.SeriesInstanceUID),
-        sop_uid=str(header.SOPInstanceUID), sop_class_uid=str(header.SOPClassUID),
-        transfer_syntax_uid=transfer_syntax, path=path, size_bytes=size,
-        patient_id=str(header.get("PatientID", ""))[:64],
-        accession_number=str(header.get("AccessionNumber", ""))[:16],
-        modality=str(header.get("Modality", ""))[:16],
-        description=str(header.get("SeriesDescription", ""))[:64],
-        instance_number=int(number) if number not in (None, "") else None,
-        position_mm=slice_position_mm(header),
-        images_in_acquisition=int(images) if images not in (None, "") else None,
+        study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
+        sop_class_uid=header.sop_class_uid, transfer_syntax_uid=transfer_syntax, path=path,
+        size_bytes=size, patient_id=header.patient_id,
+        accession_number=header.accession_number, modality=header.modality,
+        description=header.description, instance_number=header.instance_number,
+        position_mm=header.position_mm, images_in_acquisition=header.images_in_acquisition,
         calling_ae=calling_ae, peer_address=peer_address, peer=peer,
         association_id=association_id, received_at=utcnow(), recovered=recovered,
         needs_sync=needs_sync)

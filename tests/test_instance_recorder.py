@@ -64,16 +64,17 @@ def test_instances_batch_into_few_transactions(
     node = start_node(make_config(series={"stable_after_s": 3600.0}))
     recorder = node.receiver.recorder
     recorder.stop()  # nothing drains the queue: we commit by hand below
-    from dicom_node.receiver import HEADER_TAGS, received_instance
+    from dicom_node.instance_header import read_instance_header
+    from dicom_node.receiver import received_instance
 
     items = []
     for index, path in enumerate(files):
         target = tmp_path / "store" / f"{index}.dcm"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
-        header = dcmread(target, stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+        header = read_instance_header(target)
         items.append(received_instance(header, str(target), target.stat().st_size,
-                                       str(header.file_meta.TransferSyntaxUID),
+                                       str(dcmread(target).file_meta.TransferSyntaxUID),
                                        calling_ae="TESTSCU", peer_address="127.0.0.1",
                                        peer="TESTSCU@127.0.0.1:1", association_id=None))
     # the same instance twice in one batch: one row, the second audited as a replacement
