@@ -224,3 +224,32 @@ def test_tumour_weighted_training_runs_and_is_fixed_on_resume(toy_dataset: Path,
     np.savez_compressed(without_masks / "pairs.npz", **arrays)
     with pytest.raises(ValueError, match="tumour masks"):
         train(_config(without_masks, tmp_path / "other", tumour_l1_weight=5.0))
+
+
+def test_weight_average_is_kept_resumed_and_exported(toy_dataset: Path, tmp_path: Path) -> None:
+    """--ema-decay keeps a moving average of the generator; a resumed run continues it
+    exactly and export writes the average, not the last step's generator."""
+    full = train(_config(toy_dataset, tmp_path / "full", max_steps=8, ema_decay=0.5))
+    state = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    live, average = state["generator"], state["generator_ema"]
+    differs = [k for k in live if live[k].is_floating_point()
+               and not torch.equal(live[k], average[k])]
+    assert differs, "the average equals the live generator"
+    # decay 0.5 after 8 steps: the average lies between the initial and the live weights
+    first = "model.model.0.weight"
+    assert not torch.equal(average[first], live[first])
+    train(_config(toy_dataset, tmp_path / "split", max_steps=3, ema_decay=0.5, export=False))
+    train(_config(toy_dataset, tmp_path / "split", max_steps=8, ema_decay=0.5), resume=True)
+    resumed = load_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]["generator_ema"]
+    for key, value in average.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert full.weights is not None
+    exported = load_weights(full.weights)
+    assert "moving average" in exported.card.training["method"]
+    reference = build_generator("unet_128", 8, output_nc=3)
+    reference.load_state_dict(average)
+    reference.eval()
+    data = ds.load_dataset(toy_dataset)
+    x = ds.input_tensor(data.t1c[data.indices("test")])
+    with torch.inference_mode():
+        assert (exported.generator(x) - reference(x)).abs().max() < 0.03

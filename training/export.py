@@ -53,9 +53,12 @@ def method_text(config: dict[str, Any]) -> str:
     text = (f"Pix2Pix (U-Net generator, 70x70 PatchGAN, vanilla GAN + "
             f"{config['lambda_l1']:g} x L1")
     weight = float(config.get("tumour_l1_weight", 1.0))
+    ema = float(config.get("ema_decay", 0.0))
     if weight != 1.0:
         text += (f"; L1 weighted {weight:g}x on tumour masks grown by "
                  f"{config.get('tumour_margin_px', 0)} px")
+    if ema > 0.0:
+        text += f"; exported weights: moving average of the generator, decay {ema:g}"
     return text + ")"
 
 
@@ -91,6 +94,7 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         "tumour_oversample": config["tumour_oversample"],
         "tumour_l1_weight": config.get("tumour_l1_weight", 1.0),
         "tumour_margin_px": config.get("tumour_margin_px", 0),
+        "ema_decay": config.get("ema_decay", 0.0),
         "hflip": config["hflip"],
         "device": resolved.get("device_resolved"),
         "mixed_precision": resolved.get("mixed_precision"),
@@ -120,7 +124,8 @@ def export_checkpoint(checkpoint: Path, out: Path, name: str | None = None, vers
     state = load_checkpoint(checkpoint)
     card = model_card(state, name, version, test_metrics, test_weights)
     generator = build_generator(card.architecture, card.ngf, output_nc=card.output_channels)
-    generator.load_state_dict(state["model"]["generator"])
+    # The weight average when the run kept one (--ema-decay), else the generator itself.
+    generator.load_state_dict(state["model"].get("generator_ema", state["model"]["generator"]))
     generator.eval()
     sha = save_weights(generator, card, out, fp16=fp16)
     return sha, card

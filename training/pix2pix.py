@@ -14,10 +14,15 @@
 - Weights initialised N(0, 0.02) (BatchNorm weights N(1, 0.02), biases 0).
 
 On CUDA the forward passes run under ``torch.autocast`` (float16) with a gradient scaler.
+
+Optionally (not in the publication) an exponential moving average of the generator's
+weights (``ema_decay``, e.g. 0.999) is kept beside it; validation and export then use
+the average, which carries less of the GAN's step-to-step texture.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +102,7 @@ class Pix2PixConfig:
     lambda_l1: float = 100.0
     epochs: int = 100
     decay_epochs: int = 100
+    ema_decay: float = 0.0  # 0 = no weight average (as published)
 
 
 class Pix2Pix:
@@ -114,6 +120,10 @@ class Pix2Pix:
         init_weights(self.discriminator)
         self.generator.to(device)
         self.discriminator.to(device)
+        self.generator_ema: UnetGenerator | None = None
+        if config.ema_decay > 0.0:
+            self.generator_ema = copy.deepcopy(self.generator).eval()
+            self.generator_ema.requires_grad_(False)
         betas = (config.beta1, 0.999)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr, betas=betas)
@@ -171,6 +181,7 @@ class Pix2Pix:
         self.scaler.scale(loss_g).backward()
         self.scaler.step(self.opt_g)
         self.scaler.update()
+        self._update_average()
         return {
             "loss_D": float(loss_d.detach()),
             "loss_D_real": float(loss_d_real.detach()),
@@ -179,6 +190,28 @@ class Pix2Pix:
             "loss_G_L1": float(loss_g_l1.detach()),
             "loss_G_L1_weighted": float(loss_l1_term.detach()),
         }
+
+    @property
+    def inference_generator(self) -> UnetGenerator:
+        """The generator to validate and export: the weight average when one is kept."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
+
+    def reset_average(self) -> None:
+        """Start the weight average from the current generator (e.g. after loading one)."""
+        if self.generator_ema is not None:
+            self.generator_ema.load_state_dict(self.generator.state_dict())
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        if self.generator_ema is None:
+            return
+        weight = 1.0 - self.config.ema_decay
+        for average, live in zip(self.generator_ema.parameters(), self.generator.parameters(),
+                                 strict=True):
+            average.lerp_(live.detach(), weight)
+        for average_buffer, live_buffer in zip(self.generator_ema.buffers(),
+                                               self.generator.buffers(), strict=True):
+            average_buffer.copy_(live_buffer)
 
     def step_schedulers(self) -> None:
         self.sched_g.step()
@@ -197,6 +230,8 @@ class Pix2Pix:
             "sched_g": self.sched_g.state_dict(),
             "sched_d": self.sched_d.state_dict(),
             "scaler": self.scaler.state_dict(),
+            **({"generator_ema": self.generator_ema.state_dict()}
+               if self.generator_ema is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -208,3 +243,8 @@ class Pix2Pix:
         self.sched_d.load_state_dict(state["sched_d"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.generator_ema is not None:
+            if "generator_ema" in state:
+                self.generator_ema.load_state_dict(state["generator_ema"])
+            else:
+                self.reset_average()

@@ -46,7 +46,7 @@ ARCHITECTURE_FOR_SIZE = {256: "unet_256", 128: "unet_128"}
 CHECKPOINT_FORMAT = "dicom-node-pix2pix-checkpoint/1"
 # Settings that must not change when a run is resumed.
 FIXED_ON_RESUME = ("dataset", "target", "ngf", "ndf", "batch_size", "seed", "uptake_scale",
-                   "tumour_oversample", "tumour_l1_weight", "tumour_margin_px", "hflip",
+                   "tumour_oversample", "tumour_l1_weight", "tumour_margin_px", "ema_decay", "hflip",
                    "epochs", "decay_epochs", "lambda_l1", "lr", "beta1")
 
 
@@ -64,6 +64,7 @@ class TrainConfig:
     tumour_oversample: float = 4.0
     tumour_l1_weight: float = 1.0  # 1 = the published loss
     tumour_margin_px: int = 2
+    ema_decay: float = 0.0  # 0 = no generator weight average (as published)
     hflip: bool = False
     seed: int = 0
     device: str = "auto"
@@ -119,6 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="grow the tumour masks by this many pixels for "
                              "--tumour-l1-weight (the blurred uptake reaches past the "
                              "lesion; default %(default)s)")
+    parser.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                        help="keep an exponential moving average of the generator weights "
+                             "with this decay per step (e.g. 0.999) and validate / export "
+                             "it (0 = off, as published; default %(default)s)")
     parser.add_argument("--hflip", action="store_true", help="random left-right flips")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
@@ -151,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         decay_epochs=args.decay_epochs, ngf=args.ngf, ndf=args.ndf, batch_size=args.batch_size,
         target=args.target, uptake_scale=args.uptake_scale,
         tumour_oversample=args.tumour_oversample, tumour_l1_weight=args.tumour_l1_weight,
-        tumour_margin_px=args.tumour_margin_px, hflip=args.hflip, seed=args.seed,
+        tumour_margin_px=args.tumour_margin_px, ema_decay=args.ema_decay, hflip=args.hflip, seed=args.seed,
         device=args.device, lr=args.lr, beta1=args.beta1, lambda_l1=args.lambda_l1,
         max_steps=args.max_steps, threads=args.threads,
         val_max_slices=args.val_max_slices or None, checkpoint_every=args.checkpoint_every,
@@ -263,7 +268,8 @@ def validate(model: Pix2Pix, data: ds.PairedDataset, idx: NDArray[np.int64], con
     """L1 (network units), PSNR and SSIM (images in [0, 1]) of the generator in eval mode."""
     if len(idx) == 0:
         return {}
-    generator = model.generator
+    generator = model.inference_generator
+    was_training = generator.training
     generator.eval()
     l1_sum, count = 0.0, 0
     psnrs: list[float] = []
@@ -281,7 +287,7 @@ def validate(model: Pix2Pix, data: ds.PairedDataset, idx: NDArray[np.int64], con
             for a, b in zip(fake, real, strict=True):
                 psnrs.append(psnr(a, b))
                 ssims.append(ssim(a, b))
-    generator.train()
+    generator.train(was_training)
     return {"val_l1": l1_sum / count, "val_psnr": mean_sd(psnrs)[0], "val_ssim": mean_sd(ssims)[0]}
 
 
@@ -324,6 +330,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         architecture=architecture, ngf=config.ngf, ndf=config.ndf,
         output_nc=ds.output_channels(config.target), lr=config.lr, beta1=config.beta1,
         lambda_l1=config.lambda_l1, epochs=config.epochs, decay_epochs=config.decay_epochs,
+        ema_decay=config.ema_decay,
     )
     model = Pix2Pix(p2p_config, device)
     history: dict[str, Any] = {"epochs": [], "steps": [], "last_validation": {}}
@@ -336,6 +343,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             raise ValueError(f"--init-generator is {initial.card.architecture} ngf "
                              f"{initial.card.ngf}, this run is {architecture} ngf {config.ngf}")
         model.generator.load_state_dict(initial.generator.state_dict())
+        model.reset_average()
         print(f"generator initialised from {config.init_generator} (sha256 {initial.sha256[:16]})")
     if state is not None:
         model.load_state_dict(state["model"])
