@@ -167,8 +167,10 @@ def uncompressed_series(out_dir: Path, n_slices: int, seed: int,
                                             patient_name=patient_name), seed=seed)
 
 
-def rewrite(path: Path, target: Path, **attributes: object) -> Path:
-    """Copy one instance with some attributes set (None deletes the attribute)."""
+def rewrite(path: Path, target: Path, transfer_syntax: str | None = None,
+            **attributes: object) -> Path:
+    """Copy one instance with some attributes set (None deletes the attribute) and,
+    optionally, in another uncompressed transfer syntax."""
     ds = dcmread(path)
     for name, value in attributes.items():
         if value is None:
@@ -178,6 +180,8 @@ def rewrite(path: Path, target: Path, **attributes: object) -> Path:
             setattr(ds, name, value)
     if attributes.get("SOPInstanceUID") is not None:
         ds.file_meta.MediaStorageSOPInstanceUID = UID(str(attributes["SOPInstanceUID"]))
+    if transfer_syntax is not None:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
     target.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(target, enforce_file_format=True)
     return target

@@ -57,6 +57,43 @@ def validate_dicom(path: Path) -> subprocess.CompletedProcess[str]:
                           timeout=600, check=False)
 
 
+def subprocess_node_toml(data_dir: Path, port: int, weights: Path, peer_ae: str,
+                         destination_ae: str, destination_port: int,
+                         extra_ports: tuple[int, ...] = ()) -> str:
+    """The TOML of a fast-polling node for tests that run ``dicom-node serve`` as a
+    subprocess (sending to one loopback destination)."""
+    extra = f"extra_ports = [{', '.join(str(p) for p in extra_ports)}]\n" if extra_ports else ""
+    return f"""
+[node]
+data_dir = "{data_dir}"
+[receiver]
+ae_title = "DICOMNODE"
+port = {port}
+{extra}min_free_disk_mb = 1.0
+[series]
+stable_after_s = 2.0
+complete_grace_s = 0.5
+sweep_interval_s = 0.2
+[selection]
+min_slices = 8
+[model]
+weights_path = "{weights}"
+device = "cpu"
+batch_size = 4
+[outbox]
+retry_initial_s = 0.5
+retry_max_s = 1.0
+send_interval_s = 0.2
+[[peers]]
+ae_title = "{peer_ae}"
+[[destinations]]
+name = "pacs"
+ae_title = "{destination_ae}"
+host = "127.0.0.1"
+port = {destination_port}
+"""
+
+
 @pytest.fixture(scope="session")
 def test_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "test-generator.pt"

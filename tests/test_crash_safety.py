@@ -25,7 +25,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from storage.models import Job, OutboxEntry, Series
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, subprocess_node_toml, wait_for
 from tests.dicom_factory import SeriesSpec, write_series
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -97,35 +97,7 @@ def setup(tmp_path: Path, test_weights: Path) -> Iterator[tuple[Path, int, SlowP
     port = free_port()
     data = tmp_path / "node"
     config = tmp_path / "node.toml"
-    config.write_text(f"""
-[node]
-data_dir = "{data}"
-[receiver]
-ae_title = "DICOMNODE"
-port = {port}
-min_free_disk_mb = 1.0
-[series]
-stable_after_s = 2.0
-complete_grace_s = 0.5
-sweep_interval_s = 0.2
-[selection]
-min_slices = 8
-[model]
-weights_path = "{test_weights}"
-device = "cpu"
-batch_size = 4
-[outbox]
-retry_initial_s = 0.5
-retry_max_s = 1.0
-send_interval_s = 0.2
-[[peers]]
-ae_title = "TESTSCU"
-[[destinations]]
-name = "pacs"
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs.port}
-""")
+    config.write_text(subprocess_node_toml(data, port, test_weights, "TESTSCU", "PACS", pacs.port))
     yield config, port, pacs, data
     pacs.stop()
 

@@ -16,24 +16,8 @@ from pydicom.uid import (
 
 from dicom_node import instance_header
 from dicom_node.instance_header import HeaderError, InstanceHeader, read_instance_header
+from tests.bad_input_factory import rewrite
 from tests.dicom_factory import SeriesSpec, write_series
-
-
-def rewrite(path: Path, target: Path, transfer_syntax: str | None = None,
-            **attributes: object) -> Path:
-    """Copy one instance with attributes set (None deletes) and, optionally, another
-    uncompressed transfer syntax."""
-    ds = dcmread(path)
-    for name, value in attributes.items():
-        if value is None:
-            if name in ds:
-                delattr(ds, name)
-        else:
-            setattr(ds, name, value)
-    if transfer_syntax is not None:
-        ds.file_meta.TransferSyntaxUID = transfer_syntax
-    ds.save_as(target, enforce_file_format=True)
-    return target
 
 
 def _pydicom(path: Path) -> InstanceHeader | type[Exception]:

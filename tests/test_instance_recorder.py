@@ -20,7 +20,14 @@ from dicom_node.service import Node
 from storage.audit import AuditKind, AuditLog, verify_chain
 from storage.database import make_engine, make_session_factory
 from storage.models import AuditEvent, Instance, Series, SeriesState, utcnow
-from tests.conftest import PynetdicomPacs, free_port, pynetdicom_send, storescu, wait_for
+from tests.conftest import (
+    PynetdicomPacs,
+    free_port,
+    pynetdicom_send,
+    storescu,
+    subprocess_node_toml,
+    wait_for,
+)
 from tests.dicom_factory import SeriesSpec, write_series
 
 
@@ -132,36 +139,9 @@ def test_receive_only_process_beside_the_node(
     appended to stays intact, and stopping the node stops the receive process."""
     port, second_port = free_port(), free_port()
     config = tmp_path / "node.toml"
-    config.write_text(f"""
-[node]
-data_dir = "{tmp_path / 'node'}"
-[receiver]
-ae_title = "DICOMNODE"
-port = {port}
-extra_ports = [{second_port}]
-min_free_disk_mb = 1.0
-[series]
-stable_after_s = 2.0
-complete_grace_s = 0.5
-sweep_interval_s = 0.2
-[selection]
-min_slices = 8
-[model]
-weights_path = "{test_weights}"
-device = "cpu"
-batch_size = 4
-[outbox]
-retry_initial_s = 0.5
-retry_max_s = 1.0
-send_interval_s = 0.2
-[[peers]]
-ae_title = "STORESCU"
-[[destinations]]
-name = "pacs"
-ae_title = "{pynetdicom_pacs.ae_title}"
-host = "127.0.0.1"
-port = {pynetdicom_pacs.port}
-""")
+    config.write_text(subprocess_node_toml(
+        tmp_path / "node", port, test_weights, "STORESCU", pynetdicom_pacs.ae_title,
+        pynetdicom_pacs.port, extra_ports=(second_port,)))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config",
                                str(config)], env=env, stdout=subprocess.DEVNULL,
