@@ -96,7 +96,9 @@ def save_weights(generator: UnetGenerator, card: ModelCard, path: Path, fp16: bo
     payload = {"format": FORMAT, "model_card": json.loads(json.dumps(asdict(card))),
                "state_dict": state}
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_writer(path) as handle:
+    # readable by others: weights are written by whoever
+    # trains and read by the service's own user
+    with atomic_writer(path, mode=0o644) as handle:
         torch.save(payload, handle)
     sha = file_sha256(path)
     card_path = path.with_suffix(path.suffix + ".json")

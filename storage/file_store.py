@@ -35,13 +35,17 @@ def check_uid(uid: str, what: str = "UID") -> str:
 
 
 @contextmanager
-def atomic_writer(path: Path, sync: bool = True) -> Iterator[BinaryIO]:
+def atomic_writer(path: Path, sync: bool = True,
+                  mode: int | None = None) -> Iterator[BinaryIO]:
     """A binary handle on a temporary file beside ``path``; on success it is fsynced
     (unless ``sync`` is false) and renamed over ``path``, on an exception removed.
-    Readers never see a partial file."""
+    Readers never see a partial file. The file is private (0600, as ``mkstemp`` makes
+    it) unless ``mode`` is given."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()

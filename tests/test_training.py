@@ -164,6 +164,8 @@ def test_exported_weights_match_training_generator(toy_dataset: Path, full_run: 
                      str(fp32), "--fp32", "--name", "toy", "--version", "9"]) == 0
     loaded = load_weights(fp32)
     assert (loaded.card.name, loaded.card.version) == ("toy", "9")
+    # the service runs as its own user: exported weights must be readable by it
+    assert fp32.stat().st_mode & 0o777 == 0o644
     with torch.inference_mode():
         torch.testing.assert_close(loaded.generator(x), expected, rtol=0, atol=1e-6)
 
