@@ -119,7 +119,7 @@ class HandlerTimes:
         import dicom_node.receiver as receiver
 
         self._wrap(receiver.Receiver, "handle_store", "handle_store (all)")
-        self._wrap(receiver, "dcmread", "header dcmread")
+        self._wrap(receiver, "read_instance_header", "header read")
         self._wrap(receiver, "atomic_write", "atomic_write (fsync+rename)")
         self._wrap(receiver, "atomic_move", "atomic_move (fsync+rename)")
         self._wrap(recorder.InstanceRecorder, "record",
@@ -210,16 +210,19 @@ def run_node_two_processes(files: list[Path], work: Path, senders: int) -> float
     config_path.write_text(_toml(raw))
     node = Node(parse_config(raw, work))
     node.start()
+    log_path = work / "receive.log"
+    log = log_path.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "receive", "--port",
                              str(second), "--config", str(config_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         # Wait for its "listening" line: probing the port would leave half-open
         # associations that count against max_associations until their ARTIM timeout.
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if "listening" not in line:
-            raise RuntimeError(f"dicom-node receive did not start: {line!r}")
+            raise RuntimeError(f"dicom-node receive did not start: {line!r}; its log ends: "
+                               f"{log_path.read_text(errors='replace')[-600:]}")
         wait_for(lambda: port_open(port), 10)
         chunks = [list(files[i::senders]) for i in range(senders)]
         started = time.perf_counter()
@@ -233,6 +236,7 @@ def run_node_two_processes(files: list[Path], work: Path, senders: int) -> float
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+        log.close()
         node.stop()
 
 

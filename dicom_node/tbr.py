@@ -117,6 +117,22 @@ def _side(sign: float, columns_toward_patient_left: bool) -> Side:
     return high if sign > 0 else low
 
 
+def _grown(mask: NDArray[np.bool_], margin: list[int]) -> NDArray[np.bool_]:
+    """``mask`` grown by ``margin`` voxels per axis (a box-shaped maximum filter),
+    computed on the mask's bounding box plus the margin only: outside that box the
+    result is False, and inside it equals the filter over the whole volume."""
+    grown = np.zeros_like(mask)
+    if not mask.any():
+        return grown
+    box = []
+    for axis, m in enumerate(margin):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(0, int(hit[0]) - m), min(mask.shape[axis], int(hit[-1]) + m + 1)))
+    region = tuple(box)
+    grown[region] = ndimage.maximum_filter(mask[region], size=tuple(2 * m + 1 for m in margin))
+    return grown
+
+
 def _slab(centre: int, half_mm: float, n_slices: int, slice_mm: float) -> NDArray[np.bool_]:
     half = int(np.ceil(half_mm / slice_mm))
     out = np.zeros(n_slices, dtype=bool)
@@ -198,10 +214,10 @@ def measure_tbr(uptake: NDArray[np.float32], voxel_volume_ml: float,
             mid = round((idx[0] + idx[-1]) / 2)
             slices = through | _slab(mid, MIN_SLAB_MM / 2, n_slices, spacing[0])
             side = (-side_sign * distance > 0)[None]
-            lesions_all = np.isin(labels, order)
+            keep = np.zeros(count + 1, dtype=bool)
+            keep[order] = True
             margin = [max(1, round(LESION_MARGIN_MM / s)) for s in spacing]
-            near_lesion = ndimage.maximum_filter(
-                lesions_all, size=tuple(2 * m + 1 for m in margin))
+            near_lesion = _grown(keep[labels], margin)
             region = crescent & side & slices[:, None, None] & ~near_lesion
         else:
             side_sign = 0.0
@@ -223,11 +239,18 @@ def measure_tbr(uptake: NDArray[np.float32], voxel_volume_ml: float,
         order = []
         background = max(background, 0.0) if np.isfinite(background) else 0.0
     lesions: list[Lesion] = []
+    boxes = ndimage.find_objects(labels) if order else []
     for number, label in enumerate(order, start=1):
-        mask = labels == label
-        vals = uptake[mask]
-        peak_flat = int(np.argmax(np.where(mask, uptake, -np.inf)))
-        peak = np.unravel_index(peak_flat, uptake.shape)
+        # Work inside the lesion's bounding box, not over the whole volume.
+        box = boxes[label - 1]
+        assert box is not None
+        inside = labels[box] == label
+        mask = np.zeros(labels.shape, dtype=bool)
+        mask[box] = inside
+        vals = uptake[box][inside]
+        local = np.unravel_index(int(np.argmax(np.where(inside, uptake[box], -np.inf))),
+                                 inside.shape)
+        at = [int(c) + int(part.start) for c, part in zip(local, box, strict=True)]
         measures: tuple[SliceMeasure, ...] = ()
         if per_slice:
             rows = []
@@ -242,8 +265,8 @@ def measure_tbr(uptake: NDArray[np.float32], voxel_volume_ml: float,
             number=number, tbr_max=float(vals.max()) / background,
             tbr_mean=float(vals.mean()) / background, volume_ml=float(vals.size) * voxel_ml,
             max_uptake=float(vals.max()), mean_uptake=float(vals.mean()), mask=mask,
-            peak_index=(int(peak[0]), int(peak[1]), int(peak[2])),
-            side=_side(float(np.sign(distance[peak[1], peak[2]])), columns_toward_patient_left),
+            peak_index=(at[0], at[1], at[2]),
+            side=_side(float(np.sign(distance[at[1], at[2]])), columns_toward_patient_left),
             per_slice=measures))
     background_side = ("both" if side_sign == 0 else
                        _side(-side_sign, columns_toward_patient_left))

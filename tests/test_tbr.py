@@ -311,3 +311,22 @@ def accuracy_table(indices: range) -> None:
 
 if __name__ == "__main__":
     accuracy_table(range(12))
+
+
+@pytest.mark.parametrize("where", ["inside", "edges", "empty"])
+def test_grown_mask_equals_the_maximum_filter_over_the_whole_volume(where: str) -> None:
+    """The lesion margin is grown on the lesions' bounding box only; it must equal the
+    box-shaped maximum filter over the whole volume, also where a lesion touches the
+    volume's faces."""
+    from dicom_node.tbr import _grown
+
+    rng = np.random.default_rng(3)
+    mask = np.zeros((20, 40, 30), dtype=bool)
+    if where == "inside":
+        mask[8:11, 15:19, 10:12] = rng.random((3, 4, 2)) > 0.3
+        mask[12, 25, 20] = True
+    elif where == "edges":
+        mask[0, 0, 5] = mask[19, 39, 29] = mask[10, 0, 29] = True
+    margin = [1, 3, 2]
+    expected = ndimage.maximum_filter(mask, size=tuple(2 * m + 1 for m in margin))
+    np.testing.assert_array_equal(_grown(mask, margin), expected)
