@@ -126,9 +126,10 @@ def fuse(grey: NDArray[np.floating], uptake: NDArray[np.floating], style: Fusion
         raise ValueError(f"grey {grey.shape} and uptake {uptake.shape} differ in shape")
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     shown = uptake >= style.display_threshold
-    colour = uptake_to_colour(uptake, style)
-    blended = (1.0 - style.alpha) * rgb + style.alpha * colour
-    return np.where(shown[..., None], blended, rgb).astype(np.float32)
+    # Colour only the pixels that show uptake (a minority of a brain volume).
+    colour = uptake_to_colour(uptake[shown], style)
+    rgb[shown] = ((1.0 - style.alpha) * rgb[shown] + style.alpha * colour).astype(np.float32)
+    return rgb
 
 
 def to_uint8(rgb: NDArray[np.floating]) -> NDArray[np.uint8]:
