@@ -255,3 +255,35 @@ def test_weight_average_is_kept_resumed_and_exported(toy_dataset: Path, tmp_path
     x = ds.input_tensor(data.t1c[data.indices("test")])
     with torch.inference_mode():
         assert (exported.generator(x) - reference(x)).abs().max() < 0.03
+
+
+def test_example_slices_show_one_brain_slice_per_patient(tmp_path: Path) -> None:
+    """The report's example grid: each tumour patient's largest-tumour slice, then the
+    fullest slice of other patients; never an empty slice, never one patient twice."""
+    from training.evaluate import example_slices
+
+    n_patients, n_slices, size = 5, 4, 16
+    t1c = np.zeros((n_patients * n_slices, size, size), np.float16)
+    labels = np.zeros(t1c.shape, np.uint8)
+    for p in range(n_patients):
+        for s in range(1, n_slices):  # slice 0 of every patient is empty
+            t1c[p * n_slices + s, 2:2 + 3 * s, 2:14] = 0.5
+    labels[0 * n_slices + 2, 4:6, 4:6] = 1
+    labels[1 * n_slices + 1, 4:6, 4:6] = 1
+    labels[1 * n_slices + 2, 4:8, 4:8] = 1
+    data = ds.PairedDataset(
+        path=tmp_path, t1c=t1c, fusion=np.zeros((*t1c.shape, 3), np.uint8),
+        patient_id=np.repeat([f"P{p}" for p in range(n_patients)], n_slices),
+        study_uid=np.repeat([f"1.2.{p}" for p in range(n_patients)], n_slices),
+        slice_position_mm=np.tile(np.arange(n_slices, dtype=np.float32), n_patients),
+        has_tumour=labels.any(axis=(1, 2)), splits={}, info={},
+        extra={"tumour_labels": labels})
+    idx = np.arange(len(t1c), dtype=np.int64)
+    picks = example_slices(data, idx, 4)
+    assert len(picks) == 4
+    patients = [str(data.patient_id[p]) for p in picks]
+    assert len(set(patients)) == 4
+    assert 1 * n_slices + 2 in picks and 0 * n_slices + 2 in picks  # largest tumour slices
+    assert all(t1c[p].any() for p in picks)  # no empty slice
+    others = [p for p in picks if not labels[p].any()]
+    assert all(p % n_slices == n_slices - 1 for p in others)  # the fullest slice

@@ -593,16 +593,34 @@ def evaluate(dataset: Path, weights: Path, split: str, out: Path, device: str = 
 
 
 def example_slices(data: ds.PairedDataset, idx: NDArray[np.int64], count: int) -> list[int]:
-    """Positions into ``idx``: the largest-tumour slices first, then evenly spaced others."""
+    """Positions into ``idx``: each patient's largest-tumour slice (largest first), then
+    the slices with the most brain of other patients spread over the split: one slice
+    per patient while there are patients, never an empty slice where a brain slice
+    exists."""
     count = min(count, len(idx))
-    tumour_positions: list[int] = []
+    patients = data.patient_id[idx]
     if data.has("tumour_labels"):
-        area = (data.get("tumour_labels")[idx] > 0).sum(axis=(1, 2))
-        tumour_positions = [int(p) for p in np.argsort(-area) if area[p] > 0]
+        tumour_area = (data.get("tumour_labels")[idx] > 0).sum(axis=(1, 2))
     else:
-        tumour_positions = [int(p) for p in np.flatnonzero(data.has_tumour[idx])]
-    picks = tumour_positions[: (count + 1) // 2]
-    others = [p for p in np.linspace(0, len(idx) - 1, count).round().astype(int).tolist()
-              if p not in picks]
-    picks += others[: count - len(picks)]
+        tumour_area = data.has_tumour[idx].astype(np.int64)
+    # T1C pixels above a low level: how much of the slice the head fills.
+    content = (np.asarray(data.t1c[idx], dtype=np.float32) > 0.1).sum(axis=(1, 2))
+    picks: list[int] = []
+    used: set[str] = set()
+    for p in np.argsort(-tumour_area, kind="stable"):
+        if len(picks) >= (count + 1) // 2 or tumour_area[p] == 0:
+            break
+        if str(patients[p]) not in used:
+            picks.append(int(p))
+            used.add(str(patients[p]))
+    others = [str(pid) for pid in dict.fromkeys(patients.tolist()) if str(pid) not in used]
+    wanted = count - len(picks)
+    if others and wanted > 0:
+        spread = np.linspace(0, len(others) - 1, min(wanted, len(others))).round().astype(int)
+        for k in dict.fromkeys(spread.tolist()):
+            rows = np.flatnonzero((patients == others[k]) & (tumour_area == 0))
+            if rows.size:
+                picks.append(int(rows[np.argmax(content[rows])]))
+    rest = [int(p) for p in np.argsort(-content, kind="stable") if int(p) not in picks]
+    picks += rest[: count - len(picks)]
     return sorted(picks)
