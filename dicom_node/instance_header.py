@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.filereader import data_element_generator
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
@@ -69,6 +70,7 @@ class InstanceHeader:
     instance_number: int | None
     images_in_acquisition: int | None
     position_mm: float | None  # along the slice normal; None unless one frame with geometry
+    transfer_syntax_uid: str  # from the file meta group; "" when the file has none
 
 
 class _NotPlain(Exception):
@@ -106,7 +108,7 @@ def _read_plain(fp: BinaryIO) -> dict[int, str]:
     uid = UID(syntax)
     if not uid.is_transfer_syntax or uid.is_deflated:
         raise _NotPlain
-    values: dict[int, str] = {}
+    values: dict[int, str] = {TRANSFER_SYNTAX: syntax}
     for raw in data_element_generator(fp, uid.is_implicit_VR, uid.is_little_endian,
                                       stop_when=_past_last, specific_tags=list(TAGS)):
         if raw.tag in TAGS and raw.VR != "SQ":
@@ -142,7 +144,8 @@ def _header(values: dict[int, str]) -> InstanceHeader:
         instance_number=_int(values.get(INSTANCE_NUMBER)),
         images_in_acquisition=_int(values.get(IMAGES_IN_ACQUISITION)),
         position_mm=None if frames not in (None, 1) else slice_position_mm(
-            _floats(values.get(IMAGE_ORIENTATION)), _floats(values.get(IMAGE_POSITION))))
+            _floats(values.get(IMAGE_ORIENTATION)), _floats(values.get(IMAGE_POSITION))),
+        transfer_syntax_uid=values.get(TRANSFER_SYNTAX, ""))
 
 
 def _int(text: str | None) -> int | None:
@@ -175,12 +178,13 @@ def slice_position_mm(orientation: Sequence[float] | None,
 
 def _read_with_pydicom(source: BinaryIO) -> InstanceHeader:
     header = dcmread(source, stop_before_pixels=True, specific_tags=list(KEYWORDS))
-    values: dict[int, str] = {}
+    values: dict[int, str] = {
+        TRANSFER_SYNTAX: str(header.file_meta.get("TransferSyntaxUID", ""))}
     for tag, keyword in zip(TAGS, KEYWORDS, strict=True):
         value: Any = header.get(keyword)
         if value is None or value == "":
             continue
-        if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        if isinstance(value, list | tuple | MultiValue):
             values[tag] = "\\".join(str(v) for v in value)
         else:
             values[tag] = str(value).strip("\x00 ")

@@ -96,8 +96,7 @@ def save_weights(generator: UnetGenerator, card: ModelCard, path: Path, fp16: bo
     payload = {"format": FORMAT, "model_card": json.loads(json.dumps(asdict(card))),
                "state_dict": state}
     path.parent.mkdir(parents=True, exist_ok=True)
-    # readable by others: weights are written by whoever
-    # trains and read by the service's own user
+    # 0644: whoever trains writes the weights, the service's own user reads them
     with atomic_writer(path, mode=0o644) as handle:
         torch.save(payload, handle)
     sha = file_sha256(path)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -286,10 +285,7 @@ class Receiver:
                                       f"{self.config.receiver.max_instance_mb:g}")
             return dimse_status.OUT_OF_RESOURCES
         try:
-            if streamed is not None:
-                header = read_instance_header(streamed)
-            else:  # pynetdicom handed the bytes in memory
-                header = read_instance_header(BytesIO(data))
+            header = read_instance_header(streamed if streamed is not None else BytesIO(data))
             path = self._store.incoming_path(header.study_uid, header.series_uid,
                                              header.sop_uid)
         except (InvalidDicomError, AttributeError, ValueError, InvalidUID, OSError) as exc:
@@ -338,8 +334,8 @@ class Receiver:
         for path in paths:
             try:
                 header = read_instance_header(path)
-                syntax = str(read_file_meta_info(path).get("TransferSyntaxUID", ""))
-                items.append(received_instance(header, str(path), path.stat().st_size, syntax,
+                items.append(received_instance(header, str(path), path.stat().st_size,
+                                               header.transfer_syntax_uid,
                                                calling_ae="", peer_address="", peer="recovered",
                                                association_id=None, recovered=True,
                                                needs_sync=True))

@@ -49,6 +49,7 @@ def test_plain_mr_slice_is_read_without_pydicom(tmp_path: Path,
     assert header.instance_number == ds.InstanceNumber == 2
     assert header.position_mm == pytest.approx(float(ds.ImagePositionPatient[2]))
     assert header.description == ds.SeriesDescription
+    assert header.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
     # From memory, as pynetdicom hands small instances over, it is the same.
     assert read_instance_header(BytesIO(path.read_bytes())) == header
 

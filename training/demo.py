@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="config.toml", help="node config (default config.toml)")
     parser.add_argument("--out", default="demo-output", help="folder for everything the demo writes")
     parser.add_argument("--patient-index", type=int, default=1000,
-                        help="phantom patient index (the demo model saw 0-99)")
+                        help="phantom patient index (the demo model was built from 0-399)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slice-spacing-mm", type=float, default=3.0)
     parser.add_argument("--timeout-s", type=float, default=600.0)
