@@ -141,8 +141,12 @@ class Sender:
         ae.acse_timeout = cfg.dimse_timeout_s
         ae.dimse_timeout = cfg.dimse_timeout_s
         ae.network_timeout = cfg.dimse_timeout_s
+        # One context per transfer syntax: a peer picks one syntax per context, and a
+        # pynetdicom peer prefers implicit VR, so a shared context would make every
+        # (explicit VR) output be decoded and re-encoded before sending.
         for sop_class in sop_classes:
-            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+            for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+                ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
         if not assoc.is_established:
             reason = ("association rejected" if assoc.is_rejected else

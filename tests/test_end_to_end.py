@@ -94,6 +94,10 @@ def test_pynetdicom_sender_and_receiver(
     assert pynetdicom_send(source, node.receiver.port) == [0] * len(source)
     assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= len(source) + 2, 180)
     _check_outputs(pynetdicom_pacs.received.files(), source)
+    # Sent as written (explicit VR): a pynetdicom peer prefers implicit VR, so this holds
+    # only when each transfer syntax is proposed in a context of its own.
+    assert {str(ds.file_meta.TransferSyntaxUID) for ds in pynetdicom_pacs.received.read_all()
+            } == {"1.2.840.10008.1.2.1"}
 
 
 def test_uptake_model_output_is_fused_over_the_t1c(
