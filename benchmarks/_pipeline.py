@@ -121,7 +121,8 @@ def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
         series_id, job_id = add_series_and_job(ctx, study_uid,
                                                str(volume.datasets[0].SeriesInstanceUID))
         with timer.stage("Predictor.predict (pre+model+post)"):
-            prediction = ctx.predictor.predict(volume.pixels)
+            prediction = ctx.predictor.predict(volume.pixels,
+                                               slice_spacing_mm=volume.spacing_mm[0])
         with timer.stage("TBR (measure_tbr)"):
             result = p.measure_tbr(prediction.uptake, volume.voxel_volume_ml,
                                    ctx.config.analysis.tbr_threshold,

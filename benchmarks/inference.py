@@ -37,22 +37,22 @@ from benchmarks._common import (
 from benchmarks._pipeline import Timer, make_context, run_series_timed
 
 
-def models(device: torch.device) -> list[tuple[str, torch.nn.Module, int]]:
+def models(device: torch.device) -> list[tuple[str, torch.nn.Module, int, int]]:
     from dicom_node.generator import build_generator
     from dicom_node.model_weights import load_weights
 
     demo = load_weights(DEMO_WEIGHTS, device)
     paper = build_generator("unet_256", 64).to(device).eval()
-    return [(f"demo {demo.card.name} ({demo.card.input_size}px)", demo.generator.eval(),
-             demo.card.input_size),
-            ("paper unet_256 ngf64 (256px)", paper, 256)]
+    return [(f"demo {demo.card.name} ({demo.card.input_size}px, {demo.card.input_channels} ch)",
+             demo.generator.eval(), demo.card.input_size, demo.card.input_channels),
+            ("paper unet_256 ngf64 (256px)", paper, 256, 1)]
 
 
-def throughput(model: torch.nn.Module, size: int, device: torch.device, batch: int,
-               precision: str, channels_last: bool, budget_s: float) -> float:
+def throughput(model: torch.nn.Module, size: int, channels: int, device: torch.device,
+               batch: int, precision: str, channels_last: bool, budget_s: float) -> float:
     fmt_ = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt_)
-    host = torch.rand(batch, 1, size, size) * 2 - 1
+    host = torch.rand(batch, channels, size, size) * 2 - 1
     if device.type == "cuda":
         host = host.pin_memory()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -94,12 +94,12 @@ def main() -> None:
                                        else [])
     for device in devices:
         precisions = ["fp32"] + (["bf16", "fp16"] if device.type == "cuda" else [])
-        for name, model, size in models(device):
+        for name, model, size, channels in models(device):
             for batch in batches:
                 for precision in precisions:
                     for channels_last in (False, True):
-                        rate = throughput(model, size, device, batch, precision,
-                                          channels_last, budget)
+                        rate = throughput(model, size, channels, device, batch,
+                                          precision, channels_last, budget)
                         rows.append(["throughput", name, device.type, batch, precision,
                                      "channels_last" if channels_last else "NCHW",
                                      fmt(rate, 1), fmt(args.slices / rate, 2), ""])

@@ -1,7 +1,9 @@
 """Run the generator over a T1C volume: synthetic fusion and uptake per slice.
 
 Pre-processing: window the series to grey [0, 1] (:func:`fusion.window_t1c`),
-pad to square and resize to the network size, scale to [-1, 1]. The generator runs
+pad to square and resize to the network size, scale to [-1, 1], and for a model
+trained with neighbouring slices stack them as channels (:mod:`slice_context`, at the
+model's training spacing). The generator runs
 in eval mode (deterministic: dropout off, BatchNorm running statistics) under
 ``torch.inference_mode()``, batched, with autocast on CUDA. Its output is mapped
 back to the native matrix. A fusion model's RGB output is de-fused to uptake; an
@@ -22,6 +24,7 @@ from numpy.typing import NDArray
 from dicom_node.fusion import FusionStyle, defuse, fuse, window_t1c
 from dicom_node.model_weights import LoadedModel
 from dicom_node.resampling import from_network, to_network
+from dicom_node.slice_context import context_step, neighbour_rows, stack_context
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +64,22 @@ class Predictor:
         else:
             self.style = model.card.fusion_style
 
+    def context_rows(self, count: int, slice_spacing_mm: float | None) -> NDArray[np.int64]:
+        """(count, channels) slice indices of each slice's network input."""
+        card = self.model.card
+        step = context_step(slice_spacing_mm, card.context_spacing_mm)
+        return neighbour_rows(count, card.context_slices, step)
+
     def run_network(self, grey: NDArray[np.float32],
                     progress: Callable[[int, int], None] | None = None,
-                    batch_size: int | None = None) -> torch.Tensor:
-        """(N, H, W) grey -> (N, C, H, W) generator output in [-1, 1] at native size."""
+                    batch_size: int | None = None,
+                    slice_spacing_mm: float | None = None) -> torch.Tensor:
+        """(N, H, W) grey, ordered along the slice normal -> (N, C, H, W) generator output
+        in [-1, 1] at native size."""
         size = self.model.card.input_size
         batch = batch_size or self.batch_size
         net_in, pad = to_network(grey, size)
-        net_in = net_in * 2.0 - 1.0
+        net_in = stack_context(net_in * 2.0 - 1.0, self.context_rows(len(grey), slice_spacing_mm))
         outputs = []
         generator = self.model.generator
         generator.eval()
@@ -90,7 +101,10 @@ class Predictor:
         return from_network(result, pad).clamp(-1.0, 1.0)
 
     def predict(self, volume: NDArray[np.float32], batch_size: int | None = None,
-                timeout_s: float | None = None) -> Prediction:
+                timeout_s: float | None = None,
+                slice_spacing_mm: float | None = None) -> Prediction:
+        """``volume`` (N, H, W) ordered along the slice normal, ``slice_spacing_mm`` apart
+        (for models that take neighbouring slices)."""
         grey = window_t1c(volume)
         started = time.monotonic()
 
@@ -99,7 +113,8 @@ class Predictor:
                 raise InferenceTimeout(f"inference exceeded {timeout_s:g} s "
                                        f"({done}/{total} slices done)")
 
-        output = self.run_network(grey, progress=check_deadline, batch_size=batch_size).numpy()
+        output = self.run_network(grey, progress=check_deadline, batch_size=batch_size,
+                                  slice_spacing_mm=slice_spacing_mm).numpy()
         if self.model.card.output_kind == "uptake":
             uptake = ((output[:, 0] + 1.0) / 2.0 * self.model.card.uptake_scale).astype(np.float32)
             fusion = fuse(grey, uptake, self.style)

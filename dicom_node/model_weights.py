@@ -22,6 +22,7 @@ import torch
 
 from dicom_node.fusion import FusionStyle
 from dicom_node.generator import ARCHITECTURES, INPUT_SIZES, UnetGenerator, build_generator
+from dicom_node.slice_context import input_channels
 from storage.file_store import atomic_writer
 
 FORMAT = "dicom-node-generator/1"
@@ -48,6 +49,15 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     test_weights: bool = False
+    # Neighbouring T1C slices each side fed as extra channels (0 = the published
+    # one-slice input), taken at this slice spacing (0 = adjacent slices): see
+    # dicom_node.slice_context.
+    context_slices: int = 0
+    context_spacing_mm: float = 0.0
+
+    @property
+    def input_channels(self) -> int:
+        return input_channels(self.context_slices)
 
     @property
     def input_size(self) -> int:
@@ -65,6 +75,9 @@ class ModelCard:
         if self.architecture not in ARCHITECTURES:
             raise WeightsError(f"model card architecture {self.architecture!r} is not one of "
                                f"{sorted(ARCHITECTURES)}")
+        if not isinstance(self.context_slices, int) or self.context_slices < 0:
+            raise WeightsError(f"model card context_slices {self.context_slices!r} is not "
+                               "a count >= 0")
         if self.output_kind not in OUTPUT_KINDS:
             raise WeightsError(f"model card output_kind {self.output_kind!r} is not one of "
                                f"{OUTPUT_KINDS}")
@@ -120,7 +133,8 @@ def load_weights(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
     except TypeError as exc:
         raise WeightsError(f"{path}: invalid model card: {exc}") from exc
     card.validate()
-    generator = build_generator(card.architecture, card.ngf, output_nc=card.output_channels)
+    generator = build_generator(card.architecture, card.ngf, input_nc=card.input_channels,
+                                output_nc=card.output_channels)
     state = {key: value.float() if value.is_floating_point() else value
              for key, value in payload["state_dict"].items()}
     try:

@@ -103,11 +103,11 @@ def test_inference_failure_is_retried_with_a_smaller_batch_then_recorded(
     calls: list[int] = []
     real = node.ctx.predictor.run_network
 
-    def flaky(grey, progress=None, batch_size=None):  # type: ignore[no-untyped-def]
+    def flaky(grey, progress=None, batch_size=None, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(batch_size or node.ctx.predictor.batch_size)
         if len(calls) == 1:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(grey, progress, batch_size)
+        return real(grey, progress, batch_size, **kwargs)
 
     node.ctx.predictor.run_network = flaky  # type: ignore[method-assign]
     files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=23)
@@ -117,7 +117,7 @@ def test_inference_failure_is_retried_with_a_smaller_batch_then_recorded(
     assert calls[0] == 8 and calls[1] < 8
 
     # a job that always fails is marked failed with the reason; the worker goes on
-    def broken(grey, progress=None, batch_size=None):  # type: ignore[no-untyped-def]
+    def broken(grey, progress=None, batch_size=None, **kwargs):  # type: ignore[no-untyped-def]
         raise ValueError("weights produce NaN")
 
     node.ctx.predictor.run_network = broken  # type: ignore[method-assign]

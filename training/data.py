@@ -10,7 +10,9 @@ fusion images show it where no uptake is drawn (datasets built before it existed
 ``DSDIR/splits.json``: ``method``, ``seed``, ``train`` / ``val`` / ``test`` index lists.
 ``DSDIR/dataset.json``: ``size``, ``fusion_style`` and provenance.
 
-Network tensors: input ``x = 2 * t1c - 1`` (1 channel); target ``fusion / 255 * 2 - 1``
+Network tensors: input ``x = 2 * t1c - 1`` (1 channel, or ``2k + 1`` channels with
+``context_slices = k``: the slice and its neighbours in the same study, see
+:mod:`dicom_node.slice_context`); target ``fusion / 255 * 2 - 1``
 (3 channels, ``target="fusion"``) or ``uptake / uptake_scale * 2 - 1`` clipped to
 [-1, 1] (1 channel, ``target="uptake"``).
 """
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from dicom_node.fusion import FusionStyle
+from dicom_node.slice_context import group_rows
 
 TARGETS = ("fusion", "uptake")
 SPLITS = ("train", "val", "test")
@@ -53,6 +56,30 @@ class PairedDataset:
     splits: dict[str, Any]
     info: dict[str, Any]
     extra: dict[str, NDArray[Any]] = field(default_factory=dict)
+    _context: dict[int, NDArray[np.int64]] = field(default_factory=dict, repr=False)
+
+    def context_rows(self, context_slices: int) -> NDArray[np.int64]:
+        """(N, 2k+1) rows of every pair's T1C neighbours within its study (cached)."""
+        if context_slices not in self._context:
+            self._context[context_slices] = group_rows(self.study_uid, self.slice_position_mm,
+                                                       context_slices)
+        return self._context[context_slices]
+
+    def slice_spacing_mm(self) -> float:
+        """The median distance between consecutive pairs of a study (0 if unknown)."""
+        gaps: list[NDArray[np.float32]] = []
+        for study in np.unique(self.study_uid):
+            positions = np.sort(self.slice_position_mm[self.study_uid == study])
+            gaps.append(np.diff(positions))
+        joined = np.concatenate(gaps) if gaps else np.zeros(0, dtype=np.float32)
+        joined = joined[joined > 0]
+        return round(float(np.median(joined)), 3) if joined.size else 0.0
+
+    def input_grey(self, idx: NDArray[np.int64], context_slices: int = 0) -> NDArray[np.float32]:
+        """Grey T1C of slices ``idx``: (B, S, S), or (B, 2k+1, S, S) with neighbours."""
+        if context_slices == 0:
+            return self.t1c[idx].astype(np.float32)
+        return self.t1c[self.context_rows(context_slices)[idx]].astype(np.float32)
 
     @property
     def size(self) -> int:
@@ -125,9 +152,10 @@ def load_dataset(path: Path) -> PairedDataset:
 
 
 def input_tensor(t1c: NDArray[np.floating]) -> torch.Tensor:
-    """(B, S, S) grey T1C in [0, 1] -> (B, 1, S, S) float32 in [-1, 1]."""
+    """(B, S, S) or (B, C, S, S) grey T1C in [0, 1] -> (B, C, S, S) float32 in [-1, 1]."""
     x = torch.from_numpy(np.asarray(t1c, dtype=np.float32))
-    return (x * 2.0 - 1.0).unsqueeze(1)
+    x = x * 2.0 - 1.0
+    return x.unsqueeze(1) if x.ndim == 3 else x
 
 
 def target_tensor(data: PairedDataset, idx: NDArray[np.int64], target: str,
@@ -147,9 +175,11 @@ def output_channels(target: str) -> int:
 
 
 def batch(data: PairedDataset, idx: NDArray[np.int64], target: str,
-          uptake_scale: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+          uptake_scale: float = 4.0, context_slices: int = 0
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(input, target) tensors of slices ``idx``."""
-    return input_tensor(data.t1c[idx]), target_tensor(data, idx, target, uptake_scale)
+    return (input_tensor(data.input_grey(idx, context_slices)),
+            target_tensor(data, idx, target, uptake_scale))
 
 
 def l1_weights(data: PairedDataset, idx: NDArray[np.int64], tumour_weight: float,

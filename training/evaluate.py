@@ -136,23 +136,30 @@ def run(args: argparse.Namespace) -> int:
 def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
             batch_size: int = 16, backdrop: NDArray[np.floating] | None = None
             ) -> tuple[NDArray[np.uint8], NDArray[np.float32] | None]:
-    """Synthetic fusion (uint8 RGB) and, for an uptake model, its uptake, of (n, S, S) T1C.
+    """Synthetic fusion (uint8 RGB) and, for an uptake model, its uptake, of (n, S, S) T1C,
+    or (n, C, S, S) T1C with neighbouring slices for a model that takes them (the middle
+    channel is the slice itself; :meth:`PairedDataset.input_grey`).
 
     An uptake model's output is drawn over ``backdrop`` (the T1C as the real fusion shows
-    it; default ``t1c``), as the node draws it over the series' own T1C.
+    it; default the slice's own T1C), as the node draws it over the series' own T1C.
     """
     generator, card = model.generator, model.card
     device = next(generator.parameters()).device
     generator.eval()
-    n, height, width = t1c.shape
-    under = np.asarray(t1c if backdrop is None else backdrop, dtype=np.float32)
+    if t1c.ndim == 3:
+        t1c = t1c[:, None]
+    n, channels, height, width = t1c.shape
+    if channels != card.input_channels:
+        raise ValueError(f"the model takes {card.input_channels} input slice(s), got {channels}")
+    under = np.asarray(t1c[:, channels // 2] if backdrop is None else backdrop, dtype=np.float32)
     fusion = np.empty((n, height, width, 3), dtype=np.uint8)
     uptake = np.empty((n, height, width), dtype=np.float32) if card.output_kind == "uptake" \
         else None
     with torch.inference_mode():
         for start in tqdm(range(0, n, batch_size), desc="inference", unit="batch", leave=False):
             grey = np.asarray(t1c[start : start + batch_size], dtype=np.float32)
-            x, pad = to_network(grey, card.input_size)
+            x, pad = to_network(grey.reshape(-1, height, width), card.input_size)
+            x = x.reshape(len(grey), channels, card.input_size, card.input_size)
             y = from_network(generator(x.to(device) * 2.0 - 1.0).float().cpu(), pad)
             unit = ((y.clamp(-1, 1) + 1.0) / 2.0).numpy()
             if uptake is None:
@@ -505,7 +512,8 @@ def evaluate(dataset: Path, weights: Path, split: str, out: Path, device: str = 
     grey = data.t1c[idx].astype(np.float32)
     backdrop = data.backdrop(idx)
     real = data.fusion[idx]
-    fusion, _ = predict(model, grey, style, batch_size, backdrop=backdrop)
+    fusion, _ = predict(model, data.input_grey(idx, model.card.context_slices), style,
+                        batch_size, backdrop=backdrop)
     methods = [Method("model", fusion)]
     if data.has("oracle_fusion"):
         methods.append(Method("oracle", data.get("oracle_fusion")[idx]))

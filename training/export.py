@@ -57,6 +57,10 @@ def method_text(config: dict[str, Any]) -> str:
     if weight != 1.0:
         text += (f"; L1 weighted {weight:g}x on tumour masks grown by "
                  f"{config.get('tumour_margin_px', 0)} px")
+    context = int(config.get("context_slices", 0))
+    if context:
+        text += (f"; input: the T1C slice and {context} neighbouring slice(s) on each side "
+                 f"({2 * context + 1} channels)")
     if ema > 0.0:
         text += f"; exported weights: moving average of the generator, decay {ema:g}"
     return text + ")"
@@ -96,6 +100,7 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         "tumour_margin_px": config.get("tumour_margin_px", 0),
         "ema_decay": config.get("ema_decay", 0.0),
         "hflip": config["hflip"],
+        "context_slices": config.get("context_slices", 0),
         "device": resolved.get("device_resolved"),
         "mixed_precision": resolved.get("mixed_precision"),
         "method": method_text(config),
@@ -114,6 +119,9 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         training=training,
         metrics=metrics,
         test_weights=test_weights,
+        context_slices=int(config.get("context_slices", 0)),
+        context_spacing_mm=float(resolved.get("slice_spacing_mm", 0.0))
+        if config.get("context_slices", 0) else 0.0,
     )
 
 
@@ -123,7 +131,8 @@ def export_checkpoint(checkpoint: Path, out: Path, name: str | None = None, vers
     """Write the generator of ``checkpoint`` as a node weights file; return (sha256, card)."""
     state = load_checkpoint(checkpoint)
     card = model_card(state, name, version, test_metrics, test_weights)
-    generator = build_generator(card.architecture, card.ngf, output_nc=card.output_channels)
+    generator = build_generator(card.architecture, card.ngf, input_nc=card.input_channels,
+                                output_nc=card.output_channels)
     # The weight average when the run kept one (--ema-decay), else the generator itself.
     generator.load_state_dict(state["model"].get("generator_ema", state["model"]["generator"]))
     generator.eval()

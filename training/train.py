@@ -35,6 +35,7 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from dicom_node.model_weights import load_weights
+from dicom_node.slice_context import input_channels
 from storage.file_store import atomic_writer
 from training import data as ds
 from training.metrics import mean_sd, psnr, ssim
@@ -47,7 +48,7 @@ CHECKPOINT_FORMAT = "dicom-node-pix2pix-checkpoint/1"
 # Settings that must not change when a run is resumed.
 FIXED_ON_RESUME = ("dataset", "target", "ngf", "ndf", "batch_size", "seed", "uptake_scale",
                    "tumour_oversample", "tumour_l1_weight", "tumour_margin_px", "ema_decay", "hflip",
-                   "epochs", "decay_epochs", "lambda_l1", "lr", "beta1")
+                   "epochs", "decay_epochs", "lambda_l1", "lr", "beta1", "context_slices")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class TrainConfig:
     tumour_margin_px: int = 2
     ema_decay: float = 0.0  # 0 = no generator weight average (as published)
     hflip: bool = False
+    context_slices: int = 0  # neighbouring T1C slices each side as input (0 = as published)
     seed: int = 0
     device: str = "auto"
     lr: float = 2e-4
@@ -125,6 +127,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with this decay per step (e.g. 0.999) and validate / export "
                              "it (0 = off, as published; default %(default)s)")
     parser.add_argument("--hflip", action="store_true", help="random left-right flips")
+    parser.add_argument("--context-slices", type=int, default=d.context_slices,
+                        help="also feed this many neighbouring T1C slices on each side as "
+                             "input channels (0 = one slice, as published; default "
+                             "%(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--lr", type=float, default=d.lr)
@@ -156,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
         decay_epochs=args.decay_epochs, ngf=args.ngf, ndf=args.ndf, batch_size=args.batch_size,
         target=args.target, uptake_scale=args.uptake_scale,
         tumour_oversample=args.tumour_oversample, tumour_l1_weight=args.tumour_l1_weight,
-        tumour_margin_px=args.tumour_margin_px, ema_decay=args.ema_decay, hflip=args.hflip, seed=args.seed,
+        tumour_margin_px=args.tumour_margin_px, ema_decay=args.ema_decay, hflip=args.hflip,
+        context_slices=args.context_slices, seed=args.seed,
         device=args.device, lr=args.lr, beta1=args.beta1, lambda_l1=args.lambda_l1,
         max_steps=args.max_steps, threads=args.threads,
         val_max_slices=args.val_max_slices or None, checkpoint_every=args.checkpoint_every,
@@ -277,7 +284,8 @@ def validate(model: Pix2Pix, data: ds.PairedDataset, idx: NDArray[np.int64], con
     with torch.inference_mode():
         for start in range(0, len(idx), batch_size):
             part = idx[start : start + batch_size]
-            x, y = ds.batch(data, part, config.target, config.uptake_scale)
+            x, y = ds.batch(data, part, config.target, config.uptake_scale,
+                            config.context_slices)
             with model.autocast():
                 out = generator(x.to(model.device)).float()
             y = y.to(model.device)
@@ -289,6 +297,27 @@ def validate(model: Pix2Pix, data: ds.PairedDataset, idx: NDArray[np.int64], con
                 ssims.append(ssim(a, b))
     generator.train(was_training)
     return {"val_l1": l1_sum / count, "val_psnr": mean_sd(psnrs)[0], "val_ssim": mean_sd(ssims)[0]}
+
+
+def widened_state(initial: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+    """``initial`` generator weights fitted to ``target``'s shapes: a one-slice model's
+    first convolution becomes the middle channel of a wider input (the neighbours start
+    at zero, so the widened model begins with exactly the one-slice model's output)."""
+    state = dict(initial)
+    for key, value in initial.items():
+        want = target.get(key)
+        if want is None or want.shape == value.shape:
+            continue
+        centre = want.shape[1] // 2 if value.ndim == 4 else -1
+        if value.ndim != 4 or value.shape[1] != 1 or want.shape[0] != value.shape[0] \
+                or want.shape[2:] != value.shape[2:]:
+            raise ValueError(f"--init-generator weight {key} {tuple(value.shape)} does not fit "
+                             f"this run's {tuple(want.shape)}")
+        widened = torch.zeros_like(want)
+        widened[:, centre] = value[:, 0]
+        state[key] = widened
+    return state
 
 
 def train(config: TrainConfig, resume: bool = False) -> TrainResult:
@@ -306,6 +335,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         raise ValueError("--tumour-l1-weight needs a dataset with tumour masks "
                          "('tumour_labels')")
     architecture = architecture_for(data.size)
+    if config.context_slices < 0:
+        raise ValueError("--context-slices must be >= 0")
     train_idx, val_idx = data.indices("train"), data.indices("val")
     if len(train_idx) == 0:
         raise ValueError(f"dataset {data.path} has no training pairs")
@@ -328,6 +359,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     random.seed(config.seed)
     p2p_config = Pix2PixConfig(
         architecture=architecture, ngf=config.ngf, ndf=config.ndf,
+        input_nc=input_channels(config.context_slices),
         output_nc=ds.output_channels(config.target), lr=config.lr, beta1=config.beta1,
         lambda_l1=config.lambda_l1, epochs=config.epochs, decay_epochs=config.decay_epochs,
         ema_decay=config.ema_decay,
@@ -342,7 +374,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         if (initial.card.architecture, initial.card.ngf) != (architecture, config.ngf):
             raise ValueError(f"--init-generator is {initial.card.architecture} ngf "
                              f"{initial.card.ngf}, this run is {architecture} ngf {config.ngf}")
-        model.generator.load_state_dict(initial.generator.state_dict())
+        model.generator.load_state_dict(widened_state(
+            initial.generator.state_dict(), model.generator.state_dict()))
         model.reset_average()
         print(f"generator initialised from {config.init_generator} (sha256 {initial.sha256[:16]})")
     if state is not None:
@@ -357,7 +390,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     resolved = {**asdict(config), "architecture": architecture, "device_resolved": str(device),
                 "mixed_precision": model.use_amp, "torch": str(torch.__version__),
                 "torch_threads": torch.get_num_threads(), "dataset_info": info,
-                "input_channels": 1, "output_channels": p2p_config.output_nc}
+                "input_channels": p2p_config.input_nc, "output_channels": p2p_config.output_nc,
+                "slice_spacing_mm": data.slice_spacing_mm()}
     write_json(run_dir / "config.json", resolved)
 
     weights = None
@@ -399,7 +433,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                 break
             positions = order[b * config.batch_size : (b + 1) * config.batch_size]
             idx = train_idx[positions.numpy()]
-            x, y = ds.batch(data, idx, config.target, config.uptake_scale)
+            x, y = ds.batch(data, idx, config.target, config.uptake_scale, config.context_slices)
             l1_weight = None
             if config.tumour_l1_weight != 1.0:
                 l1_weight = ds.l1_weights(data, idx, config.tumour_l1_weight,
