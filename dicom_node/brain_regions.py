@@ -72,6 +72,47 @@ class Midline:
         return y2 / spacing_rc[0] + self.centre_row, x2 / spacing_rc[1] + self.column_at_centre_row
 
 
+# Binary morphology as separable maximum / minimum filters and one labelling pass: the
+# same voxels as scipy's iterated binary_* operations (tests/test_tbr.py compares them),
+# several times faster on a whole series.
+
+def dilate_cross(mask: BoolVolume, steps: int) -> BoolVolume:
+    """``ndimage.binary_dilation(mask, iterations=steps)`` (6-connected cross)."""
+    out = np.asarray(mask, dtype=bool)
+    for _ in range(steps):
+        grown = out.copy()
+        for axis in range(out.ndim):
+            grown |= ndimage.maximum_filter1d(out, 3, axis=axis, mode="constant", cval=0)
+        out = grown
+    return out
+
+
+def close_in_plane(mask: BoolVolume, steps: int) -> BoolVolume:
+    """``ndimage.binary_closing(mask, np.ones((1, 3, 3)), iterations=steps)``."""
+    size = (1, 2 * steps + 1, 2 * steps + 1)
+    grown = ndimage.maximum_filter(mask, size=size, mode="constant", cval=0)
+    return np.asarray(ndimage.minimum_filter(grown, size=size, mode="constant", cval=0),
+                      dtype=bool)
+
+
+def fill_holes_in_plane(mask: BoolVolume) -> BoolVolume:
+    """``ndimage.binary_fill_holes`` with 4-connectivity within each slice: background
+    not connected to a slice's edge becomes foreground."""
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    labels, _ = ndimage.label(~mask, structure=in_plane)
+    edge = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
+                                     labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    return np.asarray(mask | ((labels > 0) & ~np.isin(labels, edge)), dtype=bool)
+
+
+def open_2x2_in_plane(mask: BoolVolume) -> BoolVolume:
+    """``ndimage.binary_opening(mask, np.ones((1, 2, 2)))``."""
+    eroded = ndimage.minimum_filter(mask, size=(1, 2, 2), mode="constant", cval=0)
+    return np.asarray(ndimage.maximum_filter(eroded, size=(1, 2, 2), origin=(0, -1, -1),
+                                             mode="constant", cval=0), dtype=bool)
+
+
 def brain_mask(uptake: FloatVolume, display_threshold: float,
                t1c_grey: FloatVolume | None = None) -> BoolVolume:
     """Brain: drawn uptake (or T1C tissue), closed, filled per slice, largest component."""
@@ -80,14 +121,10 @@ def brain_mask(uptake: FloatVolume, display_threshold: float,
         grey = np.asarray(t1c_grey, dtype=np.float32)
         inside = grey[tissue]
         if inside.size:
-            tissue |= ndimage.binary_dilation(tissue, iterations=2) & (
-                grey > 0.25 * float(np.median(inside)))
+            tissue |= dilate_cross(tissue, 2) & (grey > 0.25 * float(np.median(inside)))
     if not tissue.any():
         return tissue
-    tissue = ndimage.binary_closing(tissue, structure=np.ones((1, 3, 3), bool), iterations=2)
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    tissue = ndimage.binary_fill_holes(tissue, structure=in_plane)
+    tissue = fill_holes_in_plane(close_in_plane(tissue, 2))
     labels, count = ndimage.label(tissue)
     if count > 1:
         sizes = np.bincount(labels.ravel())
@@ -265,5 +302,4 @@ def find_ventricles(brain: BoolVolume, uptake: FloatVolume, background: float,
         dark = deep & (grey < VENTRICLE_T1C_FRACTION * level)
     else:
         dark = deep & (uptake < VENTRICLE_UPTAKE_FRACTION * background)
-    return np.asarray(ndimage.binary_opening(dark, structure=np.ones((1, 2, 2), bool)) | (
-        dark & ndimage.binary_dilation(dark, iterations=1)), dtype=bool)
+    return np.asarray(open_2x2_in_plane(dark) | (dark & dilate_cross(dark, 1)), dtype=bool)

@@ -27,11 +27,15 @@ details and limitations in docs/tbr.md). Volumes are axial, indexed
    the central 30 mm of the brain. Steps 3, 5 and 6 are iterated from a robust
    whole-brain start value until the background mean settles.
 7. No lesion: the finding is "no lesion above threshold" and no ratios are given.
+
+All of this runs on the rows and columns around the drawn uptake (plus a margin wider
+than any structuring element reaches), not on the whole field of view; masks and
+coordinates are returned in the full volume.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -48,6 +52,9 @@ MIN_SLAB_MM = 20.0
 LESION_MARGIN_MM = 5.0
 NO_LESION_SLAB_MM = 30.0
 ITERATIONS = 4
+# Rows / columns kept around the drawn uptake: the brain mask reaches 2 voxels beyond it
+# (T1C dilation) and its closing 2 more; beyond 6 every step sees only empty voxels.
+CROP_MARGIN_VOXELS = 6
 
 METHOD_TEXT = ("Background: crescent of normal-appearing grey and white matter in the "
                "hemisphere contralateral to the hottest lesion (midline from a symmetry-plane "
@@ -140,6 +147,52 @@ def _slab(centre: int, half_mm: float, n_slices: int, slice_mm: float) -> NDArra
     return out
 
 
+def in_plane_box(uptake: NDArray[np.float32], display_threshold: float,
+                 margin: int = CROP_MARGIN_VOXELS) -> tuple[slice, slice]:
+    """Rows and columns of the drawn uptake, grown by ``margin`` (clipped)."""
+    drawn = uptake >= display_threshold
+    rows = np.flatnonzero(drawn.any(axis=(0, 2)))
+    cols = np.flatnonzero(drawn.any(axis=(0, 1)))
+    if rows.size == 0:
+        return slice(0, uptake.shape[1]), slice(0, uptake.shape[2])
+    return (slice(max(0, int(rows[0]) - margin), min(uptake.shape[1], int(rows[-1]) + margin + 1)),
+            slice(max(0, int(cols[0]) - margin), min(uptake.shape[2], int(cols[-1]) + margin + 1)))
+
+
+def _placed(mask: NDArray[np.bool_] | None, box: tuple[slice, slice, slice],
+            shape: tuple[int, ...]) -> NDArray[np.bool_] | None:
+    if mask is None:
+        return None
+    full = np.zeros(shape, dtype=bool)
+    full[box] = mask
+    return full
+
+
+def _uncropped(result: TbrResult, rows: slice, cols: slice, shape: tuple[int, ...]
+               ) -> TbrResult:
+    """``result`` of a (slices, rows, cols) crop, in the coordinates of the full volume."""
+    box = (slice(None), rows, cols)
+    r0, c0 = int(rows.start), int(cols.start)
+
+    def full(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+        placed = _placed(mask, box, shape)
+        assert placed is not None
+        return placed
+
+    midline = result.midline
+    if midline is not None:
+        midline = replace(midline, centre_row=midline.centre_row + r0,
+                          column_at_centre_row=midline.column_at_centre_row + c0)
+    lesions = [replace(lesion, mask=full(lesion.mask),
+                       peak_index=(lesion.peak_index[0], lesion.peak_index[1] + r0,
+                                   lesion.peak_index[2] + c0))
+               for lesion in result.lesions]
+    return replace(result, background_mask=full(result.background_mask), lesions=lesions,
+                   midline=midline, striatum_mask=_placed(result.striatum_mask, box, shape),
+                   ventricle_mask=_placed(result.ventricle_mask, box, shape),
+                   brain_mask=_placed(result.brain_mask, box, shape))
+
+
 def measure_tbr(uptake: NDArray[np.float32], voxel_volume_ml: float,
                 threshold: float = DEFAULT_THRESHOLD,
                 min_lesion_volume_ml: float = DEFAULT_MIN_LESION_VOLUME_ML,
@@ -157,12 +210,28 @@ def measure_tbr(uptake: NDArray[np.float32], voxel_volume_ml: float,
     +x, LPS) and only names the sides.
     """
     uptake = np.asarray(uptake, dtype=np.float32)
+    grey = None if t1c_grey is None else np.asarray(t1c_grey, dtype=np.float32)
+    rows, cols = in_plane_box(uptake, display_threshold)
+    result = _measure(uptake[:, rows, cols], voxel_volume_ml, threshold, min_lesion_volume_ml,
+                      display_threshold, spacing_mm,
+                      None if grey is None else grey[:, rows, cols], per_slice,
+                      columns_toward_patient_left)
+    if (rows.start, rows.stop, cols.start, cols.stop) == (0, uptake.shape[1], 0, uptake.shape[2]):
+        return result
+    return _uncropped(result, rows, cols, uptake.shape)
+
+
+def _measure(uptake: NDArray[np.float32], voxel_volume_ml: float, threshold: float,
+             min_lesion_volume_ml: float, display_threshold: float,
+             spacing_mm: tuple[float, float, float] | None,
+             grey: NDArray[np.float32] | None, per_slice: bool,
+             columns_toward_patient_left: bool) -> TbrResult:
+    """:func:`measure_tbr` on arrays already cropped around the brain."""
     if spacing_mm is None:
         edge = float(voxel_volume_ml * 1000.0) ** (1.0 / 3.0)
         spacing_mm = (edge, edge, edge)
     spacing = (float(spacing_mm[0]), float(spacing_mm[1]), float(spacing_mm[2]))
     voxel_ml = float(voxel_volume_ml)
-    grey = None if t1c_grey is None else np.asarray(t1c_grey, dtype=np.float32)
     brain = regions.brain_mask(uptake, display_threshold, grey)
     if not brain.any():
         return TbrResult(background_mean=0.0, background_mask=brain, threshold=threshold,

@@ -330,3 +330,62 @@ def test_grown_mask_equals_the_maximum_filter_over_the_whole_volume(where: str) 
     margin = [1, 3, 2]
     expected = ndimage.maximum_filter(mask, size=tuple(2 * m + 1 for m in margin))
     np.testing.assert_array_equal(_grown(mask, margin), expected)
+
+
+def test_separable_morphology_equals_scipy_binary_operations() -> None:
+    """brain_regions' fast morphology gives the voxels of scipy's binary_* operations,
+    also where shapes touch the volume's faces."""
+    from dicom_node import brain_regions as regions
+
+    rng = np.random.default_rng(11)
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    for level in (0.45, 0.5, 0.55):
+        mask = ndimage.gaussian_filter(rng.random((6, 41, 37)), 1.2) > level
+        np.testing.assert_array_equal(regions.dilate_cross(mask, 2),
+                                      ndimage.binary_dilation(mask, iterations=2))
+        np.testing.assert_array_equal(
+            regions.close_in_plane(mask, 2),
+            ndimage.binary_closing(mask, structure=np.ones((1, 3, 3), bool), iterations=2))
+        np.testing.assert_array_equal(regions.fill_holes_in_plane(mask),
+                                      ndimage.binary_fill_holes(mask, structure=in_plane))
+        np.testing.assert_array_equal(
+            regions.open_2x2_in_plane(mask),
+            ndimage.binary_opening(mask, structure=np.ones((1, 2, 2), bool)))
+
+
+def test_wide_field_of_view_gives_the_same_measurement_in_full_coordinates(
+        phantoms: dict[int, PhantomPatient]) -> None:
+    """The measurement runs on the rows and columns around the brain; a head in a
+    wider, off-centre field of view gets the same lesions, and every mask and index
+    comes back in the coordinates of the volume that was passed in."""
+    p = phantoms[5]
+    grey = window_t1c(p.t1c)  # windowed once: padding would move its percentiles
+
+    def run(uptake: NDArray[np.float32], t1c_grey: NDArray[np.float32]) -> TbrResult:
+        return measure_tbr(uptake, VOXEL_ML, THRESHOLD, MIN_ML, 0.3, spacing_mm=SPACING,
+                           t1c_grey=t1c_grey, per_slice=True)
+
+    tight = run(p.uptake, grey)
+    pad = ((0, 0), (30, 7), (5, 41))
+    wide = run(np.pad(p.uptake, pad), np.pad(grey, pad))
+    assert tight.lesions and len(wide.lesions) == len(tight.lesions)
+    shape = np.pad(p.uptake, pad).shape
+    assert wide.brain_mask is not None and tight.brain_mask is not None
+    assert wide.brain_mask.shape == shape
+    np.testing.assert_array_equal(wide.brain_mask[:, 30:-7, 5:-41], tight.brain_mask)
+    assert wide.background_mean == pytest.approx(tight.background_mean, rel=0.01)
+    for a, b in zip(wide.lesions, tight.lesions, strict=True):
+        assert a.mask.shape == shape
+        assert dice(a.mask[:, 30:-7, 5:-41], b.mask) > 0.98
+        assert a.tbr_max == pytest.approx(b.tbr_max, rel=0.01)
+        assert a.peak_index == (b.peak_index[0], b.peak_index[1] + 30, b.peak_index[2] + 5)
+        assert [m.slice_index for m in a.per_slice] == [m.slice_index for m in b.per_slice]
+    assert wide.midline is not None and tight.midline is not None
+    # the same plane: the midline's column on any row moves by the column offset
+    for row in (20.0, 64.0, 100.0):
+        def column(m: object, r: float) -> float:
+            return float(m.column_at_centre_row + (r - m.centre_row) * math.tan(  # type: ignore[attr-defined]
+                math.radians(m.angle_deg)))  # type: ignore[attr-defined]
+        assert column(wide.midline, row + 30) == pytest.approx(column(tight.midline, row) + 5,
+                                                               abs=1.0)
