@@ -146,12 +146,14 @@ def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
             fusion8, [by_uid[info.sop_uid] for info in volume.slices], volume.slices, sc_series,
             [uid("sc", index) for index in range(len(volume.slices))],
             ctx.config.output.series_number_sc, provenance, summary)
+        encoder = None
         for _ in volume.slices:
             with timer.stage("SC: make_sc_series (template + per-slice copy)"):
                 sc = next(instances)
             path = ctx.store.output_path(study_uid, str(sc_series), str(sc.SOPInstanceUID))
-            with timer.stage("SC: encode (dcmwrite)"):
-                data = p.encode(sc)
+            with timer.stage("SC: encode (SeriesEncoder)"):
+                encoder = encoder or p.SeriesEncoder(sc)
+                data = encoder.encode(sc)
             with timer.stage("SC: atomic_write (fsync)"):
                 p.atomic_write(path, data)
             written.append(("sc", sc, path))

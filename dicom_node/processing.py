@@ -31,7 +31,7 @@ from dicom_node.tbr import TbrResult, measure_tbr
 from dicom_node.uids import derive_uid, source_fingerprint
 from dicom_node.volume import VolumeError, load_volume
 from dicom_node.writers.provenance import Provenance
-from dicom_node.writers.sc import encode, make_sc_series
+from dicom_node.writers.sc import SeriesEncoder, encode, make_sc_series
 from dicom_node.writers.seg import make_seg
 from dicom_node.writers.sr import make_sr
 from storage.audit import AuditKind, AuditLog
@@ -292,9 +292,11 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int) -> int:
         fusion8, [by_uid[info.sop_uid] for info in volume.slices], volume.slices, sc_series,
         [uid("sc", index) for index in range(len(volume.slices))],
         ctx.config.output.series_number_sc, provenance, summary)
+    encoder: SeriesEncoder | None = None
     for sc in sc_instances:
+        encoder = encoder or SeriesEncoder(sc)  # the first instance is the template
         path = ctx.store.output_path(study_uid, str(sc_series), str(sc.SOPInstanceUID))
-        atomic_write(path, encode(sc))
+        atomic_write(path, encoder.encode(sc))
         written.append(("sc", sc, path))
     seg_series = uid("seg-series")
     seg = make_seg(volume.datasets, result, seg_series, uid("seg"),

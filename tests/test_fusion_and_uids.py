@@ -71,3 +71,43 @@ def test_sc_series_instances_are_independent(tmp_path) -> None:  # type: ignore[
     assert [str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in series] == [
         s.sop_uid for s in volume.slices]
     assert series[0].PixelData != series[1].PixelData  # only the first carries the summary
+
+
+def test_series_encoder_writes_the_bytes_of_dcmwrite(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SeriesEncoder encodes the shared elements once; every instance must still be
+    byte for byte what dcmwrite writes, also with a non-ASCII patient name, UIDs of
+    different lengths, and references to frames of a multi-frame source."""
+    from dataclasses import replace
+
+    from pydicom import dcmread
+
+    from dicom_node.config import SelectionConfig
+    from dicom_node.selection import select_series
+    from dicom_node.volume import load_volume
+    from dicom_node.writers.provenance import Provenance
+    from dicom_node.writers.sc import SeriesEncoder, encode, make_sc_series
+    from tests.dicom_factory import SeriesSpec, write_series
+
+    files = write_series(tmp_path, SeriesSpec(n_slices=5, rows=64, columns=48,
+                                              patient_name="Müller^Zoë"), seed=4)
+    selection = select_series(files, SelectionConfig(min_slices=2))
+    volume = load_volume(selection.slices)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
+    rng = np.random.default_rng(0)
+    fusion = rng.integers(0, 255, (5, 64, 48, 3), dtype=np.uint8)
+    uids = ["2.25.7", "2.25.1234567890123456789", "2.25.12", "2.25.3", "2.25.99999"]
+    infos = [replace(s, frame_index=k) if k % 2 else s for k, s in enumerate(volume.slices)]
+    series = list(make_sc_series(fusion, [by_uid[s.sop_uid] for s in volume.slices], infos,
+                                 "2.25.98", uids, 9901,
+                                 Provenance("m", "n", "v", "0" * 64), ["TBR 2.1"]))
+    encoder = SeriesEncoder(series[0])
+    assert encoder.reuses_template
+    for k, ds in enumerate(series):
+        data = encoder.encode(ds)
+        assert data == encode(ds), k
+        path = tmp_path / f"sc{k}.dcm"
+        path.write_bytes(data)
+        back = dcmread(path)
+        assert str(back.SOPInstanceUID) == uids[k] == str(back.file_meta.MediaStorageSOPInstanceUID)
+        assert str(back.PatientName) == "Müller^Zoë"
+        np.testing.assert_array_equal(back.pixel_array[40:], fusion[k][40:])  # below the text

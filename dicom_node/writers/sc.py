@@ -8,6 +8,7 @@ shows the TBR summary, for viewers that do not display SR.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Iterator, Sequence
 from io import BytesIO
@@ -17,7 +18,15 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset, dcmwrite
+from pydicom.charset import default_encoding
 from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import (
+    correct_ambiguous_vr_element,
+    write_data_element,
+    write_file_meta_info,
+)
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from dicom_node.volume import SliceInfo
@@ -62,6 +71,65 @@ def encode(ds: Dataset) -> bytes:
     buffer = BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+# The top-level elements in which the instances of one SC series differ (make_sc_series).
+PER_INSTANCE_TAGS = frozenset({0x00080018, 0x00082112, 0x00200013, 0x7FE00010})
+
+
+class SeriesEncoder:
+    """``encode`` for the instances of one :func:`make_sc_series`, without re-encoding
+    what they share: the template's elements are encoded once, and each instance adds
+    only its file meta and its per-instance elements (SOP Instance UID, Instance
+    Number, Source Image Sequence, Pixel Data). The bytes equal :func:`encode`'s
+    (checked on the template here, on whole series in the tests); a template that does
+    not reproduce falls back to :func:`encode`."""
+
+    def __init__(self, template: Dataset) -> None:
+        self._charset = template.get("SpecificCharacterSet", default_encoding)
+        self._parts: list[bytes | BaseTag] | None = []
+        run: list[bytes] = []
+        for tag in sorted(template.keys()):
+            if tag.element == 0 and tag.group > 6:
+                continue  # retired group lengths are not written (as write_dataset)
+            if int(tag) in PER_INSTANCE_TAGS:
+                self._parts.append(b"".join(run))
+                self._parts.append(tag)
+                run = []
+            else:
+                run.append(self._element(template, tag))
+        self._parts.append(b"".join(run))
+        if self.encode(template) != encode(template):
+            self._parts = None
+
+    @property
+    def reuses_template(self) -> bool:
+        """False when the template did not reproduce and every instance is encoded whole."""
+        return self._parts is not None
+
+    def _element(self, ds: Dataset, tag: BaseTag) -> bytes:
+        buffer = DicomBytesIO()
+        buffer.is_implicit_VR, buffer.is_little_endian = False, True
+        # 'OB or OW' pixel data and the like get their VR as dcmwrite would give it
+        write_data_element(buffer, correct_ambiguous_vr_element(ds[tag], ds, True),
+                           self._charset)
+        return buffer.getvalue()
+
+    def encode(self, ds: Dataset) -> bytes:
+        if self._parts is None:
+            return encode(ds)
+        meta = DicomBytesIO()
+        meta.is_implicit_VR, meta.is_little_endian = False, True
+        # a copy, as dcmwrite: writing sets the group length, and the instances of a
+        # series share the template's file meta elements
+        write_file_meta_info(meta, copy.deepcopy(ds.file_meta), enforce_standard=True)
+        out = [b"\x00" * 128, b"DICM", meta.getvalue()]
+        for part in self._parts:
+            if isinstance(part, bytes):
+                out.append(part)
+            elif part in ds:
+                out.append(self._element(ds, part))
+        return b"".join(out)
 
 
 def make_sc_instance(

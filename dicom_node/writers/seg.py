@@ -42,7 +42,12 @@ def make_seg(
 ) -> Dataset:
     """A BINARY SEG (N slices x segments) over the source single-frame images."""
     algorithm = _algorithm(provenance, result.threshold)
-    masks = [result.background_mask]
+    # Label-map style (one segment number per voxel): the regions never overlap (the
+    # background keeps a margin from every lesion), and highdicom then avoids a
+    # (slices, rows, cols, segments) stack of about 170 MB for 14 lesions.
+    labels = np.zeros(result.background_mask.shape, dtype=np.uint8 if len(result.lesions) < 255
+                      else np.uint16)
+    labels[result.background_mask] = BACKGROUND_SEGMENT
     descriptions = [hd.seg.SegmentDescription(
         segment_number=BACKGROUND_SEGMENT, segment_label="TBR background",
         segmented_property_category=codes.SCT.Tissue,
@@ -51,7 +56,7 @@ def make_seg(
         tracking_id="TBR background",
         tracking_uid=hashed_uid(str(sop_uid), "background"))]
     for lesion in result.lesions:
-        masks.append(lesion.mask)
+        np.copyto(labels, lesion_segment_number(lesion.number), where=lesion.mask)
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=lesion_segment_number(lesion.number),
             segment_label=f"Lesion {lesion.number} (uptake >= {result.threshold:g} x background)",
@@ -60,10 +65,12 @@ def make_seg(
             algorithm_type="AUTOMATIC", algorithm_identification=algorithm,
             tracking_id=f"Lesion {lesion.number}",
             tracking_uid=hashed_uid(str(sop_uid), f"lesion-{lesion.number}")))
-    pixel_array = np.stack(masks, axis=-1).astype(np.uint8)  # (N, H, W, S)
+    regions = [result.background_mask, *(lesion.mask for lesion in result.lesions)]
+    if np.count_nonzero(labels) != sum(np.count_nonzero(mask) for mask in regions):
+        raise ValueError("TBR regions overlap: cannot write them as one label map")
     seg = hd.seg.Segmentation(
         source_images=source_datasets,
-        pixel_array=pixel_array,
+        pixel_array=labels,
         segmentation_type="BINARY",
         segment_descriptions=descriptions,
         series_instance_uid=series_uid,
