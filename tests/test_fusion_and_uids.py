@@ -78,6 +78,7 @@ def test_series_encoder_writes_the_bytes_of_dcmwrite(tmp_path) -> None:  # type:
     byte for byte what dcmwrite writes, also with a non-ASCII patient name, UIDs of
     different lengths, and references to frames of a multi-frame source."""
     from dataclasses import replace
+    from io import BytesIO
 
     from pydicom import dcmread
 
@@ -111,3 +112,9 @@ def test_series_encoder_writes_the_bytes_of_dcmwrite(tmp_path) -> None:  # type:
         assert str(back.SOPInstanceUID) == uids[k] == str(back.file_meta.MediaStorageSOPInstanceUID)
         assert str(back.PatientName) == "Müller^Zoë"
         np.testing.assert_array_equal(back.pixel_array[40:], fusion[k][40:])  # below the text
+    # an instance that differs from the template elsewhere is still encoded right
+    changed = series[2]
+    changed.add_new(0x0008103E, "LO", "another description")  # SeriesDescription
+    del changed.BodyPartExamined
+    assert encoder.encode(changed) == encode(changed)
+    assert dcmread(BytesIO(encoder.encode(changed))).SeriesDescription == "another description"

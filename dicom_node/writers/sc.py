@@ -83,11 +83,16 @@ class SeriesEncoder:
     only its file meta and its per-instance elements (SOP Instance UID, Instance
     Number, Source Image Sequence, Pixel Data). The bytes equal :func:`encode`'s
     (checked on the template here, on whole series in the tests); a template that does
-    not reproduce falls back to :func:`encode`."""
+    not reproduce, or an instance that does not share every other element with the
+    template (the copies of make_sc_series share the element objects), is encoded
+    whole by :func:`encode`."""
 
     def __init__(self, template: Dataset) -> None:
         self._charset = template.get("SpecificCharacterSet", default_encoding)
         self._parts: list[bytes | BaseTag] | None = []
+        self._keys = set(template.keys())
+        self._shared = [(tag, template.get_item(tag)) for tag in template.keys()  # noqa: SIM118
+                        if int(tag) not in PER_INSTANCE_TAGS]
         run: list[bytes] = []
         for tag in sorted(template.keys()):
             if tag.element == 0 and tag.group > 6:
@@ -116,7 +121,8 @@ class SeriesEncoder:
         return buffer.getvalue()
 
     def encode(self, ds: Dataset) -> bytes:
-        if self._parts is None:
+        if self._parts is None or set(ds.keys()) != self._keys or any(
+                ds.get_item(tag) is not element for tag, element in self._shared):
             return encode(ds)
         meta = DicomBytesIO()
         meta.is_implicit_VR, meta.is_little_endian = False, True
