@@ -159,25 +159,18 @@ def in_plane_box(uptake: NDArray[np.float32], display_threshold: float,
             slice(max(0, int(cols[0]) - margin), min(uptake.shape[2], int(cols[-1]) + margin + 1)))
 
 
-def _placed(mask: NDArray[np.bool_] | None, box: tuple[slice, slice, slice],
-            shape: tuple[int, ...]) -> NDArray[np.bool_] | None:
-    if mask is None:
-        return None
-    full = np.zeros(shape, dtype=bool)
-    full[box] = mask
-    return full
-
-
 def _uncropped(result: TbrResult, rows: slice, cols: slice, shape: tuple[int, ...]
                ) -> TbrResult:
     """``result`` of a (slices, rows, cols) crop, in the coordinates of the full volume."""
-    box = (slice(None), rows, cols)
     r0, c0 = int(rows.start), int(cols.start)
 
     def full(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
-        placed = _placed(mask, box, shape)
-        assert placed is not None
+        placed = np.zeros(shape, dtype=bool)
+        placed[:, rows, cols] = mask
         return placed
+
+    def optional(mask: NDArray[np.bool_] | None) -> NDArray[np.bool_] | None:
+        return None if mask is None else full(mask)
 
     midline = result.midline
     if midline is not None:
@@ -188,9 +181,9 @@ def _uncropped(result: TbrResult, rows: slice, cols: slice, shape: tuple[int, ..
                                    lesion.peak_index[2] + c0))
                for lesion in result.lesions]
     return replace(result, background_mask=full(result.background_mask), lesions=lesions,
-                   midline=midline, striatum_mask=_placed(result.striatum_mask, box, shape),
-                   ventricle_mask=_placed(result.ventricle_mask, box, shape),
-                   brain_mask=_placed(result.brain_mask, box, shape))
+                   midline=midline, striatum_mask=optional(result.striatum_mask),
+                   ventricle_mask=optional(result.ventricle_mask),
+                   brain_mask=optional(result.brain_mask))
 
 
 def measure_tbr(uptake: NDArray[np.float32], voxel_volume_ml: float,

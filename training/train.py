@@ -309,13 +309,12 @@ def widened_state(initial: dict[str, torch.Tensor], target: dict[str, torch.Tens
         want = target.get(key)
         if want is None or want.shape == value.shape:
             continue
-        centre = want.shape[1] // 2 if value.ndim == 4 else -1
         if value.ndim != 4 or value.shape[1] != 1 or want.shape[0] != value.shape[0] \
                 or want.shape[2:] != value.shape[2:]:
             raise ValueError(f"--init-generator weight {key} {tuple(value.shape)} does not fit "
                              f"this run's {tuple(want.shape)}")
         widened = torch.zeros_like(want)
-        widened[:, centre] = value[:, 0]
+        widened[:, want.shape[1] // 2] = value[:, 0]
         state[key] = widened
     return state
 
@@ -335,8 +334,6 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         raise ValueError("--tumour-l1-weight needs a dataset with tumour masks "
                          "('tumour_labels')")
     architecture = architecture_for(data.size)
-    if config.context_slices < 0:
-        raise ValueError("--context-slices must be >= 0")
     train_idx, val_idx = data.indices("train"), data.indices("val")
     if len(train_idx) == 0:
         raise ValueError(f"dataset {data.path} has no training pairs")
