@@ -7,7 +7,8 @@ model's training spacing). The generator runs
 in eval mode (deterministic: dropout off, BatchNorm running statistics) under
 ``torch.inference_mode()``, batched, with autocast on CUDA. Its output is mapped
 back to the native matrix. A fusion model's RGB output is de-fused to uptake; an
-uptake model's output is fused over the T1C with the model card's style.
+uptake model's output is smoothed along the slice normal as its model card says
+(:mod:`slice_smoothing`) and fused over the T1C with the configured style.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dicom_node.fusion import FusionStyle, defuse, fuse, window_t1c
 from dicom_node.model_weights import LoadedModel
 from dicom_node.resampling import from_network, to_network
 from dicom_node.slice_context import context_step, neighbour_rows, stack_context
+from dicom_node.slice_smoothing import smooth_slices
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ class Predictor:
                 timeout_s: float | None = None,
                 slice_spacing_mm: float | None = None) -> Prediction:
         """``volume`` (N, H, W) ordered along the slice normal, ``slice_spacing_mm`` apart
-        (for models that take neighbouring slices)."""
+        (for models that take neighbouring slices or smooth along the normal)."""
         grey = window_t1c(volume)
         started = time.monotonic()
 
@@ -117,6 +119,7 @@ class Predictor:
                                   slice_spacing_mm=slice_spacing_mm).numpy()
         if self.model.card.output_kind == "uptake":
             uptake = ((output[:, 0] + 1.0) / 2.0 * self.model.card.uptake_scale).astype(np.float32)
+            uptake = smooth_slices(uptake, self.model.card.slice_smoothing_mm, slice_spacing_mm)
             fusion = fuse(grey, uptake, self.style)
         else:
             fusion = np.transpose((output + 1.0) / 2.0, (0, 2, 3, 1)).astype(np.float32)

@@ -54,6 +54,9 @@ class ModelCard:
     # dicom_node.slice_context.
     context_slices: int = 0
     context_spacing_mm: float = 0.0
+    # Standard deviation (mm) of a Gaussian along the slice normal applied to an uptake
+    # model's output before anything reads it (0 = none): see dicom_node.slice_smoothing.
+    slice_smoothing_mm: float = 0.0
 
     @property
     def input_channels(self) -> int:
@@ -81,6 +84,12 @@ class ModelCard:
         if self.output_kind not in OUTPUT_KINDS:
             raise WeightsError(f"model card output_kind {self.output_kind!r} is not one of "
                                f"{OUTPUT_KINDS}")
+        smoothing = self.slice_smoothing_mm
+        if not isinstance(smoothing, (int, float)) or not smoothing >= 0:
+            raise WeightsError(f"model card slice_smoothing_mm {smoothing!r} is not a "
+                               "length >= 0")
+        if smoothing and self.output_kind != "uptake":
+            raise WeightsError("model card slice_smoothing_mm applies to uptake models only")
 
 
 @dataclass(frozen=True)

@@ -44,18 +44,13 @@ def neighbour_rows(count: int, context_slices: int, step: int = 1) -> NDArray[np
     return np.clip(rows, 0, max(count - 1, 0))
 
 
-def group_rows(groups: NDArray[np.str_], positions_mm: NDArray[np.floating],
-               context_slices: int) -> NDArray[np.int64]:
-    """(N, 2k+1) row indices of each row's neighbours among the rows of its group (a
-    study's slices), ordered by position; a gap larger than ``GAP_FACTOR`` times the
-    group's median spacing (a missing slice) ends a run, so no slice borrows a
-    neighbour from across it."""
-    n = len(groups)
-    result = np.repeat(np.arange(n, dtype=np.int64)[:, None], input_channels(context_slices),
-                       axis=1)
-    if context_slices == 0 or n == 0:
-        return result
+def contiguous_runs(groups: NDArray[np.str_], positions_mm: NDArray[np.floating]
+                    ) -> list[NDArray[np.int64]]:
+    """Row indices of each run of contiguous slices, ordered by position: the rows of one
+    group (a study's slices), split where a gap is larger than ``GAP_FACTOR`` times the
+    group's median spacing (a missing slice)."""
     positions = np.asarray(positions_mm, dtype=np.float64)
+    runs: list[NDArray[np.int64]] = []
     for group in np.unique(groups):
         members = np.flatnonzero(groups == group)
         members = members[np.argsort(positions[members], kind="stable")]
@@ -63,8 +58,22 @@ def group_rows(groups: NDArray[np.str_], positions_mm: NDArray[np.floating],
         spacing = float(np.median(gaps)) if gaps.size else 0.0
         breaks: NDArray[np.int64] = (np.flatnonzero(gaps > GAP_FACTOR * spacing) + 1
                                      if spacing > 0 else np.zeros(0, dtype=np.int64))
-        for run in np.split(members, breaks):
-            result[run] = run[neighbour_rows(len(run), context_slices)]
+        runs.extend(np.split(members, breaks))
+    return runs
+
+
+def group_rows(groups: NDArray[np.str_], positions_mm: NDArray[np.floating],
+               context_slices: int) -> NDArray[np.int64]:
+    """(N, 2k+1) row indices of each row's neighbours within its run of contiguous
+    slices (:func:`contiguous_runs`), so no slice borrows a neighbour from another study
+    or from across a missing slice."""
+    n = len(groups)
+    result = np.repeat(np.arange(n, dtype=np.int64)[:, None], input_channels(context_slices),
+                       axis=1)
+    if context_slices == 0 or n == 0:
+        return result
+    for run in contiguous_runs(groups, positions_mm):
+        result[run] = run[neighbour_rows(len(run), context_slices)]
     return result
 
 

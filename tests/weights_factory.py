@@ -11,10 +11,11 @@ from dicom_node.model_weights import ModelCard, save_weights
 
 
 def make_test_weights(path: Path, output_kind: str = "fusion_rgb", ngf: int = 8,
-                      seed: int = 0) -> str:
+                      seed: int = 0, slice_smoothing_mm: float = 0.0) -> str:
     torch.manual_seed(seed)
     card = ModelCard(name="test-generator", version="0.0-test", architecture="unet_128",
                      ngf=ngf, output_kind=output_kind, test_weights=True,
-                     intended_use="Tests only: untrained weights.")
+                     intended_use="Tests only: untrained weights.",
+                     slice_smoothing_mm=slice_smoothing_mm)
     generator = build_generator("unet_128", ngf, output_nc=card.output_channels)
     return save_weights(generator, card, path)

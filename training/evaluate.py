@@ -4,9 +4,12 @@ Methods compared on the same slices:
 
 - ``model``: the weights file, run as the node runs it (``load_weights``, eval mode,
   ``torch.inference_mode``, input ``2 * t1c - 1``); an RGB model's output is quantised
-  to uint8 like the node's Secondary Capture; an uptake model's output is fused with the
-  dataset's fusion style over the dataset's ``t1c_backdrop`` (the T1C exactly as the real
-  fusion shows it where no uptake is drawn), as the node draws it over the native T1C.
+  to uint8 like the node's Secondary Capture; an uptake model's output is smoothed along
+  the slice normal within each study's run of contiguous slices as its model card says
+  (``slice_smoothing_mm``, :mod:`dicom_node.slice_smoothing`; ``--slice-smoothing-mm``
+  overrides it, to choose it on the validation split) and fused with the dataset's
+  fusion style over the dataset's ``t1c_backdrop`` (the T1C exactly as the real fusion
+  shows it where no uptake is drawn), as the node draws it over the native T1C.
 - ``oracle`` (phantoms): the dataset's ``oracle_fusion``, rendered from the uptake
   expected from what the T1C shows. No model can beat it on average.
 - ``t1c_grey``: the T1C alone in grey (the backdrop), no PET overlay.
@@ -43,6 +46,8 @@ from tqdm import tqdm
 from dicom_node.fusion import FusionStyle, defuse, fuse, to_uint8
 from dicom_node.model_weights import LoadedModel, load_weights
 from dicom_node.resampling import from_network, to_network
+from dicom_node.slice_context import contiguous_runs
+from dicom_node.slice_smoothing import smooth_runs
 from training import data as ds
 from training.metrics import (
     FSIM_NAME,
@@ -99,6 +104,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bin-mm", type=float, default=5.0,
                         help="slice-position bin of the population-mean baseline (%(default)s)")
     parser.add_argument("--examples", type=int, default=6, help="rows of the example grid")
+    parser.add_argument("--slice-smoothing-mm", type=float, default=None,
+                        help="smoothing of an uptake model's output along the slice normal "
+                             "(Gaussian SD, mm) instead of the model card's: to choose it "
+                             "on the validation split")
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -119,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = evaluate(args.dataset, args.weights, args.split, args.out, device=device,
                            batch_size=args.batch_size, bin_mm=args.bin_mm,
-                           examples=args.examples, command=command_line(args))
+                           examples=args.examples, command=command_line(args),
+                           slice_smoothing_mm=args.slice_smoothing_mm)
     except (ds.DatasetError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
@@ -134,14 +144,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
-            batch_size: int = 16, backdrop: NDArray[np.floating] | None = None
+            batch_size: int = 16, backdrop: NDArray[np.floating] | None = None,
+            runs: list[NDArray[np.int64]] | None = None, slice_spacing_mm: float = 0.0,
+            slice_smoothing_mm: float | None = None
             ) -> tuple[NDArray[np.uint8], NDArray[np.float32] | None]:
     """Synthetic fusion (uint8 RGB) and, for an uptake model, its uptake, of (n, S, S) T1C,
     or (n, C, S, S) T1C with neighbouring slices for a model that takes them (the middle
     channel is the slice itself; :meth:`PairedDataset.input_grey`).
 
-    An uptake model's output is drawn over ``backdrop`` (the T1C as the real fusion shows
-    it; default the slice's own T1C), as the node draws it over the series' own T1C.
+    An uptake model's output is smoothed along the slice normal within ``runs`` (indices
+    into the n slices of each run of contiguous slices, in order, ``slice_spacing_mm``
+    apart) by ``slice_smoothing_mm`` (default the model card's), then drawn over
+    ``backdrop`` (the T1C as the real fusion shows it; default the slice's own T1C), as
+    the node draws it over the series' own T1C.
     """
     generator, card = model.generator, model.card
     device = next(generator.parameters()).device
@@ -165,10 +180,14 @@ def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
             if uptake is None:
                 fusion[start : start + len(grey)] = to_uint8(unit.transpose(0, 2, 3, 1))
             else:
-                up = unit[:, 0] * card.uptake_scale
-                uptake[start : start + len(grey)] = up
-                fusion[start : start + len(grey)] = to_uint8(
-                    fuse(under[start : start + len(grey)], up, style))
+                uptake[start : start + len(grey)] = unit[:, 0] * card.uptake_scale
+    if uptake is not None:
+        sigma = card.slice_smoothing_mm if slice_smoothing_mm is None else slice_smoothing_mm
+        if runs is not None:
+            uptake = smooth_runs(uptake, runs, sigma, slice_spacing_mm)
+        for start in range(0, n, 256):
+            fusion[start : start + 256] = to_uint8(
+                fuse(under[start : start + 256], uptake[start : start + 256], style))
     return fusion, uptake
 
 
@@ -424,6 +443,11 @@ def write_report(out: Path, summary: dict[str, dict[str, Any]], check: dict[str,
               f"{meta['n_tumour_slices']} with tumour; TBR ROIs: {meta['n_roi_slices']} "
               f"slice ROIs, {meta['n_roi_patients']} patient lesions",
               f"- Command: `{meta['command']}`",
+              ("- The model's uptake is smoothed along the slice normal (Gaussian SD "
+               f"{meta['slice_smoothing_mm']:g} mm, slices {meta['slice_spacing_mm']:g} mm "
+               "apart) before it is fused, as the node does with this model card."
+               if meta.get("slice_smoothing_mm") else
+               "- The model's output is not smoothed along the slice normal."),
               f"- FSIM: {FSIM_NAME} (data_range 1.0). SSIM: skimage structural_similarity, "
               "channel_axis=-1, data_range=1.0. Images scaled to [0, 1]; PSNR capped at "
               f"{PSNR_CAP_DB:.0f} dB for identical images.",
@@ -494,8 +518,9 @@ def _json_safe(value: Any) -> Any:
 
 def evaluate(dataset: Path, weights: Path, split: str, out: Path, device: str = "cpu",
              batch_size: int = 16, bin_mm: float = 5.0, examples: int = 6,
-             command: str = "") -> dict[str, Any]:
-    """Evaluate ``weights`` on ``split`` of ``dataset``; writes the report into ``out``."""
+             command: str = "", slice_smoothing_mm: float | None = None) -> dict[str, Any]:
+    """Evaluate ``weights`` on ``split`` of ``dataset``; writes the report into ``out``.
+    ``slice_smoothing_mm`` replaces the model card's smoothing along the slice normal."""
     from training import plots
 
     out.mkdir(parents=True, exist_ok=True)
@@ -512,8 +537,15 @@ def evaluate(dataset: Path, weights: Path, split: str, out: Path, device: str = 
     grey = data.t1c[idx].astype(np.float32)
     backdrop = data.backdrop(idx)
     real = data.fusion[idx]
+    if slice_smoothing_mm is not None and slice_smoothing_mm < 0:
+        raise ValueError(f"slice smoothing must be >= 0 mm, got {slice_smoothing_mm:g}")
+    smoothing_mm = (model.card.slice_smoothing_mm if slice_smoothing_mm is None
+                    else slice_smoothing_mm) if model.card.output_kind == "uptake" else 0.0
     fusion, _ = predict(model, data.input_grey(idx, model.card.context_slices), style,
-                        batch_size, backdrop=backdrop)
+                        batch_size, backdrop=backdrop,
+                        runs=contiguous_runs(data.study_uid[idx], data.slice_position_mm[idx]),
+                        slice_spacing_mm=data.slice_spacing_mm(),
+                        slice_smoothing_mm=smoothing_mm)
     methods = [Method("model", fusion)]
     if data.has("oracle_fusion"):
         methods.append(Method("oracle", data.get("oracle_fusion")[idx]))
@@ -592,6 +624,7 @@ def evaluate(dataset: Path, weights: Path, split: str, out: Path, device: str = 
         "n_roi_patients": sum(1 for r in rois if r.level == "patient"),
         "command": command or f"evaluate(dataset={dataset}, weights={weights}, split={split})",
         "uptake_scale": uptake_scale, "fsim": FSIM_NAME,
+        "slice_smoothing_mm": smoothing_mm, "slice_spacing_mm": data.slice_spacing_mm(),
     }
     write_report(out, summary, check, meta)
     result = _json_safe({"meta": meta, "methods": summary, "checks": check,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.generator import build_generator
-from dicom_node.model_weights import ModelCard, save_weights
+from dicom_node.model_weights import ModelCard, WeightsError, save_weights
 from training.train import load_checkpoint
 
 OUTPUT_KIND = {"fusion": "fusion_rgb", "uptake": "uptake"}
@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", type=Path, default=None,
                         help="summary.json of an evaluate report: its figures go into the card")
     parser.add_argument("--fp32", action="store_true", help="keep float32 weights (default fp16)")
+    parser.add_argument("--slice-smoothing-mm", type=float, default=0.0,
+                        help="an uptake model's output smoothed along the slice normal by a "
+                             "Gaussian of this SD (mm) wherever it is used; choose it on the "
+                             "validation split with `evaluate --slice-smoothing-mm` "
+                             "(default %(default)s: none)")
     parser.add_argument("--test-weights", action="store_true",
                         help="mark the card as test weights (not a trained model)")
 
@@ -39,11 +44,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         sha, card = export_checkpoint(args.checkpoint, args.out, name=args.name,
                                       version=args.version, test_metrics=metrics,
-                                      fp16=not args.fp32, test_weights=args.test_weights)
-    except (FileNotFoundError, ValueError) as exc:
+                                      fp16=not args.fp32, test_weights=args.test_weights,
+                                      slice_smoothing_mm=args.slice_smoothing_mm)
+    except (FileNotFoundError, ValueError, WeightsError) as exc:
         print(f"error: {exc}")
         return 2
-    print(f"wrote {args.out} ({card.architecture}, ngf {card.ngf}, {card.output_kind})")
+    smoothing = (f", smoothed {card.slice_smoothing_mm:g} mm along the slice normal"
+                 if card.slice_smoothing_mm else "")
+    print(f"wrote {args.out} ({card.architecture}, ngf {card.ngf}, {card.output_kind}{smoothing})")
     print(f"sha256: {sha}")
     return 0
 
@@ -68,7 +76,7 @@ def method_text(config: dict[str, Any]) -> str:
 
 def model_card(state: dict[str, Any], name: str | None = None, version: str = "1",
                test_metrics: dict[str, Any] | None = None,
-               test_weights: bool = False) -> ModelCard:
+               test_weights: bool = False, slice_smoothing_mm: float = 0.0) -> ModelCard:
     """The model card of a checkpoint's generator."""
     config = state["config"]
     resolved = state["resolved"]
@@ -122,15 +130,17 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         context_slices=int(config.get("context_slices", 0)),
         context_spacing_mm=float(resolved.get("slice_spacing_mm", 0.0))
         if config.get("context_slices", 0) else 0.0,
+        slice_smoothing_mm=float(slice_smoothing_mm),
     )
 
 
 def export_checkpoint(checkpoint: Path, out: Path, name: str | None = None, version: str = "1",
                       test_metrics: dict[str, Any] | None = None, fp16: bool = True,
-                      test_weights: bool = False) -> tuple[str, ModelCard]:
+                      test_weights: bool = False, slice_smoothing_mm: float = 0.0
+                      ) -> tuple[str, ModelCard]:
     """Write the generator of ``checkpoint`` as a node weights file; return (sha256, card)."""
     state = load_checkpoint(checkpoint)
-    card = model_card(state, name, version, test_metrics, test_weights)
+    card = model_card(state, name, version, test_metrics, test_weights, slice_smoothing_mm)
     generator = build_generator(card.architecture, card.ngf, input_nc=card.input_channels,
                                 output_nc=card.output_channels)
     # The weight average when the run kept one (--ema-decay), else the generator itself.
