@@ -122,7 +122,8 @@ def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
                                                str(volume.datasets[0].SeriesInstanceUID))
         with timer.stage("Predictor.predict (pre+model+post)"):
             prediction = ctx.predictor.predict(volume.pixels,
-                                               slice_spacing_mm=volume.spacing_mm[0])
+                                               slice_spacing_mm=volume.spacing_mm[0],
+                                               slice_positions_mm=volume.positions_mm)
         with timer.stage("TBR (measure_tbr)"):
             result = p.measure_tbr(prediction.uptake, volume.voxel_volume_ml,
                                    ctx.config.analysis.tbr_threshold,

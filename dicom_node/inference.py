@@ -25,8 +25,13 @@ from numpy.typing import NDArray
 from dicom_node.fusion import FusionStyle, defuse, fuse, window_t1c
 from dicom_node.model_weights import LoadedModel
 from dicom_node.resampling import from_network, to_network
-from dicom_node.slice_context import context_step, neighbour_rows, stack_context
-from dicom_node.slice_smoothing import smooth_slices
+from dicom_node.slice_context import (
+    context_step,
+    contiguous_runs,
+    neighbour_rows,
+    stack_context,
+)
+from dicom_node.slice_smoothing import smooth_runs, smooth_slices
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +107,23 @@ class Predictor:
         result = torch.cat(outputs, 0)
         return from_network(result, pad).clamp(-1.0, 1.0)
 
+    def smooth(self, uptake: NDArray[np.float32], slice_spacing_mm: float | None,
+               slice_positions_mm: NDArray[np.floating] | None) -> NDArray[np.float32]:
+        """The model card's smoothing along the slice normal, within runs of contiguous
+        slices when their positions are known."""
+        sigma_mm = self.model.card.slice_smoothing_mm
+        if slice_positions_mm is None or len(slice_positions_mm) != len(uptake):
+            return smooth_slices(uptake, sigma_mm, slice_spacing_mm)
+        runs = contiguous_runs(np.zeros(len(uptake), dtype=np.str_), slice_positions_mm)
+        return smooth_runs(uptake, runs, sigma_mm, slice_positions_mm)
+
     def predict(self, volume: NDArray[np.float32], batch_size: int | None = None,
                 timeout_s: float | None = None,
-                slice_spacing_mm: float | None = None) -> Prediction:
+                slice_spacing_mm: float | None = None,
+                slice_positions_mm: NDArray[np.floating] | None = None) -> Prediction:
         """``volume`` (N, H, W) ordered along the slice normal, ``slice_spacing_mm`` apart
-        (for models that take neighbouring slices or smooth along the normal)."""
+        (for models that take neighbouring slices or smooth along the normal); with
+        ``slice_positions_mm`` the smoothing stops at missing slices."""
         grey = window_t1c(volume)
         started = time.monotonic()
 
@@ -119,7 +136,7 @@ class Predictor:
                                   slice_spacing_mm=slice_spacing_mm).numpy()
         if self.model.card.output_kind == "uptake":
             uptake = ((output[:, 0] + 1.0) / 2.0 * self.model.card.uptake_scale).astype(np.float32)
-            uptake = smooth_slices(uptake, self.model.card.slice_smoothing_mm, slice_spacing_mm)
+            uptake = self.smooth(uptake, slice_spacing_mm, slice_positions_mm)
             fusion = fuse(grey, uptake, self.style)
         else:
             fusion = np.transpose((output + 1.0) / 2.0, (0, 2, 3, 1)).astype(np.float32)

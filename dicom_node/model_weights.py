@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,10 @@ class ModelCard:
             raise WeightsError(f"model card output_kind {self.output_kind!r} is not one of "
                                f"{OUTPUT_KINDS}")
         smoothing = self.slice_smoothing_mm
-        if not isinstance(smoothing, (int, float)) or not smoothing >= 0:
+        if (isinstance(smoothing, bool) or not isinstance(smoothing, (int, float))
+                or not math.isfinite(smoothing) or smoothing < 0):
             raise WeightsError(f"model card slice_smoothing_mm {smoothing!r} is not a "
-                               "length >= 0")
+                               "finite length >= 0")
         if smoothing and self.output_kind != "uptake":
             raise WeightsError("model card slice_smoothing_mm applies to uptake models only")
 

@@ -269,7 +269,8 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int) -> int:
         raise SeriesSkipped(selection.reason)
     volume = load_volume(selection.slices)
     prediction = predict_with_retries(ctx, volume.pixels, series_id, job_id,
-                                      slice_spacing_mm=volume.spacing_mm[0])
+                                      slice_spacing_mm=volume.spacing_mm[0],
+                                      slice_positions_mm=volume.positions_mm)
     result = measure_tbr(prediction.uptake, volume.voxel_volume_ml,
                          ctx.config.analysis.tbr_threshold,
                          ctx.config.analysis.min_lesion_volume_ml,
@@ -315,7 +316,8 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int) -> int:
 
 
 def predict_with_retries(ctx: NodeContext, pixels: NDArray[np.float32], series_id: int,
-                         job_id: int, slice_spacing_mm: float | None = None) -> Prediction:
+                         job_id: int, slice_spacing_mm: float | None = None,
+                         slice_positions_mm: NDArray[np.float64] | None = None) -> Prediction:
     """Run the model; after a failure (CUDA out of memory, timeout, any error) retry with
     half the batch size, up to ``model.retries`` times, then let the job fail."""
     batch = ctx.predictor.batch_size
@@ -324,7 +326,8 @@ def predict_with_retries(ctx: NodeContext, pixels: NDArray[np.float32], series_i
         try:
             return ctx.predictor.predict(pixels, batch_size=batch,
                                          timeout_s=ctx.config.model.timeout_s,
-                                         slice_spacing_mm=slice_spacing_mm)
+                                         slice_spacing_mm=slice_spacing_mm,
+                                         slice_positions_mm=slice_positions_mm)
         except Exception as exc:  # inference boundary: retried, and every failure audited
             if attempt == ctx.config.model.retries:
                 raise

@@ -62,6 +62,28 @@ def contiguous_runs(groups: NDArray[np.str_], positions_mm: NDArray[np.floating]
     return runs
 
 
+def restrict_runs(runs: list[NDArray[np.int64]], rows: NDArray[np.int64]
+                  ) -> list[NDArray[np.int64]]:
+    """Runs of a whole dataset restricted to some of its ``rows`` (a split), as positions
+    into ``rows``: a run is cut wherever one of its slices is not among them, so slices
+    that were not neighbours in the study never become neighbours in the subset."""
+    position_of = {int(row): k for k, row in enumerate(np.asarray(rows).tolist())}
+    restricted: list[NDArray[np.int64]] = []
+    for run in runs:
+        current: list[int] = []
+        for row in run.tolist():
+            k = position_of.get(int(row))
+            if k is None:
+                if current:
+                    restricted.append(np.asarray(current, dtype=np.int64))
+                current = []
+            else:
+                current.append(k)
+        if current:
+            restricted.append(np.asarray(current, dtype=np.int64))
+    return restricted
+
+
 def group_rows(groups: NDArray[np.str_], positions_mm: NDArray[np.floating],
                context_slices: int) -> NDArray[np.int64]:
     """(N, 2k+1) row indices of each row's neighbours within its run of contiguous

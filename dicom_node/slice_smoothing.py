@@ -9,11 +9,11 @@ the standard deviation, in millimetres, of a Gaussian applied along the slice ax
 the generator's uptake before it is fused, measured, written or evaluated; it was chosen
 on the validation patients (docs/model-card.md). 0 leaves the output as it is.
 
-The same function serves the node (one series volume: one run of ordered slices) and
-evaluation (a dataset's rows: each study's runs of contiguous slices,
-:func:`dicom_node.slice_context.contiguous_runs`). The ends of a run repeat the last
-slice (``mode="nearest"``), so nothing is smoothed in from another study or across a
-missing slice.
+The same function serves the node (a series volume's runs of contiguous slices) and
+evaluation (each study's runs among a split's rows), runs as
+:func:`dicom_node.slice_context.contiguous_runs` finds them, each at its own slice
+spacing. The ends of a run repeat the last slice (``mode="nearest"``), so nothing is
+smoothed in from another study or across a missing slice.
 """
 
 from __future__ import annotations
@@ -44,12 +44,17 @@ def smooth_slices(uptake: NDArray[np.float32], sigma_mm: float,
 
 
 def smooth_runs(uptake: NDArray[np.float32], runs: Sequence[NDArray[np.int64]],
-                sigma_mm: float, slice_spacing_mm: float | None) -> NDArray[np.float32]:
-    """Rows of ``uptake`` smoothed within each run (row indices in slice order); rows
-    in no run are left as they are."""
-    if sigma_slices(sigma_mm, slice_spacing_mm) == 0.0:
+                sigma_mm: float, positions_mm: NDArray[np.floating]) -> NDArray[np.float32]:
+    """Rows of ``uptake`` smoothed within each run (row indices in slice order), each run
+    at its own slice spacing (the median distance between its ``positions_mm``); rows
+    in no run, and runs of one slice, are left as they are."""
+    if sigma_mm <= 0:
         return uptake
+    positions = np.asarray(positions_mm, dtype=np.float64)
     out = np.array(uptake, dtype=np.float32, copy=True)
     for run in runs:
-        out[run] = smooth_slices(out[run], sigma_mm, slice_spacing_mm)
+        if len(run) < 2:
+            continue
+        spacing = float(np.median(np.abs(np.diff(positions[run]))))
+        out[run] = smooth_slices(out[run], sigma_mm, spacing)
     return out

@@ -130,6 +130,12 @@ class Volume:
     def voxel_volume_ml(self) -> float:
         return float(np.prod(self.spacing_mm)) / 1000.0
 
+    @property
+    def positions_mm(self) -> NDArray[np.float64]:
+        """Each slice's position along the slice normal, in slice order."""
+        normal = self.slices[0].normal
+        return np.array([float(np.dot(normal, s.position)) for s in self.slices])
+
 
 def load_volume(slices: list[SliceInfo]) -> Volume:
     """Decode every slice (any transfer syntax pydicom can decode) into one volume."""

@@ -15,10 +15,13 @@ from numpy.typing import NDArray
 from dicom_node.fusion import fuse
 from dicom_node.inference import Predictor
 from dicom_node.model_weights import ModelCard, WeightsError, load_weights
-from dicom_node.slice_context import contiguous_runs
+from dicom_node.slice_context import contiguous_runs, restrict_runs
 from dicom_node.slice_smoothing import sigma_slices, smooth_runs, smooth_slices
+from tests.test_training import write_toy_dataset
 from tests.weights_factory import make_test_weights
-from training.evaluate import predict
+from training import data as ds
+from training.cli import main as cli_main
+from training.evaluate import evaluation_runs, predict
 
 
 def gaussian_by_hand(volume: NDArray[np.float32], sigma: float) -> NDArray[np.float32]:
@@ -69,7 +72,7 @@ def test_smooth_runs_stay_within_each_run() -> None:
     assert sorted(r.tolist() for r in runs) == [[1, 4], [2, 5, 0], [3, 6]]
     uptake = np.zeros((7, 2, 2), dtype=np.float32)
     uptake[0] = 3.0  # A at 6 mm, the last slice before the gap
-    smoothed = smooth_runs(uptake, runs, 3.0, 3.0)
+    smoothed = smooth_runs(uptake, runs, 3.0, positions)
     assert smoothed[5, 0, 0] > 0  # its neighbour at 3 mm gets some
     for row in (1, 3, 4, 6):  # study B and the slices across the gap get nothing
         assert smoothed[row].max() == 0.0
@@ -78,11 +81,37 @@ def test_smooth_runs_stay_within_each_run() -> None:
     assert uptake[5].max() == 0.0  # the input is left as it was
 
 
+def test_each_run_is_smoothed_at_its_own_spacing() -> None:
+    rng = np.random.default_rng(4)
+    uptake = rng.random((12, 2, 3), dtype=np.float32)
+    positions = np.concatenate([np.arange(6) * 1.0, 100.0 + np.arange(6) * 3.0])
+    runs = [np.arange(6), np.arange(6, 12)]
+    smoothed = smooth_runs(uptake, runs, 3.0, positions)
+    np.testing.assert_allclose(smoothed[:6], gaussian_by_hand(uptake[:6], 3.0), atol=1e-6)
+    np.testing.assert_allclose(smoothed[6:], gaussian_by_hand(uptake[6:], 1.0), atol=1e-6)
+
+
+def test_restrict_runs_cuts_at_rows_outside_the_subset() -> None:
+    runs = [np.array([4, 2, 0, 1]), np.array([3, 5])]
+    # a slice-level split holding rows 4, 0, 1, 5: row 2 is missing between 4 and 0
+    assert [r.tolist() for r in restrict_runs(runs, np.array([5, 0, 4, 1]))] == \
+        [[2], [1, 3], [0]]
+    assert restrict_runs(runs, np.array([], dtype=np.int64)) == []
+
+
+def test_evaluation_runs_of_a_slice_level_split(tmp_path: Path) -> None:
+    data = ds.load_dataset(write_toy_dataset(tmp_path / "ds", patients=2, slices=6, seed=1))
+    idx = np.array([0, 1, 3, 4, 5, 9, 7], dtype=np.int64)  # patient 0 without slice 2
+    runs = evaluation_runs(data, idx)
+    as_rows = sorted(idx[r].tolist() for r in runs)
+    assert as_rows == [[0, 1], [3, 4, 5], [7], [9]]
+
+
 def test_model_card_checks_the_smoothing(tmp_path: Path) -> None:
     card = ModelCard(name="x", version="1", architecture="unet_128", ngf=8,
                      output_kind="uptake", slice_smoothing_mm=2.4)
     card.validate()
-    for bad in (-1.0, float("nan")):
+    for bad in (-1.0, float("nan"), float("inf"), True):
         with pytest.raises(WeightsError, match="slice_smoothing_mm"):
             dataclasses.replace(card, slice_smoothing_mm=bad).validate()
     with pytest.raises(WeightsError, match="uptake models only"):
@@ -112,14 +141,36 @@ def test_node_and_evaluation_smooth_the_same_way(tmp_path: Path) -> None:
                                                                        slice_spacing_mm=2.0)
     np.testing.assert_allclose(thin.uptake, gaussian_by_hand(raw.uptake, 2.0), atol=1e-5)
 
+    # a missing slice (positions 0, 4, 8 | 20, 24, 28 mm): no smoothing across the gap
+    positions = np.array([0.0, 4.0, 8.0, 20.0, 24.0, 28.0])
+    gapped = Predictor(model, torch.device("cpu"), batch_size=4).predict(
+        volume, slice_spacing_mm=4.0, slice_positions_mm=positions)
+    np.testing.assert_allclose(gapped.uptake[:3], gaussian_by_hand(raw.uptake[:3], 1.0),
+                               atol=1e-5)
+    np.testing.assert_allclose(gapped.uptake[3:], gaussian_by_hand(raw.uptake[3:], 1.0),
+                               atol=1e-5)
+
     # evaluation: the same slices handed over shuffled, their order given as a run
     order = np.array([3, 0, 5, 1, 4, 2])
     runs = [np.argsort(order)]  # positions in the shuffled array, in slice order
+    shuffled_mm = np.arange(6, dtype=np.float64)[order] * 4.0
     _, uptake = predict(model, node.grey[order], model.card.fusion_style, batch_size=4,
-                        runs=runs, slice_spacing_mm=4.0)
+                        runs=runs, positions_mm=shuffled_mm)
     assert uptake is not None
     np.testing.assert_allclose(uptake, node.uptake[order], atol=1e-5)
     _, unsmoothed = predict(model, node.grey[order], model.card.fusion_style, batch_size=4,
-                            runs=runs, slice_spacing_mm=4.0, slice_smoothing_mm=0.0)
+                            runs=runs, positions_mm=shuffled_mm, slice_smoothing_mm=0.0)
     assert unsmoothed is not None
     np.testing.assert_allclose(unsmoothed, raw.uptake[order], atol=1e-5)
+    with pytest.raises(ValueError, match="runs of contiguous slices"):
+        predict(model, node.grey, model.card.fusion_style)  # the card smooths: runs needed
+
+
+def test_evaluate_refuses_a_smoothing_that_is_not_a_length(tmp_path: Path) -> None:
+    dataset = write_toy_dataset(tmp_path / "ds", patients=3, slices=4, seed=2)
+    make_test_weights(tmp_path / "rgb.pt", output_kind="fusion_rgb")
+    for value, weights in (("inf", "rgb.pt"), ("-1", "rgb.pt"), ("2.4", "rgb.pt")):
+        assert cli_main(["evaluate", "--dataset", str(dataset), "--weights",
+                         str(tmp_path / weights), "--split", "test", "--out",
+                         str(tmp_path / "report"), "--slice-smoothing-mm", value]) == 2
+    assert not (tmp_path / "report" / "report.md").exists()

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from dicom_node.fusion import FusionStyle, defuse, fuse, to_uint8
 from dicom_node.model_weights import LoadedModel, load_weights
 from dicom_node.resampling import from_network, to_network
-from dicom_node.slice_context import contiguous_runs
+from dicom_node.slice_context import contiguous_runs, restrict_runs
 from dicom_node.slice_smoothing import smooth_runs
 from training import data as ds
 from training.metrics import (
@@ -145,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
 
 def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
             batch_size: int = 16, backdrop: NDArray[np.floating] | None = None,
-            runs: list[NDArray[np.int64]] | None = None, slice_spacing_mm: float = 0.0,
+            runs: list[NDArray[np.int64]] | None = None,
+            positions_mm: NDArray[np.floating] | None = None,
             slice_smoothing_mm: float | None = None
             ) -> tuple[NDArray[np.uint8], NDArray[np.float32] | None]:
     """Synthetic fusion (uint8 RGB) and, for an uptake model, its uptake, of (n, S, S) T1C,
@@ -153,8 +154,9 @@ def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
     channel is the slice itself; :meth:`PairedDataset.input_grey`).
 
     An uptake model's output is smoothed along the slice normal within ``runs`` (indices
-    into the n slices of each run of contiguous slices, in order, ``slice_spacing_mm``
-    apart) by ``slice_smoothing_mm`` (default the model card's), then drawn over
+    into the n slices of each run of contiguous slices, in order; ``positions_mm`` of the
+    n slices give each run's spacing) by ``slice_smoothing_mm`` (default the model
+    card's; a ValueError when it is above 0 and the runs are not given), then drawn over
     ``backdrop`` (the T1C as the real fusion shows it; default the slice's own T1C), as
     the node draws it over the series' own T1C.
     """
@@ -166,6 +168,10 @@ def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
     n, channels, height, width = t1c.shape
     if channels != card.input_channels:
         raise ValueError(f"the model takes {card.input_channels} input slice(s), got {channels}")
+    sigma = card.slice_smoothing_mm if slice_smoothing_mm is None else slice_smoothing_mm
+    if card.output_kind == "uptake" and sigma > 0 and (runs is None or positions_mm is None):
+        raise ValueError(f"the model's output is smoothed along the slice normal ({sigma:g} mm): "
+                         "give the runs of contiguous slices and their positions")
     under = np.asarray(t1c[:, channels // 2] if backdrop is None else backdrop, dtype=np.float32)
     fusion = np.empty((n, height, width, 3), dtype=np.uint8)
     uptake = np.empty((n, height, width), dtype=np.float32) if card.output_kind == "uptake" \
@@ -182,13 +188,20 @@ def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
             else:
                 uptake[start : start + len(grey)] = unit[:, 0] * card.uptake_scale
     if uptake is not None:
-        sigma = card.slice_smoothing_mm if slice_smoothing_mm is None else slice_smoothing_mm
-        if runs is not None:
-            uptake = smooth_runs(uptake, runs, sigma, slice_spacing_mm)
+        if sigma > 0 and runs is not None and positions_mm is not None:
+            uptake = smooth_runs(uptake, runs, sigma, positions_mm)
         for start in range(0, n, 256):
             fusion[start : start + 256] = to_uint8(
                 fuse(under[start : start + 256], uptake[start : start + 256], style))
     return fusion, uptake
+
+
+def evaluation_runs(data: ds.PairedDataset, idx: NDArray[np.int64]
+                    ) -> list[NDArray[np.int64]]:
+    """Runs of contiguous slices among rows ``idx`` (positions into ``idx``): each
+    study's runs over the whole dataset, cut wherever a slice is not in ``idx``, so a
+    slice-level split never makes distant slices neighbours."""
+    return restrict_runs(contiguous_runs(data.study_uid, data.slice_position_mm), idx)
 
 
 def defuse_uptake(fusion: NDArray[np.uint8], grey: NDArray[np.floating], style: FusionStyle,
@@ -444,8 +457,9 @@ def write_report(out: Path, summary: dict[str, dict[str, Any]], check: dict[str,
               f"slice ROIs, {meta['n_roi_patients']} patient lesions",
               f"- Command: `{meta['command']}`",
               ("- The model's uptake is smoothed along the slice normal (Gaussian SD "
-               f"{meta['slice_smoothing_mm']:g} mm, slices {meta['slice_spacing_mm']:g} mm "
-               "apart) before it is fused, as the node does with this model card."
+               f"{meta['slice_smoothing_mm']:g} mm; each run of contiguous slices at its "
+               f"own spacing, here a median {meta['slice_spacing_mm']:g} mm) before it is "
+               "fused, as the node does with this model card."
                if meta.get("slice_smoothing_mm") else
                "- The model's output is not smoothed along the slice normal."),
               f"- FSIM: {FSIM_NAME} (data_range 1.0). SSIM: skimage structural_similarity, "
@@ -521,6 +535,10 @@ def evaluate(dataset: Path, weights: Path, split: str, out: Path, device: str = 
              command: str = "", slice_smoothing_mm: float | None = None) -> dict[str, Any]:
     """Evaluate ``weights`` on ``split`` of ``dataset``; writes the report into ``out``.
     ``slice_smoothing_mm`` replaces the model card's smoothing along the slice normal."""
+    if slice_smoothing_mm is not None and not (math.isfinite(slice_smoothing_mm)
+                                               and slice_smoothing_mm >= 0):
+        raise ValueError(f"slice smoothing must be a finite length >= 0 mm, "
+                         f"got {slice_smoothing_mm:g}")
     from training import plots
 
     out.mkdir(parents=True, exist_ok=True)
@@ -537,14 +555,14 @@ def evaluate(dataset: Path, weights: Path, split: str, out: Path, device: str = 
     grey = data.t1c[idx].astype(np.float32)
     backdrop = data.backdrop(idx)
     real = data.fusion[idx]
-    if slice_smoothing_mm is not None and slice_smoothing_mm < 0:
-        raise ValueError(f"slice smoothing must be >= 0 mm, got {slice_smoothing_mm:g}")
+    if model.card.output_kind != "uptake" and slice_smoothing_mm:
+        raise ValueError("slice smoothing applies to uptake models only; "
+                         f"{weights} outputs {model.card.output_kind}")
     smoothing_mm = (model.card.slice_smoothing_mm if slice_smoothing_mm is None
                     else slice_smoothing_mm) if model.card.output_kind == "uptake" else 0.0
     fusion, _ = predict(model, data.input_grey(idx, model.card.context_slices), style,
-                        batch_size, backdrop=backdrop,
-                        runs=contiguous_runs(data.study_uid[idx], data.slice_position_mm[idx]),
-                        slice_spacing_mm=data.slice_spacing_mm(),
+                        batch_size, backdrop=backdrop, runs=evaluation_runs(data, idx),
+                        positions_mm=data.slice_position_mm[idx],
                         slice_smoothing_mm=smoothing_mm)
     methods = [Method("model", fusion)]
     if data.has("oracle_fusion"):
