@@ -31,7 +31,7 @@ from dicom_node.slice_context import (
     neighbour_rows,
     stack_context,
 )
-from dicom_node.slice_smoothing import smooth_runs, smooth_slices
+from dicom_node.slice_smoothing import smooth_runs
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +110,15 @@ class Predictor:
     def smooth(self, uptake: NDArray[np.float32], slice_spacing_mm: float | None,
                slice_positions_mm: NDArray[np.floating] | None) -> NDArray[np.float32]:
         """The model card's smoothing along the slice normal, within runs of contiguous
-        slices when their positions are known."""
+        slices; without their positions the slices are taken as evenly spaced."""
         sigma_mm = self.model.card.slice_smoothing_mm
-        if slice_positions_mm is None or len(slice_positions_mm) != len(uptake):
-            return smooth_slices(uptake, sigma_mm, slice_spacing_mm)
-        runs = contiguous_runs(np.zeros(len(uptake), dtype=np.str_), slice_positions_mm)
-        return smooth_runs(uptake, runs, sigma_mm, slice_positions_mm)
+        if sigma_mm <= 0:
+            return uptake
+        positions = (np.asarray(slice_positions_mm, dtype=np.float64)
+                     if slice_positions_mm is not None
+                     else np.arange(len(uptake)) * float(slice_spacing_mm or 0.0))
+        runs = contiguous_runs(np.zeros(len(uptake), dtype=np.str_), positions)
+        return smooth_runs(uptake, runs, sigma_mm, positions)
 
     def predict(self, volume: NDArray[np.float32], batch_size: int | None = None,
                 timeout_s: float | None = None,

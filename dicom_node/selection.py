@@ -16,7 +16,14 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.config import SelectionConfig
-from dicom_node.volume import SliceInfo, VolumeError, read_header, slices_of, sort_slices
+from dicom_node.volume import (
+    SliceInfo,
+    VolumeError,
+    positions_along_normal,
+    read_header,
+    slices_of,
+    sort_slices,
+)
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ def select_series(paths: list[Path], rules: SelectionConfig) -> Selection:
         return Selection(False, f"{len(slices)} slices, fewer than min_slices "
                                 f"{rules.min_slices}")
     ordered = sort_slices(slices)
-    positions = [float(np.dot(normal, s.position)) for s in ordered]
+    positions = positions_along_normal(ordered)
     if len(set(np.round(positions, 3))) != len(positions):
         return Selection(False, "two or more slices share one position (mixed series?)")
     return Selection(True, "axial post-contrast T1", ordered)

@@ -70,17 +70,10 @@ def restrict_runs(runs: list[NDArray[np.int64]], rows: NDArray[np.int64]
     position_of = {int(row): k for k, row in enumerate(np.asarray(rows).tolist())}
     restricted: list[NDArray[np.int64]] = []
     for run in runs:
-        current: list[int] = []
-        for row in run.tolist():
-            k = position_of.get(int(row))
-            if k is None:
-                if current:
-                    restricted.append(np.asarray(current, dtype=np.int64))
-                current = []
-            else:
-                current.append(k)
-        if current:
-            restricted.append(np.asarray(current, dtype=np.int64))
+        kept = np.array([position_of.get(int(row), -1) for row in run.tolist()],
+                        dtype=np.int64)
+        pieces = np.split(kept, np.flatnonzero(kept < 0))  # each missing row starts a piece
+        restricted += [piece[piece >= 0] for piece in pieces if (piece >= 0).any()]
     return restricted
 
 

@@ -106,13 +106,19 @@ def sort_slices(slices: list[SliceInfo]) -> list[SliceInfo]:
     return sorted(slices, key=lambda s: float(np.dot(normal, s.position)))
 
 
+def positions_along_normal(slices: list[SliceInfo]) -> NDArray[np.float64]:
+    """Each slice's position (mm) along the first slice's normal, in the given order."""
+    if not slices:
+        return np.zeros(0)
+    normal = slices[0].normal
+    return np.array([float(np.dot(normal, s.position)) for s in slices])
+
+
 def slice_spacing_mm(slices: list[SliceInfo]) -> float:
     """Median distance between neighbouring sorted slices along the normal."""
     if len(slices) < 2:
         return slices[0].slice_thickness or 1.0 if slices else 1.0
-    normal = slices[0].normal
-    positions = np.array([np.dot(normal, s.position) for s in slices])
-    gaps = np.diff(np.sort(positions))
+    gaps = np.diff(np.sort(positions_along_normal(slices)))
     spacing = float(np.median(gaps))
     return spacing if spacing > 0 else (slices[0].slice_thickness or 1.0)
 
@@ -133,8 +139,7 @@ class Volume:
     @property
     def positions_mm(self) -> NDArray[np.float64]:
         """Each slice's position along the slice normal, in slice order."""
-        normal = self.slices[0].normal
-        return np.array([float(np.dot(normal, s.position)) for s in self.slices])
+        return positions_along_normal(self.slices)
 
 
 def load_volume(slices: list[SliceInfo]) -> Volume:

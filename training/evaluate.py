@@ -34,7 +34,7 @@ import json
 import logging
 import math
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from dicom_node.fusion import FusionStyle, defuse, fuse, to_uint8
-from dicom_node.model_weights import LoadedModel, load_weights
+from dicom_node.model_weights import LoadedModel, WeightsError, load_weights
 from dicom_node.resampling import from_network, to_network
 from dicom_node.slice_context import contiguous_runs, restrict_runs
 from dicom_node.slice_smoothing import smooth_runs
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, bin_mm=args.bin_mm,
                            examples=args.examples, command=command_line(args),
                            slice_smoothing_mm=args.slice_smoothing_mm)
-    except (ds.DatasetError, ValueError) as exc:
+    except (ds.DatasetError, WeightsError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
     print((args.out / "report.md").read_text())
@@ -535,10 +535,6 @@ def evaluate(dataset: Path, weights: Path, split: str, out: Path, device: str = 
              command: str = "", slice_smoothing_mm: float | None = None) -> dict[str, Any]:
     """Evaluate ``weights`` on ``split`` of ``dataset``; writes the report into ``out``.
     ``slice_smoothing_mm`` replaces the model card's smoothing along the slice normal."""
-    if slice_smoothing_mm is not None and not (math.isfinite(slice_smoothing_mm)
-                                               and slice_smoothing_mm >= 0):
-        raise ValueError(f"slice smoothing must be a finite length >= 0 mm, "
-                         f"got {slice_smoothing_mm:g}")
     from training import plots
 
     out.mkdir(parents=True, exist_ok=True)
@@ -555,11 +551,10 @@ def evaluate(dataset: Path, weights: Path, split: str, out: Path, device: str = 
     grey = data.t1c[idx].astype(np.float32)
     backdrop = data.backdrop(idx)
     real = data.fusion[idx]
-    if model.card.output_kind != "uptake" and slice_smoothing_mm:
-        raise ValueError("slice smoothing applies to uptake models only; "
-                         f"{weights} outputs {model.card.output_kind}")
+    if slice_smoothing_mm is not None:  # checked like a model card's own value
+        replace(model.card, slice_smoothing_mm=slice_smoothing_mm).validate()
     smoothing_mm = (model.card.slice_smoothing_mm if slice_smoothing_mm is None
-                    else slice_smoothing_mm) if model.card.output_kind == "uptake" else 0.0
+                    else slice_smoothing_mm)
     fusion, _ = predict(model, data.input_grey(idx, model.card.context_slices), style,
                         batch_size, backdrop=backdrop, runs=evaluation_runs(data, idx),
                         positions_mm=data.slice_position_mm[idx],
