@@ -287,3 +287,63 @@ def test_example_slices_show_one_brain_slice_per_patient(tmp_path: Path) -> None
     assert all(t1c[p].any() for p in picks)  # no empty slice
     others = [p for p in picks if not labels[p].any()]
     assert all(p % n_slices == n_slices - 1 for p in others)  # the fullest slice
+
+
+def test_soft_fusion_is_the_node_renderer_with_a_differentiable_gate() -> None:
+    """Width 0 renders exactly what dicom_node.fusion.fuse draws; a small width stays
+    close to it and passes a gradient to uptake near the display threshold."""
+    from training.soft_fusion import soft_fuse
+
+    rng = np.random.default_rng(3)
+    style = FusionStyle()
+    grey = rng.uniform(0, 1, (2, 32, 32)).astype(np.float32)
+    uptake = rng.uniform(0, 4.5, (2, 32, 32)).astype(np.float32)
+    uptake[0, :4] = style.display_threshold  # exactly at the threshold: drawn
+    expected = fuse(grey, uptake, style)
+    hard = soft_fuse(torch.from_numpy(uptake)[:, None], torch.from_numpy(grey)[:, None],
+                     style, 0.0).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(hard, expected, atol=1e-6)
+    u = torch.from_numpy(uptake)[:, None].requires_grad_(True)
+    soft = soft_fuse(u, torch.from_numpy(grey)[:, None], style, 0.01)
+    far = np.abs(uptake - style.display_threshold) > 0.1
+    np.testing.assert_allclose(soft.detach().permute(0, 2, 3, 1).numpy()[far], expected[far],
+                               atol=1e-4)
+    # Over white, drawing the dark red of low uptake darkens G and B: at the threshold the
+    # gate's slope (1 / (4 x width) at its middle) carries that change to the uptake.
+    white = torch.ones_like(u)
+    soft_fuse(u, white, style, 0.01)[:, 1:].sum().backward()
+    assert u.grad is not None
+    near = torch.from_numpy(np.abs(uptake - style.display_threshold) < 0.005)
+    assert float(u.grad[:, 0][near].max()) < -10.0
+    assert float(u.grad[:, 0][torch.from_numpy(~far)].abs().max()) > 0.0
+    assert float(u.grad[:, 0][torch.from_numpy(uptake < 0.1)].abs().max()) < 1e-3
+    with pytest.raises(ValueError, match="gate_width"):
+        soft_fuse(u, torch.from_numpy(grey)[:, None], style, -1.0)
+
+
+def test_fusion_loss_training_runs_is_recorded_and_fixed_on_resume(toy_dataset: Path,
+                                                                  tmp_path: Path) -> None:
+    run = train(_config(toy_dataset, tmp_path, max_steps=4, target="uptake", hflip=True,
+                        fusion_l1_weight=50.0, fusion_gate_width_uptake=0.05))
+    assert run.step == 4 and run.weights is not None
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert all(s["loss_G_extra"] > 0 for s in history["steps"])
+    card = load_weights(run.weights).card
+    assert card.training["fusion_l1_weight"] == 50.0
+    assert "L1 of the fusion rendered from the uptake" in card.training["method"]
+    with pytest.raises(ValueError, match="fusion_l1_weight"):
+        train(_config(toy_dataset, tmp_path, max_steps=8, target="uptake", hflip=True,
+                      fusion_l1_weight=10.0), resume=True)
+    with pytest.raises(ValueError, match="needs --target uptake"):
+        train(_config(toy_dataset, tmp_path / "fusion", fusion_l1_weight=10.0))
+
+
+def test_fine_tuning_records_the_starting_weights(toy_dataset: Path, full_run: Path,
+                                                  tmp_path: Path) -> None:
+    start = load_weights(full_run / "generator.pt")
+    run = train(_config(toy_dataset, tmp_path, max_steps=2,
+                        init_generator=str(full_run / "generator.pt")))
+    assert run.weights is not None
+    training = load_weights(run.weights).card.training
+    assert training["init_generator_sha256"] == start.sha256
+    assert training["init_generator"] == str(full_run / "generator.pt")

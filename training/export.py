@@ -65,6 +65,11 @@ def method_text(config: dict[str, Any]) -> str:
     if weight != 1.0:
         text += (f"; L1 weighted {weight:g}x on tumour masks grown by "
                  f"{config.get('tumour_margin_px', 0)} px")
+    fusion_weight = float(config.get("fusion_l1_weight", 0.0))
+    if fusion_weight > 0.0:
+        text += (f" + {fusion_weight:g} x L1 of the fusion rendered from the uptake (display "
+                 f"threshold as a logistic gate of "
+                 f"{float(config.get('fusion_gate_width_uptake', 0.05)):g} uptake units)")
     context = int(config.get("context_slices", 0))
     if context:
         text += (f"; input: the T1C slice and {context} neighbouring slice(s) on each side "
@@ -109,6 +114,10 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         "ema_decay": config.get("ema_decay", 0.0),
         "hflip": config["hflip"],
         "context_slices": config.get("context_slices", 0),
+        "fusion_l1_weight": config.get("fusion_l1_weight", 0.0),
+        "fusion_gate_width_uptake": config.get("fusion_gate_width_uptake", 0.05),
+        "init_generator": config.get("init_generator"),
+        "init_generator_sha256": resolved.get("init_generator_sha256"),
         "device": resolved.get("device_resolved"),
         "mixed_precision": resolved.get("mixed_precision"),
         "method": method_text(config),

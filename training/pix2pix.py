@@ -23,6 +23,7 @@ the average, which carries less of the GAN's step-to-step texture.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,11 +145,15 @@ class Pix2Pix:
         return loss
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor,
-                   l1_weight: torch.Tensor | None = None) -> dict[str, float]:
+                   l1_weight: torch.Tensor | None = None,
+                   extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> dict[str, float]:
         """One Pix2Pix iteration (D step, then G step); returns the losses.
 
         ``l1_weight`` (B, 1, H, W), if given, weighs the L1 term per pixel; the reported
-        ``loss_G_L1`` stays the plain L1 so that runs compare.
+        ``loss_G_L1`` stays the plain L1 so that runs compare. ``extra_loss``, if given,
+        maps the generator output to a further term of the generator loss (already
+        weighted), reported as ``loss_G_extra``.
         """
         self.generator.train()
         self.discriminator.train()
@@ -178,6 +183,9 @@ class Pix2Pix:
             else:
                 loss_l1_term = (error * l1_weight.to(self.device, non_blocking=True)).mean()
             loss_g = loss_g_gan + self.config.lambda_l1 * loss_l1_term
+            loss_extra = extra_loss(fake.float()) if extra_loss is not None else None
+            if loss_extra is not None:
+                loss_g = loss_g + loss_extra
         self.scaler.scale(loss_g).backward()
         self.scaler.step(self.opt_g)
         self.scaler.update()
@@ -189,6 +197,7 @@ class Pix2Pix:
             "loss_G_GAN": float(loss_g_gan.detach()),
             "loss_G_L1": float(loss_g_l1.detach()),
             "loss_G_L1_weighted": float(loss_l1_term.detach()),
+            **({"loss_G_extra": float(loss_extra.detach())} if loss_extra is not None else {}),
         }
 
     @property

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from storage.file_store import atomic_writer
 from training import data as ds
 from training.metrics import mean_sd, psnr, ssim
 from training.pix2pix import Pix2Pix, Pix2PixConfig
+from training.soft_fusion import soft_fuse
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ CHECKPOINT_FORMAT = "dicom-node-pix2pix-checkpoint/1"
 # Settings that must not change when a run is resumed.
 FIXED_ON_RESUME = ("dataset", "target", "ngf", "ndf", "batch_size", "seed", "uptake_scale",
                    "tumour_oversample", "tumour_l1_weight", "tumour_margin_px", "ema_decay", "hflip",
-                   "epochs", "decay_epochs", "lambda_l1", "lr", "beta1", "context_slices")
+                   "epochs", "decay_epochs", "lambda_l1", "lr", "beta1", "context_slices",
+                   "fusion_l1_weight", "fusion_gate_width_uptake")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 = no generator weight average (as published)
     hflip: bool = False
     context_slices: int = 0  # neighbouring T1C slices each side as input (0 = as published)
+    fusion_l1_weight: float = 0.0  # uptake models: L1 of the rendered fusion (0 = off)
+    fusion_gate_width_uptake: float = 0.05  # logistic display gate of that rendering
     seed: int = 0
     device: str = "auto"
     lr: float = 2e-4
@@ -131,6 +136,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also feed this many neighbouring T1C slices on each side as "
                              "input channels (0 = one slice, as published; default "
                              "%(default)s)")
+    parser.add_argument("--fusion-l1-weight", type=float, default=d.fusion_l1_weight,
+                        help="uptake target: also add this weight x the L1 error of the "
+                             "fusion rendered from the output (with a soft display "
+                             "threshold) against the real fusion, in [0, 1] image units; "
+                             "it teaches where the overlay's edge lies (0 = off; default "
+                             "%(default)s)")
+    parser.add_argument("--fusion-gate-width-uptake", type=float,
+                        default=d.fusion_gate_width_uptake,
+                        help="scale of the logistic display threshold of that rendering, "
+                             "in uptake units (default %(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--lr", type=float, default=d.lr)
@@ -163,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         target=args.target, uptake_scale=args.uptake_scale,
         tumour_oversample=args.tumour_oversample, tumour_l1_weight=args.tumour_l1_weight,
         tumour_margin_px=args.tumour_margin_px, ema_decay=args.ema_decay, hflip=args.hflip,
-        context_slices=args.context_slices, seed=args.seed,
+        context_slices=args.context_slices, fusion_l1_weight=args.fusion_l1_weight,
+        fusion_gate_width_uptake=args.fusion_gate_width_uptake, seed=args.seed,
         device=args.device, lr=args.lr, beta1=args.beta1, lambda_l1=args.lambda_l1,
         max_steps=args.max_steps, threads=args.threads,
         val_max_slices=args.val_max_slices or None, checkpoint_every=args.checkpoint_every,
@@ -299,6 +315,29 @@ def validate(model: Pix2Pix, data: ds.PairedDataset, idx: NDArray[np.int64], con
     return {"val_l1": l1_sum / count, "val_psnr": mean_sd(psnrs)[0], "val_ssim": mean_sd(ssims)[0]}
 
 
+def fusion_target(data: ds.PairedDataset, idx: NDArray[np.int64]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grey backdrop (B, 1, S, S), real fusion (B, 3, S, S)), both in [0, 1]."""
+    grey = torch.from_numpy(data.backdrop(idx)).unsqueeze(1)
+    real = torch.from_numpy(data.fusion[idx].astype(np.float32) / 255.0)
+    return grey, real.permute(0, 3, 1, 2).contiguous()
+
+
+def fusion_l1_term(pair: tuple[torch.Tensor, torch.Tensor], data: ds.PairedDataset,
+                   config: TrainConfig, device: torch.device
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The generator loss term ``fusion_l1_weight * L1(soft fusion of output, real fusion)``."""
+    grey, real = (t.to(device, non_blocking=True) for t in pair)
+    style = data.fusion_style
+
+    def term(output: torch.Tensor) -> torch.Tensor:
+        uptake = (output + 1.0) / 2.0 * config.uptake_scale
+        rendered = soft_fuse(uptake, grey, style, config.fusion_gate_width_uptake)
+        return config.fusion_l1_weight * (rendered - real).abs().mean()
+
+    return term
+
+
 def widened_state(initial: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
                   ) -> dict[str, torch.Tensor]:
     """``initial`` generator weights fitted to ``target``'s shapes: a one-slice model's
@@ -333,6 +372,11 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     if config.tumour_l1_weight != 1.0 and not data.has("tumour_labels"):
         raise ValueError("--tumour-l1-weight needs a dataset with tumour masks "
                          "('tumour_labels')")
+    if config.fusion_l1_weight < 0 or config.fusion_gate_width_uptake <= 0:
+        raise ValueError("--fusion-l1-weight must be >= 0 and --fusion-gate-width-uptake > 0")
+    if config.fusion_l1_weight > 0 and config.target != "uptake":
+        raise ValueError("--fusion-l1-weight needs --target uptake (a fusion model's L1 is "
+                         "already on the fusion)")
     architecture = architecture_for(data.size)
     train_idx, val_idx = data.indices("train"), data.indices("val")
     if len(train_idx) == 0:
@@ -366,6 +410,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     epoch, batch_in_epoch, step = 0, 0, 0
     sums: dict[str, float] = {}
     window: dict[str, float] = {}
+    init_sha256: str | None = None
     if state is None and config.init_generator:
         initial = load_weights(Path(config.init_generator))
         if (initial.card.architecture, initial.card.ngf) != (architecture, config.ngf):
@@ -374,6 +419,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         model.generator.load_state_dict(widened_state(
             initial.generator.state_dict(), model.generator.state_dict()))
         model.reset_average()
+        init_sha256 = initial.sha256
         print(f"generator initialised from {config.init_generator} (sha256 {initial.sha256[:16]})")
     if state is not None:
         model.load_state_dict(state["model"])
@@ -389,6 +435,10 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                 "torch_threads": torch.get_num_threads(), "dataset_info": info,
                 "input_channels": p2p_config.input_nc, "output_channels": p2p_config.output_nc,
                 "slice_spacing_mm": data.slice_spacing_mm()}
+    if state is not None:  # a resumed run keeps what its start recorded
+        init_sha256 = state["resolved"].get("init_generator_sha256")
+    if init_sha256 is not None:
+        resolved["init_generator_sha256"] = init_sha256
     write_json(run_dir / "config.json", resolved)
 
     weights = None
@@ -435,13 +485,16 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             if config.tumour_l1_weight != 1.0:
                 l1_weight = ds.l1_weights(data, idx, config.tumour_l1_weight,
                                           config.tumour_margin_px)
+            fusion_pair = fusion_target(data, idx) if config.fusion_l1_weight > 0 else None
             if config.hflip:
                 flip = flips[positions]
-                x[flip] = x[flip].flip(-1)
-                y[flip] = y[flip].flip(-1)
-                if l1_weight is not None:
-                    l1_weight[flip] = l1_weight[flip].flip(-1)
-            losses = model.train_step(x, y, l1_weight)
+                for tensor in (x, y, l1_weight, *(fusion_pair or ())):
+                    if tensor is not None:
+                        tensor[flip] = tensor[flip].flip(-1)
+            extra = None
+            if fusion_pair is not None:
+                extra = fusion_l1_term(fusion_pair, data, config, model.device)
+            losses = model.train_step(x, y, l1_weight, extra)
             step += 1
             batch_in_epoch = b + 1
             for key, value in losses.items():
