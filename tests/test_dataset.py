@@ -117,6 +117,7 @@ def test_dataset_round_trips(cohort: tuple[Path, list[PhantomPatient]], tmp_path
         "t1c_backdrop": (np.uint8, (n, SIZE, SIZE)),
         "slice_position_mm": (np.float32, (n,)), "has_tumour": (np.bool_, (n,)),
         "uptake": (np.float16, (n, SIZE, SIZE)), "oracle_fusion": (np.uint8, (n, SIZE, SIZE, 3)),
+        "oracle_uptake": (np.float16, (n, SIZE, SIZE)),
         "tumour_labels": (np.uint8, (n, SIZE, SIZE)), "brain_mask": (np.bool_, (n, SIZE, SIZE)),
         "striatum_mask": (np.bool_, (n, SIZE, SIZE)), "oedema": (np.bool_, (n, SIZE, SIZE)),
     }
@@ -143,6 +144,12 @@ def test_dataset_round_trips(cohort: tuple[Path, list[PhantomPatient]], tmp_path
     for channel in range(3):
         np.testing.assert_array_equal(backdrop[~touched], grey_pixels[:, channel])
     np.testing.assert_array_equal(pairs["oracle_fusion"][mine], oracle)
+    # The oracle uptake is resampled exactly like the real uptake.
+    np.testing.assert_array_equal(
+        pairs["oracle_uptake"][mine],
+        to_network(first.oracle_uptake, SIZE)[0][:, 0].numpy().astype(np.float16))
+    np.testing.assert_array_equal(
+        pairs["uptake"][mine], to_network(first.uptake, SIZE)[0][:, 0].numpy().astype(np.float16))
     tumour_slices = [bool(first.tumour_labels[k].any()) for k in range(SMALL.slices)]
     np.testing.assert_array_equal(pairs["has_tumour"][mine], tumour_slices)
     assert pairs["has_tumour"].any()

@@ -29,7 +29,7 @@ def write_toy_dataset(path: Path, patients: int = 5, slices: int = 5, seed: int 
     style = FusionStyle()
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     arrays: dict[str, list[np.ndarray]] = {k: [] for k in (
-        "t1c", "fusion", "oracle_fusion", "uptake", "tumour_labels", "brain_mask",
+        "t1c", "fusion", "oracle_fusion", "oracle_uptake", "uptake", "tumour_labels", "brain_mask",
         "striatum_mask", "oedema", "patient_id", "study_uid", "slice_position_mm",
         "has_tumour")}
     for p in range(patients):
@@ -52,6 +52,7 @@ def write_toy_dataset(path: Path, patients: int = 5, slices: int = 5, seed: int 
             noisy = expected + np.where(brain, rng.normal(0, 0.08, expected.shape), 0)
             arrays["t1c"].append(t1c.astype(np.float16))
             arrays["oracle_fusion"].append(to_uint8(fuse(t1c, expected, style)))
+            arrays["oracle_uptake"].append(expected.astype(np.float16))
             arrays["fusion"].append(to_uint8(fuse(t1c, noisy, style)))
             arrays["uptake"].append(noisy.astype(np.float16))
             arrays["tumour_labels"].append(tumour.astype(np.uint8))
@@ -192,6 +193,38 @@ def test_evaluate_writes_report(toy_dataset: Path, full_run: Path, tmp_path: Pat
     assert -1 <= summary["oracle"]["r_tbrmax_slices"] <= 1
     for name in ("examples.png", "tbr_scatter.png", "tbr_bland_altman.png", "methods.png"):
         assert (report / name).is_file(), name
+
+
+def test_oracle_is_drawn_like_the_model(toy_dataset: Path, tmp_path: Path) -> None:
+    """An uptake model's fusion is drawn at the network size, so its oracle is too (from
+    oracle_uptake), with the native-matrix oracle fusion beside it; an RGB model keeps
+    the dataset's oracle fusion."""
+    from training.evaluate import oracle_methods
+
+    data = ds.load_dataset(toy_dataset)
+    idx = data.indices("test")
+    backdrop = data.backdrop(idx)
+    drawn, native = oracle_methods(data, idx, "uptake", data.fusion_style, backdrop)
+    assert (drawn.name, native.name) == ("oracle", "oracle_native")
+    np.testing.assert_array_equal(drawn.fusion, to_uint8(fuse(
+        backdrop, data.get("oracle_uptake")[idx].astype(np.float32), data.fusion_style)))
+    np.testing.assert_array_equal(native.fusion, data.get("oracle_fusion")[idx])
+    (only,) = oracle_methods(data, idx, "fusion", data.fusion_style, backdrop)
+    assert only.name == "oracle"
+    np.testing.assert_array_equal(only.fusion, data.get("oracle_fusion")[idx])
+
+    run = train(_config(toy_dataset, tmp_path / "run", max_steps=2, target="uptake"))
+    assert run.weights is not None
+    report = tmp_path / "report"
+    assert cli_main(["evaluate", "--dataset", str(toy_dataset), "--weights", str(run.weights),
+                     "--split", "test", "--out", str(report), "--examples", "2"]) == 0
+    result = json.loads((report / "summary.json").read_text())
+    assert {"oracle", "oracle_native"} <= set(result["methods"])
+    oracle_psnr = result["methods"]["oracle"]["psnr"]
+    model_psnr = result["methods"]["model"]["psnr"]
+    detail = result["checks"]["psnr_vs_oracle"]["detail"][0]
+    assert f"{model_psnr - oracle_psnr:+.3f}" in detail
+    assert "oracle_native" in (report / "report.md").read_text()
 
 
 def test_tumour_l1_weights_cover_the_lesion_and_its_margin(toy_dataset: Path) -> None:

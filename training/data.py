@@ -5,7 +5,8 @@
 ``has_tumour`` bool (N,); ``t1c_backdrop`` uint8 (N, S, S), the T1C exactly as the
 fusion images show it where no uptake is drawn (datasets built before it existed lack it:
 :meth:`PairedDataset.backdrop` then falls back to ``t1c``); phantoms also carry
-``uptake`` float16, ``oracle_fusion`` uint8, ``tumour_labels`` uint8, ``brain_mask``,
+``uptake`` float16, ``oracle_fusion`` uint8, ``oracle_uptake`` float16 (older phantom
+datasets lack it), ``tumour_labels`` uint8, ``brain_mask``,
 ``striatum_mask``, ``oedema`` bool (N, S, S).
 ``DSDIR/splits.json``: ``method``, ``seed``, ``train`` / ``val`` / ``test`` index lists.
 ``DSDIR/dataset.json``: ``size``, ``fusion_style`` and provenance.
@@ -34,8 +35,8 @@ from dicom_node.slice_context import group_rows
 
 TARGETS = ("fusion", "uptake")
 SPLITS = ("train", "val", "test")
-OPTIONAL_ARRAYS = ("t1c_backdrop", "uptake", "oracle_fusion", "tumour_labels", "brain_mask", "striatum_mask",
-                   "oedema")
+OPTIONAL_ARRAYS = ("t1c_backdrop", "uptake", "oracle_fusion", "oracle_uptake", "tumour_labels",
+                   "brain_mask", "striatum_mask", "oedema")
 
 
 class DatasetError(Exception):

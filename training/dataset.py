@@ -36,7 +36,12 @@ On-disk format (the training code reads exactly this)::
         has_tumour        bool    (N,)          tumour on the slice (ground truth; else False)
       only when every study has ground truth:
         uptake            float16 (N, S, S)     noisy PET uptake (SUV-like)
-        oracle_fusion     uint8   (N, S, S, 3)  fusion of the oracle uptake
+        oracle_fusion     uint8   (N, S, S, 3)  fusion of the oracle uptake, rendered at the
+                                                native matrix and resampled like the fusion
+        oracle_uptake     float16 (N, S, S)     the oracle uptake, resampled like ``uptake``
+                                                (evaluation renders it at the network size,
+                                                exactly as it renders an uptake model's
+                                                output)
         tumour_labels     uint8   (N, S, S)     0 none, k lesion k
         brain_mask, striatum_mask, oedema  bool (N, S, S)
     DSDIR/splits.json
@@ -90,8 +95,8 @@ POST_CONTRAST = re.compile(r"(\+\s*c\b|\bpost|\bgd\b|gado|contrast|\bkm\b|\bce\b
 NOT_T1 = re.compile(r"(t2|flair|dwi|diff|adc|swi|perf|dti|pd\b|localizer|scout)", re.IGNORECASE)
 AXIAL_MIN_COS = 0.9
 SPLIT_METHODS = ("patient", "slice")
-GROUND_TRUTH_ARRAYS = ("uptake", "oracle_fusion", "tumour_labels", "brain_mask",
-                       "striatum_mask", "oedema")
+GROUND_TRUTH_ARRAYS = ("uptake", "oracle_fusion", "oracle_uptake", "tumour_labels",
+                       "brain_mask", "striatum_mask", "oedema")
 
 
 class PatientLeakWarning(UserWarning):
@@ -501,6 +506,7 @@ def _ground_truth_arrays(npz_path: Path, t1c: Sequence[SliceHeader], t1c_idx: li
     out: dict[str, NDArray[np.generic]] = {
         "uptake": to_network(uptake, size)[0][:, 0].numpy().astype(np.float16),
         "oracle_fusion": rgb_to_network(to_uint8(fuse(grey[t1c_idx], oracle, style)), size),
+        "oracle_uptake": to_network(oracle, size)[0][:, 0].numpy().astype(np.float16),
         "tumour_labels": nearest_to_network(labels.astype(np.uint8), size),
     }
     for key in ("brain_mask", "striatum_mask", "oedema"):

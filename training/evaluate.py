@@ -10,8 +10,15 @@ Methods compared on the same slices:
   overrides it, to choose it on the validation split) and fused with the dataset's
   fusion style over the dataset's ``t1c_backdrop`` (the T1C exactly as the real fusion
   shows it where no uptake is drawn), as the node draws it over the native T1C.
-- ``oracle`` (phantoms): the dataset's ``oracle_fusion``, rendered from the uptake
-  expected from what the T1C shows. No model can beat it on average.
+- ``oracle`` (phantoms): the uptake expected from what the T1C shows, drawn the way the
+  model's fusion is drawn. No model can beat it on average. For an uptake model that is
+  the dataset's ``oracle_uptake`` (resampled to the network size like the real uptake)
+  fused over the backdrop at the network size, exactly like the model's output; the
+  report then also shows ``oracle_native``, the dataset's ``oracle_fusion``: drawn at
+  the native matrix and then resampled like the reference, so its overlay edges are
+  anti-aliased as the reference's are, which no fusion drawn at the network size can
+  be. An RGB model draws its own edges, so for it (and for datasets without
+  ``oracle_uptake``) ``oracle`` is ``oracle_fusion``. The checks compare with ``oracle``.
 - ``t1c_grey``: the T1C alone in grey (the backdrop), no PET overlay.
 - ``population_mean``: the mean uptake of the training split per slice-position bin,
   tumour and oedema pixels replaced by the slice's background mean, fused on the backdrop.
@@ -194,6 +201,23 @@ def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
             fusion[start : start + 256] = to_uint8(
                 fuse(under[start : start + 256], uptake[start : start + 256], style))
     return fusion, uptake
+
+
+def oracle_methods(data: ds.PairedDataset, idx: NDArray[np.int64], output_kind: str,
+                   style: FusionStyle, backdrop: NDArray[np.float32]) -> list[Method]:
+    """The oracle drawn like the model's fusion (``oracle``), and for an uptake model
+    also the dataset's native-matrix rendering (``oracle_native``); see the module doc."""
+    native = data.get("oracle_fusion")[idx] if data.has("oracle_fusion") else None
+    if output_kind == "uptake" and data.has("oracle_uptake"):
+        uptake = data.get("oracle_uptake")[idx]
+        drawn = np.empty((len(idx), *uptake.shape[1:], 3), dtype=np.uint8)
+        for start in range(0, len(idx), 256):
+            drawn[start : start + 256] = to_uint8(fuse(
+                backdrop[start : start + 256],
+                uptake[start : start + 256].astype(np.float32), style))
+        return [Method("oracle", drawn),
+                *([Method("oracle_native", native)] if native is not None else [])]
+    return [Method("oracle", native)] if native is not None else []
 
 
 def evaluation_runs(data: ds.PairedDataset, idx: NDArray[np.int64]
@@ -470,6 +494,13 @@ def write_report(out: Path, summary: dict[str, dict[str, Any]], check: dict[str,
               f"1/{meta['uptake_scale']:g}; brain = brain mask, tumour = ground-truth "
               "tumour labels; TBR background = brain & ~tumour & ~oedema & ~striatum of "
               "the slice (of the patient's slices when the slice has too little).",
+              *(["- `oracle`: the oracle uptake (resampled to the network size like the "
+                 "real uptake) fused exactly as the model's uptake is, at the network size; "
+                 "the checks compare with it. `oracle_native`: the phantom's oracle fusion, "
+                 "drawn at the native matrix and resampled like the reference, so its "
+                 "overlay edges are anti-aliased as the reference's are, which no fusion "
+                 "drawn at the network size can be (shown for comparison only)."]
+                if "oracle_native" in summary else []),
               "", "## Results", ""]
     header = "| metric | " + " | ".join(methods) + " | published study |"
     lines += [header, "|" + "---|" * (len(methods) + 2)]
@@ -559,9 +590,8 @@ def evaluate(dataset: Path, weights: Path, split: str, out: Path, device: str = 
                         batch_size, backdrop=backdrop, runs=evaluation_runs(data, idx),
                         positions_mm=data.slice_position_mm[idx],
                         slice_smoothing_mm=smoothing_mm)
-    methods = [Method("model", fusion)]
-    if data.has("oracle_fusion"):
-        methods.append(Method("oracle", data.get("oracle_fusion")[idx]))
+    methods = [Method("model", fusion),
+               *oracle_methods(data, idx, model.card.output_kind, style, backdrop)]
     methods.append(Method("t1c_grey", grey_fusion(backdrop)))
     methods.append(Method("population_mean", population_mean_fusion(data, idx, bin_mm)))
 
