@@ -75,7 +75,7 @@ demo-model: install
 	$(VENV)/bin/dicom-node-train evaluate --dataset $(DEMO_DATA)/ds128-400 \
 	  --weights $(DEMO_DATA)/run400-ema/generator-s2.4.pt --split test --out $(DEMO_DATA)/report400-s2.4
 	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run400-ema/checkpoint.pt \
-	  --out dicom_node/models/demo-generator.pt --name fdopa-demo --version 2.1 \
+	  --out dicom_node/models/demo-generator.pt --name fdopa-demo --version 2.1.1 \
 	  --slice-smoothing-mm 2.4 --metrics $(DEMO_DATA)/report400-s2.4/summary.json
 
 clean:
