@@ -213,17 +213,26 @@ def test_oracle_is_drawn_like_the_model(toy_dataset: Path, tmp_path: Path) -> No
     assert only.name == "oracle"
     np.testing.assert_array_equal(only.fusion, data.get("oracle_fusion")[idx])
 
-    run = train(_config(toy_dataset, tmp_path / "run", max_steps=2, target="uptake"))
+    # A dataset whose native oracle fusion differs from the oracle drawn at the network
+    # size (here: drawn from half the uptake): the check must use the latter.
+    other = tmp_path / "ds"
+    shutil.copytree(toy_dataset, other)
+    arrays = dict(np.load(other / "pairs.npz"))
+    arrays["oracle_fusion"] = to_uint8(fuse(arrays["t1c"].astype(np.float32),
+                                            arrays["oracle_uptake"].astype(np.float32) * 0.5,
+                                            data.fusion_style))
+    np.savez_compressed(other / "pairs.npz", **arrays)
+    run = train(_config(other, tmp_path / "run", max_steps=2, target="uptake"))
     assert run.weights is not None
     report = tmp_path / "report"
-    assert cli_main(["evaluate", "--dataset", str(toy_dataset), "--weights", str(run.weights),
+    assert cli_main(["evaluate", "--dataset", str(other), "--weights", str(run.weights),
                      "--split", "test", "--out", str(report), "--examples", "2"]) == 0
     result = json.loads((report / "summary.json").read_text())
-    assert {"oracle", "oracle_native"} <= set(result["methods"])
-    oracle_psnr = result["methods"]["oracle"]["psnr"]
-    model_psnr = result["methods"]["model"]["psnr"]
+    methods = result["methods"]
+    assert {"oracle", "oracle_native"} <= set(methods)
+    assert methods["oracle"]["psnr"] > methods["oracle_native"]["psnr"] + 3
     detail = result["checks"]["psnr_vs_oracle"]["detail"][0]
-    assert f"{model_psnr - oracle_psnr:+.3f}" in detail
+    assert f"{methods['model']['psnr'] - methods['oracle']['psnr']:+.3f}" in detail
     assert "oracle_native" in (report / "report.md").read_text()
 
 
@@ -360,15 +369,37 @@ def test_fusion_loss_training_runs_is_recorded_and_fixed_on_resume(toy_dataset: 
                         fusion_l1_weight=50.0, fusion_gate_width_uptake=0.05))
     assert run.step == 4 and run.weights is not None
     history = json.loads((tmp_path / "history.json").read_text())
-    assert all(s["loss_G_extra"] > 0 for s in history["steps"])
+    assert history["steps"] and all(s["loss_G_extra"] > 0 for s in history["steps"])
     card = load_weights(run.weights).card
     assert card.training["fusion_l1_weight"] == 50.0
     assert "L1 of the fusion rendered from the uptake" in card.training["method"]
     with pytest.raises(ValueError, match="fusion_l1_weight"):
         train(_config(toy_dataset, tmp_path, max_steps=8, target="uptake", hflip=True,
                       fusion_l1_weight=10.0), resume=True)
+    resumed = train(_config(toy_dataset, tmp_path, max_steps=6, target="uptake", hflip=True,
+                            fusion_l1_weight=50.0, fusion_gate_width_uptake=0.05), resume=True)
+    assert resumed.step == 6
     with pytest.raises(ValueError, match="needs --target uptake"):
         train(_config(toy_dataset, tmp_path / "fusion", fusion_l1_weight=10.0))
+
+
+def test_fusion_loss_of_the_true_uptake_is_zero_also_when_flipped(toy_dataset: Path) -> None:
+    """The term draws the target uptake into the real fusion (same grey, channel order,
+    uptake scale); a flip applied to the target and the fusion pair alike keeps that."""
+    from training.train import fusion_l1_term, fusion_target
+
+    data = ds.load_dataset(toy_dataset)
+    idx = np.flatnonzero(data.has_tumour)[:4]
+    config = _config(toy_dataset, toy_dataset, target="uptake", fusion_l1_weight=1.0,
+                     fusion_gate_width_uptake=1e-4)
+    _, y = ds.batch(data, idx, "uptake", config.uptake_scale)
+    grey, real = fusion_target(data, idx)
+    device = torch.device("cpu")
+    assert float(fusion_l1_term((grey, real), data, config, device)(y)) < 2e-3
+    flipped = (grey.flip(-1), real.flip(-1))
+    assert float(fusion_l1_term(flipped, data, config, device)(y.flip(-1))) < 2e-3
+    # Not flipping the fusion with the target is an error the term sees.
+    assert float(fusion_l1_term((grey, real), data, config, device)(y.flip(-1))) > 1e-2
 
 
 def test_fine_tuning_records_the_starting_weights(toy_dataset: Path, full_run: Path,
@@ -378,5 +409,11 @@ def test_fine_tuning_records_the_starting_weights(toy_dataset: Path, full_run: P
                         init_generator=str(full_run / "generator.pt")))
     assert run.weights is not None
     training = load_weights(run.weights).card.training
+    assert training["init_generator_sha256"] == start.sha256
+    assert training["init_generator"] == str(full_run / "generator.pt")
+    # Resumed without repeating --init-generator, the record stays the run's start.
+    resumed = train(_config(toy_dataset, tmp_path, max_steps=4), resume=True)
+    assert resumed.weights is not None and resumed.step == 4
+    training = load_weights(resumed.weights).card.training
     assert training["init_generator_sha256"] == start.sha256
     assert training["init_generator"] == str(full_run / "generator.pt")

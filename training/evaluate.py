@@ -11,9 +11,10 @@ Methods compared on the same slices:
   fusion style over the dataset's ``t1c_backdrop`` (the T1C exactly as the real fusion
   shows it where no uptake is drawn), as the node draws it over the native T1C.
 - ``oracle`` (phantoms): the uptake expected from what the T1C shows, drawn the way the
-  model's fusion is drawn. No model can beat it on average. For an uptake model that is
-  the dataset's ``oracle_uptake`` (resampled to the network size like the real uptake)
-  fused over the backdrop at the network size, exactly like the model's output; the
+  model's fusion is drawn: the ceiling a model is measured against. For an uptake model
+  that is the dataset's ``oracle_uptake`` (resampled to the network size like the real
+  uptake) fused over the same backdrop at the network size, as the model's output is
+  (the oracle is not smoothed along the slice normal: its uptake is blurred in 3D); the
   report then also shows ``oracle_native``, the dataset's ``oracle_fusion``: drawn at
   the native matrix and then resampled like the reference, so its overlay edges are
   anti-aliased as the reference's are, which no fusion drawn at the network size can

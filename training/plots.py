@@ -25,13 +25,17 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def training_curves(history: dict[str, Any], out_dir: Path) -> list[Path]:
-    """``losses.png`` (D, G GAN, G L1 against the step) and ``val_metrics.png`` (per epoch)."""
+    """``losses.png`` (D, G GAN, G L1 and any extra G term against the step) and
+    ``val_metrics.png`` (per epoch)."""
     written = []
     steps = history.get("steps", [])
     if steps:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+        keys = ["loss_D", "loss_G_GAN", "loss_G_L1"]
+        if any("loss_G_extra" in s for s in steps):
+            keys.append("loss_G_extra")  # e.g. the weighted fusion L1 (--fusion-l1-weight)
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
         x = [s["step"] for s in steps]
-        for ax, key in zip(axes, ("loss_D", "loss_G_GAN", "loss_G_L1"), strict=True):
+        for ax, key in zip(axes, keys, strict=True):
             ax.plot(x, [s.get(key, np.nan) for s in steps], lw=1)
             ax.set_title(key)
             ax.set_xlabel("step")

@@ -26,7 +26,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -392,6 +392,9 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         if changed:
             raise ValueError(f"cannot resume with changed settings: {', '.join(changed)} "
                              f"(checkpoint has {', '.join(f'{k}={old.get(k)}' for k in changed)})")
+        # The starting weights are those the run began from, whatever the resuming
+        # command line says (the checkpoint already holds the trained generator).
+        config = replace(config, init_generator=old.get("init_generator"))
     elif resume:
         log.warning("no checkpoint at %s: starting a new run", checkpoint_path)
 
