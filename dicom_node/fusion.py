@@ -78,7 +78,7 @@ class FusionStyle:
         )
 
 
-def _knots(name: str) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def colormap_knots(name: str) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Positions t and RGB colours where the piecewise-linear colormap bends."""
     if name != "hot":
         raise ValueError(f"unknown colormap {name!r}")
@@ -192,7 +192,7 @@ def defuse(
 def nearest_on_colormap(colour: NDArray[np.floating],
                         name: str = "hot") -> tuple[FloatArray, FloatArray]:
     """Position t in [0, 1] of the nearest colormap point to each colour, and the distance."""
-    knots_t, knots_rgb = _knots(name)
+    knots_t, knots_rgb = colormap_knots(name)
     c = np.asarray(colour, dtype=np.float32)
     best_t = np.zeros(c.shape[:-1], dtype=np.float32)
     best_d = np.full(c.shape[:-1], np.inf, dtype=np.float32)

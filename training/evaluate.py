@@ -198,10 +198,19 @@ def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
     if uptake is not None:
         if sigma > 0 and runs is not None and positions_mm is not None:
             uptake = smooth_runs(uptake, runs, sigma, positions_mm)
-        for start in range(0, n, 256):
-            fusion[start : start + 256] = to_uint8(
-                fuse(under[start : start + 256], uptake[start : start + 256], style))
+        fusion = draw_fusion(under, uptake, style)
     return fusion, uptake
+
+
+def draw_fusion(backdrop: NDArray[np.floating], uptake: NDArray[np.floating],
+                style: FusionStyle, chunk: int = 256) -> NDArray[np.uint8]:
+    """uint8 fusion of (n, S, S) uptake over its backdrop, drawn ``chunk`` slices at a time."""
+    fusion = np.empty((*np.shape(uptake), 3), dtype=np.uint8)
+    for start in range(0, len(fusion), chunk):
+        fusion[start : start + chunk] = to_uint8(fuse(
+            backdrop[start : start + chunk],
+            np.asarray(uptake[start : start + chunk], dtype=np.float32), style))
+    return fusion
 
 
 def oracle_methods(data: ds.PairedDataset, idx: NDArray[np.int64], output_kind: str,
@@ -210,12 +219,7 @@ def oracle_methods(data: ds.PairedDataset, idx: NDArray[np.int64], output_kind: 
     also the dataset's native-matrix rendering (``oracle_native``); see the module doc."""
     native = data.get("oracle_fusion")[idx] if data.has("oracle_fusion") else None
     if output_kind == "uptake" and data.has("oracle_uptake"):
-        uptake = data.get("oracle_uptake")[idx]
-        drawn = np.empty((len(idx), *uptake.shape[1:], 3), dtype=np.uint8)
-        for start in range(0, len(idx), 256):
-            drawn[start : start + 256] = to_uint8(fuse(
-                backdrop[start : start + 256],
-                uptake[start : start + 256].astype(np.float32), style))
+        drawn = draw_fusion(backdrop, data.get("oracle_uptake")[idx], style)
         return [Method("oracle", drawn),
                 *([Method("oracle_native", native)] if native is not None else [])]
     return [Method("oracle", native)] if native is not None else []

@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import torch
 
-from dicom_node.fusion import FusionStyle
-
-# matplotlib "hot" as per-channel ramps: channel = clamp(offset + slope * t, 0, 1)
-# (the same control points as dicom_node.fusion._HOT_POINTS).
-_HOT_RAMPS: dict[str, tuple[float, float]] = {
-    "r": (0.0416, (1.0 - 0.0416) / 0.365079),
-    "g": (-0.365079 / (0.746032 - 0.365079), 1.0 / (0.746032 - 0.365079)),
-    "b": (-0.746032 / (1.0 - 0.746032), 1.0 / (1.0 - 0.746032)),
-}
+from dicom_node.fusion import FusionStyle, colormap_knots
 
 
-def hot_colour(t: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) window positions -> (B, 3, H, W) colours of matplotlib's ``hot``."""
+def colour(t: torch.Tensor, name: str = "hot") -> torch.Tensor:
+    """(B, 1, H, W) window positions -> (B, 3, H, W) colours: the node's colormap
+    (:func:`dicom_node.fusion.colormap`), interpolated between the same knots."""
+    knots_t, knots_rgb = (torch.as_tensor(a, dtype=t.dtype, device=t.device)
+                          for a in colormap_knots(name))
     t = t.clamp(0.0, 1.0)
-    return torch.cat([(offset + slope * t).clamp(0.0, 1.0)
-                      for offset, slope in _HOT_RAMPS.values()], dim=1)
+    out = knots_rgb[0].view(1, 3, 1, 1).expand(t.shape[0], 3, *t.shape[2:])
+    for i in range(len(knots_t) - 1):
+        slope = (knots_rgb[i + 1] - knots_rgb[i]) / (knots_t[i + 1] - knots_t[i])
+        out = out + slope.view(1, 3, 1, 1) * (t.clamp(knots_t[i], knots_t[i + 1]) - knots_t[i])
+    return out
 
 
 def soft_fuse(uptake: torch.Tensor, grey: torch.Tensor, style: FusionStyle,
@@ -38,8 +36,6 @@ def soft_fuse(uptake: torch.Tensor, grey: torch.Tensor, style: FusionStyle,
     ``gate_width_uptake`` > 0 is the logistic gate's scale in uptake units; 0 gives the
     hard threshold of the node's renderer.
     """
-    if style.colormap != "hot":
-        raise ValueError(f"soft_fuse knows the 'hot' colormap only, not {style.colormap!r}")
     if gate_width_uptake < 0:
         raise ValueError("gate_width_uptake must be >= 0")
     t = (uptake - style.window_low) / (style.window_high - style.window_low)
@@ -48,4 +44,4 @@ def soft_fuse(uptake: torch.Tensor, grey: torch.Tensor, style: FusionStyle,
     else:
         gate = torch.sigmoid((uptake - style.display_threshold) / gate_width_uptake)
     grey3 = grey.expand(-1, 3, -1, -1)
-    return grey3 + gate * style.alpha * (hot_colour(t) - grey3)
+    return grey3 + gate * style.alpha * (colour(t, style.colormap) - grey3)
