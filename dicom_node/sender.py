@@ -156,6 +156,7 @@ class Sender:
             self._retry_all([item[0] for item in work], f"{reason} ({ae_title}@{host}:{port})")
             return 0
         _nodelay(assoc)
+        keep_responses(assoc)
         stored = 0
         where = _Destination(destination, f"{ae_title}@{host}:{port}")
         outcomes = _OutcomeWriter(self._audit)
@@ -314,3 +315,36 @@ def _nodelay(assoc: Association) -> None:
     sock = assoc.dul.socket
     if sock is not None and sock.socket is not None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# How often one response may go back on the queue before it is dropped as pynetdicom
+# would (only a response that no request waits for anymore comes round that often).
+_REQUEUE_LIMIT = 1000
+
+
+def keep_responses(assoc: Association) -> None:
+    """Give a response that pynetdicom's reactor took by mistake back to the request.
+
+    pynetdicom 3.0's association reactor and ``send_c_store`` hand the DIMSE message
+    queue over with a check-then-act flag (``_is_paused``): if the reactor thread is
+    preempted between passing its checkpoint and clearing that flag, ``send_c_store``
+    believes it paused, sends, and the reactor then takes the C-STORE response off the
+    queue, logs "Received unexpected C-STORE service message" and drops it; the request
+    waits out the DIMSE timeout and the association aborts (DESIGN.md: about 1 in 190
+    runs). Other busy threads in the process (a job writing while the sender streams)
+    make the preemption likelier. The node's SCU associations receive nothing but
+    responses to their own requests, so a response the reactor takes goes back on the
+    queue, where the waiting ``send_c_store`` gets it.
+    """
+    serve = assoc._serve_request
+    requeued: dict[int, int] = {}
+
+    def serve_or_requeue(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and requeued.get(id(msg), 0) < _REQUEUE_LIMIT:
+            requeued[id(msg)] = requeued.get(id(msg), 0) + 1
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        requeued.pop(id(msg), None)
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_or_requeue  # type: ignore[method-assign]
