@@ -189,6 +189,57 @@ def make_sc_instance(
     return sc
 
 
+class ScSeries:
+    """The SC instances of one fusion series, one per source slice, built on demand in
+    any order. The template (slice 1, banner only) is built and validated by highdicom
+    once; every instance is a copy of it with only the per-slice attributes replaced,
+    which avoids highdicom's per-instance checks on a series of hundreds of slices. So
+    the job can write and send slices 2..N while the TBR analysis runs, and slice 1,
+    which also shows the TBR summary, afterwards."""
+
+    def __init__(self, fusion_rgb: NDArray[np.uint8], sources: Sequence[Dataset],
+                 slices: Sequence[SliceInfo], series_uid: UID, sop_uids: Sequence[UID],
+                 series_number: int, provenance: Provenance) -> None:
+        if not len(fusion_rgb) == len(slices) == len(sop_uids) or not len(slices):
+            raise ValueError("one fusion image, slice and SOP Instance UID per instance")
+        self._fusion = fusion_rgb
+        self._slices = slices
+        self._sop_uids = sop_uids
+        self.template = make_sc_instance(fusion_rgb[0], sources[0], slices[0], series_uid,
+                                         sop_uids[0], 1, series_number, provenance)
+        self._encoder: SeriesEncoder | None = None
+
+    def __len__(self) -> int:
+        return len(self._slices)
+
+    def instance(self, index: int, summary_lines: Sequence[str] = ()) -> Dataset:
+        """Slice ``index`` (0-based); ``summary_lines`` are burned in below the banner."""
+        template, info = self.template, self._slices[index]
+        ds = Dataset()  # a new element dict sharing the template's unchanged elements;
+        ds.update(template)  # every element replaced below gets a new DataElement
+        meta = FileMetaDataset()
+        meta.update(template.file_meta)
+        meta.add_new(0x00020003, "UI", self._sop_uids[index])  # MediaStorageSOPInstanceUID
+        ds.file_meta = meta
+        ds.add_new(0x00080018, "UI", self._sop_uids[index])  # SOPInstanceUID
+        ds.add_new(0x00200013, "IS", index + 1)  # InstanceNumber
+        pixels = burn_in(self._fusion[index], [BANNER, *summary_lines])
+        ds.add_new(0x7FE00010, "OB", pixels.tobytes())
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = info.sop_class_uid
+        ref.ReferencedSOPInstanceUID = info.sop_uid
+        if info.frame_index is not None:
+            ref.ReferencedFrameNumber = info.frame_index + 1
+        ds.add_new(0x00082112, "SQ", [ref])  # SourceImageSequence
+        return ds
+
+    def encode(self, ds: Dataset) -> bytes:
+        """The file bytes of one of this series' instances (:class:`SeriesEncoder`)."""
+        if self._encoder is None:
+            self._encoder = SeriesEncoder(self.template)
+        return self._encoder.encode(ds)
+
+
 def make_sc_series(
     fusion_rgb: NDArray[np.uint8],
     sources: Sequence[Dataset],
@@ -199,27 +250,8 @@ def make_sc_series(
     provenance: Provenance,
     summary_lines: Sequence[str] = (),
 ) -> Iterator[Dataset]:
-    """One SC instance per slice. The first is built (and validated) by highdicom; the
-    others are copies of it with only the per-slice attributes replaced, which avoids
-    highdicom's per-instance checks on a series of hundreds of slices."""
-    template = make_sc_instance(fusion_rgb[0], sources[0], slices[0], series_uid, sop_uids[0], 1,
-                                series_number, provenance, summary_lines)
-    yield template
-    for index in range(1, len(slices)):
-        info = slices[index]
-        ds = Dataset()  # a new element dict sharing the template's unchanged elements;
-        ds.update(template)  # every element replaced below gets a new DataElement
-        meta = FileMetaDataset()
-        meta.update(template.file_meta)
-        meta.add_new(0x00020003, "UI", sop_uids[index])  # MediaStorageSOPInstanceUID
-        ds.file_meta = meta
-        ds.add_new(0x00080018, "UI", sop_uids[index])  # SOPInstanceUID
-        ds.add_new(0x00200013, "IS", index + 1)  # InstanceNumber
-        ds.add_new(0x7FE00010, "OB", burn_in(fusion_rgb[index], [BANNER]).tobytes())
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = info.sop_class_uid
-        ref.ReferencedSOPInstanceUID = info.sop_uid
-        if info.frame_index is not None:
-            ref.ReferencedFrameNumber = info.frame_index + 1
-        ds.add_new(0x00082112, "SQ", [ref])  # SourceImageSequence
-        yield ds
+    """Every instance of an :class:`ScSeries` in order, the first with the summary."""
+    series = ScSeries(fusion_rgb, sources, slices, series_uid, sop_uids, series_number,
+                      provenance)
+    for index in range(len(series)):
+        yield series.instance(index, summary_lines if index == 0 else ())
