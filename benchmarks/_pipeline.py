@@ -1,8 +1,11 @@
 """The node's own series code path (processing.run_series), stage by stage, timed.
 
-Same calls, same order as ``processing.run_series``; only the timing is added.
-Outputs are recorded with ``processing.enqueue_outputs`` so ``sender.Sender`` can
-send them exactly as the running node would.
+The same calls as ``processing.run_series``, one after the other, so each stage's own
+cost shows. The node itself overlaps them: the TBR analysis runs in its analysis
+process while the job writes SC slices 2..N and the sender streams them to PACS
+(``benchmarks.end_to_end`` measures that). Outputs are recorded with
+``processing.enqueue_outputs`` so ``sender.Sender`` can send them exactly as the
+running node would.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
     import dicom_node.writers.sc as sc_mod
     from dicom_node import processing as p
     from dicom_node.selection import select_series
+    from dicom_node.tbr import measure_tbr
     from dicom_node.volume import load_volume
 
     undo = []
@@ -125,7 +129,7 @@ def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
                                                slice_spacing_mm=volume.spacing_mm[0],
                                                slice_positions_mm=volume.positions_mm)
         with timer.stage("TBR (measure_tbr)"):
-            result = p.measure_tbr(prediction.uptake, volume.voxel_volume_ml,
+            result = measure_tbr(prediction.uptake, volume.voxel_volume_ml,
                                    ctx.config.analysis.tbr_threshold,
                                    ctx.config.analysis.min_lesion_volume_ml,
                                    ctx.predictor.style.display_threshold,
@@ -141,20 +145,20 @@ def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
         by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
         written: list[tuple[str, object, Path]] = []
         sc_series = uid("sc-series")
-        fusion8 = p.to_uint8(prediction.fusion)
+        with timer.stage("fusion: uptake drawn over the T1C (fuse, to_uint8)"):
+            fusion8 = p.to_uint8(prediction.fusion)
         summary = p.summary_lines(result)
-        instances = p.make_sc_series(
-            fusion8, [by_uid[info.sop_uid] for info in volume.slices], volume.slices, sc_series,
-            [uid("sc", index) for index in range(len(volume.slices))],
-            ctx.config.output.series_number_sc, provenance, summary)
-        encoder = None
-        for _ in volume.slices:
+        with timer.stage("SC: make_sc_series (template + per-slice copy)"):
+            series = p.ScSeries(fusion8, [by_uid[info.sop_uid] for info in volume.slices],
+                                volume.slices, sc_series,
+                                [uid("sc", index) for index in range(len(volume.slices))],
+                                ctx.config.output.series_number_sc, provenance)
+        for index in range(len(series)):
             with timer.stage("SC: make_sc_series (template + per-slice copy)"):
-                sc = next(instances)
+                sc = series.instance(index, summary if index == 0 else ())
             path = ctx.store.output_path(study_uid, str(sc_series), str(sc.SOPInstanceUID))
             with timer.stage("SC: encode (SeriesEncoder)"):
-                encoder = encoder or p.SeriesEncoder(sc)
-                data = encoder.encode(sc)
+                data = series.encode(sc)
             with timer.stage("SC: atomic_write (fsync)"):
                 p.atomic_write(path, data)
             written.append(("sc", sc, path))

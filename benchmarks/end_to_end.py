@@ -7,14 +7,19 @@ destination is DCMTK storescp. Clock starts when storescu exits (the last instan
 acknowledged by the node) and stops when storescp has written every result
 (176 SC + SEG + SR). The quiet/grace period is read from the node's audit table
 (the series' ``ready`` event) and reported separately, as are the job time (jobs
-table) and the last outbox ``sent_at``. Peak RSS is the node's VmHWM.
+table) and the last outbox ``sent_at``; the first result file shows how soon the
+fusion series starts to arrive (its slices go out while the TBR analysis runs). Peak
+RSS is the node's VmHWM, and its analysis process's beside it. ``--inline-analysis``
+runs the TBR in the job's thread instead (``analysis.separate_process = false``).
 
     .venv/bin/python -m benchmarks.end_to_end [--runs 2] [--slices 176] [--quick]
+        [--inline-analysis]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sqlite3
@@ -56,6 +61,9 @@ stable_after_s = {stable}
 complete_grace_s = {grace}
 sweep_interval_s = {sweep}
 
+[analysis]
+separate_process = {separate}
+
 [model]
 weights_path = "{weights}"
 device = "{device}"
@@ -90,6 +98,15 @@ def vm_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
+def child_pids(pid: int) -> set[int]:
+    """The processes a process started (its analysis process), from every thread."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            found.update(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
 def one_run(root: Path, source: list[Path], args: argparse.Namespace) -> dict[str, float]:
     scp = Storescp(root / "storescp").start()
     port = free_port()
@@ -98,7 +115,8 @@ def one_run(root: Path, source: list[Path], args: argparse.Namespace) -> dict[st
     config.write_text(TOML.format(data_dir=data_dir, port=port, stable=args.stable_after,
                                   grace=args.grace, sweep=args.sweep, weights=DEMO_WEIGHTS,
                                   device=args.device, send_interval=args.send_interval,
-                                  pacs_port=scp.port))
+                                  pacs_port=scp.port,
+                                  separate="false" if args.inline_analysis else "true"))
     log = (root / "node.log").open("wb")
     node = subprocess.Popen([str(REPO / ".venv" / "bin" / "dicom-node"), "serve", "--config",
                              str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -108,11 +126,20 @@ def one_run(root: Path, source: list[Path], args: argparse.Namespace) -> dict[st
             raise RuntimeError(f"node did not start: {(root / 'node.log').read_text()[-2000:]}")
         storescu_timed(source, port, "DICOMNODE")
         acked = time.time()
-        done = wait_for(lambda: scp.count() >= expected, args.timeout, 0.02)
+        first: list[float] = []
+
+        def all_stored() -> bool:
+            count = scp.count()
+            if count and not first:
+                first.append(time.time())
+            return count >= expected
+
+        done = wait_for(all_stored, args.timeout, 0.02)
         stored = time.time()
         if not done:
             raise RuntimeError(f"storescp got {scp.count()} of {expected} in {args.timeout} s")
         rss = vm_hwm_mb(node.pid)
+        child_rss = sum(vm_hwm_mb(pid) for pid in child_pids(node.pid))
     finally:
         node.send_signal(signal.SIGTERM)
         try:
@@ -140,9 +167,11 @@ def one_run(root: Path, source: list[Path], args: argparse.Namespace) -> dict[st
             "job": float(job_seconds),
             "to_sent": parse_ts(last_sent) - at["job.finish"],
             "to_stored": stored - at["job.finish"],
+            "first": first[0] - ready,
             "excl": stored - ready,
             "total": stored - acked,
-            "rss": rss}
+            "rss": rss,
+            "child_rss": child_rss}
 
 
 def main() -> None:
@@ -158,6 +187,8 @@ def main() -> None:
                         help="outbox.send_interval_s")
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("--quick", action="store_true", help="1 run")
+    parser.add_argument("--inline-analysis", action="store_true",
+                        help="analysis.separate_process = false (TBR in the job's thread)")
     args = parser.parse_args()
     runs = 1 if args.quick else max(1, args.runs)
     results: list[dict[str, float]] = []
@@ -172,16 +203,19 @@ def main() -> None:
         ("job (run_series: decode, inference, TBR, write, enqueue)", "job"),
         ("job end -> last outbox sent_at (send poll + C-STORE)", "to_sent"),
         ("job end -> last result file at storescp", "to_stored"),
+        ("ready -> first result file at storescp", "first"),
         ("END TO END excluding quiet period (ready -> stored)", "excl"),
         ("END TO END including quiet period (storescu exit -> stored)", "total"),
         ("node peak RSS, MB (VmHWM)", "rss"),
+        ("analysis process peak RSS, MB (VmHWM; 0 with --inline-analysis)", "child_rss"),
     ]
     rows: list[list[Any]] = []
     for label, key in labels:
         values = [r[key] for r in results]
         rows.append([label, fmt(median(values), 2), " ".join(fmt(v, 2) for v in values)])
+    where = "job thread" if args.inline_analysis else "analysis process"
     print(f"End to end, {args.slices} x 256x256 T1C, storescu -> dicom-node serve (device "
-          f"{args.device}, complete_grace_s {args.grace:g}, sweep {args.sweep:g} s, send "
+          f"{args.device}, TBR in the {where}, complete_grace_s {args.grace:g}, sweep {args.sweep:g} s, send "
           f"poll {args.send_interval:g} s) -> DCMTK storescp; median of {runs} run(s); "
           f"{machine_line()}")
     print(table(["interval", "median s", "runs"], rows))

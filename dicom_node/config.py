@@ -104,6 +104,9 @@ class ModelConfig:
 class AnalysisConfig:
     tbr_threshold: float = 1.6
     min_lesion_volume_ml: float = 0.1
+    #: TBR in a warm child process (dicom_node/analysis_process.py), so the job writes
+    #: and sends the fusion series meanwhile; false: in the job's thread.
+    separate_process: bool = True
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ uptake model's output is smoothed along the slice normal as its model card says
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -52,8 +53,18 @@ def pick_device(name: str) -> torch.device:
 @dataclass(frozen=True)
 class Prediction:
     grey: NDArray[np.float32]  # (N, H, W) windowed T1C in [0, 1]
-    fusion: NDArray[np.float32]  # (N, H, W, 3) in [0, 1]
     uptake: NDArray[np.float32]  # (N, H, W) synthetic uptake
+    style: FusionStyle  # how ``fusion`` is drawn
+    model_fusion: NDArray[np.float32] | None = None  # a fusion model's own output
+
+    @functools.cached_property
+    def fusion(self) -> NDArray[np.float32]:
+        """(N, H, W, 3) in [0, 1]: a fusion model's output, or the uptake drawn over the
+        T1C on first use (about 1 s for 176 x 256x256, so the node asks for it only
+        after it has handed the uptake to the TBR analysis)."""
+        if self.model_fusion is not None:
+            return self.model_fusion
+        return fuse(self.grey, self.uptake, self.style).astype(np.float32)
 
 
 class Predictor:
@@ -140,14 +151,14 @@ class Predictor:
         if self.model.card.output_kind == "uptake":
             uptake = ((output[:, 0] + 1.0) / 2.0 * self.model.card.uptake_scale).astype(np.float32)
             uptake = self.smooth(uptake, slice_spacing_mm, slice_positions_mm)
-            fusion = fuse(grey, uptake, self.style)
-        else:
-            fusion = np.transpose((output + 1.0) / 2.0, (0, 2, 3, 1)).astype(np.float32)
-            # Quantise as the stored SC will be, so analysis sees what the viewer sees.
-            fusion = np.rint(fusion * 255.0) / 255.0
-            # The grey inside the model's fusion went through the network's resolution;
-            # de-fuse against the T1C resampled the same way, not the sharp native one.
-            net_grey, pad = to_network(grey, self.model.card.input_size)
-            matched_grey = from_network(net_grey, pad)[:, 0].numpy()
-            uptake = defuse(fusion, matched_grey, self.style).uptake
-        return Prediction(grey=grey, fusion=fusion.astype(np.float32), uptake=uptake)
+            return Prediction(grey=grey, uptake=uptake, style=self.style)
+        fusion = np.transpose((output + 1.0) / 2.0, (0, 2, 3, 1)).astype(np.float32)
+        # Quantise as the stored SC will be, so analysis sees what the viewer sees.
+        fusion = np.rint(fusion * 255.0) / 255.0
+        # The grey inside the model's fusion went through the network's resolution;
+        # de-fuse against the T1C resampled the same way, not the sharp native one.
+        net_grey, pad = to_network(grey, self.model.card.input_size)
+        matched_grey = from_network(net_grey, pad)[:, 0].numpy()
+        uptake = defuse(fusion, matched_grey, self.style).uptake
+        return Prediction(grey=grey, uptake=uptake, style=self.style,
+                          model_fusion=fusion.astype(np.float32))

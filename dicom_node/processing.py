@@ -10,6 +10,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -23,15 +24,16 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.analysis_process import Analysis, InlineAnalysis, TbrRequest
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.fusion import to_uint8
 from dicom_node.inference import Prediction, Predictor
 from dicom_node.selection import select_series
-from dicom_node.tbr import TbrResult, measure_tbr
+from dicom_node.tbr import TbrResult
 from dicom_node.uids import derive_uid, source_fingerprint
 from dicom_node.volume import VolumeError, load_volume
 from dicom_node.writers.provenance import Provenance
-from dicom_node.writers.sc import SeriesEncoder, encode, make_sc_series
+from dicom_node.writers.sc import ScSeries, encode
 from dicom_node.writers.seg import make_seg
 from dicom_node.writers.sr import make_sr
 from storage.audit import AuditKind, AuditLog
@@ -51,19 +53,25 @@ from storage.models import (
 log = logging.getLogger(__name__)
 
 
+# Slice 1 of the fusion series when the analysis failed (the job fails with the reason).
+ANALYSIS_FAILED = "TBR analysis failed: no ratios (reason in the node's audit log)"
+
+
 class SeriesSkipped(Exception):
     """The series is not something this node processes (reason in the message)."""
 
 
 @dataclass
 class NodeContext:
-    """What the jobs share: config, database, audit log, file store, the warm model."""
+    """What the jobs share: config, database, audit log, file store, the warm model and
+    where the TBR analysis runs."""
 
     config: NodeConfig
     sessions: sessionmaker[Session]
     audit: AuditLog
     store: FileStore
     predictor: Predictor
+    analysis: Analysis = field(default_factory=InlineAnalysis)
     stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -192,8 +200,9 @@ def resolve_destination(ctx: NodeContext, dest: Destination,
     return peer.ae_title, peer.return_host, peer.return_port
 
 
-def process_next(ctx: NodeContext) -> bool:
-    """Process the oldest queued series, if any. Returns whether one was processed."""
+def process_next(ctx: NodeContext, on_queued: Callable[[], None] | None = None) -> bool:
+    """Process the oldest queued series, if any. Returns whether one was processed.
+    ``on_queued`` is called whenever outputs were queued for sending."""
     with ctx.audit.transaction() as session:
         series = session.scalars(select(Series).where(Series.state == SeriesState.QUEUED)
                                  .order_by(Series.updated_at).limit(1)).first()
@@ -209,7 +218,7 @@ def process_next(ctx: NodeContext) -> bool:
         series_id, job_id = series.id, job.id
     started = time.monotonic()
     try:
-        outputs = run_series(ctx, series_id, job_id)
+        outputs = run_series(ctx, series_id, job_id, on_queued)
     except SeriesSkipped as exc:
         finish(ctx, series_id, job_id, SeriesState.SKIPPED, str(exc), started)
     except VolumeError as exc:
@@ -256,8 +265,16 @@ def summary_lines(result: TbrResult) -> list[str]:
     return lines
 
 
-def run_series(ctx: NodeContext, series_id: int, job_id: int) -> int:
-    """Inference, analysis and writing for one series; returns the outputs queued."""
+def run_series(ctx: NodeContext, series_id: int, job_id: int,
+               on_queued: Callable[[], None] | None = None) -> int:
+    """Inference, analysis and writing for one series; returns the outputs queued.
+
+    The TBR analysis runs in the analysis process (:mod:`analysis_process`) while this
+    thread writes SC slices 2..N and queues them, so the sender streams them to PACS
+    meanwhile (``on_queued`` wakes it). Slice 1, which shows the TBR summary, the SEG and
+    the SR follow when the ratios are back. If the analysis fails, slice 1 says so, the
+    fusion series still goes out whole, and the job fails with the reason.
+    """
     with ctx.sessions() as session:
         series = session.get(Series, series_id)
         assert series is not None
@@ -271,12 +288,11 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int) -> int:
     prediction = predict_with_retries(ctx, volume.pixels, series_id, job_id,
                                       slice_spacing_mm=volume.spacing_mm[0],
                                       slice_positions_mm=volume.positions_mm)
-    result = measure_tbr(prediction.uptake, volume.voxel_volume_ml,
-                         ctx.config.analysis.tbr_threshold,
-                         ctx.config.analysis.min_lesion_volume_ml,
-                         ctx.predictor.style.display_threshold,
-                         spacing_mm=volume.spacing_mm, t1c_grey=prediction.grey,
-                         columns_toward_patient_left=volume.slices[0].orientation[0] > 0)
+    analysis = ctx.analysis.submit(TbrRequest(
+        prediction.uptake, volume.voxel_volume_ml, ctx.config.analysis.tbr_threshold,
+        ctx.config.analysis.min_lesion_volume_ml, ctx.predictor.style.display_threshold,
+        spacing_mm=volume.spacing_mm, t1c_grey=prediction.grey,
+        columns_toward_patient_left=volume.slices[0].orientation[0] > 0))
     provenance = ctx.provenance
     fingerprint = source_fingerprint(s.sop_uid for s in volume.slices)
     sha = provenance.weights_sha256
@@ -284,35 +300,45 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int) -> int:
     def uid(kind: str, index: int = 0) -> UID:
         return derive_uid(fingerprint, sha, version, kind, index)
 
+    def queue(written: list[tuple[str, object, Path]], result: TbrResult | None) -> int:
+        count = enqueue_outputs(ctx, series_id, job_id, version, written, result)
+        if on_queued is not None:
+            on_queued()
+        return count
+
     by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
-    written: list[tuple[str, object, Path]] = []
-    sc_series = uid("sc-series")
-    fusion8 = to_uint8(prediction.fusion)
-    summary = summary_lines(result)
-    sc_instances = make_sc_series(
-        fusion8, [by_uid[info.sop_uid] for info in volume.slices], volume.slices, sc_series,
-        [uid("sc", index) for index in range(len(volume.slices))],
-        ctx.config.output.series_number_sc, provenance, summary)
-    encoder: SeriesEncoder | None = None
-    for sc in sc_instances:
-        encoder = encoder or SeriesEncoder(sc)  # the first instance is the template
-        path = ctx.store.output_path(study_uid, str(sc_series), str(sc.SOPInstanceUID))
-        atomic_write(path, encoder.encode(sc))
-        written.append(("sc", sc, path))
-    seg_series = uid("seg-series")
-    seg = make_seg(volume.datasets, result, seg_series, uid("seg"),
+    sc = ScSeries(to_uint8(prediction.fusion), [by_uid[info.sop_uid] for info in volume.slices],
+                  volume.slices, uid("sc-series"),
+                  [uid("sc", index) for index in range(len(volume.slices))],
+                  ctx.config.output.series_number_sc, provenance)
+    queued = queue([write_sc(ctx, study_uid, sc, index) for index in range(1, len(sc))], None)
+    try:
+        result = analysis.result()
+    except Exception:
+        queue([write_sc(ctx, study_uid, sc, 0, [ANALYSIS_FAILED])], None)
+        raise
+    written = [write_sc(ctx, study_uid, sc, 0, summary_lines(result))]
+    seg = make_seg(volume.datasets, result, uid("seg-series"), uid("seg"),
                    ctx.config.output.series_number_sc + 2, provenance)
-    seg_path = ctx.store.output_path(study_uid, str(seg_series), str(seg.SOPInstanceUID))
-    atomic_write(seg_path, encode(seg))
-    written.append(("seg", seg, seg_path))
-    sr_series = uid("sr-series")
-    sr = make_sr(volume.datasets, seg, result, sr_series, uid("sr"),
+    written.append(("seg", seg, write_output(ctx, study_uid, seg, encode(seg))))
+    sr = make_sr(volume.datasets, seg, result, uid("sr-series"), uid("sr"),
                  ctx.config.output.series_number_sr, provenance,
                  supersedes=previous_reports(ctx, series_id, version))
-    sr_path = ctx.store.output_path(study_uid, str(sr_series), str(sr.SOPInstanceUID))
-    atomic_write(sr_path, encode(sr))
-    written.append(("sr", sr, sr_path))
-    return enqueue_outputs(ctx, series_id, job_id, version, written, result)
+    written.append(("sr", sr, write_output(ctx, study_uid, sr, encode(sr))))
+    return queued + queue(written, result)
+
+
+def write_output(ctx: NodeContext, study_uid: str, ds: Dataset, data: bytes) -> Path:
+    """Write one output instance's bytes to its place in the store (atomically)."""
+    path = ctx.store.output_path(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    atomic_write(path, data)
+    return path
+
+
+def write_sc(ctx: NodeContext, study_uid: str, sc: ScSeries, index: int,
+             summary: list[str] | None = None) -> tuple[str, object, Path]:
+    ds = sc.instance(index, summary or ())
+    return "sc", ds, write_output(ctx, study_uid, ds, sc.encode(ds))
 
 
 def predict_with_retries(ctx: NodeContext, pixels: NDArray[np.float32], series_id: int,
@@ -361,8 +387,9 @@ def previous_reports(ctx: NodeContext, series_id: int, version: int) -> list[Dat
 
 
 def enqueue_outputs(ctx: NodeContext, series_id: int, job_id: int, version: int,
-                    written: list[tuple[str, object, Path]], result: TbrResult) -> int:
-    """Record outputs and their outbox rows (one per destination) in one transaction."""
+                    written: list[tuple[str, object, Path]], result: TbrResult | None) -> int:
+    """Record outputs and their outbox rows (one per destination) in one transaction;
+    the audit event carries the TBR findings when ``result`` is given."""
     queued = 0
     with ctx.audit.transaction() as session:
         series = session.get(Series, series_id)
@@ -405,12 +432,15 @@ def enqueue_outputs(ctx: NodeContext, series_id: int, job_id: int, version: int,
                     entry.state = OutboxState.PENDING
                     entry.next_attempt_at = utcnow()
                     queued += 1
-        lesions = [{"lesion": lesion.number, "tbr_max": round(lesion.tbr_max, 3),
-                    "tbr_mean": round(lesion.tbr_mean, 3),
-                    "volume_ml": round(lesion.volume_ml, 2)} for lesion in result.lesions]
+        findings: dict[str, Any] = {}
+        if result is not None:
+            findings = {"background": round(result.background_mean, 4),
+                        "finding": result.finding,
+                        "lesions": [{"lesion": lesion.number, "tbr_max": round(lesion.tbr_max, 3),
+                                     "tbr_mean": round(lesion.tbr_mean, 3),
+                                     "volume_ml": round(lesion.volume_ml, 2)}
+                                    for lesion in result.lesions]}
         ctx.audit.record_in(session, AuditKind.OUTPUT_WRITTEN, study_uid=series.study_uid,
                             series_uid=series.series_uid, job=job_id,
-                            outputs=len(written), outbox_entries=queued,
-                            background=round(result.background_mean, 4),
-                            finding=result.finding, lesions=lesions)
+                            outputs=len(written), outbox_entries=queued, **findings)
     return queued

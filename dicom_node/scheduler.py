@@ -4,7 +4,9 @@
   are triaged into queued or skipped.
 - ``inference`` (its own single-thread executor: one worker, jobs in order): the
   queued series, oldest first, one at a time.
-- ``send`` (its own single-thread executor): due outbox entries.
+- ``send`` (its own single-thread executor): due outbox entries; woken as soon as a job
+  queues outputs (:class:`SendLoop`), so a series' SC slices stream out while its TBR
+  analysis still runs.
 
 Each job is a boundary: an exception is logged and written to the audit log, and
 the job runs again at its next interval.
@@ -13,6 +15,7 @@ the job runs again at its next interval.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -38,10 +41,48 @@ def _guarded(ctx: NodeContext, name: str, work: Callable[[], object]) -> Callabl
     return run
 
 
-def drain_queue(ctx: NodeContext, on_processed: Callable[[], None] | None = None) -> None:
-    while not ctx.stopping.is_set() and process_next(ctx):
-        if on_processed is not None:
-            on_processed()
+def drain_queue(ctx: NodeContext, on_queued: Callable[[], None] | None = None) -> None:
+    while not ctx.stopping.is_set() and process_next(ctx, on_queued):
+        pass
+
+
+class SendLoop:
+    """The send job, woken whenever a job queues outputs, also while it is sending.
+
+    A wake-up that arrives while a pass runs is not lost (the scheduler would skip a
+    second instance of a running job): the pass repeats until no wake-up came during it.
+    """
+
+    def __init__(self, send: Callable[[], object], wake_job: Callable[[], None]) -> None:
+        self._send = send
+        self._wake_job = wake_job
+        self._lock = threading.Lock()
+        self._running = False
+        self._woken = False
+
+    def wake(self) -> None:
+        with self._lock:
+            self._woken = True
+            if self._running:
+                return  # the running pass sees the flag and goes round again
+        self._wake_job()
+
+    def run(self) -> None:
+        with self._lock:
+            self._running = True
+        try:
+            while True:
+                with self._lock:
+                    self._woken = False
+                self._send()
+                with self._lock:
+                    if not self._woken:
+                        self._running = False  # in the same hold as the check: a later
+                        return  # wake-up finds the job idle and starts it
+        except BaseException:
+            with self._lock:
+                self._running = False
+            raise
 
 
 def build_scheduler(ctx: NodeContext, sender: Sender,
@@ -69,9 +110,10 @@ def build_scheduler(ctx: NodeContext, sender: Sender,
 
     scheduler.add_job(_guarded(ctx, "sweep", sweep_and_triage), "interval", seconds=interval,
                       id="sweep", executor="default")
-    scheduler.add_job(_guarded(ctx, "inference", lambda: drain_queue(ctx, lambda: wake("send"))),
+    send_loop = SendLoop(sender.send_due, lambda: wake("send"))
+    scheduler.add_job(_guarded(ctx, "inference", lambda: drain_queue(ctx, send_loop.wake)),
                       "interval", seconds=interval, id="inference", executor="inference")
-    scheduler.add_job(_guarded(ctx, "send", sender.send_due), "interval",
+    scheduler.add_job(_guarded(ctx, "send", send_loop.run), "interval",
                       seconds=ctx.config.outbox.send_interval_s, id="send", executor="send")
 
     def retention() -> None:

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dicom_node.analysis_process import AnalysisProcess, InlineAnalysis
 from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.inference import Predictor, pick_device
 from dicom_node.metrics_http import MetricsServer
@@ -39,10 +40,13 @@ class Node:
         self.sessions = make_session_factory(self.engine)
         self.audit = AuditLog(self.sessions)
         self.store = FileStore(config.store_dir)
+        self.analysis: AnalysisProcess | None = (
+            AnalysisProcess() if config.analysis.separate_process else None)
         self.ctx = NodeContext(config=config, sessions=self.sessions, audit=self.audit,
                                store=self.store,
                                predictor=Predictor(model, device, config.model.batch_size,
-                                                   config.fusion))
+                                                   config.fusion),
+                               analysis=self.analysis or InlineAnalysis())
         self.receiver = Receiver(config, self.sessions, self.audit, self.store)
         self.sender = Sender(config, self.sessions, self.audit)
         self.scheduler: BackgroundScheduler | None = None
@@ -54,6 +58,8 @@ class Node:
         partials = self.store.remove_partials()
         unrecorded = self.receiver.record_unrecorded_files()
         resumed = recover(self.ctx)
+        if self.analysis is not None:
+            self.analysis.start()
         self.receiver.start()
         self._start_receive_processes()
         self.scheduler = build_scheduler(self.ctx, self.sender, heartbeat)
@@ -114,6 +120,7 @@ class Node:
             self.metrics.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
+        self.ctx.analysis.close()
         self.audit.record(AuditKind.NODE_STOP)
         self.engine.dispose()
         log.info("node stopped")
