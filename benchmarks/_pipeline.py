@@ -145,8 +145,8 @@ def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
         by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
         written: list[tuple[str, object, Path]] = []
         sc_series = uid("sc-series")
-        with timer.stage("fusion: uptake drawn over the T1C (fuse, to_uint8)"):
-            fusion8 = p.to_uint8(prediction.fusion)
+        with timer.stage("fusion: uptake drawn over the T1C (fuse_uint8)"):
+            fusion8 = prediction.fusion_uint8()
         summary = p.summary_lines(result)
         with timer.stage("SC: make_sc_series (template + per-slice copy)"):
             series = p.ScSeries(fusion8, [by_uid[info.sop_uid] for info in volume.slices],

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from dicom_node.fusion import FusionStyle, defuse, fuse, window_t1c
+from dicom_node.fusion import FusionStyle, defuse, fuse, fuse_uint8, to_uint8, window_t1c
 from dicom_node.model_weights import LoadedModel
 from dicom_node.resampling import from_network, to_network
 from dicom_node.slice_context import (
@@ -65,6 +65,13 @@ class Prediction:
         if self.model_fusion is not None:
             return self.model_fusion
         return fuse(self.grey, self.uptake, self.style).astype(np.float32)
+
+    def fusion_uint8(self) -> NDArray[np.uint8]:
+        """``to_uint8(fusion)``, as the SC series stores it; for an uptake model drawn
+        straight to uint8 (:func:`fusion.fuse_uint8`, a third of the time)."""
+        if self.model_fusion is not None:
+            return to_uint8(self.model_fusion)
+        return fuse_uint8(self.grey, self.uptake, self.style)
 
 
 class Predictor:

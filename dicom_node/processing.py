@@ -26,7 +26,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.analysis_process import Analysis, InlineAnalysis, TbrRequest
 from dicom_node.config import Destination, NodeConfig
-from dicom_node.fusion import to_uint8
 from dicom_node.inference import Prediction, Predictor
 from dicom_node.selection import select_series
 from dicom_node.tbr import TbrResult
@@ -307,7 +306,7 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
         return count
 
     by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
-    sc = ScSeries(to_uint8(prediction.fusion), [by_uid[info.sop_uid] for info in volume.slices],
+    sc = ScSeries(prediction.fusion_uint8(), [by_uid[info.sop_uid] for info in volume.slices],
                   volume.slices, uid("sc-series"),
                   [uid("sc", index) for index in range(len(volume.slices))],
                   ctx.config.output.series_number_sc, provenance)

@@ -118,3 +118,32 @@ def test_series_encoder_writes_the_bytes_of_dcmwrite(tmp_path) -> None:  # type:
     del changed.BodyPartExamined
     assert encoder.encode(changed) == encode(changed)
     assert dcmread(BytesIO(encoder.encode(changed))).SeriesDescription == "another description"
+
+
+def test_fuse_uint8_is_to_uint8_of_fuse_bit_for_bit() -> None:
+    from dicom_node.fusion import fuse_uint8
+
+    rng = np.random.default_rng(7)
+    grey = rng.random((6, 40, 52), dtype=np.float32)
+    uptake = (rng.random((6, 40, 52), dtype=np.float32) * 5.0).astype(np.float32)
+    style = FusionStyle(alpha=0.55, window_low=0.1, window_high=3.7, display_threshold=0.4)
+    uptake[0, :3] = style.display_threshold  # exactly at the threshold: shown
+    uptake[1, :3] = np.nextafter(np.float32(style.display_threshold), np.float32(0))
+    grey[2, :2] = [[0.0] * 52, [1.0] * 52]
+    for s in (style, FusionStyle()):
+        fast = fuse_uint8(grey, uptake, s)
+        assert fast.dtype == np.uint8 and fast.shape == (6, 40, 52, 3)
+        assert np.array_equal(fast, to_uint8(fuse(grey, uptake, s)))
+
+
+def test_burn_in_copies_a_band_drawn_once_with_the_same_pixels() -> None:
+    from dicom_node.writers.provenance import BANNER
+    from dicom_node.writers.sc import _draw_band, burn_in
+
+    rng = np.random.default_rng(8)
+    for rows, cols in ((256, 256), (512, 512), (96, 64), (300, 1000), (12, 256)):
+        image = rng.integers(0, 256, (rows, cols, 3), dtype=np.uint8)
+        for lines in ([BANNER], [BANNER, "TBR (synthetic uptake) 1.6 x bg", "Lesion 1: gy"]):
+            before = image.copy()
+            assert np.array_equal(burn_in(image, lines), _draw_band(image, lines))
+            assert np.array_equal(image, before)  # the slice itself is left alone

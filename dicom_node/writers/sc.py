@@ -53,7 +53,34 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 def burn_in(rgb: NDArray[np.uint8], lines: Sequence[str]) -> NDArray[np.uint8]:
-    """Draw text lines on a dark band at the top of the image."""
+    """Draw text lines on a dark band at the top of the image.
+
+    The band is opaque and the text lies inside it, so the band does not depend on the
+    image: it is drawn once per width and text (:func:`_band`) and copied over the top
+    rows of each slice, which gives the same pixels as drawing on every slice."""
+    band = _band(rgb.shape[1], tuple(lines))
+    if band is None or rgb.ndim != 3 or rgb.shape[0] < len(band):
+        return _draw_band(rgb, lines)
+    out = np.array(rgb, dtype=np.uint8, copy=True)
+    out[: len(band)] = band
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _band(width: int, lines: tuple[str, ...]) -> NDArray[np.uint8] | None:
+    """The top rows :func:`_draw_band` writes on an image of this width; None if its
+    text would reach below the band (and mix with the image)."""
+    size = max(8, min(18, width // 28))
+    rows = (size + 3) * len(lines) + 4 + 1  # the rectangle's last row is inclusive
+    probe = _draw_band(np.zeros((rows + 64, width, 3), np.uint8), lines)
+    if probe[rows:].any():
+        return None
+    band = probe[:rows]
+    band.flags.writeable = False
+    return band
+
+
+def _draw_band(rgb: NDArray[np.uint8], lines: Sequence[str]) -> NDArray[np.uint8]:
     image = Image.fromarray(rgb, mode="RGB")
     width = rgb.shape[1]
     size = max(8, min(18, width // 28))
