@@ -10,12 +10,13 @@ comes back on its stdout. The child imports numpy, scipy and :mod:`dicom_node.tb
 only (no torch), and exits when its stdin closes, also when the node is killed.
 
 A child that dies (killed, out of memory) fails that one request with
-:class:`AnalysisProcessError` and is started again for the next. An exception inside
+:class:`AnalysisProcessError` and is started again for the next; so does one that runs
+past ``analysis.timeout_s`` (the job stops it with :meth:`AnalysisProcess.abort`). An exception inside
 the analysis comes back as :class:`AnalysisError` with its type and message; the job
 records either reason in the audit log.
 
 ``analysis.separate_process = false`` runs the analysis in the job's thread instead
-(:class:`InlineAnalysis`): one process and about 350 MB less, no overlap.
+(:class:`InlineAnalysis`): one process and about 440 MB less, no overlap.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import contextlib
 import logging
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 _PROTOCOL = 5
 _READY = b"ready\n"  # the child's first bytes: imported, signals set
 _CLOSE_TIMEOUT_S = 30.0
+_START_TIMEOUT_S = 60.0
 
 
 class AnalysisError(RuntimeError):
@@ -77,6 +80,8 @@ class Analysis(Protocol):
 
     def submit(self, request: TbrRequest) -> Future[TbrResult]: ...
 
+    def abort(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -91,6 +96,9 @@ class InlineAnalysis:
             future.set_exception(AnalysisError(f"{type(exc).__name__}: {exc}"))
         return future
 
+    def abort(self) -> None:
+        pass  # nothing runs after submit returns
+
     def close(self) -> None:
         pass
 
@@ -98,10 +106,11 @@ class InlineAnalysis:
 class AnalysisProcess:
     """The warm child process, one request at a time (requests queue in order)."""
 
-    def __init__(self) -> None:
+    def __init__(self, start_timeout_s: float = _START_TIMEOUT_S) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._calls = ThreadPoolExecutor(1, thread_name_prefix="analysis")
+        self._start_timeout_s = start_timeout_s
 
     @property
     def pid(self) -> int | None:
@@ -115,18 +124,26 @@ class AnalysisProcess:
             self._ensure_started()
 
     def _ensure_started(self) -> subprocess.Popen[bytes]:
-        if self._proc is None or self._proc.poll() is not None:
-            env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # main only
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
+        if self._proc is not None:
+            self._discard(self._proc)  # died between requests: close its pipes
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # main only
+        try:
             proc = subprocess.Popen([sys.executable, "-m", "dicom_node.analysis_process"],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-            assert proc.stdout is not None
-            if proc.stdout.read(len(_READY)) != _READY:  # its imports failed (see stderr)
-                self._discard(proc)
-                raise AnalysisProcessError(f"analysis process {proc.pid} did not start "
-                                           f"(exit code {proc.returncode})")
-            self._proc = proc
-            log.info("started analysis process %d", proc.pid)
-        return self._proc
+        except OSError as exc:
+            raise AnalysisProcessError(f"cannot start the analysis process: {exc}") from exc
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], self._start_timeout_s)
+        if not ready or proc.stdout.read(len(_READY)) != _READY:  # imports failed: stderr
+            self._discard(proc)
+            raise AnalysisProcessError(
+                f"analysis process {proc.pid} did not start within "
+                f"{self._start_timeout_s:g} s (exit code {proc.returncode})")
+        self._proc = proc
+        log.info("started analysis process %d", proc.pid)
+        return proc
 
     def submit(self, request: TbrRequest) -> Future[TbrResult]:
         return self._calls.submit(self._call, request)
@@ -139,8 +156,10 @@ class AnalysisProcess:
                 pickle.dump(request, proc.stdin, protocol=_PROTOCOL)
                 proc.stdin.flush()
                 ok, value = pickle.load(proc.stdout)
-            except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+            except BaseException as exc:  # the pipe is out of step now: never reuse it
                 self._discard(proc)
+                if not isinstance(exc, Exception):
+                    raise
                 raise AnalysisProcessError(
                     f"analysis process {proc.pid} ended (exit code {proc.returncode}): "
                     f"{type(exc).__name__}: {exc}") from exc
@@ -150,32 +169,44 @@ class AnalysisProcess:
             raise AnalysisProcessError(f"analysis process answered a {type(value).__name__}")
         return value
 
+    def abort(self) -> None:
+        """Kill the child (its request ran past the job's limit): that request fails with
+        :class:`AnalysisProcessError` and the next one starts a new child."""
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+
     def _discard(self, proc: subprocess.Popen[bytes]) -> None:
         """Forget a child that failed; the next request starts a new one."""
-        proc.kill()
+        with contextlib.suppress(OSError):
+            proc.kill()
         proc.wait()
         for stream in (proc.stdin, proc.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
-        self._proc = None
+        if self._proc is proc:
+            self._proc = None
 
     def close(self) -> None:
-        """Let a running request finish, then end the child (EOF on its stdin)."""
+        """End the child: EOF on its stdin, after which it exits (a request it is
+        running is answered first); killed if it has not ended within 30 s."""
+        self._calls.shutdown(wait=False, cancel_futures=True)
+        proc = self._proc
+        if proc is not None:
+            assert proc.stdin is not None
+            with contextlib.suppress(OSError, ValueError):
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=_CLOSE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         self._calls.shutdown(wait=True)
-        with self._lock:
-            proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        assert proc.stdin is not None and proc.stdout is not None
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=_CLOSE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
+        if proc is not None and proc.stdout is not None:
+            proc.stdout.close()
+        self._proc = None
 
 
 def serve(requests: IO[bytes], replies: IO[bytes]) -> None:

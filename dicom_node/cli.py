@@ -66,6 +66,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.analysis_process import AnalysisProcessError
     from dicom_node.service import Node
     from dicom_node.systemd_notify import Notifier
 
@@ -81,7 +82,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     stop = _stop_on_signals()
     notifier = Notifier.from_environment()
-    node.start(heartbeat=notifier.watchdog)
+    try:
+        node.start(heartbeat=notifier.watchdog)
+    except AnalysisProcessError as exc:
+        print(f"dicom-node: cannot start: {exc}\n  the TBR analysis process (python -m "
+              "dicom_node.analysis_process) printed its error above; set "
+              "analysis.separate_process = false to run the analysis in the node itself.",
+              file=sys.stderr)
+        return 2
     notifier.ready(f"listening as {config.receiver.ae_title} on "
                    f"{config.receiver.bind_address}:{node.receiver.port}, model "
                    f"{node.ctx.predictor.model.card.name} on {node.ctx.predictor.device}")

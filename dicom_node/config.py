@@ -107,6 +107,8 @@ class AnalysisConfig:
     #: TBR in a warm child process (dicom_node/analysis_process.py), so the job writes
     #: and sends the fusion series meanwhile; false: in the job's thread.
     separate_process: bool = True
+    #: A series' TBR analysis that runs longer fails its job (the process is restarted).
+    timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         raise ConfigError("model.batch_size must be >= 1")
 
     analysis: AnalysisConfig = _build(AnalysisConfig, "analysis", _table(raw, "analysis"))
+    if analysis.timeout_s <= 0:
+        raise ConfigError("analysis.timeout_s must be > 0")
     if analysis.tbr_threshold <= 1.0:
         raise ConfigError("analysis.tbr_threshold must be > 1.0 (a ratio to background)")
     outbox: OutboxConfig = _build(OutboxConfig, "outbox", _table(raw, "outbox"))

@@ -24,7 +24,12 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.analysis_process import Analysis, InlineAnalysis, TbrRequest
+from dicom_node.analysis_process import (
+    Analysis,
+    AnalysisProcessError,
+    InlineAnalysis,
+    TbrRequest,
+)
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.inference import Prediction, Predictor
 from dicom_node.selection import select_series
@@ -311,10 +316,17 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
                   [uid("sc", index) for index in range(len(volume.slices))],
                   ctx.config.output.series_number_sc, provenance)
     queued = queue([write_sc(ctx, study_uid, sc, index) for index in range(1, len(sc))], None)
+    limit_s = ctx.config.analysis.timeout_s
     try:
-        result = analysis.result()
-    except Exception:
-        queue([write_sc(ctx, study_uid, sc, 0, [ANALYSIS_FAILED])], None)
+        result = analysis.result(timeout=limit_s)
+    except Exception as exc:
+        # The fusion series goes out whole; its slice 1 says why there are no ratios. It
+        # has a UID of its own: a re-run that measures the ratios must not reuse it.
+        queue([write_sc(ctx, study_uid, sc, 0, [ANALYSIS_FAILED], uid("sc-no-tbr"))], None)
+        if isinstance(exc, TimeoutError):
+            ctx.analysis.abort()
+            raise AnalysisProcessError(f"TBR analysis took longer than analysis.timeout_s "
+                                       f"({limit_s:g} s) and was stopped") from exc
         raise
     written = [write_sc(ctx, study_uid, sc, 0, summary_lines(result))]
     seg = make_seg(volume.datasets, result, uid("seg-series"), uid("seg"),
@@ -335,8 +347,9 @@ def write_output(ctx: NodeContext, study_uid: str, ds: Dataset, data: bytes) -> 
 
 
 def write_sc(ctx: NodeContext, study_uid: str, sc: ScSeries, index: int,
-             summary: list[str] | None = None) -> tuple[str, object, Path]:
-    ds = sc.instance(index, summary or ())
+             summary: list[str] | None = None,
+             sop_uid: UID | None = None) -> tuple[str, object, Path]:
+    ds = sc.instance(index, summary or (), sop_uid)
     return "sc", ds, write_output(ctx, study_uid, ds, sc.encode(ds))
 
 

@@ -113,8 +113,12 @@ def build_scheduler(ctx: NodeContext, sender: Sender,
     send_loop = SendLoop(sender.send_due, lambda: wake("send"))
     scheduler.add_job(_guarded(ctx, "inference", lambda: drain_queue(ctx, send_loop.wake)),
                       "interval", seconds=interval, id="inference", executor="inference")
+    # Two instances: a wake-up in the instant after a pass ended but before the scheduler
+    # counted it finished queues a second pass on the one send thread instead of being
+    # skipped; passes never overlap.
     scheduler.add_job(_guarded(ctx, "send", send_loop.run), "interval",
-                      seconds=ctx.config.outbox.send_interval_s, id="send", executor="send")
+                      seconds=ctx.config.outbox.send_interval_s, id="send", executor="send",
+                      max_instances=2)
 
     def retention() -> None:
         with ctx.audit.transaction() as session:

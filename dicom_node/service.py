@@ -60,8 +60,13 @@ class Node:
         resumed = recover(self.ctx)
         if self.analysis is not None:
             self.analysis.start()
-        self.receiver.start()
-        self._start_receive_processes()
+        try:
+            self.receiver.start()
+            self._start_receive_processes()
+        except BaseException:
+            self._stop_receive_processes()
+            self.ctx.analysis.close()
+            raise
         self.scheduler = build_scheduler(self.ctx, self.sender, heartbeat)
         self.scheduler.start()
         if self.config.metrics.enabled:

@@ -125,6 +125,16 @@ def test_close_ends_the_process_and_it_ignores_sigterm_meanwhile(
         os.kill(pid, 0)
 
 
+def test_a_process_that_cannot_start_is_a_clear_error(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # starts, never gets ready
+    with pytest.raises(AnalysisProcessError, match=r"did not start within 60 s \(exit code 1\)"):
+        AnalysisProcess().start()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    with pytest.raises(AnalysisProcessError, match="cannot start the analysis process"):
+        AnalysisProcess().start()
+
+
 def test_the_analysis_process_does_not_import_torch() -> None:
     code = ("import sys, dicom_node.analysis_process\n"
             "print(sorted(m for m in ('torch', 'pydicom', 'highdicom') if m in sys.modules))")
@@ -207,9 +217,32 @@ def test_the_node_runs_its_analysis_in_a_child_and_ends_it_on_stop(
     assert pynetdicom_send(files, node.receiver.port) == [0] * 8
     series_uid = str(dcmread(files[0]).SeriesInstanceUID)
     assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 10, 120)
-    assert _series_state(node, series_uid) == "done"
+    assert wait_for(lambda: _series_state(node, series_uid) == "done", 60)
     new_pid = node.analysis.pid
     assert new_pid not in (None, pid)
     node.stop()
     with pytest.raises(ProcessLookupError):
         os.kill(new_pid, 0)  # type: ignore[arg-type]
+
+
+def test_an_analysis_past_its_time_limit_is_stopped_and_the_job_fails(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
+    node = start_node(make_config(analysis={"timeout_s": 0.001}, destinations=[{
+        "name": "pacs", "ae_title": pynetdicom_pacs.ae_title, "host": "127.0.0.1",
+        "port": pynetdicom_pacs.port}]))
+    assert node.analysis is not None
+    pid = node.analysis.pid
+    files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=33)
+    assert pynetdicom_send(files, node.receiver.port) == [0] * 8
+    series_uid = str(dcmread(files[0]).SeriesInstanceUID)
+    assert wait_for(lambda: _series_state(node, series_uid) == "failed", 120)
+    with node.sessions() as session:
+        reasons = [e.detail for e in session.scalars(select(AuditEvent).where(
+            AuditEvent.kind == "job.fail", AuditEvent.series_uid == series_uid)).all()]
+    assert any("longer than analysis.timeout_s (0.001 s) and was stopped" in r for r in reasons)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 8, 60)
+    received = pynetdicom_pacs.received.read_all()
+    assert sorted(int(ds.InstanceNumber) for ds in received) == list(range(1, 9))
+    assert pid is not None
+    assert wait_for(lambda: node.analysis is not None and node.analysis.pid != pid, 30)

@@ -239,16 +239,19 @@ class ScSeries:
     def __len__(self) -> int:
         return len(self._slices)
 
-    def instance(self, index: int, summary_lines: Sequence[str] = ()) -> Dataset:
-        """Slice ``index`` (0-based); ``summary_lines`` are burned in below the banner."""
+    def instance(self, index: int, summary_lines: Sequence[str] = (),
+                 sop_uid: UID | None = None) -> Dataset:
+        """Slice ``index`` (0-based); ``summary_lines`` are burned in below the banner.
+        ``sop_uid`` replaces the slice's own UID (for a variant with other pixels)."""
         template, info = self.template, self._slices[index]
+        uid = sop_uid or self._sop_uids[index]
         ds = Dataset()  # a new element dict sharing the template's unchanged elements;
         ds.update(template)  # every element replaced below gets a new DataElement
         meta = FileMetaDataset()
         meta.update(template.file_meta)
-        meta.add_new(0x00020003, "UI", self._sop_uids[index])  # MediaStorageSOPInstanceUID
+        meta.add_new(0x00020003, "UI", uid)  # MediaStorageSOPInstanceUID
         ds.file_meta = meta
-        ds.add_new(0x00080018, "UI", self._sop_uids[index])  # SOPInstanceUID
+        ds.add_new(0x00080018, "UI", uid)  # SOPInstanceUID
         ds.add_new(0x00200013, "IS", index + 1)  # InstanceNumber
         pixels = burn_in(self._fusion[index], [BANNER, *summary_lines])
         ds.add_new(0x7FE00010, "OB", pixels.tobytes())
