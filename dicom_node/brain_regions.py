@@ -25,6 +25,15 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from dicom_node.mask_morphology import (
+    bounding_box,
+    close_in_plane,
+    dilate_cross,
+    fill_holes_in_plane,
+    grown_box,
+    open_2x2_in_plane,
+)
+
 BoolVolume = NDArray[np.bool_]
 FloatVolume = NDArray[np.float32]
 Spacing = tuple[float, float, float]
@@ -70,47 +79,6 @@ class Midline:
         d = x * n_x + y * n_y
         y2, x2 = y - 2 * d * n_y, x - 2 * d * n_x
         return y2 / spacing_rc[0] + self.centre_row, x2 / spacing_rc[1] + self.column_at_centre_row
-
-
-# Binary morphology as separable maximum / minimum filters and one labelling pass: the
-# same voxels as scipy's iterated binary_* operations (tests/test_tbr.py compares them),
-# several times faster on a whole series.
-
-def dilate_cross(mask: BoolVolume, steps: int) -> BoolVolume:
-    """``ndimage.binary_dilation(mask, iterations=steps)`` (6-connected cross)."""
-    out = np.asarray(mask, dtype=bool)
-    for _ in range(steps):
-        grown = out.copy()
-        for axis in range(out.ndim):
-            grown |= ndimage.maximum_filter1d(out, 3, axis=axis, mode="constant", cval=0)
-        out = grown
-    return out
-
-
-def close_in_plane(mask: BoolVolume, steps: int) -> BoolVolume:
-    """``ndimage.binary_closing(mask, np.ones((1, 3, 3)), iterations=steps)``."""
-    size = (1, 2 * steps + 1, 2 * steps + 1)
-    grown = ndimage.maximum_filter(mask, size=size, mode="constant", cval=0)
-    return np.asarray(ndimage.minimum_filter(grown, size=size, mode="constant", cval=0),
-                      dtype=bool)
-
-
-def fill_holes_in_plane(mask: BoolVolume) -> BoolVolume:
-    """``ndimage.binary_fill_holes`` with 4-connectivity within each slice: background
-    not connected to a slice's edge becomes foreground."""
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    labels, _ = ndimage.label(~mask, structure=in_plane)
-    edge = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
-                                     labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
-    return np.asarray(mask | ((labels > 0) & ~np.isin(labels, edge)), dtype=bool)
-
-
-def open_2x2_in_plane(mask: BoolVolume) -> BoolVolume:
-    """``ndimage.binary_opening(mask, np.ones((1, 2, 2)))``."""
-    eroded = ndimage.minimum_filter(mask, size=(1, 2, 2), mode="constant", cval=0)
-    return np.asarray(ndimage.maximum_filter(eroded, size=(1, 2, 2), origin=(0, -1, -1),
-                                             mode="constant", cval=0), dtype=bool)
 
 
 def brain_mask(uptake: FloatVolume, display_threshold: float,
@@ -235,8 +203,20 @@ def depth_mm(brain: BoolVolume, spacing: Spacing) -> NDArray[np.float32]:
     """In-slice distance (mm) of every brain voxel to the brain's outline on its slice."""
     out = np.zeros(brain.shape, dtype=np.float32)
     for k in np.flatnonzero(brain.any(axis=(1, 2))):
-        out[k] = ndimage.distance_transform_edt(brain[k], sampling=(spacing[1], spacing[2]))
+        # On the slice's brain box plus one pixel of background (clipped to the slice):
+        # a background pixel outside that ring is never nearer than one on it.
+        box = _box_2d(brain[k], 1)
+        out[k][box] = ndimage.distance_transform_edt(brain[k][box],
+                                                     sampling=(spacing[1], spacing[2]))
     return out
+
+
+def _box_2d(mask: NDArray[np.bool_], margin: int) -> tuple[slice, slice]:
+    """Rows and columns of ``mask``'s True pixels grown by ``margin`` (clipped)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return (slice(max(0, int(rows[0]) - margin), min(mask.shape[0], int(rows[-1]) + margin + 1)),
+            slice(max(0, int(cols[0]) - margin), min(mask.shape[1], int(cols[-1]) + margin + 1)))
 
 
 def find_striatum(uptake: FloatVolume, brain: BoolVolume, background: float,
@@ -252,7 +232,7 @@ def find_striatum(uptake: FloatVolume, brain: BoolVolume, background: float,
     mr, mc = midline.mirror(r, c, (spacing[1], spacing[2]))
     # mirror partner hot within about 4 mm (misregistration, tilt)
     tolerance = max(1, round(4.0 / min(spacing[1], spacing[2])))
-    near_hot = ndimage.maximum_filter(hot, size=(1, 2 * tolerance + 1, 2 * tolerance + 1))
+    near_hot = grown_box(hot, [0, tolerance, tolerance])
     mri = np.clip(np.rint(mr).astype(np.intp), 0, brain.shape[1] - 1)
     mci = np.clip(np.rint(mc).astype(np.intp), 0, brain.shape[2] - 1)
     symmetric = near_hot[k, mri, mci]
@@ -261,13 +241,15 @@ def find_striatum(uptake: FloatVolume, brain: BoolVolume, background: float,
     # keep only seed components of a plausible size (> 0.2 mL) and with partners on
     # both sides of the midline in the same slab
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    labels, count = ndimage.label(seeds, structure=np.ones((3, 3, 3), bool))
-    if count == 0:
+    seed_box = bounding_box(seeds)
+    if seed_box is None:
         return seeds
+    labels, _ = ndimage.label(seeds[seed_box], structure=np.ones((3, 3, 3), bool))
     sizes = np.bincount(labels.ravel()) * voxel_ml
     keep = sizes >= 0.2
     keep[0] = False
-    seeds = keep[labels]
+    seeds = np.zeros(brain.shape, dtype=bool)
+    seeds[seed_box] = keep[labels]
     if not seeds.any():
         return seeds
     left = seeds & (distance[None] > 0)
@@ -285,10 +267,10 @@ def find_striatum(uptake: FloatVolume, brain: BoolVolume, background: float,
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = ndimage.generate_binary_structure(2, 1)
     structure[0, 1, 1] = structure[2, 1, 1] = spacing[0] <= STRIATUM_MARGIN_MM
-    grown_box = ndimage.binary_dilation(seeds[box], structure=structure, iterations=steps,
+    grown_in_box = ndimage.binary_dilation(seeds[box], structure=structure, iterations=steps,
                                         mask=warm)
     grown = np.zeros(brain.shape, dtype=bool)
-    grown[box] = grown_box | seeds[box]
+    grown[box] = grown_in_box | seeds[box]
     return grown
 
 

@@ -42,6 +42,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from dicom_node import brain_regions as regions
+from dicom_node.mask_morphology import bounding_box, grown_box_of_part
 
 DEFAULT_THRESHOLD = 1.6        # FET-style 1.6 x background (guideline practice)
 FDOPA_THRESHOLD = 2.0          # FDOPA high-grade tissue (e.g. Janvier et al. 2015)
@@ -122,22 +123,6 @@ def _side(sign: float, columns_toward_patient_left: bool) -> Side:
     high = "left" if columns_toward_patient_left else "right"
     low = "right" if columns_toward_patient_left else "left"
     return high if sign > 0 else low
-
-
-def _grown(mask: NDArray[np.bool_], margin: list[int]) -> NDArray[np.bool_]:
-    """``mask`` grown by ``margin`` voxels per axis (a box-shaped maximum filter),
-    computed on the mask's bounding box plus the margin only: outside that box the
-    result is False, and inside it equals the filter over the whole volume."""
-    grown = np.zeros_like(mask)
-    if not mask.any():
-        return grown
-    box = []
-    for axis, m in enumerate(margin):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(max(0, int(hit[0]) - m), min(mask.shape[axis], int(hit[-1]) + m + 1)))
-    region = tuple(box)
-    grown[region] = ndimage.maximum_filter(mask[region], size=tuple(2 * m + 1 for m in margin))
-    return grown
 
 
 def _slab(centre: int, half_mm: float, n_slices: int, slice_mm: float) -> NDArray[np.bool_]:
@@ -244,7 +229,11 @@ def _measure(uptake: NDArray[np.float32], voxel_volume_ml: float, threshold: flo
     area = brain.sum(axis=(1, 2)).astype(np.float64)
     central = round(float((np.arange(n_slices) * area).sum() / area.sum()))
 
-    labels = np.zeros(brain.shape, dtype=np.int32)
+    # Lesions are labelled inside the box around the hot voxels only (they are few): the
+    # same labels in the same order as over the whole volume, since the box keeps the
+    # voxels' raster order.
+    labels = np.zeros((0, 0, 0), dtype=np.int32)
+    hot_box: tuple[slice, ...] = (slice(0, 0),) * 3
     order: list[int] = []
     region = brain
     side_sign = 0.0
@@ -255,23 +244,28 @@ def _measure(uptake: NDArray[np.float32], voxel_volume_ml: float, threshold: flo
     for _ in range(ITERATIONS):
         above = brain & (uptake >= threshold * background)
         hot = above & ~striatum
-        labels, count = ndimage.label(hot, structure=np.ones((3, 3, 3), dtype=bool))
+        box = bounding_box(hot)
+        hot_box = box if box is not None else (slice(0, 0),) * 3
+        labels, count = ndimage.label(hot[hot_box], structure=np.ones((3, 3, 3), dtype=bool))
         order = []
         if count:
+            box_uptake = uptake[hot_box]
             sizes = np.bincount(labels.ravel(), minlength=count + 1)
             flat = labels.ravel()
             inside = np.flatnonzero(flat)
             peaks = np.full(count + 1, -np.inf)
-            np.maximum.at(peaks, flat[inside], uptake.ravel()[inside])
+            np.maximum.at(peaks, flat[inside], box_uptake.ravel()[inside])
             peaks = peaks[1:]
             candidates = [i + 1 for i in range(count) if sizes[i + 1] >= min_voxels]
             order = sorted(candidates, key=lambda lab: -float(peaks[lab - 1]))
         if order:
             first = labels == order[0]
-            peak = np.unravel_index(int(np.argmax(np.where(first, uptake, -np.inf))),
-                                    uptake.shape)
+            local = np.unravel_index(int(np.argmax(np.where(first, box_uptake, -np.inf))),
+                                     first.shape)
+            peak = tuple(int(c) + int(part.start) for c, part in zip(local, hot_box, strict=True))
             side_sign = float(np.sign(distance[peak[1], peak[2]])) or 1.0
-            through = first.any(axis=(1, 2))
+            through = np.zeros(n_slices, dtype=bool)
+            through[hot_box[0]] = first.any(axis=(1, 2))
             idx = np.flatnonzero(through)
             mid = round((idx[0] + idx[-1]) / 2)
             slices = through | _slab(mid, MIN_SLAB_MM / 2, n_slices, spacing[0])
@@ -279,7 +273,7 @@ def _measure(uptake: NDArray[np.float32], voxel_volume_ml: float, threshold: flo
             keep = np.zeros(count + 1, dtype=bool)
             keep[order] = True
             margin = [max(1, round(LESION_MARGIN_MM / s)) for s in spacing]
-            near_lesion = _grown(keep[labels], margin)
+            near_lesion = grown_box_of_part(keep[labels], hot_box, brain.shape, margin)
             region = crescent & side & slices[:, None, None] & ~near_lesion
         else:
             side_sign = 0.0
@@ -304,10 +298,12 @@ def _measure(uptake: NDArray[np.float32], voxel_volume_ml: float, threshold: flo
     boxes = ndimage.find_objects(labels) if order else []
     for number, label in enumerate(order, start=1):
         # Work inside the lesion's bounding box, not over the whole volume.
-        box = boxes[label - 1]
-        assert box is not None
-        inside = labels[box] == label
-        mask = np.zeros(labels.shape, dtype=bool)
+        in_hot_box = boxes[label - 1]
+        assert in_hot_box is not None
+        inside = labels[in_hot_box] == label
+        box = tuple(slice(int(h.start) + int(b.start), int(h.start) + int(b.stop))
+                    for h, b in zip(hot_box, in_hot_box, strict=True))
+        mask = np.zeros(brain.shape, dtype=bool)
         mask[box] = inside
         vals = uptake[box][inside]
         local = np.unravel_index(int(np.argmax(np.where(inside, uptake[box], -np.inf))),

@@ -318,7 +318,7 @@ def test_grown_mask_equals_the_maximum_filter_over_the_whole_volume(where: str) 
     """The lesion margin is grown on the lesions' bounding box only; it must equal the
     box-shaped maximum filter over the whole volume, also where a lesion touches the
     volume's faces."""
-    from dicom_node.tbr import _grown
+    from dicom_node.mask_morphology import grown_box
 
     rng = np.random.default_rng(3)
     mask = np.zeros((20, 40, 30), dtype=bool)
@@ -329,29 +329,67 @@ def test_grown_mask_equals_the_maximum_filter_over_the_whole_volume(where: str) 
         mask[0, 0, 5] = mask[19, 39, 29] = mask[10, 0, 29] = True
     margin = [1, 3, 2]
     expected = ndimage.maximum_filter(mask, size=tuple(2 * m + 1 for m in margin))
-    np.testing.assert_array_equal(_grown(mask, margin), expected)
+    np.testing.assert_array_equal(grown_box(mask, margin), expected)
 
 
-def test_separable_morphology_equals_scipy_binary_operations() -> None:
-    """brain_regions' fast morphology gives the voxels of scipy's binary_* operations,
-    also where shapes touch the volume's faces."""
-    from dicom_node import brain_regions as regions
+@pytest.mark.parametrize("shape", [(6, 41, 37), (3, 5, 4), (1, 9, 2), (8, 3, 30)])
+def test_separable_morphology_equals_scipy_binary_operations(
+        shape: tuple[int, int, int]) -> None:
+    """mask_morphology's shifted-copy morphology gives the voxels of scipy's binary_*
+    operations, also where shapes touch the volume's faces and where the volume is
+    thinner than the structuring element reaches."""
+    from dicom_node import mask_morphology as morphology
 
     rng = np.random.default_rng(11)
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    for level in (0.45, 0.5, 0.55):
-        mask = ndimage.gaussian_filter(rng.random((6, 41, 37)), 1.2) > level
-        np.testing.assert_array_equal(regions.dilate_cross(mask, 2),
-                                      ndimage.binary_dilation(mask, iterations=2))
-        np.testing.assert_array_equal(
-            regions.close_in_plane(mask, 2),
-            ndimage.binary_closing(mask, structure=np.ones((1, 3, 3), bool), iterations=2))
-        np.testing.assert_array_equal(regions.fill_holes_in_plane(mask),
+    for level in (0.3, 0.45, 0.5, 0.55, 0.7):
+        mask = ndimage.gaussian_filter(rng.random(shape), 1.2) > level
+        for steps in (1, 2, 3):
+            np.testing.assert_array_equal(morphology.dilate_cross(mask, steps),
+                                          ndimage.binary_dilation(mask, iterations=steps))
+            np.testing.assert_array_equal(
+                morphology.close_in_plane(mask, steps),
+                ndimage.binary_closing(mask, structure=np.ones((1, 3, 3), bool),
+                                       iterations=steps))
+        np.testing.assert_array_equal(morphology.fill_holes_in_plane(mask),
                                       ndimage.binary_fill_holes(mask, structure=in_plane))
         np.testing.assert_array_equal(
-            regions.open_2x2_in_plane(mask),
+            morphology.open_2x2_in_plane(mask),
             ndimage.binary_opening(mask, structure=np.ones((1, 2, 2), bool)))
+
+
+def test_grown_part_equals_growing_the_whole_volume() -> None:
+    """Growing a part given inside a box (the lesions inside the box of hot voxels) is
+    the box-shaped maximum filter of the whole volume it belongs to."""
+    from dicom_node.mask_morphology import grown_box_of_part
+
+    rng = np.random.default_rng(5)
+    shape = (12, 30, 25)
+    for box in [(slice(2, 9), slice(0, 11), slice(20, 25)), (slice(0, 12), slice(3, 4),
+                                                              slice(1, 24))]:
+        part = rng.random(tuple(b.stop - b.start for b in box)) > 0.9
+        whole = np.zeros(shape, dtype=bool)
+        whole[box] = part
+        margin = [1, 4, 2]
+        np.testing.assert_array_equal(
+            grown_box_of_part(part, box, shape, margin),
+            ndimage.maximum_filter(whole, size=tuple(2 * m + 1 for m in margin)))
+
+
+def test_depth_equals_the_distance_transform_of_whole_slices(
+        phantoms: dict[int, PhantomPatient]) -> None:
+    """depth_mm runs each slice's distance transform on the brain's box plus a ring of
+    background only; that must give the whole slice's distances, bit for bit."""
+    from dicom_node.brain_regions import depth_mm
+
+    brain = phantoms[5].brain_mask.copy()
+    brain[:, :, :3] = True  # a brain touching a face: nothing to pad on that side
+    expected = np.zeros(brain.shape, dtype=np.float32)
+    for k in range(brain.shape[0]):
+        if brain[k].any():
+            expected[k] = ndimage.distance_transform_edt(brain[k], sampling=SPACING[1:])
+    np.testing.assert_array_equal(depth_mm(brain, SPACING), expected)
 
 
 def test_wide_field_of_view_gives_the_same_measurement_in_full_coordinates(
