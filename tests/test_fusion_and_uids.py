@@ -77,6 +77,7 @@ def test_series_encoder_writes_the_bytes_of_dcmwrite(tmp_path) -> None:  # type:
     """SeriesEncoder encodes the shared elements once; every instance must still be
     byte for byte what dcmwrite writes, also with a non-ASCII patient name, UIDs of
     different lengths, and references to frames of a multi-frame source."""
+    import copy
     from dataclasses import replace
     from io import BytesIO
 
@@ -103,9 +104,13 @@ def test_series_encoder_writes_the_bytes_of_dcmwrite(tmp_path) -> None:  # type:
                                  Provenance("m", "n", "v", "0" * 64), ["TBR 2.1"]))
     encoder = SeriesEncoder(series[0])
     assert encoder.reuses_template
+    metas_before = [copy.deepcopy(ds.file_meta) for ds in series]
     for k, ds in enumerate(series):
         data = encoder.encode(ds)
         assert data == encode(ds), k
+        # the instances share file meta elements: encoding one must not change another's
+        assert [m == b for m, b in zip([d.file_meta for d in series], metas_before,
+                                       strict=True)] == [True] * len(series), k
         path = tmp_path / f"sc{k}.dcm"
         path.write_bytes(data)
         back = dcmread(path)

@@ -8,7 +8,6 @@ shows the TBR summary, for viewers that do not display SR.
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Iterator, Sequence
 from io import BytesIO
@@ -154,8 +153,14 @@ class SeriesEncoder:
         meta = DicomBytesIO()
         meta.is_implicit_VR, meta.is_little_endian = False, True
         # a copy, as dcmwrite: writing sets the group length, and the instances of a
-        # series share the template's file meta elements
-        write_file_meta_info(meta, copy.deepcopy(ds.file_meta), enforce_standard=True)
+        # series share the template's file meta elements. Only the group length element
+        # is written into, so a shallow copy with a fresh one of it is enough (a deep
+        # copy took a third of the encoding time).
+        file_meta = FileMetaDataset()
+        file_meta.update(ds.file_meta)
+        if 0x00020000 in file_meta:
+            file_meta.add_new(0x00020000, "UL", 0)
+        write_file_meta_info(meta, file_meta, enforce_standard=True)
         out = [b"\x00" * 128, b"DICM", meta.getvalue()]
         for part in self._parts:
             if isinstance(part, bytes):
