@@ -10,10 +10,11 @@ acknowledged by the node) and stops when storescp has written every result
 table) and the last outbox ``sent_at``; the first result file shows how soon the
 fusion series starts to arrive (its slices go out while the TBR analysis runs). Peak
 RSS is the node's VmHWM, and its analysis process's beside it. ``--inline-analysis``
-runs the TBR in the job's thread instead (``analysis.separate_process = false``).
+runs the TBR in the job's thread instead (``analysis.separate_process = false``);
+``--analysis-threads N`` sets ``analysis.threads`` (default 0: CPUs - 1, at most 4).
 
     .venv/bin/python -m benchmarks.end_to_end [--runs 2] [--slices 176] [--quick]
-        [--inline-analysis]
+        [--inline-analysis] [--analysis-threads N]
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from benchmarks._common import (
     wait_for,
     write_mr_series,
 )
+from dicom_node.config import AnalysisConfig
 
 TOML = """\
 [node]
@@ -63,6 +65,7 @@ sweep_interval_s = {sweep}
 
 [analysis]
 separate_process = {separate}
+threads = {threads}
 
 [model]
 weights_path = "{weights}"
@@ -116,7 +119,8 @@ def one_run(root: Path, source: list[Path], args: argparse.Namespace) -> dict[st
                                   grace=args.grace, sweep=args.sweep, weights=DEMO_WEIGHTS,
                                   device=args.device, send_interval=args.send_interval,
                                   pacs_port=scp.port,
-                                  separate="false" if args.inline_analysis else "true"))
+                                  separate="false" if args.inline_analysis else "true",
+                                  threads=getattr(args, "analysis_threads", 0)))
     log = (root / "node.log").open("wb")
     node = subprocess.Popen([str(REPO / ".venv" / "bin" / "dicom-node"), "serve", "--config",
                              str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -189,6 +193,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 run")
     parser.add_argument("--inline-analysis", action="store_true",
                         help="analysis.separate_process = false (TBR in the job's thread)")
+    parser.add_argument("--analysis-threads", type=int, default=0,
+                        help="analysis.threads (0: CPUs - 1, at most 4)")
     args = parser.parse_args()
     runs = 1 if args.quick else max(1, args.runs)
     results: list[dict[str, float]] = []
@@ -214,10 +220,11 @@ def main() -> None:
         values = [r[key] for r in results]
         rows.append([label, fmt(median(values), 2), " ".join(fmt(v, 2) for v in values)])
     where = "job thread" if args.inline_analysis else "analysis process"
+    threads = args.analysis_threads or f"auto = {AnalysisConfig().thread_count()}"
     print(f"End to end, {args.slices} x 256x256 T1C, storescu -> dicom-node serve (device "
-          f"{args.device}, TBR in the {where}, complete_grace_s {args.grace:g}, sweep {args.sweep:g} s, send "
-          f"poll {args.send_interval:g} s) -> DCMTK storescp; median of {runs} run(s); "
-          f"{machine_line()}")
+          f"{args.device}, TBR in the {where} with {threads} thread(s), complete_grace_s "
+          f"{args.grace:g}, sweep {args.sweep:g} s, send poll {args.send_interval:g} s) -> "
+          f"DCMTK storescp; median of {runs} run(s); {machine_line()}")
     print(table(["interval", "median s", "runs"], rows))
     print(f"reproduce: {command_line()}")
 

@@ -67,12 +67,14 @@ class TbrRequest:
     spacing_mm: tuple[float, float, float]
     t1c_grey: NDArray[np.float32] | None
     columns_toward_patient_left: bool
+    threads: int = 1
 
     def run(self) -> TbrResult:
         return measure_tbr(self.uptake, self.voxel_volume_ml, self.threshold,
                            self.min_lesion_volume_ml, self.display_threshold,
                            spacing_mm=self.spacing_mm, t1c_grey=self.t1c_grey,
-                           columns_toward_patient_left=self.columns_toward_patient_left)
+                           columns_toward_patient_left=self.columns_toward_patient_left,
+                           threads=self.threads)
 
 
 class Analysis(Protocol):

@@ -8,6 +8,7 @@ the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -109,6 +110,16 @@ class AnalysisConfig:
     separate_process: bool = True
     #: A series' TBR analysis that runs longer fails its job (the process is restarted).
     timeout_s: float = 300.0
+    #: Threads for the analysis' independent steps (same result for any number);
+    #: 0: one per CPU the node may use beyond the one the job needs, at most 4 (on 2
+    #: CPUs one thread: a second one made the series slower there, docs/performance.md).
+    threads: int = 0
+
+    def thread_count(self) -> int:
+        """``threads``, with 0 resolved for this machine."""
+        if self.threads > 0:
+            return self.threads
+        return max(1, min(4, len(os.sched_getaffinity(0)) - 1))
 
 
 @dataclass(frozen=True)
@@ -287,6 +298,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     analysis: AnalysisConfig = _build(AnalysisConfig, "analysis", _table(raw, "analysis"))
     if analysis.timeout_s <= 0:
         raise ConfigError("analysis.timeout_s must be > 0")
+    if analysis.threads < 0:
+        raise ConfigError("analysis.threads must be >= 0 (0: CPUs - 1, at most 4)")
     if analysis.tbr_threshold <= 1.0:
         raise ConfigError("analysis.tbr_threshold must be > 1.0 (a ratio to background)")
     outbox: OutboxConfig = _build(OutboxConfig, "outbox", _table(raw, "outbox"))

@@ -296,7 +296,8 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
         prediction.uptake, volume.voxel_volume_ml, ctx.config.analysis.tbr_threshold,
         ctx.config.analysis.min_lesion_volume_ml, ctx.predictor.style.display_threshold,
         spacing_mm=volume.spacing_mm, t1c_grey=prediction.grey,
-        columns_toward_patient_left=volume.slices[0].orientation[0] > 0))
+        columns_toward_patient_left=volume.slices[0].orientation[0] > 0,
+        threads=ctx.config.analysis.thread_count()))
     provenance = ctx.provenance
     fingerprint = source_fingerprint(s.sop_uid for s in volume.slices)
     sha = provenance.weights_sha256

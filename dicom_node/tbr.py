@@ -35,7 +35,10 @@ coordinates are returned in the full volume.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -65,6 +68,7 @@ METHOD_TEXT = ("Background: crescent of normal-appearing grey and white matter i
                "striatum excluded (EANM/EANO/RANO 2019 practice).")
 
 Side = str  # "left" / "right" (patient), or "" when undetermined
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,22 @@ def _uncropped(result: TbrResult, rows: slice, cols: slice, shape: tuple[int, ..
                    brain_mask=optional(result.brain_mask))
 
 
+class _InThread(Executor):
+    """An executor that runs each call at once in the caller's thread."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the caller through the future
+            future.set_exception(exc)
+        return future
+
+
+def _executor(threads: int) -> Executor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="tbr") if threads > 1 else _InThread()
+
+
 def measure_tbr(uptake: NDArray[np.float32], voxel_volume_ml: float,
                 threshold: float = DEFAULT_THRESHOLD,
                 min_lesion_volume_ml: float = DEFAULT_MIN_LESION_VOLUME_ML,
@@ -178,14 +198,17 @@ def measure_tbr(uptake: NDArray[np.float32], voxel_volume_ml: float,
                 spacing_mm: tuple[float, float, float] | None = None,
                 t1c_grey: NDArray[np.float32] | None = None,
                 per_slice: bool = False,
-                columns_toward_patient_left: bool = True) -> TbrResult:
+                columns_toward_patient_left: bool = True,
+                threads: int = 1) -> TbrResult:
     """Guideline-style TBR measurement of an uptake volume (slice, row, column).
 
     ``spacing_mm`` (slice, row, column) defaults to isotropic voxels of
     ``voxel_volume_ml``. ``t1c_grey`` (the windowed T1C, same shape) sharpens the
     brain mask, the midline and the ventricles. ``columns_toward_patient_left`` is
     True for the usual axial orientation (ImageOrientationPatient row direction
-    +x, LPS) and only names the sides.
+    +x, LPS) and only names the sides. ``threads`` > 1 runs the independent steps
+    (midline, per-slice depth, ventricles beside striatum) on that many threads; the
+    result is the same.
     """
     uptake = np.asarray(uptake, dtype=np.float32)
     grey = None if t1c_grey is None else np.asarray(t1c_grey, dtype=np.float32)
@@ -193,7 +216,7 @@ def measure_tbr(uptake: NDArray[np.float32], voxel_volume_ml: float,
     result = _measure(uptake[:, rows, cols], voxel_volume_ml, threshold, min_lesion_volume_ml,
                       display_threshold, spacing_mm,
                       None if grey is None else grey[:, rows, cols], per_slice,
-                      columns_toward_patient_left)
+                      columns_toward_patient_left, threads)
     if (rows.start, rows.stop, cols.start, cols.stop) == (0, uptake.shape[1], 0, uptake.shape[2]):
         return result
     return _uncropped(result, rows, cols, uptake.shape)
@@ -203,7 +226,7 @@ def _measure(uptake: NDArray[np.float32], voxel_volume_ml: float, threshold: flo
              min_lesion_volume_ml: float, display_threshold: float,
              spacing_mm: tuple[float, float, float] | None,
              grey: NDArray[np.float32] | None, per_slice: bool,
-             columns_toward_patient_left: bool) -> TbrResult:
+             columns_toward_patient_left: bool, threads: int) -> TbrResult:
     """:func:`measure_tbr` on arrays already cropped around the brain."""
     if spacing_mm is None:
         edge = float(voxel_volume_ml * 1000.0) ** (1.0 / 3.0)
@@ -214,14 +237,22 @@ def _measure(uptake: NDArray[np.float32], voxel_volume_ml: float, threshold: flo
     if not brain.any():
         return TbrResult(background_mean=0.0, background_mask=brain, threshold=threshold,
                          min_lesion_volume_ml=min_lesion_volume_ml, brain_mask=brain)
-    midline = regions.estimate_midline(brain, spacing, grey)
-    distance = regions.signed_distance(midline, uptake.shape, spacing)  # (rows, cols)
-    depth = regions.depth_mm(brain, spacing)
-    drawn = brain & (uptake >= display_threshold)
-    values = uptake[drawn] if drawn.any() else uptake[brain]
-    median = float(np.median(values))
-    background = float(values[values < threshold * median].mean())
-    ventricles = regions.find_ventricles(brain, uptake, background, depth, grey)
+    with _executor(threads) as pool:
+        # midline and depth both need only the brain; with threads they run side by side
+        midline_job = pool.submit(regions.estimate_midline, brain, spacing, grey)
+        depth = regions.depth_mm(brain, spacing, None if threads <= 1 else pool)
+        drawn = brain & (uptake >= display_threshold)
+        values = uptake[drawn] if drawn.any() else uptake[brain]
+        median = float(np.median(values))
+        background = float(values[values < threshold * median].mean())
+        ventricles_job = pool.submit(regions.find_ventricles, brain, uptake, background,
+                                     depth, grey)
+        midline = midline_job.result()
+        distance = regions.signed_distance(midline, uptake.shape, spacing)  # (rows, cols)
+        # The striatum is found once, from the robust start value of the background.
+        striatum = regions.find_striatum(uptake, brain, background, midline, distance,
+                                         depth, spacing)
+        ventricles = ventricles_job.result()
     crescent = brain & (depth <= CRESCENT_DEPTH_MM) & (
         np.abs(distance)[None] >= MIDLINE_GAP_MM) & ~ventricles
     min_voxels = max(1, int(np.ceil(min_lesion_volume_ml / voxel_ml)))
@@ -238,9 +269,6 @@ def _measure(uptake: NDArray[np.float32], voxel_volume_ml: float, threshold: flo
     region = brain
     side_sign = 0.0
     slices = np.zeros(n_slices, dtype=bool)
-    # The striatum is found once, from the robust start value of the background.
-    striatum = regions.find_striatum(uptake, brain, background, midline, distance,
-                                     depth, spacing)
     for _ in range(ITERATIONS):
         above = brain & (uptake >= threshold * background)
         hot = above & ~striatum
@@ -250,9 +278,9 @@ def _measure(uptake: NDArray[np.float32], voxel_volume_ml: float, threshold: flo
         order = []
         if count:
             box_uptake = uptake[hot_box]
-            sizes = np.bincount(labels.ravel(), minlength=count + 1)
             flat = labels.ravel()
             inside = np.flatnonzero(flat)
+            sizes = np.bincount(flat[inside], minlength=count + 1)  # [0] unused
             peaks = np.full(count + 1, -np.inf)
             np.maximum.at(peaks, flat[inside], box_uptake.ravel()[inside])
             peaks = peaks[1:]

@@ -29,6 +29,7 @@ def test_embedded_default_config_loads() -> None:
     ({"selection": {"description_include": ["("]}, **MINIMAL}, "invalid regular expression"),
     ({"destinations": [{"name": "pacs", "ae_title": "PACS"}], **MINIMAL}, "host is required"),
     ({"analysis": {"tbr_threshold": 0.5}, **MINIMAL}, "tbr_threshold"),
+    ({"analysis": {"threads": -1}, **MINIMAL}, "analysis.threads must be >= 0"),
     ({"series": {"stable_after_s": "soon"}, **MINIMAL}, "series.stable_after_s must be a number"),
     ({"peers": [{"ae_title": "A" * 17}], **MINIMAL}, "not a valid AE title"),
 ])

@@ -392,6 +392,33 @@ def test_depth_equals_the_distance_transform_of_whole_slices(
     np.testing.assert_array_equal(depth_mm(brain, SPACING), expected)
 
 
+@pytest.mark.parametrize("with_t1c", [True, False])
+def test_threads_give_the_same_measurement(phantoms: dict[int, PhantomPatient],
+                                           with_t1c: bool) -> None:
+    """The analysis' independent steps may run on threads; every number and mask must
+    be what one thread gives."""
+    p = phantoms[5]
+    grey = window_t1c(p.t1c) if with_t1c else None
+
+    def run(threads: int) -> TbrResult:
+        return measure_tbr(p.uptake, VOXEL_ML, THRESHOLD, MIN_ML, 0.3, spacing_mm=SPACING,
+                           t1c_grey=grey, per_slice=True, threads=threads)
+
+    one, three = run(1), run(3)
+    assert one.lesions
+    assert (one.background_mean, one.finding, one.background_side, one.midline,
+            one.background_slices) == (three.background_mean, three.finding,
+                                       three.background_side, three.midline,
+                                       three.background_slices)
+    for name in ("background_mask", "brain_mask", "striatum_mask", "ventricle_mask"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(three, name), name)
+    assert [(x.tbr_max, x.tbr_mean, x.volume_ml, x.peak_index, x.per_slice)
+            for x in one.lesions] == [(x.tbr_max, x.tbr_mean, x.volume_ml, x.peak_index,
+                                       x.per_slice) for x in three.lesions]
+    for a, b in zip(one.lesions, three.lesions, strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
+
+
 def test_wide_field_of_view_gives_the_same_measurement_in_full_coordinates(
         phantoms: dict[int, PhantomPatient]) -> None:
     """The measurement runs on the rows and columns around the brain; a head in a
