@@ -21,6 +21,7 @@ from dicom_node.processing import NodeContext, recover
 from dicom_node.receiver import Receiver
 from dicom_node.scheduler import build_scheduler
 from dicom_node.sender import Sender
+from dicom_node.writers.warm_up import warm_up_writers
 from storage.audit import AuditKind, AuditLog
 from storage.database import make_engine, make_session_factory
 from storage.file_store import FileStore
@@ -61,6 +62,8 @@ class Node:
         if self.analysis is not None:
             self.analysis.start()
         try:
+            # before the first series can arrive: otherwise it would wait for this
+            warm_up_s = warm_up_writers(self.ctx.provenance)
             self.receiver.start()
             self._start_receive_processes()
         except BaseException:
@@ -78,9 +81,10 @@ class Node:
                           port=self.receiver.port, model=card.name, version=card.version,
                           sha256=self.ctx.predictor.model.sha256,
                           device=str(self.ctx.predictor.device), resumed_series=resumed,
-                          removed_partial_files=partials, recorded_unrecorded_files=unrecorded)
-        log.info("node started: model %s %s on %s", card.name, card.version,
-                 self.ctx.predictor.device)
+                          removed_partial_files=partials, recorded_unrecorded_files=unrecorded,
+                          writers_warm_up_s=round(warm_up_s, 3))
+        log.info("node started: model %s %s on %s (writers warmed up in %.2f s)", card.name,
+                 card.version, self.ctx.predictor.device, warm_up_s)
 
     def _start_receive_processes(self) -> None:
         """``dicom-node receive`` on each of receiver.extra_ports, from the same config file."""

@@ -1,0 +1,56 @@
+"""The writers' warm-up at node start (dicom_node/writers/warm_up.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pydicom import dcmread
+
+from dicom_node.writers.provenance import Provenance
+from dicom_node.writers.warm_up import warm_up_outputs
+from tests.conftest import validate_dicom
+
+SC = "1.2.840.10008.5.1.4.1.1.7"
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+PROVENANCE = Provenance("dicom-node", "fdopa-demo", "2.1.1", "0" * 64)
+
+
+def test_warm_up_builds_valid_outputs_of_each_kind(tmp_path: Path) -> None:
+    """The warm-up goes through the real writers: an SC from the series template, the
+    summary slice, a SEG and an SR; each is a valid object (written here only to be
+    validated; the node never writes them)."""
+    outputs = warm_up_outputs(PROVENANCE)
+    for k, (ds, data) in enumerate(outputs):
+        path = tmp_path / f"{k}.dcm"
+        path.write_bytes(data)
+        assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+    assert [str(ds.SOPClassUID) for ds, _ in outputs] == [SC, SC, SEG, COMPREHENSIVE_3D_SR]
+    result = validate_dicom(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_warm_up_fills_highdicoms_tables_and_writes_nothing(tmp_path: Path) -> None:
+    """In a fresh interpreter (as the node starts), the warm-up loads highdicom's tables of
+    the standard, which the first series would otherwise wait for, and leaves no file."""
+    script = (
+        "import json\n"
+        "from highdicom import _standard_utils as standard\n"
+        "from dicom_node.writers.provenance import Provenance\n"
+        "from dicom_node.writers.warm_up import warm_up_writers\n"
+        "before = standard.get_module_attribute_map.cache_info().currsize\n"
+        "seconds = warm_up_writers(Provenance('m', 'n', 'v', '0' * 64))\n"
+        "after = standard.get_module_attribute_map.cache_info().currsize\n"
+        "print(json.dumps([before, after, seconds]))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, check=True,
+                            env={**os.environ,
+                                 "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    before, after, seconds = json.loads(result.stdout)
+    assert (before, after) == (0, 1)
+    assert seconds > 0
+    assert list(tmp_path.iterdir()) == []
