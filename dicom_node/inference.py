@@ -125,6 +125,19 @@ class Predictor:
         result = torch.cat(outputs, 0)
         return from_network(result, pad).clamp(-1.0, 1.0)
 
+    def warm_up(self) -> float:
+        """One forward pass of a blank batch (the configured batch size, the network's
+        input size), so that the first series does not pay for the lazy set-up of the
+        first pass (oneDNN primitives on the CPU; on CUDA the cuDNN and cuBLAS handles,
+        kernel loading, autocast). Returns the seconds it took."""
+        started = time.monotonic()
+        size = self.model.card.input_size
+        self.run_network(np.zeros((self.batch_size, size, size), dtype=np.float32),
+                         slice_spacing_mm=1.0)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.monotonic() - started
+
     def smooth(self, uptake: NDArray[np.float32], slice_spacing_mm: float | None,
                slice_positions_mm: NDArray[np.floating] | None) -> NDArray[np.float32]:
         """The model card's smoothing along the slice normal, within runs of contiguous

@@ -63,6 +63,7 @@ class Node:
             self.analysis.start()
         try:
             # before the first series can arrive: otherwise it would wait for this
+            model_warm_up_s = self.ctx.predictor.warm_up()
             warm_up_s = warm_up_writers(self.ctx.provenance)
             self.receiver.start()
             self._start_receive_processes()
@@ -82,9 +83,10 @@ class Node:
                           sha256=self.ctx.predictor.model.sha256,
                           device=str(self.ctx.predictor.device), resumed_series=resumed,
                           removed_partial_files=partials, recorded_unrecorded_files=unrecorded,
+                          model_warm_up_s=round(model_warm_up_s, 3),
                           writers_warm_up_s=round(warm_up_s, 3))
-        log.info("node started: model %s %s on %s (writers warmed up in %.2f s)", card.name,
-                 card.version, self.ctx.predictor.device, warm_up_s)
+        log.info("node started: model %s %s on %s (warm-up: model %.2f s, writers %.2f s)",
+                 card.name, card.version, self.ctx.predictor.device, model_warm_up_s, warm_up_s)
 
     def _start_receive_processes(self) -> None:
         """``dicom-node receive`` on each of receiver.extra_ports, from the same config file."""

@@ -177,8 +177,9 @@ def test_receive_only_process_beside_the_node(
         starts = list(session.scalars(select(AuditEvent.detail).where(
             AuditEvent.kind == AuditKind.NODE_START)))
         assert any("receive-only" in detail for detail in starts)
-        # the full node warmed its writers up before it took the first series
-        assert any("writers_warm_up_s" in detail for detail in starts)
+        # the full node warmed its model and writers up before it took the first series
+        assert any("model_warm_up_s" in detail and "writers_warm_up_s" in detail
+                   for detail in starts)
         assert session.scalar(select(func.count()).select_from(Instance)) == 36
     engine.dispose()
 

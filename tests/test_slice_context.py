@@ -117,3 +117,21 @@ def test_context_model_trains_from_a_one_slice_model_and_runs_in_the_node(
     with pytest.raises(ValueError, match="ngf"):
         train(_config(dataset, tmp_path / "bad", max_steps=1, target="uptake", ngf=16,
                       context_slices=1, init_generator=str(one.weights)))
+
+
+def test_warm_up_runs_the_network_and_leaves_the_model_as_it_was(tmp_path: Path) -> None:
+    """The node's start-up forward pass (Predictor.warm_up) changes no weight or buffer,
+    and the predictions of a series are the same with and without it."""
+    from tests.weights_factory import make_test_weights
+
+    make_test_weights(tmp_path / "w.pt", output_kind="uptake", seed=3)
+    model = load_weights(tmp_path / "w.pt", torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.generator.state_dict().items()}
+    volume = np.random.default_rng(0).random((5, 40, 36)).astype(np.float32) * 1000
+    cold = Predictor(model, torch.device("cpu"), 4).predict(volume, slice_spacing_mm=2.0)
+    predictor = Predictor(model, torch.device("cpu"), 4)
+    assert predictor.warm_up() > 0
+    after = model.generator.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    warm = predictor.predict(volume, slice_spacing_mm=2.0)
+    np.testing.assert_array_equal(warm.uptake, cold.uptake)
