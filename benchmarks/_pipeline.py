@@ -128,13 +128,15 @@ def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
             prediction = ctx.predictor.predict(volume.pixels,
                                                slice_spacing_mm=volume.spacing_mm[0],
                                                slice_positions_mm=volume.positions_mm)
-        with timer.stage("TBR (measure_tbr)"):
+        threads = ctx.config.analysis.thread_count()
+        with timer.stage(f"TBR (measure_tbr, {threads} thread(s) as the node)"):
             result = measure_tbr(prediction.uptake, volume.voxel_volume_ml,
                                    ctx.config.analysis.tbr_threshold,
                                    ctx.config.analysis.min_lesion_volume_ml,
                                    ctx.predictor.style.display_threshold,
                                    spacing_mm=volume.spacing_mm, t1c_grey=prediction.grey,
-                                   columns_toward_patient_left=volume.slices[0].orientation[0] > 0)
+                                   columns_toward_patient_left=volume.slices[0].orientation[0] > 0,
+                                   threads=threads)
         provenance = ctx.provenance
         fingerprint = p.source_fingerprint(s.sop_uid for s in volume.slices)
         sha = provenance.weights_sha256

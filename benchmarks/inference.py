@@ -116,8 +116,11 @@ def main() -> None:
                  "port": scp.port}])
             from dicom_node.sender import Sender
 
-            # warm the model once (the node keeps it warm)
-            ctx.predictor.run_network(torch.zeros(2, 64, 64).numpy())
+            # warm the model and the writers up, as the node does when it starts
+            from dicom_node.writers.warm_up import warm_up_writers
+
+            ctx.predictor.warm_up()
+            warm_up_writers(ctx.provenance)
             source = write_mr_series(root / "src", args.slices, 256, 256, seed=11)
             queued = run_series_timed(ctx, source, timer, fine=True)
             sender = Sender(ctx.config, ctx.sessions, ctx.audit)
