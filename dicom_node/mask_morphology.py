@@ -15,6 +15,8 @@ Voxels beyond the volume's faces count as False, as with scipy's default
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
@@ -69,32 +71,23 @@ def dilate_cross(mask: BoolVolume, steps: int) -> BoolVolume:
     return out
 
 
-def _max_in_plane(mask: BoolVolume, radius: int) -> BoolVolume:
-    """Maximum over a (1, 2r+1, 2r+1) window (separable: rows, then columns)."""
+def _in_plane_window(mask: BoolVolume, radius: int,
+                     combine: Callable[[BoolVolume, BoolVolume, int, int], None]) -> BoolVolume:
+    """Maximum (``combine`` = :func:`_or_shifted`) or minimum (:func:`_and_shifted`) over
+    a (1, 2r+1, 2r+1) window, separable: rows, then columns."""
     out = np.array(mask, dtype=bool)
     for axis in (1, 2):
         src = out.copy()
         for d in range(1, radius + 1):
-            _or_shifted(out, src, axis, d)
-            _or_shifted(out, src, axis, -d)
-    return out
-
-
-def _min_in_plane(mask: BoolVolume, radius: int) -> BoolVolume:
-    """Minimum over a (1, 2r+1, 2r+1) window, False beyond the faces."""
-    out = np.array(mask, dtype=bool)
-    for axis in (1, 2):
-        src = out.copy()
-        for d in range(1, radius + 1):
-            _and_shifted(out, src, axis, d)
-            _and_shifted(out, src, axis, -d)
+            combine(out, src, axis, d)
+            combine(out, src, axis, -d)
     return out
 
 
 def close_in_plane(mask: BoolVolume, steps: int) -> BoolVolume:
     """``ndimage.binary_closing(mask, np.ones((1, 3, 3)), iterations=steps)``: a
     (1, 2s+1, 2s+1) maximum then minimum filter, both with False beyond the faces."""
-    return _min_in_plane(_max_in_plane(mask, steps), steps)
+    return _in_plane_window(_in_plane_window(mask, steps, _or_shifted), steps, _and_shifted)
 
 
 def open_2x2_in_plane(mask: BoolVolume) -> BoolVolume:
