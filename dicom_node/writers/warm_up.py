@@ -10,6 +10,7 @@ of each from a tiny synthetic two-slice source when the node starts.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -99,7 +100,14 @@ def warm_up_outputs(provenance: Provenance) -> list[tuple[Dataset, bytes]]:
 
 def warm_up_writers(provenance: Provenance) -> float:
     """Build and encode one of each output in memory (nothing is written or sent);
-    returns the seconds it took."""
+    returns the seconds it took. highdicom's INFO lines about copying the synthetic
+    source's attributes are kept out of the node's log (it starts single-threaded)."""
     started = time.monotonic()
-    warm_up_outputs(provenance)
+    highdicom_log = logging.getLogger("highdicom")
+    level = highdicom_log.level
+    highdicom_log.setLevel(max(logging.WARNING, level))
+    try:
+        warm_up_outputs(provenance)
+    finally:
+        highdicom_log.setLevel(level)
     return time.monotonic() - started
