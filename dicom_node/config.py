@@ -111,15 +111,29 @@ class AnalysisConfig:
     #: A series' TBR analysis that runs longer fails its job (the process is restarted).
     timeout_s: float = 300.0
     #: Threads for the analysis' independent steps (same result for any number);
-    #: 0: one per CPU the node may use beyond the one the job needs, at most 4 (on 2
-    #: CPUs one thread: a second one made the series slower there, docs/performance.md).
+    #: 0: one per CPU the node may use (affinity and cgroup quota) beyond the one the job
+    #: needs, at most 4 (on 2 CPUs one thread: a second one made the series slower there,
+    #: docs/performance.md).
     threads: int = 0
 
     def thread_count(self) -> int:
         """``threads``, with 0 resolved for this machine."""
         if self.threads > 0:
             return self.threads
-        return max(1, min(4, len(os.sched_getaffinity(0)) - 1))
+        return max(1, min(4, usable_cpus() - 1))
+
+
+def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a container limited to 2 CPUs on a 64-core host counts 2)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota readable: the affinity alone
+    return cpus
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,15 @@ def _and_shifted(out: BoolVolume, src: BoolVolume, axis: int, offset: int) -> No
     out[tuple(beyond)] = False
 
 
+def _check_steps(steps: int) -> None:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+
+
 def dilate_cross(mask: BoolVolume, steps: int) -> BoolVolume:
-    """``ndimage.binary_dilation(mask, iterations=steps)`` (6-connected cross)."""
+    """``ndimage.binary_dilation(mask, iterations=steps)`` (6-connected cross), steps >= 1
+    (scipy reads fewer as "until nothing changes")."""
+    _check_steps(steps)
     out = np.array(mask, dtype=bool)
     for _ in range(steps):
         grown = out.copy()
@@ -85,8 +92,9 @@ def _in_plane_window(mask: BoolVolume, radius: int,
 
 
 def close_in_plane(mask: BoolVolume, steps: int) -> BoolVolume:
-    """``ndimage.binary_closing(mask, np.ones((1, 3, 3)), iterations=steps)``: a
-    (1, 2s+1, 2s+1) maximum then minimum filter, both with False beyond the faces."""
+    """``ndimage.binary_closing(mask, np.ones((1, 3, 3)), iterations=steps)``, steps >= 1:
+    a (1, 2s+1, 2s+1) maximum then minimum filter, both with False beyond the faces."""
+    _check_steps(steps)
     return _in_plane_window(_in_plane_window(mask, steps, _or_shifted), steps, _and_shifted)
 
 
@@ -105,6 +113,7 @@ def open_2x2_in_plane(mask: BoolVolume) -> BoolVolume:
 def fill_holes_in_plane(mask: BoolVolume) -> BoolVolume:
     """``ndimage.binary_fill_holes`` with 4-connectivity within each slice: background
     not connected to a slice's edge becomes foreground."""
+    mask = np.asarray(mask, dtype=bool)
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
     labels, count = ndimage.label(~mask, structure=in_plane)

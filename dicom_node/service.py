@@ -9,7 +9,9 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
+import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.analysis_process import AnalysisProcess, InlineAnalysis
@@ -61,10 +63,8 @@ class Node:
         resumed = recover(self.ctx)
         if self.analysis is not None:
             self.analysis.start()
+        warm_up = self._warm_up()
         try:
-            # before the first series can arrive: otherwise it would wait for this
-            model_warm_up_s = self.ctx.predictor.warm_up()
-            warm_up_s = warm_up_writers(self.ctx.provenance)
             self.receiver.start()
             self._start_receive_processes()
         except BaseException:
@@ -83,10 +83,33 @@ class Node:
                           sha256=self.ctx.predictor.model.sha256,
                           device=str(self.ctx.predictor.device), resumed_series=resumed,
                           removed_partial_files=partials, recorded_unrecorded_files=unrecorded,
-                          model_warm_up_s=round(model_warm_up_s, 3),
-                          writers_warm_up_s=round(warm_up_s, 3))
-        log.info("node started: model %s %s on %s (warm-up: model %.2f s, writers %.2f s)",
-                 card.name, card.version, self.ctx.predictor.device, model_warm_up_s, warm_up_s)
+                          outcome="warning" if "warm_up_error" in warm_up else "ok",
+                          **warm_up)
+        log.info("node started: model %s %s on %s (warm-up: %s)", card.name, card.version,
+                 self.ctx.predictor.device,
+                 ", ".join(f"{k} {v}" for k, v in warm_up.items()))
+
+    def _warm_up(self) -> dict[str, Any]:
+        """One blank batch through the model and one SC/SEG/SR built in memory, before the
+        first series can arrive (otherwise it would wait for their one-time set-up).
+
+        Only an optimisation: a failure (say CUDA out of memory at the full batch size,
+        which a series survives by halving its batch) is logged and audited with the
+        node's start, and the node starts anyway."""
+        done: dict[str, Any] = {}
+        steps: list[tuple[str, Callable[[], float]]] = [
+            ("model_warm_up_s", self.ctx.predictor.warm_up),
+            ("writers_warm_up_s", lambda: warm_up_writers(self.ctx.provenance))]
+        for name, step in steps:
+            try:
+                done[name] = round(step(), 3)
+            except Exception as exc:  # start-up boundary: reported, never fatal
+                log.warning("warm-up step %s failed (the node starts anyway): %s: %s",
+                            name, type(exc).__name__, exc)
+                done["warm_up_error"] = f"{name}: {type(exc).__name__}: {exc}"[:500]
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        return done
 
     def _start_receive_processes(self) -> None:
         """``dicom-node receive`` on each of receiver.extra_ports, from the same config file."""

@@ -354,9 +354,17 @@ def test_separable_morphology_equals_scipy_binary_operations(
                                        iterations=steps))
         np.testing.assert_array_equal(morphology.fill_holes_in_plane(mask),
                                       ndimage.binary_fill_holes(mask, structure=in_plane))
+        np.testing.assert_array_equal(  # 0/1 integers are a mask too (not bitwise-not)
+            morphology.fill_holes_in_plane(mask.astype(np.uint8)),
+            ndimage.binary_fill_holes(mask, structure=in_plane))
         np.testing.assert_array_equal(
             morphology.open_2x2_in_plane(mask),
             ndimage.binary_opening(mask, structure=np.ones((1, 2, 2), bool)))
+    # scipy reads iterations < 1 as "until nothing changes": refused, not silently a copy
+    with pytest.raises(ValueError, match="steps"):
+        morphology.dilate_cross(mask, 0)
+    with pytest.raises(ValueError, match="steps"):
+        morphology.close_in_plane(mask, 0)
 
 
 def test_grown_part_equals_growing_the_whole_volume() -> None:

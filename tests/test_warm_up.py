@@ -6,12 +6,19 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
+from sqlalchemy import select
 
+from dicom_node.config import NodeConfig
+from dicom_node.service import Node
 from dicom_node.writers.provenance import Provenance
 from dicom_node.writers.warm_up import warm_up_outputs
+from storage.audit import AuditKind
+from storage.models import AuditEvent
 from tests.conftest import validate_dicom
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
@@ -57,3 +64,43 @@ def test_warm_up_fills_highdicoms_tables_and_writes_nothing(tmp_path: Path) -> N
     assert seconds > 0
     assert list(tmp_path.iterdir()) == []
     assert "highdicom" not in result.stderr, result.stderr[:500]
+
+
+def test_a_failed_warm_up_is_audited_and_the_node_starts_anyway(
+        make_config: Callable[..., NodeConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm-up only saves the first series some set-up. If the model's warm-up batch
+    fails (CUDA out of memory at the full batch size, which a series survives by halving
+    its batch), the node still starts, listens, and says so in its start event."""
+    from dicom_node.inference import Predictor
+
+    def out_of_memory(self: Predictor) -> float:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Predictor, "warm_up", out_of_memory)
+    config = make_config(analysis={"separate_process": False})
+    node = Node(config)
+    node.start()
+    try:
+        assert node.healthy()
+        with node.sessions() as session:
+            start = session.scalars(select(AuditEvent).where(
+                AuditEvent.kind == AuditKind.NODE_START)).one()
+        assert start.outcome == "warning"
+        detail = json.loads(start.detail)
+        assert "CUDA out of memory" in detail["warm_up_error"]
+        assert "model_warm_up_s" not in detail and detail["writers_warm_up_s"] > 0
+    finally:
+        node.stop()
+
+
+def test_usable_cpus_honours_a_cgroup_quota(tmp_path: Path) -> None:
+    """analysis.threads = 0 counts the CPUs a container may use, not the host's."""
+    from dicom_node.config import usable_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    limit = tmp_path / "cpu.max"
+    limit.write_text("100000 100000\n")  # one CPU
+    assert usable_cpus(limit) == 1
+    limit.write_text("max 100000\n")
+    assert usable_cpus(limit) == affinity
+    assert usable_cpus(tmp_path / "missing") == affinity

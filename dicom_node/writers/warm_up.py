@@ -105,7 +105,7 @@ def warm_up_writers(provenance: Provenance) -> float:
     started = time.monotonic()
     highdicom_log = logging.getLogger("highdicom")
     level = highdicom_log.level
-    highdicom_log.setLevel(max(logging.WARNING, level))
+    highdicom_log.setLevel(max(logging.WARNING, highdicom_log.getEffectiveLevel()))
     try:
         warm_up_outputs(provenance)
     finally:
