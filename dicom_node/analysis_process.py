@@ -1,7 +1,7 @@
 """TBR analysis in a process of its own, so the job writes and sends meanwhile.
 
-``measure_tbr`` (numpy and scipy; about 2.6 s for 176 x 256x256 on 2 CPU cores) holds
-the GIL for much of its run. In the node's own process it would slow down what the job
+``measure_tbr`` (numpy and scipy; about 1.9 s for 176 x 256x256 on 2 CPU cores) holds
+the GIL for part of its run. In the node's own process it would slow down what the job
 does while it waits for the ratios: encoding and writing the SC series and the sender
 streaming it to PACS. So the node starts ``python -m dicom_node.analysis_process``
 once, keeps it warm, and sends it one request per series: the uptake, the T1C and the
@@ -16,7 +16,7 @@ the analysis comes back as :class:`AnalysisError` with its type and message; the
 records either reason in the audit log.
 
 ``analysis.separate_process = false`` runs the analysis in the job's thread instead
-(:class:`InlineAnalysis`): one process and about 440 MB less, no overlap.
+(:class:`InlineAnalysis`): one process and about 320 MB less, no overlap.
 """
 
 from __future__ import annotations

@@ -213,7 +213,8 @@ def depth_mm(brain: BoolVolume, spacing: Spacing,
         for k in indices:
             # On the slice's brain box plus one pixel of background (clipped to the
             # slice): a background pixel outside that ring is never nearer than one on it.
-            box = _box_2d(brain[k], 1)
+            box = bounding_box(brain[k], [1, 1])
+            assert box is not None  # only slices with brain are passed
             out[k][box] = ndimage.distance_transform_edt(brain[k][box],
                                                          sampling=(spacing[1], spacing[2]))
 
@@ -223,14 +224,6 @@ def depth_mm(brain: BoolVolume, spacing: Spacing,
     else:
         list(pool.map(fill, np.array_split(indices, DEPTH_TASKS)))
     return out
-
-
-def _box_2d(mask: NDArray[np.bool_], margin: int) -> tuple[slice, slice]:
-    """Rows and columns of ``mask``'s True pixels grown by ``margin`` (clipped)."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return (slice(max(0, int(rows[0]) - margin), min(mask.shape[0], int(rows[-1]) + margin + 1)),
-            slice(max(0, int(cols[0]) - margin), min(mask.shape[1], int(cols[-1]) + margin + 1)))
 
 
 def find_striatum(uptake: FloatVolume, brain: BoolVolume, background: float,

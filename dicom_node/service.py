@@ -97,6 +97,7 @@ class Node:
         which a series survives by halving its batch) is logged and audited with the
         node's start, and the node starts anyway."""
         done: dict[str, Any] = {}
+        errors: list[str] = []
         steps: list[tuple[str, Callable[[], float]]] = [
             ("model_warm_up_s", self.ctx.predictor.warm_up),
             ("writers_warm_up_s", lambda: warm_up_writers(self.ctx.provenance))]
@@ -106,9 +107,11 @@ class Node:
             except Exception as exc:  # start-up boundary: reported, never fatal
                 log.warning("warm-up step %s failed (the node starts anyway): %s: %s",
                             name, type(exc).__name__, exc)
-                done["warm_up_error"] = f"{name}: {type(exc).__name__}: {exc}"[:500]
+                errors.append(f"{name}: {type(exc).__name__}: {exc}"[:500])
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+        if errors:
+            done["warm_up_error"] = "; ".join(errors)
         return done
 
     def _start_receive_processes(self) -> None:
