@@ -234,6 +234,10 @@ def test_an_analysis_past_its_time_limit_is_stopped_and_the_job_fails(
         "port": pynetdicom_pacs.port}]))
     assert node.analysis is not None
     pid = node.analysis.pid
+    assert pid is not None
+    # A stopped child never answers: the analysis of this small series would otherwise
+    # finish while the job writes the SC slices, before the job asks for the result.
+    os.kill(pid, signal.SIGSTOP)
     files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=33)
     assert pynetdicom_send(files, node.receiver.port) == [0] * 8
     series_uid = str(dcmread(files[0]).SeriesInstanceUID)
@@ -245,5 +249,4 @@ def test_an_analysis_past_its_time_limit_is_stopped_and_the_job_fails(
     assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 8, 60)
     received = pynetdicom_pacs.received.read_all()
     assert sorted(int(ds.InstanceNumber) for ds in received) == list(range(1, 9))
-    assert pid is not None
     assert wait_for(lambda: node.analysis is not None and node.analysis.pid != pid, 30)
