@@ -134,6 +134,14 @@ def _series_state(data: Path) -> str | None:
 def _check_exactly_once(data: Path, pacs: SlowPacs, n_slices: int) -> None:
     expected = n_slices + 2
     assert wait_for(lambda: pacs.unique() == expected, 180), pacs.unique()
+
+    def all_sent() -> bool:
+        # the PACS counts an instance before it answers, and the node commits the
+        # outcome after the answer (group commit, OUTCOME_LINGER_S): give it that moment
+        with _db(data) as session:
+            return set(session.scalars(select(OutboxEntry.state))) == {"sent"}
+
+    wait_for(all_sent, 30)
     with _db(data) as session:
         jobs = session.scalars(select(Job)).all()
         entries = session.scalars(select(OutboxEntry)).all()
