@@ -44,39 +44,32 @@ serve: install
 demo: install
 	$(VENV)/bin/dicom-node-train demo --config $(CONFIG) --out demo-output
 
-# Reproduce the shipped demo model (about 3 h on 2 CPU cores: phantoms and dataset
-# 30 min, training 80 min, fine-tuning with a weight average 20 min, evaluation 8 min);
-# see docs/model-card.md.
-DEMO_DATA ?= build/demo-data
+# Reproduce the shipped demo model (fdopa-demo 3.0; about 2 h on 2 CPU cores: training
+# cohort 30 min, training 75 min, validation and sealed-test benchmarks 20 min); see
+# docs/model-card.md. Cohorts: training seed 100 (tumour-enriched), validation seed 200
+# (every choice), sealed test seed 300 (drawn after the choices, evaluated once).
+DEMO_DATA ?= build/m3
 demo-model: install
-	$(VENV)/bin/dicom-node-train phantom --patients 400 --seed 0 --slice-spacing-mm 3 --workers 2 \
-	  --out $(DEMO_DATA)/studies
-	$(VENV)/bin/dicom-node-train dataset --studies $(DEMO_DATA)/studies --out $(DEMO_DATA)/ds128-400 \
-	  --size 128 --seed 0 --workers 2
-	$(VENV)/bin/dicom-node-train train --dataset $(DEMO_DATA)/ds128-400 --out $(DEMO_DATA)/run400 \
-	  --target uptake --ngf 16 --ndf 32 --batch-size 8 --epochs 3 --decay-epochs 3 \
-	  --tumour-oversample 6 --tumour-l1-weight 30 --lambda-l1 1000 --hflip --seed 0 --threads 2 \
-	  --checkpoint-every 500 --val-max-slices 512 --name fdopa-demo --version 2.0
-	$(VENV)/bin/dicom-node-train train --dataset $(DEMO_DATA)/ds128-400 --out $(DEMO_DATA)/run400-ema \
-	  --init-generator $(DEMO_DATA)/run400/generator.pt --ema-decay 0.999 --lr 1e-4 \
-	  --target uptake --ngf 16 --ndf 32 --batch-size 8 --epochs 1 --decay-epochs 1 \
-	  --tumour-oversample 6 --tumour-l1-weight 30 --lambda-l1 1000 --hflip --seed 1 --threads 2 \
-	  --checkpoint-every 500 --val-max-slices 512 --name fdopa-demo --version 2.0
-	# Smoothing along the slice normal, chosen on the validation patients (docs/model-card.md:
-	# the highest slice TBR r whose PSNR is not below the unsmoothed output's): 2.4 mm.
-	for mm in 0 1.2 1.8 2.4 3.0 3.6; do \
-	  $(VENV)/bin/dicom-node-train evaluate --dataset $(DEMO_DATA)/ds128-400 \
-	    --weights $(DEMO_DATA)/run400-ema/generator.pt --split val --slice-smoothing-mm $$mm \
-	    --out $(DEMO_DATA)/val400-s$$mm || exit 1; \
-	done
-	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run400-ema/checkpoint.pt \
-	  --out $(DEMO_DATA)/run400-ema/generator-s2.4.pt --name fdopa-demo --version 2.1 \
-	  --slice-smoothing-mm 2.4
-	$(VENV)/bin/dicom-node-train evaluate --dataset $(DEMO_DATA)/ds128-400 \
-	  --weights $(DEMO_DATA)/run400-ema/generator-s2.4.pt --split test --out $(DEMO_DATA)/report400-s2.4
-	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run400-ema/checkpoint.pt \
-	  --out dicom_node/models/demo-generator.pt --name fdopa-demo --version 2.1.1 \
-	  --slice-smoothing-mm 2.4 --metrics $(DEMO_DATA)/report400-s2.4/summary.json
+	$(VENV)/bin/dicom-node-train phantom-dataset --patients 1200 --seed 100 --out $(DEMO_DATA)/train-s100 \
+	  --tumour-count-p 0.05,0.4,0.55 --normal-slice-fraction 0.25 --lean --val-patients 40 --workers 2
+	$(VENV)/bin/dicom-node-train train --dataset $(DEMO_DATA)/train-s100 --out $(DEMO_DATA)/run \
+	  $(DEMO_TRAIN_ARGS)
+	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run/checkpoint.pt \
+	  --out $(DEMO_DATA)/run/generator-s$(DEMO_SMOOTHING).pt --name fdopa-demo --version 3.0 \
+	  --slice-smoothing-mm $(DEMO_SMOOTHING) --training-seeds 100 --validation-seeds 200
+	$(VENV)/bin/dicom-node-train benchmark --weights $(DEMO_DATA)/run/generator-s$(DEMO_SMOOTHING).pt \
+	  --seed 200 --patients 60 --cohort validation --out $(DEMO_DATA)/val200
+	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run/checkpoint.pt \
+	  --out $(DEMO_DATA)/run/generator-frozen.pt --name fdopa-demo --version 3.0 \
+	  --slice-smoothing-mm $(DEMO_SMOOTHING) --training-seeds 100 --validation-seeds 200 \
+	  --sealed-test-seed 300 --validation-benchmark $(DEMO_DATA)/val200/summary.json
+	$(VENV)/bin/dicom-node-train benchmark --weights $(DEMO_DATA)/run/generator-frozen.pt \
+	  --seed 300 --patients 60 --cohort sealed-test --out $(DEMO_DATA)/sealed300
+	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run/checkpoint.pt \
+	  --out dicom_node/models/demo-generator.pt --name fdopa-demo --version 3.0 \
+	  --slice-smoothing-mm $(DEMO_SMOOTHING) --training-seeds 100 --validation-seeds 200 \
+	  --sealed-test-seed 300 --validation-benchmark $(DEMO_DATA)/val200/summary.json \
+	  --sealed-test-benchmark $(DEMO_DATA)/sealed300/summary.json
 
 clean:
 	rm -rf var build *.egg-info

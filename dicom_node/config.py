@@ -115,6 +115,9 @@ class AnalysisConfig:
     #: needs, at most 4 (on 2 CPUs one thread: a second one made the series slower there,
     #: docs/performance.md).
     threads: int = 0
+    #: Stochastic passes of the generator per series for each lesion's TBR interval
+    #: (dicom_node/uncertainty.py); 0: no interval (and no "equivocal" findings).
+    uncertainty_samples: int = 8
 
     def thread_count(self) -> int:
         """``threads``, with 0 resolved for this machine."""
@@ -314,6 +317,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         raise ConfigError("analysis.timeout_s must be > 0")
     if analysis.threads < 0:
         raise ConfigError("analysis.threads must be >= 0 (0: CPUs - 1, at most 4)")
+    if analysis.uncertainty_samples < 0 or analysis.uncertainty_samples == 1:
+        raise ConfigError("analysis.uncertainty_samples must be 0 (off) or at least 2")
     if analysis.tbr_threshold <= 1.0:
         raise ConfigError("analysis.tbr_threshold must be > 1.0 (a ratio to background)")
     outbox: OutboxConfig = _build(OutboxConfig, "outbox", _table(raw, "outbox"))

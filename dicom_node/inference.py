@@ -151,6 +151,53 @@ class Predictor:
         runs = contiguous_runs(np.zeros(len(uptake), dtype=np.str_), positions)
         return smooth_runs(uptake, runs, sigma_mm, positions)
 
+    def sample_uptake(self, grey: NDArray[np.float32], samples: int,
+                      slice_spacing_mm: float | None = None,
+                      slice_positions_mm: NDArray[np.floating] | None = None,
+                      seed: int = 0, batch_size: int | None = None) -> NDArray[np.float32]:
+        """(samples, N, S, S) uptake at the network size from stochastic passes: dropout
+        active (Monte Carlo dropout), every second pass on the mirrored input and mirrored
+        back, each smoothed along the slice normal like :meth:`predict`. Seeded: the same
+        grey gives the same samples. An uptake model only."""
+        if self.model.card.output_kind != "uptake":
+            raise ValueError("uncertainty sampling needs an uptake model")
+        size = self.model.card.input_size
+        batch = batch_size or self.batch_size
+        net_in, _pad = to_network(grey, size)
+        net_in = stack_context(net_in * 2.0 - 1.0, self.context_rows(len(grey), slice_spacing_mm))
+        generator = self.model.generator
+        dropouts = [m for m in generator.modules() if isinstance(m, torch.nn.Dropout)]
+        scale = self.model.card.uptake_scale
+        out = np.empty((samples, len(grey), size, size), dtype=np.float32)
+        generator.eval()
+        try:
+            for layer in dropouts:
+                layer.train()
+            with torch.random.fork_rng(devices=[]), torch.inference_mode():
+                for i in range(samples):
+                    torch.manual_seed(seed * 1_000 + i)
+                    flip = i % 2 == 1
+                    for start in range(0, len(net_in), batch):
+                        chunk = net_in[start : start + batch]
+                        if flip:
+                            chunk = chunk.flip(-1)
+                        if self.device.type == "cuda":
+                            chunk = chunk.to(self.device, non_blocking=True)
+                            with torch.autocast("cuda", dtype=torch.float16):
+                                y = generator(chunk)
+                        else:
+                            y = generator(chunk)
+                        y = y.float().cpu()
+                        if flip:
+                            y = y.flip(-1)
+                        out[i, start : start + len(chunk)] = (
+                            (y[:, 0].clamp(-1.0, 1.0).numpy() + 1.0) / 2.0 * scale)
+                    out[i] = self.smooth(out[i], slice_spacing_mm, slice_positions_mm)
+        finally:
+            for layer in dropouts:
+                layer.eval()
+        return out
+
     def predict(self, volume: NDArray[np.float32], batch_size: int | None = None,
                 timeout_s: float | None = None,
                 slice_spacing_mm: float | None = None,

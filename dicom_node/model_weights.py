@@ -58,6 +58,12 @@ class ModelCard:
     # Standard deviation (mm) of a Gaussian along the slice normal applied to an uptake
     # model's output before anything reads it (0 = none): see dicom_node.slice_smoothing.
     slice_smoothing_mm: float = 0.0
+    # Residual SD of synthetic vs real TBR per lesion on validation patients, the interval
+    # level and where they were measured: see dicom_node.uncertainty ({} = not calibrated).
+    tbr_interval: dict[str, Any] = field(default_factory=dict)
+    # The phantom cohorts behind this model: training and validation seeds (used for
+    # choices) and the sealed test seed, evaluated once: see training.benchmark.
+    cohorts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def input_channels(self) -> int:

@@ -10,7 +10,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +35,7 @@ from dicom_node.inference import Prediction, Predictor
 from dicom_node.selection import select_series
 from dicom_node.tbr import TbrResult
 from dicom_node.uids import derive_uid, source_fingerprint
+from dicom_node.uncertainty import Calibration, TbrInterval, lesion_intervals
 from dicom_node.volume import VolumeError, load_volume
 from dicom_node.writers.provenance import Provenance
 from dicom_node.writers.sc import ScSeries, encode
@@ -256,14 +257,27 @@ def finish(ctx: NodeContext, series_id: int, job_id: int, state: str, reason: st
                             job=job_id, seconds=round(seconds, 3), result=state, reason=reason)
 
 
-def summary_lines(result: TbrResult) -> list[str]:
+def summary_lines(result: TbrResult, intervals: Sequence[TbrInterval] = (),
+                  level: float = 0.0) -> list[str]:
+    """The text on the first SC slice: the ratios, with their intervals when measured."""
+    by_lesion = {interval.lesion: interval for interval in intervals}
     lines = [f"TBR (synthetic uptake), threshold {result.threshold:g} x bg; "
              f"bg mean {result.background_mean:.2f}"]
+    if by_lesion:
+        lines[0] += f"; [{level:.0%} interval]"
     if not result.lesions:
         lines.append(result.finding[:1].upper() + result.finding[1:])
     for lesion in result.lesions[:3]:
-        lines.append(f"Lesion {lesion.number}: TBRmax {lesion.tbr_max:.2f}  "
-                     f"TBRmean {lesion.tbr_mean:.2f}  {lesion.volume_ml:.1f} mL")
+        interval = by_lesion.get(lesion.number)
+        if interval is None:
+            lines.append(f"Lesion {lesion.number}: TBRmax {lesion.tbr_max:.2f}  "
+                         f"TBRmean {lesion.tbr_mean:.2f}  {lesion.volume_ml:.1f} mL")
+            continue
+        lines.append(
+            f"Lesion {lesion.number}{' EQUIVOCAL' if interval.equivocal else ''}: "
+            f"TBRmax {lesion.tbr_max:.2f} [{interval.tbr_max_low:.2f}-{interval.tbr_max_high:.2f}]"
+            f"  TBRmean {lesion.tbr_mean:.2f} [{interval.tbr_mean_low:.2f}-"
+            f"{interval.tbr_mean_high:.2f}]  {lesion.volume_ml:.1f} mL")
     if len(result.lesions) > 3:
         lines.append(f"... {len(result.lesions) - 3} more lesion(s) in the SR")
     return lines
@@ -317,6 +331,14 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
                   [uid("sc", index) for index in range(len(volume.slices))],
                   ctx.config.output.series_number_sc, provenance)
     queued = queue([write_sc(ctx, study_uid, sc, index) for index in range(1, len(sc))], None)
+    samples = ctx.config.analysis.uncertainty_samples
+    draws = None
+    if samples >= 2 and ctx.predictor.model.card.output_kind == "uptake":
+        # While the analysis process measures the ratios: the stochastic passes behind
+        # each lesion's interval (dicom_node/uncertainty.py).
+        draws = ctx.predictor.sample_uptake(prediction.grey, samples,
+                                            slice_spacing_mm=volume.spacing_mm[0],
+                                            slice_positions_mm=volume.positions_mm)
     limit_s = ctx.config.analysis.timeout_s
     try:
         result = analysis.result(timeout=limit_s)
@@ -329,13 +351,17 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
             raise AnalysisProcessError(f"TBR analysis took longer than analysis.timeout_s "
                                        f"({limit_s:g} s) and was stopped") from exc
         raise
-    written = [write_sc(ctx, study_uid, sc, 0, summary_lines(result))]
+    calibration = Calibration.from_card(ctx.predictor.model.card.tbr_interval)
+    intervals = lesion_intervals(draws, result, calibration) if draws is not None else []
+    written = [write_sc(ctx, study_uid, sc, 0,
+                        summary_lines(result, intervals, calibration.level))]
     seg = make_seg(volume.datasets, result, uid("seg-series"), uid("seg"),
                    ctx.config.output.series_number_sc + 2, provenance)
     written.append(("seg", seg, write_output(ctx, study_uid, seg, encode(seg))))
     sr = make_sr(volume.datasets, seg, result, uid("sr-series"), uid("sr"),
                  ctx.config.output.series_number_sr, provenance,
-                 supersedes=previous_reports(ctx, series_id, version))
+                 supersedes=previous_reports(ctx, series_id, version), intervals=intervals,
+                 interval_method=calibration.method_text(samples))
     written.append(("sr", sr, write_output(ctx, study_uid, sr, encode(sr))))
     return queued + queue(written, result)
 

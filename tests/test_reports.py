@@ -91,3 +91,41 @@ def test_references_resolve(analysed) -> None:  # type: ignore[no-untyped-def]
     assert int(seg.NumberOfFrames) == sum(int(m.any(axis=(1, 2)).sum()) for m in masks)
     frames = seg.pixel_array if seg.pixel_array.ndim == 3 else seg.pixel_array[None]
     assert int(frames.astype(bool).sum()) == sum(int(m.sum()) for m in masks)
+
+
+def test_sr_with_intervals_validates_and_reads_back(analysed, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Each lesion's interval travels as TID 310 uncertainty ranges; an interval that
+    reaches below the threshold makes the lesion equivocal, in the SR and on read-back."""
+    from dicom_node.uncertainty import TbrInterval
+
+    volume, result, _ = analysed
+    first = result.lesions[0]
+    intervals = [TbrInterval(lesion=first.number, tbr_max_low=result.threshold - 0.2,
+                             tbr_max_high=first.tbr_max + 0.5, tbr_mean_low=first.tbr_mean - 0.3,
+                             tbr_mean_high=first.tbr_mean + 0.4, sd_model_tbr_max=0.05,
+                             sd_model_tbr_mean=0.03, samples=8, level=0.9, equivocal=True)]
+    for lesion in result.lesions[1:]:
+        intervals.append(TbrInterval(lesion=lesion.number, tbr_max_low=lesion.tbr_max - 0.1,
+                                     tbr_max_high=lesion.tbr_max + 0.1,
+                                     tbr_mean_low=lesion.tbr_mean - 0.1,
+                                     tbr_mean_high=lesion.tbr_mean + 0.1, sd_model_tbr_max=0.01,
+                                     sd_model_tbr_mean=0.01, samples=8, level=0.9,
+                                     equivocal=False))
+    seg = make_seg(volume.datasets, result, "2.25.21", "2.25.21.1", 9903, PROVENANCE)
+    sr = make_sr(volume.datasets, seg, result, "2.25.22", "2.25.22.1", 9902, PROVENANCE,
+                 intervals=intervals, interval_method="90% interval: test")
+    (tmp_path / "sr.dcm").write_bytes(encode(sr))
+    checked = validate_dicom(tmp_path / "sr.dcm")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    report = read_tbr_report(dcmread(tmp_path / "sr.dcm"))
+    read = report.lesions[0]
+    assert read["equivocal"] == 1.0
+    assert read["tbr_max_low"] == pytest.approx(result.threshold - 0.2, abs=1e-3)
+    assert read["tbr_max_high"] == pytest.approx(first.tbr_max + 0.5, abs=1e-3)
+    assert read["tbr_mean_low"] == pytest.approx(first.tbr_mean - 0.3, abs=1e-3)
+    assert read["tbr_mean_high"] == pytest.approx(first.tbr_mean + 0.4, abs=1e-3)
+    assert all(other["equivocal"] == 0.0 for other in report.lesions[1:])
+    # without intervals nothing of the kind is written
+    plain = read_tbr_report(dcmread(analysed[2] / "sr.dcm"))
+    assert all("tbr_max_low" not in lesion and lesion["equivocal"] == 0.0
+               for lesion in plain.lesions)

@@ -314,7 +314,7 @@ def test_example_slices_show_one_brain_slice_per_patient(tmp_path: Path) -> None
     labels[1 * n_slices + 1, 4:6, 4:6] = 1
     labels[1 * n_slices + 2, 4:8, 4:8] = 1
     data = ds.PairedDataset(
-        path=tmp_path, t1c=t1c, fusion=np.zeros((*t1c.shape, 3), np.uint8),
+        path=tmp_path, t1c=t1c, fusion_rgb=np.zeros((*t1c.shape, 3), np.uint8),
         patient_id=np.repeat([f"P{p}" for p in range(n_patients)], n_slices),
         study_uid=np.repeat([f"1.2.{p}" for p in range(n_patients)], n_slices),
         slice_position_mm=np.tile(np.arange(n_slices, dtype=np.float32), n_patients),

@@ -14,8 +14,12 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("training.phantom_cli", "generate phantom PET/MR studies as DICOM"),
     "dataset": ("training.dataset", "build a paired slice dataset from DICOM studies"),
+    "phantom-dataset": ("training.phantom_dataset",
+                        "a phantom training cohort built straight into a dataset"),
     "train": ("training.train", "train Pix2Pix on a dataset"),
     "evaluate": ("training.evaluate", "evaluate weights on a dataset split (report)"),
+    "benchmark": ("training.benchmark",
+                  "the node's path on held-out phantom patients, lesion by lesion"),
     "export": ("training.export", "export a checkpoint's generator as node weights"),
     "demo": ("training.demo", "phantom study -> node -> results back, with a TBR table"),
 }

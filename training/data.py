@@ -49,7 +49,7 @@ class PairedDataset:
 
     path: Path
     t1c: NDArray[np.float16]
-    fusion: NDArray[np.uint8]
+    fusion_rgb: NDArray[np.uint8] | None  # None in a lean dataset (uptake training only)
     patient_id: NDArray[np.str_]
     study_uid: NDArray[np.str_]
     slice_position_mm: NDArray[np.float32]
@@ -81,6 +81,14 @@ class PairedDataset:
         if context_slices == 0:
             return self.t1c[idx].astype(np.float32)
         return self.t1c[self.context_rows(context_slices)[idx]].astype(np.float32)
+
+    @property
+    def fusion(self) -> NDArray[np.uint8]:
+        """(N, S, S, 3) RGB fusion targets; a lean dataset has none."""
+        if self.fusion_rgb is None:
+            raise DatasetError(f"dataset {self.path} is lean (no RGB fusion); it serves "
+                               "uptake training only")
+        return self.fusion_rgb
 
     @property
     def size(self) -> int:
@@ -128,20 +136,25 @@ def load_dataset(path: Path) -> PairedDataset:
             raise DatasetError(f"dataset file missing: {required}")
     with np.load(pairs, allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files}
-    for name in ("t1c", "fusion", "patient_id", "study_uid", "slice_position_mm", "has_tumour"):
+    needed = ["t1c", "patient_id", "study_uid", "slice_position_mm", "has_tumour"]
+    if "uptake" not in arrays:  # only a lean phantom dataset may leave out the fusion
+        needed.append("fusion")
+    for name in needed:
         if name not in arrays:
             raise DatasetError(f"{pairs} has no {name!r} array")
-    t1c, fusion = arrays["t1c"], arrays["fusion"]
+    t1c, fusion = arrays["t1c"], arrays.get("fusion")
     n, size = t1c.shape[0], t1c.shape[-1]
-    if t1c.shape != (n, size, size) or fusion.shape != (n, size, size, 3):
-        raise DatasetError(f"{pairs}: t1c {t1c.shape} / fusion {fusion.shape} are not "
+    if t1c.shape != (n, size, size) or (
+            fusion is not None and fusion.shape != (n, size, size, 3)):
+        raise DatasetError(f"{pairs}: t1c {t1c.shape} / fusion "
+                           f"{None if fusion is None else fusion.shape} are not "
                            "(N, S, S) / (N, S, S, 3)")
     splits = json.loads((path / "splits.json").read_text())
     info = json.loads((path / "dataset.json").read_text())
     return PairedDataset(
         path=path,
         t1c=t1c.astype(np.float16, copy=False),
-        fusion=fusion.astype(np.uint8, copy=False),
+        fusion_rgb=None if fusion is None else fusion.astype(np.uint8, copy=False),
         patient_id=arrays["patient_id"].astype(str),
         study_uid=arrays["study_uid"].astype(str),
         slice_position_mm=arrays["slice_position_mm"].astype(np.float32),

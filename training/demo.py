@@ -26,11 +26,13 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from dicom_node.config import load_config
+from dicom_node.config import NodeConfig, load_config
 from dicom_node.fusion import window_t1c
-from dicom_node.tbr import measure_tbr
-from dicom_node.writers.sr import read_tbr_report
-from training.phantom import PhantomGeometry, generate_patient
+from dicom_node.tbr import Lesion, TbrResult, measure_tbr
+from dicom_node.writers.seg import BACKGROUND_SEGMENT, lesion_segment_number
+from dicom_node.writers.sr import TbrReport, read_tbr_report
+from training.lesion_truth import TruthLesion, match_lesions, segment_masks
+from training.phantom import PhantomGeometry, PhantomPatient, generate_patient
 from training.phantom_dicom import write_patient
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -112,6 +114,71 @@ def _previews(out: Path, t1c: np.ndarray, real: np.ndarray, synthetic: dict[int,
     return path
 
 
+def _cell(lesion: TruthLesion, interval: str = "") -> str:
+    if not lesion.found:
+        return "missed"
+    return f"found {lesion.tbr_max:.2f} / {lesion.tbr_mean:.2f}{interval}"
+
+
+def lesion_table(patient: PhantomPatient, config: NodeConfig, report: TbrReport, seg: Dataset,
+                 t1c_uids: list[str]) -> str:
+    """Every ground-truth lesion: found or missed by the node's TBR method on the real PET
+    uptake, on the synthetic uptake (what the node sent: its SEG's regions and its SR's
+    numbers) and on the oracle uptake, with TBRmax / TBRmean; then the false foci."""
+    spacing = patient.geometry.spacing_mm
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    grey = window_t1c(patient.t1c)
+    analysis = config.analysis
+    measured = {source: measure_tbr(uptake, voxel_ml, analysis.tbr_threshold,
+                                    analysis.min_lesion_volume_ml,
+                                    patient.fusion_style.display_threshold,
+                                    spacing_mm=spacing, t1c_grey=grey)
+                for source, uptake in (("real", patient.uptake),
+                                       ("oracle", patient.oracle_uptake))}
+    matches = {source: match_lesions(patient.tumour_labels, result, spacing,
+                                     patient.uptake if source == "real" else patient.oracle_uptake)
+               for source, result in measured.items()}
+    masks = segment_masks(seg, t1c_uids, patient.tumour_labels.shape)
+    sent = [Lesion(number=int(item["lesion"]), tbr_max=item["tbr_max"],
+                   tbr_mean=item["tbr_mean"], volume_ml=item["volume_ml"], max_uptake=0.0,
+                   mean_uptake=0.0, mask=masks[lesion_segment_number(int(item["lesion"]))])
+            for item in report.lesions]
+    node_result = TbrResult(background_mean=report.background_mean,
+                            background_mask=masks.get(BACKGROUND_SEGMENT,
+                                                      np.zeros(patient.t1c.shape, bool)),
+                            threshold=analysis.tbr_threshold, lesions=sent)
+    matches["synthetic"] = match_lesions(patient.tumour_labels, node_result, spacing,
+                                         np.zeros(patient.t1c.shape, np.float32),
+                                         use_peaks=False)
+    by_number = {int(item["lesion"]): item for item in report.lesions}
+    lines = ["Ground-truth lesions: found or missed by the node's TBR method "
+             f"(threshold {analysis.tbr_threshold:g} x background), TBRmax / TBRmean",
+             f"{'lesion':<7}{'kind':<17}{'mL':>6}  {'real PET':<22}"
+             f"{'synthetic (node SR) [interval]':<46}{'oracle':<22}"]
+    for tumour in patient.tumours:
+        cells = {}
+        for source in ("real", "synthetic", "oracle"):
+            truth = matches[source].of(tumour.label)
+            interval = ""
+            item = by_number.get(truth.finding_number)
+            if source == "synthetic" and item is not None and "tbr_max_low" in item:
+                interval = (f" [{item['tbr_max_low']:.2f}-{item['tbr_max_high']:.2f}]"
+                            + (" EQUIVOCAL" if item.get("equivocal") else ""))
+            cells[source] = _cell(truth, interval)
+        lines.append(f"{tumour.label:<7}{tumour.kind.value:<17}{tumour.voxels * voxel_ml:6.1f}  "
+                     f"{cells['real']:<22}{cells['synthetic']:<46}{cells['oracle']:<22}")
+    if not patient.tumours:
+        lines.append("(this patient has no tumour)")
+    for source in ("real", "synthetic", "oracle"):
+        foci = matches[source].false_foci
+        text = ", ".join(f"{f.volume_ml:.1f} mL at TBRmax {f.tbr_max:.2f}" for f in foci)
+        lines.append(f"false foci on {source}: {len(foci)}" + (f" ({text})" if foci else ""))
+    lines.append(f"background mean uptake: synthetic {report.background_mean:.3f}, real "
+                 f"{measured['real'].background_mean:.3f}, oracle "
+                 f"{measured['oracle'].background_mean:.3f}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config(Path(args.config))
     out = Path(args.out).resolve()
@@ -181,29 +248,12 @@ def run(args: argparse.Namespace) -> int:
         inbox.stop()
 
     sr = next(ds for ds in inbox.datasets if ds.SOPClassUID == SR_CLASS)
+    seg = next(ds for ds in inbox.datasets if ds.SOPClassUID == SEG_CLASS)
     report = read_tbr_report(sr)
-    same_method = measure_tbr(patient.uptake, float(np.prod(patient.geometry.spacing_mm)) / 1000,
-                              config.analysis.tbr_threshold, config.analysis.min_lesion_volume_ml,
-                              patient.fusion_style.display_threshold,
-                              spacing_mm=patient.geometry.spacing_mm,
-                              t1c_grey=window_t1c(patient.t1c))
     print(f"\nResults back in PACS {elapsed:.1f} s after the last instance was sent "
           f"(includes the completion grace period).\n")
-    print("Tumour-to-background ratios")
-    print(f"{'source':44} {'lesion':>6} {'TBRmax':>7} {'TBRmean':>8} {'vol mL':>7}")
-    for t in patient.tumours:
-        print(f"{'phantom ground truth (' + t.kind.value + ')':44} {t.label:>6} {t.tbr_max:7.2f} "
-              f"{t.tbr_mean:8.2f} {'':>7}")
-    for lesion in same_method.lesions:
-        print(f"{'node method on the real PET uptake':44} {lesion.number:>6} {lesion.tbr_max:7.2f} "
-              f"{lesion.tbr_mean:8.2f} {lesion.volume_ml:7.1f}")
-    for item in report.lesions:
-        print(f"{'node on synthetic uptake (SR)':44} {int(item['lesion']):>6} {item['tbr_max']:7.2f} "
-              f"{item['tbr_mean']:8.2f} {item['volume_ml']:7.1f}")
-    if not report.lesions:
-        print(f"{'node on synthetic uptake (SR)':44} no lesion above threshold")
-    print(f"background mean uptake: synthetic {report.background_mean:.3f}, "
-          f"real (node method) {same_method.background_mean:.3f}")
+    t1c_uids = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths.t1c]
+    print(lesion_table(patient, config, report, seg, t1c_uids))
 
     synthetic = {int(ds.InstanceNumber) - 1: ds.pixel_array for ds in inbox.datasets
                  if ds.SOPClassUID == SC_CLASS}

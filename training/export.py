@@ -35,6 +35,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s: none)")
     parser.add_argument("--test-weights", action="store_true",
                         help="mark the card as test weights (not a trained model)")
+    parser.add_argument("--training-seeds", default="",
+                        help="phantom cohort seeds trained on, comma-separated (the card's "
+                             "cohorts; `benchmark` refuses them as test cohorts)")
+    parser.add_argument("--validation-seeds", default="",
+                        help="cohort seeds every choice was made on, comma-separated")
+    parser.add_argument("--sealed-test-seed", type=int, default=None,
+                        help="the sealed test cohort's seed, drawn after the choices were "
+                             "frozen; `benchmark --cohort sealed-test` evaluates it once")
+    parser.add_argument("--validation-benchmark", type=Path, default=None,
+                        help="summary.json of `benchmark --cohort validation`: its lesion "
+                             "figures go into the card, and its residual SDs calibrate the "
+                             "TBR intervals (dicom_node/uncertainty.py)")
+    parser.add_argument("--interval-level", type=float, default=0.9,
+                        help="two-sided level of the TBR intervals (%(default)s)")
+    parser.add_argument("--sealed-test-benchmark", type=Path, default=None,
+                        help="summary.json of `benchmark --cohort sealed-test` of these very "
+                             "weights: recorded in the card, which then refuses a second one")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,10 +59,16 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics is not None:
         metrics = json.loads(args.metrics.read_text())
     try:
+        cohorts = cohorts_from(args.training_seeds, args.validation_seeds, args.sealed_test_seed)
+        validation = (json.loads(args.validation_benchmark.read_text())
+                      if args.validation_benchmark else None)
+        sealed = (json.loads(args.sealed_test_benchmark.read_text())
+                  if args.sealed_test_benchmark else None)
+        extras = benchmark_extras(validation, sealed, args.interval_level, cohorts)
         sha, card = export_checkpoint(args.checkpoint, args.out, name=args.name,
                                       version=args.version, test_metrics=metrics,
                                       fp16=not args.fp32, test_weights=args.test_weights,
-                                      slice_smoothing_mm=args.slice_smoothing_mm)
+                                      slice_smoothing_mm=args.slice_smoothing_mm, **extras)
     except (FileNotFoundError, ValueError, WeightsError) as exc:
         print(f"error: {exc}")
         return 2
@@ -54,6 +77,63 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({card.architecture}, ngf {card.ngf}, {card.output_kind}{smoothing})")
     print(f"sha256: {sha}")
     return 0
+
+
+def cohorts_from(training: str, validation: str, sealed: int | None) -> dict[str, Any]:
+    def seeds(text: str) -> list[int]:
+        return [int(v) for v in text.split(",") if v.strip()]
+
+    out: dict[str, Any] = {}
+    if training:
+        out["training_seeds"] = seeds(training)
+    if validation:
+        out["validation_seeds"] = seeds(validation)
+    if sealed is not None:
+        if sealed in out.get("training_seeds", []) + out.get("validation_seeds", []):
+            raise ValueError(f"--sealed-test-seed {sealed} is also a training or validation seed")
+        out["sealed_test_seed"] = sealed
+    return out
+
+
+def _benchmark_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """The lesion-level figures of a benchmark summary, compact for the card."""
+    per = summary["per_source"]
+    return {
+        "seed": summary["meta"]["seed"], "cohort": summary["meta"]["cohort"],
+        "patients": summary["patients"], "lesions": summary["lesions"],
+        "weights_sha256": summary["meta"]["sha256"],
+        "found": {s: per[s]["found"] for s in per},
+        "false_foci_per_patient": {s: per[s]["false_foci_per_patient"] for s in per},
+        "r_voi_tbr_max": {s: per[s]["voi_tbr_max"]["r"]["r"] for s in per if s != "real"},
+        "r_voi_tbr_mean": {s: per[s]["voi_tbr_mean"]["r"]["r"] for s in per if s != "real"},
+        "bias_voi_tbr_max": {s: per[s]["voi_tbr_max"]["bias"] for s in per if s != "real"},
+        "intervals": summary["intervals"],
+        "checks_passed": [k for k, v in summary["checks"].items() if v["pass"]],
+        "checks_failed": [k for k, v in summary["checks"].items() if not v["pass"]],
+    }
+
+
+def benchmark_extras(validation: dict[str, Any] | None, sealed: dict[str, Any] | None,
+                     level: float, cohorts: dict[str, Any]) -> dict[str, Any]:
+    """Card fields from benchmark summaries: cohorts, interval calibration, figures."""
+    extras: dict[str, Any] = {"cohorts": cohorts, "benchmarks": {}, "tbr_interval": {}}
+    if validation is not None:
+        if validation["meta"]["cohort"] != "validation":
+            raise ValueError("--validation-benchmark is not a validation cohort's summary")
+        iv = validation["intervals"]
+        extras["benchmarks"]["validation"] = _benchmark_figures(validation)
+        extras["tbr_interval"] = {
+            "residual_sd_tbr_max": iv["residual_sd_tbr_max"],
+            "residual_sd_tbr_mean": iv["residual_sd_tbr_mean"], "level": level,
+            "source": (f"validation cohort seed {validation['meta']['seed']}, "
+                       f"{iv['n_coverage'] or 'n/a'} lesions found on real and synthetic")}
+    if sealed is not None:
+        if sealed["meta"]["cohort"] != "sealed-test":
+            raise ValueError("--sealed-test-benchmark is not a sealed test cohort's summary")
+        if sealed["meta"]["seed"] != cohorts.get("sealed_test_seed"):
+            raise ValueError("--sealed-test-benchmark's seed is not --sealed-test-seed")
+        extras["benchmarks"]["sealed_test"] = _benchmark_figures(sealed)
+    return extras
 
 
 def method_text(config: dict[str, Any]) -> str:
@@ -81,7 +161,10 @@ def method_text(config: dict[str, Any]) -> str:
 
 def model_card(state: dict[str, Any], name: str | None = None, version: str = "1",
                test_metrics: dict[str, Any] | None = None,
-               test_weights: bool = False, slice_smoothing_mm: float = 0.0) -> ModelCard:
+               test_weights: bool = False, slice_smoothing_mm: float = 0.0,
+               cohorts: dict[str, Any] | None = None,
+               benchmarks: dict[str, Any] | None = None,
+               tbr_interval: dict[str, Any] | None = None) -> ModelCard:
     """The model card of a checkpoint's generator."""
     config = state["config"]
     resolved = state["resolved"]
@@ -120,11 +203,16 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         "init_generator_sha256": resolved.get("init_generator_sha256"),
         "device": resolved.get("device_resolved"),
         "mixed_precision": resolved.get("mixed_precision"),
+        "bf16": config.get("bf16", False),
+        "augment": {k: config.get(f"augment_{k}", 0.0)
+                    for k in ("rotation_deg", "scale", "shift_px")},
         "method": method_text(config),
     }
     metrics: dict[str, Any] = {"validation": history.get("last_validation", {})}
     if test_metrics is not None:
         metrics["test"] = test_metrics
+    for key, figures in (benchmarks or {}).items():
+        metrics[f"{key}_benchmark" if key == "validation" else key] = figures
     return ModelCard(
         name=name or f"dicom-node-pix2pix-{config['target']}",
         version=version,
@@ -140,16 +228,21 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         context_spacing_mm=float(resolved.get("slice_spacing_mm", 0.0))
         if config.get("context_slices", 0) else 0.0,
         slice_smoothing_mm=float(slice_smoothing_mm),
+        cohorts=dict(cohorts or {}),
+        tbr_interval=dict(tbr_interval or {}),
     )
 
 
 def export_checkpoint(checkpoint: Path, out: Path, name: str | None = None, version: str = "1",
                       test_metrics: dict[str, Any] | None = None, fp16: bool = True,
-                      test_weights: bool = False, slice_smoothing_mm: float = 0.0
-                      ) -> tuple[str, ModelCard]:
+                      test_weights: bool = False, slice_smoothing_mm: float = 0.0,
+                      cohorts: dict[str, Any] | None = None,
+                      benchmarks: dict[str, Any] | None = None,
+                      tbr_interval: dict[str, Any] | None = None) -> tuple[str, ModelCard]:
     """Write the generator of ``checkpoint`` as a node weights file; return (sha256, card)."""
     state = load_checkpoint(checkpoint)
-    card = model_card(state, name, version, test_metrics, test_weights, slice_smoothing_mm)
+    card = model_card(state, name, version, test_metrics, test_weights, slice_smoothing_mm,
+                      cohorts, benchmarks, tbr_interval)
     generator = build_generator(card.architecture, card.ngf, input_nc=card.input_channels,
                                 output_nc=card.output_channels)
     # The weight average when the run kept one (--ema-decay), else the generator itself.

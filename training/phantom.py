@@ -375,8 +375,14 @@ def generate_patient(
     geometry: PhantomGeometry | None = None,
     style: FusionStyle | None = None,
     tumour_model: TumourUptakeModel = TUMOUR_MODEL,
+    tumour_count_p: tuple[float, float, float] = NUMBER_OF_TUMOURS_P,
 ) -> PhantomPatient:
-    """One synthetic patient, fully determined by ``(index, seed, geometry)``."""
+    """One synthetic patient, fully determined by ``(index, seed, geometry)``.
+
+    ``tumour_count_p`` (probabilities of 0, 1 and 2 tumours) lets a training cohort be
+    enriched with tumours; the draw consumes the same random numbers whatever the
+    probabilities, so the default reproduces every standard cohort exactly.
+    """
     geometry = geometry or PhantomGeometry()
     style = style or FusionStyle()
     rng = patient_rng(index, seed)
@@ -421,7 +427,7 @@ def generate_patient(
     striatum &= brain
 
     # Tumours, placed in patient space at locations chosen by their MNI coordinates.
-    n_tumours = int(rng.choice(3, p=NUMBER_OF_TUMOURS_P))
+    n_tumours = int(rng.choice(3, p=list(tumour_count_p)))
     labels = np.zeros(shape, dtype=np.uint8)
     necrosis = np.zeros(shape, dtype=bool)
     oedema = np.zeros(shape, dtype=bool)

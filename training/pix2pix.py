@@ -104,6 +104,7 @@ class Pix2PixConfig:
     epochs: int = 100
     decay_epochs: int = 100
     ema_decay: float = 0.0  # 0 = no weight average (as published)
+    cpu_bf16: bool = False  # bfloat16 autocast on the CPU (AVX-512 BF16: about 2x a step)
 
 
 class Pix2Pix:
@@ -136,6 +137,8 @@ class Pix2Pix:
         self.l1_loss = nn.L1Loss()
 
     def autocast(self) -> torch.autocast:
+        if self.device.type == "cpu" and self.config.cpu_bf16:
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
         return torch.autocast(device_type=self.device.type, dtype=torch.float16,
                               enabled=self.use_amp)
 

@@ -7,7 +7,14 @@ Layout (see docs/conformance-statement.md for the full tree):
   segment, with TBRmax (derivation Maximum) and TBRmean (derivation Mean), unit
   UCUM "1", the biological tumour volume in mL, and the algorithm identification
   (model name, version, parameters: weights sha256, threshold, method, the
-  statement that the values were measured on synthetic uptake).
+  statement that the values were measured on synthetic uptake). With an interval
+  (:mod:`dicom_node.uncertainty`), the group also holds the interval's limits and the
+  model's sampling SD of TBRmax and TBRmean as measurements of their own (private
+  concepts, e.g. "TBRmax interval lower limit"; TID 310's uncertainty ranges would be
+  the natural home, but pixelmed's validator does not accept them under TID 1419), the
+  algorithm's parameters name the interval's method and level, and a lesion whose
+  TBRmax interval reaches below the threshold is "Lesion N (equivocal)" in its tracking
+  identifier (a qualitative evaluation item is not accepted there by pixelmed either).
 - The background group: referencing the background segment, with its mean uptake.
 - No lesion above threshold: the background group's tracking identifier says so.
 
@@ -17,16 +24,19 @@ CodingSchemeIdentificationSequence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID
-from dicom_node.tbr import TbrResult
+from dicom_node.tbr import Lesion, TbrResult
 from dicom_node.uids import hashed_uid
+from dicom_node.uncertainty import TbrInterval
 from dicom_node.writers.provenance import (
     OUTPUT_CHARACTER_SET,
     PRIVATE_SCHEME,
@@ -46,6 +56,20 @@ SYNTHETIC_METHOD = hd.sr.CodedConcept("SYNTHPET", PRIVATE_SCHEME,
                                       "Measured on synthetic PET uptake from Pix2Pix")
 UNIT_RATIO = hd.sr.CodedConcept("1", "UCUM", "no units")
 UNIT_ML = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
+#: Each lesion's interval (dicom_node/uncertainty.py), as measurements of their own.
+INTERVAL_CONCEPTS = {
+    "tbr_max_low": hd.sr.CodedConcept("TBRMAXLO", PRIVATE_SCHEME, "TBRmax interval lower limit"),
+    "tbr_max_high": hd.sr.CodedConcept("TBRMAXHI", PRIVATE_SCHEME, "TBRmax interval upper limit"),
+    "tbr_mean_low": hd.sr.CodedConcept("TBRMEANLO", PRIVATE_SCHEME,
+                                       "TBRmean interval lower limit"),
+    "tbr_mean_high": hd.sr.CodedConcept("TBRMEANHI", PRIVATE_SCHEME,
+                                        "TBRmean interval upper limit"),
+    "sd_model_tbr_max": hd.sr.CodedConcept("TBRMAXSD", PRIVATE_SCHEME,
+                                           "TBRmax SD over model samples"),
+    "sd_model_tbr_mean": hd.sr.CodedConcept("TBRMEANSD", PRIVATE_SCHEME,
+                                            "TBRmean SD over model samples"),
+}
+EQUIVOCAL_MARK = " (equivocal)"
 
 
 def _content_uid(sop_uid: str, label: str) -> UID:
@@ -53,7 +77,8 @@ def _content_uid(sop_uid: str, label: str) -> UID:
     return hashed_uid(sop_uid, label)
 
 
-def _algorithm(provenance: Provenance, result: TbrResult) -> hd.sr.AlgorithmIdentification:
+def _algorithm(provenance: Provenance, result: TbrResult, interval_method: str = ""
+               ) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=provenance.model_name[:64],
         version=provenance.model_version[:64],
@@ -62,6 +87,7 @@ def _algorithm(provenance: Provenance, result: TbrResult) -> hd.sr.AlgorithmIden
             f"threshold {result.threshold:g} x background mean",
             f"minimum lesion volume {result.min_lesion_volume_ml:g} mL",
             f"method: {result.method}",
+            *([f"interval: {interval_method}"] if interval_method else []),
             SYNTHETIC_STATEMENT,
         ],
     )
@@ -75,6 +101,27 @@ def _segment_ref(seg: Dataset, number: int) -> hd.sr.ReferencedSegment:
             str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)))
 
 
+def _tbr_measurements(lesion: Lesion, interval: TbrInterval | None,
+                      algorithm: hd.sr.AlgorithmIdentification) -> list[hd.sr.Measurement]:
+    def num(concept: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept = UNIT_RATIO,
+            derivation: Code | None = None) -> hd.sr.Measurement:
+        return hd.sr.Measurement(name=concept, value=round(value, 4), unit=unit,
+                                 derivation=derivation, method=SYNTHETIC_METHOD,
+                                 algorithm_id=algorithm)
+
+    items = [num(TBR, lesion.tbr_max, derivation=codes.SCT.Maximum),
+             num(TBR, lesion.tbr_mean, derivation=codes.SCT.Mean),
+             num(codes.SCT.Volume, lesion.volume_ml, UNIT_ML)]
+    if interval is not None:
+        items += [num(INTERVAL_CONCEPTS["tbr_max_low"], interval.tbr_max_low),
+                  num(INTERVAL_CONCEPTS["tbr_max_high"], interval.tbr_max_high),
+                  num(INTERVAL_CONCEPTS["tbr_mean_low"], interval.tbr_mean_low),
+                  num(INTERVAL_CONCEPTS["tbr_mean_high"], interval.tbr_mean_high),
+                  num(INTERVAL_CONCEPTS["sd_model_tbr_max"], interval.sd_model_tbr_max),
+                  num(INTERVAL_CONCEPTS["sd_model_tbr_mean"], interval.sd_model_tbr_mean)]
+    return items
+
+
 def make_sr(
     source_datasets: list[Dataset],
     seg: Dataset,
@@ -84,27 +131,22 @@ def make_sr(
     series_number: int,
     provenance: Provenance,
     supersedes: list[Dataset] | None = None,
+    intervals: Sequence[TbrInterval] = (),
+    interval_method: str = "",
 ) -> Dataset:
-    algorithm = _algorithm(provenance, result)
+    algorithm = _algorithm(provenance, result, interval_method if intervals else "")
+    by_lesion = {interval.lesion: interval for interval in intervals}
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
     for lesion in result.lesions:
-        measurements = [
-            hd.sr.Measurement(name=TBR, value=round(lesion.tbr_max, 4), unit=UNIT_RATIO,
-                              derivation=codes.SCT.Maximum, method=SYNTHETIC_METHOD,
-                              algorithm_id=algorithm),
-            hd.sr.Measurement(name=TBR, value=round(lesion.tbr_mean, 4), unit=UNIT_RATIO,
-                              derivation=codes.SCT.Mean, method=SYNTHETIC_METHOD,
-                              algorithm_id=algorithm),
-            hd.sr.Measurement(name=codes.SCT.Volume, value=round(lesion.volume_ml, 4),
-                              unit=UNIT_ML, method=SYNTHETIC_METHOD, algorithm_id=algorithm),
-        ]
+        interval = by_lesion.get(lesion.number)
+        equivocal = interval is not None and interval.equivocal
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=_content_uid(sop_uid, f"lesion-{lesion.number}"),
-                identifier=f"Lesion {lesion.number}"),
+                identifier=f"Lesion {lesion.number}" + (EQUIVOCAL_MARK if equivocal else "")),
             referenced_segment=_segment_ref(seg, lesion_segment_number(lesion.number)),
             finding_type=codes.SCT.Neoplasm,
-            measurements=measurements,
+            measurements=_tbr_measurements(lesion, interval, algorithm),
         ))
     background_label = ("TBR background" if result.lesions
                         else f"TBR background; {result.finding}")
@@ -158,6 +200,9 @@ class TbrReport:
     lesions: list[dict[str, float]]
 
 
+INTERVAL_KEYS = {concept.value: key for key, concept in INTERVAL_CONCEPTS.items()}
+
+
 def _items(ds: Dataset) -> list[Dataset]:
     return list(ds.get("ContentSequence", []))
 
@@ -187,16 +232,19 @@ def read_tbr_report(sr: Dataset) -> TbrReport:
                     derivation = next((str(m.ConceptCodeSequence[0].CodeValue)
                                        for m in _items(child) if _concept(m) == "121401"), "")
                     concept = _concept(child)
-                    if concept == TBR.value and derivation == codes.SCT.Maximum.value:
-                        group["tbr_max"] = value
-                    elif concept == TBR.value and derivation == codes.SCT.Mean.value:
-                        group["tbr_mean"] = value
+                    key = ("tbr_max" if derivation == codes.SCT.Maximum.value else
+                           "tbr_mean" if derivation == codes.SCT.Mean.value else "")
+                    if concept == TBR.value and key:
+                        group[key] = value
+                    elif concept in INTERVAL_KEYS:
+                        group[INTERVAL_KEYS[concept]] = value
                     elif concept == codes.SCT.Volume.value:
                         group["volume_ml"] = value
                     elif concept == BACKGROUND_UPTAKE.value:
                         background = value
                 if "tbr_max" in group and label.startswith("Lesion "):
                     group["lesion"] = float(label.split()[1])
+                    group["equivocal"] = float(label.endswith(EQUIVOCAL_MARK))
                     lesions.append(group)
             else:
                 visit(item)

@@ -1,0 +1,206 @@
+"""The lesion-level benchmark through the node's own path, its evaluation protocol, and the
+training-cohort helpers it relies on (in-memory phantom datasets, augmentation,
+uncertainty sampling)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dicom_node.generator import build_generator
+from dicom_node.inference import Predictor
+from dicom_node.model_weights import ModelCard, load_weights, save_weights
+from dicom_node.tbr import Lesion, TbrResult
+from dicom_node.uncertainty import Calibration, lesion_intervals
+from training.augment import AffineAugment, warp
+from training.benchmark import CohortError, check_cohort, run_benchmark
+from training.dataset import build_dataset, load_pairs
+from training.phantom import PhantomGeometry, generate_patient
+from training.phantom_dataset import CohortSpec, build_phantom_dataset, kept_slices, patient_arrays
+from training.phantom_dicom import write_patient
+
+SMALL = PhantomGeometry(rows=128, cols=128, pixel_spacing_mm=2.0, slice_spacing_mm=4.0)
+
+
+def _card(**changes: object) -> ModelCard:
+    card = ModelCard(name="t", version="0", architecture="unet_128", ngf=8, output_kind="uptake",
+                     test_weights=True)
+    return dataclasses.replace(card, **changes)  # type: ignore[arg-type]
+
+
+def _uptake_weights(path: Path, **changes: object) -> Path:
+    torch.manual_seed(0)
+    card = _card(**changes)
+    save_weights(build_generator("unet_128", 8, output_nc=1), card, path)
+    return path
+
+
+# --- protocol -------------------------------------------------------------------------------
+
+
+def test_sealed_cohort_must_be_declared_fresh_and_unused() -> None:
+    frozen = {"training_seeds": [100], "validation_seeds": [200], "sealed_test_seed": 300}
+    with pytest.raises(CohortError, match="declares no sealed"):
+        check_cohort(_card(), "sealed-test", 300)
+    with pytest.raises(CohortError, match="not the card's sealed"):
+        check_cohort(_card(cohorts=frozen), "sealed-test", 301)
+    reused = {**frozen, "sealed_test_seed": 200}
+    with pytest.raises(CohortError, match="used for training or choices"):
+        check_cohort(_card(cohorts=reused), "sealed-test", 200)
+    with pytest.raises(CohortError, match="already evaluated"):
+        check_cohort(_card(cohorts=frozen, metrics={"sealed_test": {"patients": 40}}),
+                     "sealed-test", 300)
+    check_cohort(_card(cohorts=frozen), "sealed-test", 300)  # the one allowed evaluation
+
+
+def test_choices_never_use_the_sealed_or_training_cohort() -> None:
+    frozen = {"training_seeds": [100], "validation_seeds": [200], "sealed_test_seed": 300}
+    with pytest.raises(CohortError, match="sealed test cohort"):
+        check_cohort(_card(cohorts=frozen), "validation", 300)
+    with pytest.raises(CohortError, match="training cohort"):
+        check_cohort(_card(cohorts=frozen), "validation", 100)
+    with pytest.raises(CohortError, match="not one of the card's training"):
+        check_cohort(_card(cohorts=frozen), "training", 200)
+    check_cohort(_card(cohorts=frozen), "validation", 200)
+    check_cohort(_card(cohorts=frozen), "training", 100)
+
+
+# --- the benchmark, end to end on a small phantom ------------------------------------------
+
+
+def test_benchmark_reports_lesions_per_uptake(tmp_path: Path) -> None:
+    weights = _uptake_weights(tmp_path / "w.pt")
+    model = load_weights(weights)
+    out = tmp_path / "bench"
+    # patient 4 of seed 0 has a tumour the node finds on the real uptake (test_reports.py)
+    summary = run_benchmark(model, 0, range(4, 5), "validation", out, 1.6, 0.1, samples=3,
+                            progress=False, geometry=SMALL)
+    truth = generate_patient(4, 0, SMALL)
+    assert summary["lesions"] == len(truth.tumours) >= 1
+    real = summary["per_source"]["real"]
+    assert real["found"] >= 1 and summary["per_source"]["oracle"]["found"] >= 1
+    for name in ("report.md", "summary.json", "lesions.csv", "false_foci.png",
+                 "worst_misses.png", "false_foci.json"):
+        assert (out / name).is_file(), name
+    written = json.loads((out / "summary.json").read_text())
+    assert written["meta"]["sha256"] == model.sha256 and written["meta"]["cohort"] == "validation"
+    assert set(written["checks"]) >= {"detection", "false_foci", "tbr_max_bias"}
+    report = (out / "report.md").read_text()
+    assert "lesions found" in report and "false foci" in report
+    # the sealed cohort is refused before anything runs
+    with pytest.raises(CohortError):
+        run_benchmark(model, 0, range(1), "sealed-test", tmp_path / "x", 1.6, 0.1, samples=0,
+                      progress=False, geometry=SMALL)
+    assert not (tmp_path / "x").exists()
+
+
+# --- training cohorts ----------------------------------------------------------------------
+
+
+def test_phantom_dataset_equals_the_dicom_path(tmp_path: Path) -> None:
+    """The in-memory cohort stores exactly what `phantom` + `dataset` store."""
+    spec = CohortSpec(seed=5, size=64, slice_spacing_mm=6.0)
+    patient = generate_patient(1, 5, spec.geometry)
+    write_patient(patient, tmp_path / "studies")
+    build_dataset(tmp_path / "studies", tmp_path / "ds", size=64, progress=False)
+    reference = load_pairs(tmp_path / "ds")
+    mine = patient_arrays(1, spec)
+    mine.pop("tumours")
+    assert set(mine) == set(reference)
+    for key, value in reference.items():
+        np.testing.assert_array_equal(mine[key], value, err_msg=key)
+
+
+def test_enriched_lean_cohort(tmp_path: Path) -> None:
+    spec = CohortSpec(seed=7, size=64, slice_spacing_mm=8.0, tumour_count_p=(0.0, 0.0, 1.0),
+                      normal_slice_fraction=0.0, tumour_reach_slices=1, lean=True)
+    info = build_phantom_dataset(spec, 3, tmp_path / "ds", val_patients=1, progress=False)
+    pairs = load_pairs(tmp_path / "ds")
+    assert "fusion" not in pairs and "uptake" in pairs
+    assert info["counts"]["tumours"] >= 5  # type: ignore[index]
+    splits = json.loads((tmp_path / "ds" / "splits.json").read_text())
+    assert len(splits["patients"]["val"]) == 1 and not splits["test"]
+    # only slices within one slice of a tumour are kept
+    for index in range(3):
+        labels = generate_patient(index, 7, spec.geometry,
+                                  tumour_count_p=spec.tumour_count_p).tumour_labels
+        keep = kept_slices(labels, spec, index)
+        tumour = np.flatnonzero(labels.any(axis=(1, 2)))
+        assert all(np.min(np.abs(tumour - k)) <= 1 for k in keep)
+    from training.data import load_dataset
+
+    data = load_dataset(tmp_path / "ds")
+    with pytest.raises(Exception, match="lean"):
+        _ = data.fusion
+
+
+def test_default_tumour_counts_reproduce_standard_cohorts() -> None:
+    geometry = PhantomGeometry(rows=64, cols=64, pixel_spacing_mm=4.0, slice_spacing_mm=8.0)
+    a = generate_patient(3, 1, geometry)
+    b = generate_patient(3, 1, geometry, tumour_count_p=(0.1, 0.6, 0.3))
+    np.testing.assert_array_equal(a.t1c, b.t1c)
+    np.testing.assert_array_equal(a.uptake, b.uptake)
+
+
+def test_augmentation_moves_input_and_target_together() -> None:
+    gen = torch.Generator().manual_seed(0)
+    image = torch.zeros(4, 1, 32, 32)
+    image[:, :, 8:20, 10:14] = 1.0
+    x, y = image * 2 - 1, image * 2 - 1
+    theta = AffineAugment(20.0, 0.1, 4.0).matrices(4, 32, gen)
+    wx, wy = warp(x, theta, -1.0), warp(y, theta, -1.0)
+    assert torch.equal(wx, wy) and not torch.allclose(wx, x)
+    assert float(wx.min()) >= -1.0 - 1e-6  # the outside comes in as background
+    still = AffineAugment().matrices(2, 32, gen)
+    assert torch.allclose(warp(x[:2], still, -1.0), x[:2], atol=1e-5)
+    assert not AffineAugment().active
+
+
+# --- uncertainty ---------------------------------------------------------------------------
+
+
+def test_sampling_is_seeded_and_varies(tmp_path: Path) -> None:
+    model = load_weights(_uptake_weights(tmp_path / "w.pt"))
+    predictor = Predictor(model, torch.device("cpu"), batch_size=4)
+    grey = np.random.default_rng(0).random((6, 40, 48)).astype(np.float32)
+    a = predictor.sample_uptake(grey, 3, slice_spacing_mm=2.0)
+    b = predictor.sample_uptake(grey, 3, slice_spacing_mm=2.0)
+    assert a.shape == (3, 6, 128, 128)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[0], a[2])  # dropout differs between passes
+    # the node's own prediction is untouched (eval mode, deterministic)
+    first = predictor.predict(grey * 1000.0).uptake
+    np.testing.assert_array_equal(first, predictor.predict(grey * 1000.0).uptake)
+    assert all(not m.training for m in model.generator.modules())
+
+
+def test_intervals_combine_sampling_and_calibration() -> None:
+    shape = (4, 128, 128)
+    lesion_mask = np.zeros(shape, bool)
+    lesion_mask[1:3, 40:60, 40:60] = True
+    background = np.zeros(shape, bool)
+    background[:, 80:120, 20:100] = True
+    lesion = Lesion(number=1, tbr_max=2.0, tbr_mean=1.8, volume_ml=1.0, max_uptake=2.0,
+                    mean_uptake=1.8, mask=lesion_mask)
+    result = TbrResult(background_mean=1.0, background_mask=background, threshold=1.6,
+                       lesions=[lesion])
+    samples = np.ones((5, *shape), np.float32)
+    for i in range(5):
+        samples[i][lesion_mask] = 1.8 + 0.05 * i
+    calibration = Calibration(residual_sd_tbr_max=0.3, residual_sd_tbr_mean=0.2, level=0.9)
+    (interval,) = lesion_intervals(samples, result, calibration)
+    sd = float(np.std([1.8 + 0.05 * i for i in range(5)], ddof=1))
+    assert interval.sd_model_tbr_max == pytest.approx(sd, rel=1e-4)
+    half = calibration.z * math.hypot(sd, 0.3)
+    assert interval.tbr_max_low == pytest.approx(2.0 - half, rel=1e-4)
+    assert interval.tbr_max_high == pytest.approx(2.0 + half, rel=1e-4)
+    assert interval.equivocal  # 2.0 - 0.5 reaches below 1.6
+    narrow = lesion_intervals(samples, result, Calibration())[0]
+    assert not narrow.equivocal and narrow.tbr_max_low > 1.6
+    assert "only" in Calibration().method_text(8) and Calibration().z == pytest.approx(1.645, abs=1e-3)
