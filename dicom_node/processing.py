@@ -361,7 +361,7 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
     sr = make_sr(volume.datasets, seg, result, uid("sr-series"), uid("sr"),
                  ctx.config.output.series_number_sr, provenance,
                  supersedes=previous_reports(ctx, series_id, version), intervals=intervals,
-                 interval_method=calibration.method_text(samples))
+                 interval_method=calibration.method_text(samples) if draws is not None else "")
     written.append(("sr", sr, write_output(ctx, study_uid, sr, encode(sr))))
     return queued + queue(written, result)
 

@@ -119,6 +119,21 @@ def test_uptake_model_output_is_fused_over_the_t1c(
     sc = [ds for ds in pynetdicom_pacs.received.read_all()
           if ds.SOPClassUID == SecondaryCaptureImageStorage]
     assert all(sha in ds.ContributingEquipmentSequence[0].ContributionDescription for ds in sc)
+    # the stochastic passes behind the TBR intervals ran (analysis.uncertainty_samples = 8
+    # by default), and the report says how the intervals were made
+    sr = next(ds for ds in pynetdicom_pacs.received.read_all()
+              if ds.SOPClassUID == COMPREHENSIVE_3D_SR)
+    texts: list[str] = []
+
+    def walk(node) -> None:  # type: ignore[no-untyped-def]
+        for item in node.get("ContentSequence", []):
+            if item.ValueType == "TEXT":
+                texts.append(str(item.TextValue))
+            walk(item)
+
+    walk(sr)
+    assert any(t.startswith("interval: 90% interval: 8 passes of Monte Carlo dropout")
+               for t in texts), texts
 
 
 def test_non_t1c_series_are_stored_and_skipped_with_reason(

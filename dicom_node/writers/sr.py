@@ -134,7 +134,7 @@ def make_sr(
     intervals: Sequence[TbrInterval] = (),
     interval_method: str = "",
 ) -> Dataset:
-    algorithm = _algorithm(provenance, result, interval_method if intervals else "")
+    algorithm = _algorithm(provenance, result, interval_method)
     by_lesion = {interval.lesion: interval for interval in intervals}
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
     for lesion in result.lesions:
