@@ -58,7 +58,7 @@ demo-model: install
 	  --out $(DEMO_DATA)/run/generator-s$(DEMO_SMOOTHING).pt --name fdopa-demo --version 3.0 \
 	  --slice-smoothing-mm $(DEMO_SMOOTHING) --training-seeds 100 --validation-seeds 200
 	$(VENV)/bin/dicom-node-train benchmark --weights $(DEMO_DATA)/run/generator-s$(DEMO_SMOOTHING).pt \
-	  --seed 200 --patients 60 --cohort validation --out $(DEMO_DATA)/val200
+	  --seed 200 --patients 60 --cohort validation --out $(DEMO_DATA)/val200 --uncertainty-samples 0
 	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run/checkpoint.pt \
 	  --out $(DEMO_DATA)/run/generator-frozen.pt --name fdopa-demo --version 3.0 \
 	  --slice-smoothing-mm $(DEMO_SMOOTHING) --training-seeds 100 --validation-seeds 200 \

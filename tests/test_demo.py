@@ -32,8 +32,11 @@ def test_demo_runs_the_main_job(tmp_path: Path) -> None:
                              str(config), "--out", str(out), "--slice-spacing-mm", "4"],
                             capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Tumour-to-background ratios" in result.stdout
-    assert "node on synthetic uptake (SR)" in result.stdout
+    # every ground-truth lesion with its fate on real, synthetic and oracle uptake
+    assert "Ground-truth lesions: found or missed by the node's TBR method" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if re.match(r"^\d+\s+\w+_enhancing", line)]
+    assert rows and all(("found" in row or "missed" in row) for row in rows)
+    assert "false foci on synthetic:" in result.stdout
     assert (out / "previews.png").stat().st_size > 10_000
     received = sorted((out / "received").glob("*.dcm"))
     t1c = list((out / "phantom").rglob("T1C/*.dcm"))
