@@ -319,8 +319,9 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
     def uid(kind: str, index: int = 0) -> UID:
         return derive_uid(fingerprint, sha, version, kind, index)
 
-    def queue(written: list[tuple[str, object, Path]], result: TbrResult | None) -> int:
-        count = enqueue_outputs(ctx, series_id, job_id, version, written, result)
+    def queue(written: list[tuple[str, object, Path]], result: TbrResult | None,
+              intervals: Sequence[TbrInterval] = ()) -> int:
+        count = enqueue_outputs(ctx, series_id, job_id, version, written, result, intervals)
         if on_queued is not None:
             on_queued()
         return count
@@ -363,7 +364,7 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
                  supersedes=previous_reports(ctx, series_id, version), intervals=intervals,
                  interval_method=calibration.method_text(samples) if draws is not None else "")
     written.append(("sr", sr, write_output(ctx, study_uid, sr, encode(sr))))
-    return queued + queue(written, result)
+    return queued + queue(written, result, intervals)
 
 
 def write_output(ctx: NodeContext, study_uid: str, ds: Dataset, data: bytes) -> Path:
@@ -425,10 +426,21 @@ def previous_reports(ctx: NodeContext, series_id: int, version: int) -> list[Dat
     return [dcmread(path, stop_before_pixels=True)]
 
 
+def _interval_fields(interval: TbrInterval | None) -> dict[str, Any]:
+    if interval is None:
+        return {}
+    return {"tbr_max_interval": [round(interval.tbr_max_low, 3), round(interval.tbr_max_high, 3)],
+            "tbr_mean_interval": [round(interval.tbr_mean_low, 3),
+                                  round(interval.tbr_mean_high, 3)],
+            "equivocal": interval.equivocal}
+
+
 def enqueue_outputs(ctx: NodeContext, series_id: int, job_id: int, version: int,
-                    written: list[tuple[str, object, Path]], result: TbrResult | None) -> int:
+                    written: list[tuple[str, object, Path]], result: TbrResult | None,
+                    intervals: Sequence[TbrInterval] = ()) -> int:
     """Record outputs and their outbox rows (one per destination) in one transaction;
-    the audit event carries the TBR findings when ``result`` is given."""
+    the audit event carries the TBR findings (with their intervals) when ``result`` is
+    given."""
     queued = 0
     with ctx.audit.transaction() as session:
         series = session.get(Series, series_id)
@@ -472,12 +484,14 @@ def enqueue_outputs(ctx: NodeContext, series_id: int, job_id: int, version: int,
                     entry.next_attempt_at = utcnow()
                     queued += 1
         findings: dict[str, Any] = {}
+        by_lesion = {interval.lesion: interval for interval in intervals}
         if result is not None:
             findings = {"background": round(result.background_mean, 4),
                         "finding": result.finding,
                         "lesions": [{"lesion": lesion.number, "tbr_max": round(lesion.tbr_max, 3),
                                      "tbr_mean": round(lesion.tbr_mean, 3),
-                                     "volume_ml": round(lesion.volume_ml, 2)}
+                                     "volume_ml": round(lesion.volume_ml, 2),
+                                     **_interval_fields(by_lesion.get(lesion.number))}
                                     for lesion in result.lesions]}
         ctx.audit.record_in(session, AuditKind.OUTPUT_WRITTEN, study_uid=series.study_uid,
                             series_uid=series.series_uid, job=job_id,
