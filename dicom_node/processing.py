@@ -259,12 +259,11 @@ def finish(ctx: NodeContext, series_id: int, job_id: int, state: str, reason: st
 
 def summary_lines(result: TbrResult, intervals: Sequence[TbrInterval] = (),
                   level: float = 0.0) -> list[str]:
-    """The text on the first SC slice: the ratios, with their intervals when measured."""
+    """The text on the first SC slice: the ratios, with their intervals when measured
+    (then two short lines per lesion, so that a 256-pixel-wide slice holds them)."""
     by_lesion = {interval.lesion: interval for interval in intervals}
     lines = [f"TBR (synthetic uptake), threshold {result.threshold:g} x bg; "
              f"bg mean {result.background_mean:.2f}"]
-    if by_lesion:
-        lines[0] += f"; [{level:.0%} interval]"
     if not result.lesions:
         lines.append(result.finding[:1].upper() + result.finding[1:])
     for lesion in result.lesions[:3]:
@@ -273,11 +272,11 @@ def summary_lines(result: TbrResult, intervals: Sequence[TbrInterval] = (),
             lines.append(f"Lesion {lesion.number}: TBRmax {lesion.tbr_max:.2f}  "
                          f"TBRmean {lesion.tbr_mean:.2f}  {lesion.volume_ml:.1f} mL")
             continue
-        lines.append(
-            f"Lesion {lesion.number}{' EQUIVOCAL' if interval.equivocal else ''}: "
-            f"TBRmax {lesion.tbr_max:.2f} [{interval.tbr_max_low:.2f}-{interval.tbr_max_high:.2f}]"
-            f"  TBRmean {lesion.tbr_mean:.2f} [{interval.tbr_mean_low:.2f}-"
-            f"{interval.tbr_mean_high:.2f}]  {lesion.volume_ml:.1f} mL")
+        lines.append(f"Lesion {lesion.number}{' EQUIVOCAL' if interval.equivocal else ''}: "
+                     f"{lesion.volume_ml:.1f} mL, {level:.0%} intervals")
+        lines.append(f" TBRmax {lesion.tbr_max:.2f} ({interval.tbr_max_low:.2f}-"
+                     f"{interval.tbr_max_high:.2f}) TBRmean {lesion.tbr_mean:.2f} "
+                     f"({interval.tbr_mean_low:.2f}-{interval.tbr_mean_high:.2f})")
     if len(result.lesions) > 3:
         lines.append(f"... {len(result.lesions) - 3} more lesion(s) in the SR")
     return lines

@@ -204,3 +204,25 @@ def test_intervals_combine_sampling_and_calibration() -> None:
     narrow = lesion_intervals(samples, result, Calibration())[0]
     assert not narrow.equivocal and narrow.tbr_max_low > 1.6
     assert "only" in Calibration().method_text(8) and Calibration().z == pytest.approx(1.645, abs=1e-3)
+
+
+def test_summary_slice_shows_intervals_and_fits_the_slice() -> None:
+    """The first SC slice names each lesion's interval and equivocal ones, in lines
+    that a 256-pixel-wide slice holds."""
+    from PIL import ImageFont
+
+    from dicom_node.processing import summary_lines
+    from dicom_node.uncertainty import TbrInterval
+
+    mask = np.zeros((2, 4, 4), bool)
+    lesions = [Lesion(number=n, tbr_max=2.0 + n, tbr_mean=1.8, volume_ml=12.4, max_uptake=1.0,
+                      mean_uptake=1.0, mask=mask) for n in (1, 2)]
+    result = TbrResult(background_mean=0.95, background_mask=mask, threshold=1.6,
+                       lesions=lesions)
+    intervals = [TbrInterval(1, 1.41, 4.27, 1.4, 2.2, 0.1, 0.1, 8, 0.9, True)]
+    lines = summary_lines(result, intervals, 0.9)
+    assert lines[1] == "Lesion 1 EQUIVOCAL: 12.4 mL, 90% intervals"
+    assert lines[2] == " TBRmax 3.00 (1.41-4.27) TBRmean 1.80 (1.40-2.20)"
+    assert lines[3].startswith("Lesion 2: TBRmax 4.00")  # no interval measured for it
+    font = ImageFont.load_default(size=9)  # the SC writer's font on a 256-wide slice
+    assert all(font.getlength(line) < 250 for line in lines[1:3])
