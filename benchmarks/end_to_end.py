@@ -11,7 +11,8 @@ table) and the last outbox ``sent_at``; the first result file shows how soon the
 fusion series starts to arrive (its slices go out while the TBR analysis runs). Peak
 RSS is the node's VmHWM, and its analysis process's beside it. ``--inline-analysis``
 runs the TBR in the job's thread instead (``analysis.separate_process = false``);
-``--analysis-threads N`` sets ``analysis.threads`` (default 0: CPUs - 1, at most 4).
+``--analysis-threads N`` sets ``analysis.threads`` (default 0: CPUs - 1, at most 4);
+``--uncertainty-samples N`` sets ``analysis.uncertainty_samples`` (default 8).
 
     .venv/bin/python -m benchmarks.end_to_end [--runs 2] [--slices 176] [--quick]
         [--inline-analysis] [--analysis-threads N]
@@ -66,6 +67,7 @@ sweep_interval_s = {sweep}
 [analysis]
 separate_process = {separate}
 threads = {threads}
+uncertainty_samples = {samples}
 
 [model]
 weights_path = "{weights}"
@@ -120,7 +122,8 @@ def one_run(root: Path, source: list[Path], args: argparse.Namespace) -> dict[st
                                   device=args.device, send_interval=args.send_interval,
                                   pacs_port=scp.port,
                                   separate="false" if args.inline_analysis else "true",
-                                  threads=getattr(args, "analysis_threads", 0)))
+                                  threads=getattr(args, "analysis_threads", 0),
+                                  samples=getattr(args, "uncertainty_samples", 8)))
     log = (root / "node.log").open("wb")
     node = subprocess.Popen([str(REPO / ".venv" / "bin" / "dicom-node"), "serve", "--config",
                              str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -195,6 +198,9 @@ def main() -> None:
                         help="analysis.separate_process = false (TBR in the job's thread)")
     parser.add_argument("--analysis-threads", type=int, default=0,
                         help="analysis.threads (0: CPUs - 1, at most 4)")
+    parser.add_argument("--uncertainty-samples", type=int, default=8,
+                        help="analysis.uncertainty_samples (default 8, the node's default; "
+                             "0: no TBR intervals)")
     args = parser.parse_args()
     runs = 1 if args.quick else max(1, args.runs)
     results: list[dict[str, float]] = []
@@ -222,7 +228,8 @@ def main() -> None:
     where = "job thread" if args.inline_analysis else "analysis process"
     threads = args.analysis_threads or f"auto = {AnalysisConfig().thread_count()}"
     print(f"End to end, {args.slices} x 256x256 T1C, storescu -> dicom-node serve (device "
-          f"{args.device}, TBR in the {where} with {threads} thread(s), complete_grace_s "
+          f"{args.device}, TBR in the {where} with {threads} thread(s), "
+          f"{args.uncertainty_samples} uncertainty passes, complete_grace_s "
           f"{args.grace:g}, sweep {args.sweep:g} s, send poll {args.send_interval:g} s) -> "
           f"DCMTK storescp; median of {runs} run(s); {machine_line()}")
     print(table(["interval", "median s", "runs"], rows))
