@@ -225,8 +225,8 @@ def _miss_crop(patient: PhantomPatient, label: int, fusions: dict[str, NDArray[n
     cols = slice(max(0, c - half), c + half)
     grey_rgb = np.repeat((grey[k, rows, cols] * 255).astype(np.uint8)[..., None], 3, axis=-1)
     kind = next(t.kind.value for t in patient.tumours if t.label == label)
-    caption = (f"{patient.patient_id} lesion {label} ({kind}) real TBRmax {real_tbr_max:.2f}"
-               f"{'' if oracle_found else ', oracle misses it too'}")
+    caption = (f"{patient.patient_id} lesion {label} ({kind})\nreal TBRmax {real_tbr_max:.2f}"
+               f"{'' if oracle_found else '; oracle misses it too'}")
     return MissCrop(real_tbr_max, caption, [grey_rgb, patient.fusion[k, rows, cols],
                                             fusions["synthetic"][k, rows, cols],
                                             fusions["oracle"][k, rows, cols]])

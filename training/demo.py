@@ -173,6 +173,11 @@ def lesion_table(patient: PhantomPatient, config: NodeConfig, report: TbrReport,
         foci = matches[source].false_foci
         text = ", ".join(f"{f.volume_ml:.1f} mL at TBRmax {f.tbr_max:.2f}" for f in foci)
         lines.append(f"false foci on {source}: {len(foci)}" + (f" ({text})" if foci else ""))
+        fragments = matches[source].fragments
+        if fragments:
+            lines.append(f"  fragments on {source} (further lesions of a found tumour): "
+                         + ", ".join(f"lesion {f.number} {f.volume_ml:.1f} mL at TBRmax "
+                                     f"{f.tbr_max:.2f}" for f in fragments))
     lines.append(f"background mean uptake: synthetic {report.background_mean:.3f}, real "
                  f"{measured['real'].background_mean:.3f}, oracle "
                  f"{measured['oracle'].background_mean:.3f}")

@@ -126,7 +126,8 @@ def benchmark_extras(validation: dict[str, Any] | None, sealed: dict[str, Any] |
             "residual_sd_tbr_max": iv["residual_sd_tbr_max"],
             "residual_sd_tbr_mean": iv["residual_sd_tbr_mean"], "level": level,
             "source": (f"validation cohort seed {validation['meta']['seed']}, "
-                       f"{iv['n_coverage'] or 'n/a'} lesions found on real and synthetic")}
+                       f"{validation['per_source']['synthetic']['node_tbr_max']['r']['n']} "
+                       "lesions found on real and synthetic")}
     if sealed is not None:
         if sealed["meta"]["cohort"] != "sealed-test":
             raise ValueError("--sealed-test-benchmark is not a sealed test cohort's summary")
