@@ -12,7 +12,7 @@ fusion series starts to arrive (its slices go out while the TBR analysis runs). 
 RSS is the node's VmHWM, and its analysis process's beside it. ``--inline-analysis``
 runs the TBR in the job's thread instead (``analysis.separate_process = false``);
 ``--analysis-threads N`` sets ``analysis.threads`` (default 0: CPUs - 1, at most 4);
-``--uncertainty-samples N`` sets ``analysis.uncertainty_samples`` (default 8).
+``--uncertainty-samples N`` sets ``analysis.uncertainty_samples`` (default 4).
 
     .venv/bin/python -m benchmarks.end_to_end [--runs 2] [--slices 176] [--quick]
         [--inline-analysis] [--analysis-threads N]
@@ -123,7 +123,7 @@ def one_run(root: Path, source: list[Path], args: argparse.Namespace) -> dict[st
                                   pacs_port=scp.port,
                                   separate="false" if args.inline_analysis else "true",
                                   threads=getattr(args, "analysis_threads", 0),
-                                  samples=getattr(args, "uncertainty_samples", 8)))
+                                  samples=getattr(args, "uncertainty_samples", 4)))
     log = (root / "node.log").open("wb")
     node = subprocess.Popen([str(REPO / ".venv" / "bin" / "dicom-node"), "serve", "--config",
                              str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -198,8 +198,8 @@ def main() -> None:
                         help="analysis.separate_process = false (TBR in the job's thread)")
     parser.add_argument("--analysis-threads", type=int, default=0,
                         help="analysis.threads (0: CPUs - 1, at most 4)")
-    parser.add_argument("--uncertainty-samples", type=int, default=8,
-                        help="analysis.uncertainty_samples (default 8, the node's default; "
+    parser.add_argument("--uncertainty-samples", type=int, default=4,
+                        help="analysis.uncertainty_samples (default 4, the node's default; "
                              "0: no TBR intervals)")
     args = parser.parse_args()
     runs = 1 if args.quick else max(1, args.runs)

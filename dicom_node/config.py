@@ -117,7 +117,7 @@ class AnalysisConfig:
     threads: int = 0
     #: Stochastic passes of the generator per series for each lesion's TBR interval
     #: (dicom_node/uncertainty.py); 0: no interval (and no "equivocal" findings).
-    uncertainty_samples: int = 8
+    uncertainty_samples: int = 4
 
     def thread_count(self) -> int:
         """``threads``, with 0 resolved for this machine."""
