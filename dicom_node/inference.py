@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 
 from dicom_node.fusion import FusionStyle, defuse, fuse, fuse_uint8, to_uint8, window_t1c
 from dicom_node.model_weights import LoadedModel
-from dicom_node.resampling import from_network, to_network
+from dicom_node.resampling import Padding, from_network, to_network
 from dicom_node.slice_context import (
     context_step,
     contiguous_runs,
@@ -101,29 +101,45 @@ class Predictor:
                     slice_spacing_mm: float | None = None) -> torch.Tensor:
         """(N, H, W) grey, ordered along the slice normal -> (N, C, H, W) generator output
         in [-1, 1] at native size."""
-        size = self.model.card.input_size
-        batch = batch_size or self.batch_size
-        net_in, pad = to_network(grey, size)
-        net_in = stack_context(net_in * 2.0 - 1.0, self.context_rows(len(grey), slice_spacing_mm))
-        outputs = []
+        net_in, pad = self._network_input(grey, slice_spacing_mm)
         generator = self.model.generator
         generator.eval()
-        use_cuda = self.device.type == "cuda"
         with torch.inference_mode():
-            for start in range(0, len(net_in), batch):
-                chunk = net_in[start : start + batch]
-                if use_cuda:
-                    chunk = chunk.pin_memory().to(self.device, non_blocking=True)
-                    chunk = chunk.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast("cuda", dtype=torch.float16):
-                        out = generator(chunk)
-                else:
-                    out = generator(chunk)
-                outputs.append(out.float().cpu())
-                if progress is not None:
-                    progress(min(start + batch, len(net_in)), len(net_in))
-        result = torch.cat(outputs, 0)
+            result = self._forward(net_in, batch_size or self.batch_size, progress)
         return from_network(result, pad).clamp(-1.0, 1.0)
+
+    def _network_input(self, grey: NDArray[np.float32], slice_spacing_mm: float | None
+                       ) -> tuple[torch.Tensor, Padding]:
+        """(N, H, W) grey -> the generator's (N, C, S, S) input in [-1, 1] and the padding."""
+        net_in, pad = to_network(grey, self.model.card.input_size)
+        rows = self.context_rows(len(grey), slice_spacing_mm)
+        return stack_context(net_in * 2.0 - 1.0, rows), pad
+
+    def _forward(self, net_in: torch.Tensor, batch: int,
+                 progress: Callable[[int, int], None] | None = None,
+                 mirrored: bool = False) -> torch.Tensor:
+        """The generator over ``net_in`` (N, C, S, S) in batches, on the model's device
+        (autocast on CUDA); ``mirrored``: each batch left-right mirrored on the way in and
+        back on the way out. (N, C_out, S, S) float32 on the CPU, not clamped."""
+        generator = self.model.generator
+        use_cuda = self.device.type == "cuda"
+        outputs = []
+        for start in range(0, len(net_in), batch):
+            chunk = net_in[start : start + batch]
+            if mirrored:
+                chunk = chunk.flip(-1)
+            if use_cuda:
+                chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.float16):
+                    out = generator(chunk)
+            else:
+                out = generator(chunk)
+            out = out.float().cpu()
+            outputs.append(out.flip(-1) if mirrored else out)
+            if progress is not None:
+                progress(min(start + batch, len(net_in)), len(net_in))
+        return torch.cat(outputs, 0)
 
     def warm_up(self) -> float:
         """One forward pass of a blank batch (the configured batch size, the network's
@@ -162,9 +178,7 @@ class Predictor:
         if self.model.card.output_kind != "uptake":
             raise ValueError("uncertainty sampling needs an uptake model")
         size = self.model.card.input_size
-        batch = batch_size or self.batch_size
-        net_in, _pad = to_network(grey, size)
-        net_in = stack_context(net_in * 2.0 - 1.0, self.context_rows(len(grey), slice_spacing_mm))
+        net_in, _pad = self._network_input(grey, slice_spacing_mm)
         generator = self.model.generator
         dropouts = [m for m in generator.modules() if isinstance(m, torch.nn.Dropout)]
         scale = self.model.card.uptake_scale
@@ -176,23 +190,11 @@ class Predictor:
             with torch.random.fork_rng(devices=[]), torch.inference_mode():
                 for i in range(samples):
                     torch.manual_seed(seed * 1_000 + i)
-                    flip = i % 2 == 1
-                    for start in range(0, len(net_in), batch):
-                        chunk = net_in[start : start + batch]
-                        if flip:
-                            chunk = chunk.flip(-1)
-                        if self.device.type == "cuda":
-                            chunk = chunk.to(self.device, non_blocking=True)
-                            with torch.autocast("cuda", dtype=torch.float16):
-                                y = generator(chunk)
-                        else:
-                            y = generator(chunk)
-                        y = y.float().cpu()
-                        if flip:
-                            y = y.flip(-1)
-                        out[i, start : start + len(chunk)] = (
-                            (y[:, 0].clamp(-1.0, 1.0).numpy() + 1.0) / 2.0 * scale)
-                    out[i] = self.smooth(out[i], slice_spacing_mm, slice_positions_mm)
+                    y = self._forward(net_in, batch_size or self.batch_size,
+                                      mirrored=i % 2 == 1)
+                    uptake = (y[:, 0].clamp(-1.0, 1.0).numpy() + 1.0) / 2.0 * scale
+                    out[i] = self.smooth(uptake.astype(np.float32), slice_spacing_mm,
+                                         slice_positions_mm)
         finally:
             for layer in dropouts:
                 layer.eval()

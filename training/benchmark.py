@@ -50,9 +50,9 @@ from tqdm import tqdm
 from dicom_node.config import load_config
 from dicom_node.inference import Predictor
 from dicom_node.model_weights import LoadedModel, ModelCard, WeightsError, load_weights
-from dicom_node.tbr import TbrResult, measure_tbr
+from dicom_node.tbr import TbrResult
 from dicom_node.uncertainty import Calibration, TbrInterval, lesion_intervals
-from training.lesion_truth import Matching, grown_labels, match_lesions
+from training.lesion_truth import Matching, grown_labels, measure_and_match
 from training.metrics import bland_altman, mean_sd, pearson, psnr, ssim
 from training.phantom import PhantomGeometry, PhantomPatient, generate_patient
 
@@ -156,13 +156,12 @@ def evaluate_patient(index: int, seed: int, predictor: Predictor, geometry: Phan
     uptakes = {"synthetic": prediction.uptake, "real": patient.uptake,
                "oracle": patient.oracle_uptake}
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    display = predictor.style.display_threshold
-    results = {source: measure_tbr(uptake, voxel_ml, threshold, min_volume_ml, display,
-                                   spacing_mm=spacing, t1c_grey=grey)
-               for source, uptake in uptakes.items()}
-    matches: dict[str, Matching] = {
-        source: match_lesions(patient.tumour_labels, results[source], spacing, uptakes[source])
-        for source in SOURCES}
+    measured = {source: measure_and_match(patient.tumour_labels, uptake, spacing, grey,
+                                          threshold, min_volume_ml,
+                                          predictor.style.display_threshold)
+                for source, uptake in uptakes.items()}
+    results = {source: result for source, (result, _) in measured.items()}
+    matches: dict[str, Matching] = {source: m for source, (_, m) in measured.items()}
     intervals: dict[int, TbrInterval] = {}
     if samples >= 2 and results["synthetic"].lesions:
         draws = predictor.sample_uptake(grey, samples, geometry.slice_spacing_mm, positions)

@@ -28,12 +28,12 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node.config import NodeConfig, load_config
 from dicom_node.fusion import window_t1c
-from dicom_node.tbr import Lesion, TbrResult, measure_tbr
+from dicom_node.tbr import Lesion, TbrResult
 from dicom_node.writers.seg import BACKGROUND_SEGMENT, lesion_segment_number
 from dicom_node.writers.sr import TbrReport, read_tbr_report
-from training.lesion_truth import TruthLesion, match_lesions, segment_masks
+from training.lesion_truth import TruthLesion, match_lesions, measure_and_match, segment_masks
 from training.phantom import PhantomGeometry, PhantomPatient, generate_patient
-from training.phantom_dicom import write_patient
+from training.phantom_dicom import patient_uids, write_patient
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -129,15 +129,12 @@ def lesion_table(patient: PhantomPatient, config: NodeConfig, report: TbrReport,
     voxel_ml = float(np.prod(spacing)) / 1000.0
     grey = window_t1c(patient.t1c)
     analysis = config.analysis
-    measured = {source: measure_tbr(uptake, voxel_ml, analysis.tbr_threshold,
-                                    analysis.min_lesion_volume_ml,
-                                    patient.fusion_style.display_threshold,
-                                    spacing_mm=spacing, t1c_grey=grey)
-                for source, uptake in (("real", patient.uptake),
-                                       ("oracle", patient.oracle_uptake))}
-    matches = {source: match_lesions(patient.tumour_labels, result, spacing,
-                                     patient.uptake if source == "real" else patient.oracle_uptake)
-               for source, result in measured.items()}
+    both = {source: measure_and_match(patient.tumour_labels, uptake, spacing, grey,
+                                      analysis.tbr_threshold, analysis.min_lesion_volume_ml,
+                                      patient.fusion_style.display_threshold)
+            for source, uptake in (("real", patient.uptake), ("oracle", patient.oracle_uptake))}
+    measured = {source: result for source, (result, _) in both.items()}
+    matches = {source: matching for source, (_, matching) in both.items()}
     masks = segment_masks(seg, t1c_uids, patient.tumour_labels.shape)
     sent = [Lesion(number=int(item["lesion"]), tbr_max=item["tbr_max"],
                    tbr_mean=item["tbr_mean"], volume_ml=item["volume_ml"], max_uptake=0.0,
@@ -257,8 +254,7 @@ def run(args: argparse.Namespace) -> int:
     report = read_tbr_report(sr)
     print(f"\nResults back in PACS {elapsed:.1f} s after the last instance was sent "
           f"(includes the completion grace period).\n")
-    t1c_uids = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths.t1c]
-    print(lesion_table(patient, config, report, seg, t1c_uids))
+    print(lesion_table(patient, config, report, seg, list(patient_uids(patient).t1c)))
 
     synthetic = {int(ds.InstanceNumber) - 1: ds.pixel_array for ds in inbox.datasets
                  if ds.SOPClassUID == SC_CLASS}

@@ -30,7 +30,7 @@ from pydicom import Dataset
 from scipy import ndimage
 
 from dicom_node.mask_morphology import bounding_box
-from dicom_node.tbr import Lesion, TbrResult
+from dicom_node.tbr import Lesion, TbrResult, measure_tbr
 
 DEFAULT_REACH_MM = 4.0
 DEFAULT_VOI_MARGIN_MM = 2.0
@@ -153,6 +153,17 @@ def match_lesions(labels: NDArray[np.integer], result: TbrResult,
             voi_tbr_max=voi_max, voi_tbr_mean=voi_mean,
             finding_number=finding.number if finding else 0))
     return Matching(truth=tuple(truth), reported=tuple(reported))
+
+
+def measure_and_match(labels: NDArray[np.integer], uptake: NDArray[np.floating],
+                      spacing_mm: tuple[float, float, float], grey: NDArray[np.float32],
+                      threshold: float, min_volume_ml: float, display_threshold: float
+                      ) -> tuple[TbrResult, Matching]:
+    """The node's TBR method on one uptake volume, its lesions matched to ``labels``."""
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    result = measure_tbr(np.asarray(uptake, dtype=np.float32), voxel_ml, threshold,
+                         min_volume_ml, display_threshold, spacing_mm=spacing_mm, t1c_grey=grey)
+    return result, match_lesions(labels, result, spacing_mm, uptake)
 
 
 def detection_rate(found: Sequence[bool]) -> float:

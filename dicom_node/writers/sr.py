@@ -56,7 +56,8 @@ SYNTHETIC_METHOD = hd.sr.CodedConcept("SYNTHPET", PRIVATE_SCHEME,
                                       "Measured on synthetic PET uptake from Pix2Pix")
 UNIT_RATIO = hd.sr.CodedConcept("1", "UCUM", "no units")
 UNIT_ML = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
-#: Each lesion's interval (dicom_node/uncertainty.py), as measurements of their own.
+#: Each lesion's interval (dicom_node/uncertainty.py), as measurements of their own,
+#: keyed by the TbrInterval field each one carries.
 INTERVAL_CONCEPTS = {
     "tbr_max_low": hd.sr.CodedConcept("TBRMAXLO", PRIVATE_SCHEME, "TBRmax interval lower limit"),
     "tbr_max_high": hd.sr.CodedConcept("TBRMAXHI", PRIVATE_SCHEME, "TBRmax interval upper limit"),
@@ -113,12 +114,9 @@ def _tbr_measurements(lesion: Lesion, interval: TbrInterval | None,
              num(TBR, lesion.tbr_mean, derivation=codes.SCT.Mean),
              num(codes.SCT.Volume, lesion.volume_ml, UNIT_ML)]
     if interval is not None:
-        items += [num(INTERVAL_CONCEPTS["tbr_max_low"], interval.tbr_max_low),
-                  num(INTERVAL_CONCEPTS["tbr_max_high"], interval.tbr_max_high),
-                  num(INTERVAL_CONCEPTS["tbr_mean_low"], interval.tbr_mean_low),
-                  num(INTERVAL_CONCEPTS["tbr_mean_high"], interval.tbr_mean_high),
-                  num(INTERVAL_CONCEPTS["sd_model_tbr_max"], interval.sd_model_tbr_max),
-                  num(INTERVAL_CONCEPTS["sd_model_tbr_mean"], interval.sd_model_tbr_mean)]
+        # the concepts' keys are TbrInterval's field names
+        items += [num(concept, getattr(interval, key))
+                  for key, concept in INTERVAL_CONCEPTS.items()]
     return items
 
 
