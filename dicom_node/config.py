@@ -55,6 +55,9 @@ class ReceiverConfig:
     port: int = 11112
     max_associations: int = 10
     max_pdu_bytes: int = 65536
+    #: false (default): an association whose called AE title is not ``ae_title`` is
+    #: rejected (A-ASSOCIATE-RJ, called AE title not recognised); true: any is accepted.
+    accept_any_called_ae: bool = False
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 30.0
     network_timeout_s: float = 60.0

@@ -69,6 +69,9 @@ class ReceivedInstance:
     received_at: datetime
     recovered: bool = False
     needs_sync: bool = False  # the handler did not fsync it: the recorder does
+    #: byte for byte the file already stored under its UIDs (a resend): recorded as
+    #: unchanged, and never reopens its series
+    identical: bool = False
 
 
 class InstanceRecorder:
@@ -184,6 +187,14 @@ class InstanceRecorder:
             instances = _load_instances(session, {item.sop_uid for item in batch})
             new_rows: dict[str, dict[str, Any]] = {}
             for item in batch:
+                known = instances.get(item.sop_uid)
+                if item.identical and ((known is not None and known.path == item.path)
+                                       or item.sop_uid in new_rows):
+                    self._audit.record_batched_in(
+                        session, AuditKind.INSTANCE_STORED, study_uid=item.study_uid,
+                        series_uid=item.series_uid, sop_uid=item.sop_uid, peer=item.peer,
+                        bytes=item.size_bytes, unchanged="identical to the stored instance")
+                    continue
                 series = series_by_uid.get(item.series_uid)
                 if series is None:
                     series = _new_series(item)

@@ -42,6 +42,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_RELEASE
+from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     EnhancedMRImageStorage,
     MRImageStorage,
@@ -53,7 +54,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import dimse_status
 from dicom_node.config import NodeConfig
 from dicom_node.identity import apply_identity
-from dicom_node.instance_header import InstanceHeader, read_instance_header
+from dicom_node.instance_header import InstanceHeader, read_instance_header, truncation
 from dicom_node.instance_recorder import InstanceRecorder, ReceivedInstance, unrecorded_files
 from dicom_node.tls import peer_certificate_subject, server_context
 from storage.audit import AuditKind, AuditLog
@@ -63,7 +64,14 @@ from storage.models import utcnow
 
 log = logging.getLogger(__name__)
 
+#: The SOP classes the node processes (selection picks the axial T1C among them).
 ACCEPTED_SOP_CLASSES: tuple[UID, ...] = (MRImageStorage, EnhancedMRImageStorage)
+#: Every other storage SOP class is accepted too and stored, never processed: a PACS
+#: that auto-routes a whole study (with its CT, PET, reports and the node's own SC, SEG
+#: and SR) must not see its job fail for want of a presentation context.
+STORED_ONLY_SOP_CLASSES: tuple[UID, ...] = tuple(
+    UID(str(cx.abstract_syntax)) for cx in AllStoragePresentationContexts
+    if cx.abstract_syntax not in ACCEPTED_SOP_CLASSES)
 # Every transfer syntax pydicom decodes with the plugins the project installs
 # (pylibjpeg-libjpeg, pylibjpeg-openjpeg, pyjpegls); tests check each decoder is there.
 ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -73,11 +81,40 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
     JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
     HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K, RLELossless,
 )
-# A-ASSOCIATE-RJ: rejected-permanent, service-user, calling-AE-title-not-recognized
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason/diagnostic
 REJECT_PERMANENT = 0x01
 SOURCE_SERVICE_USER = 0x01
+SOURCE_SERVICE_PROVIDER_ACSE = 0x02
+DIAG_NO_REASON = 0x01
 DIAG_CALLING_AE_NOT_RECOGNIZED = 0x03
+DIAG_CALLED_AE_NOT_RECOGNIZED = 0x07
+#: A peer that can take PDUs no larger than this cannot be answered (pynetdicom cannot
+#: fragment below it): its association is rejected at negotiation.
+MIN_PEER_MAX_PDU_BYTES = 1024
 REJECTION_LOG_EVERY = 10  # log a persistent caller's rejections once per ten
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why an association is refused, and the A-ASSOCIATE-RJ that says so."""
+
+    reason: str
+    source: int = SOURCE_SERVICE_USER
+    diagnostic: int = DIAG_CALLING_AE_NOT_RECOGNIZED
+
+
+class _UnknownPduLines(logging.Filter):
+    """Drops pynetdicom's per-chunk "Unknown PDU type" errors: the receiver closes such a
+    connection at the first one and logs and audits it once itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unknown PDU type received")
+
+
+def _quiet_unknown_pdu_lines() -> None:
+    dul_log = logging.getLogger("pynetdicom.dul")
+    if not any(isinstance(f, _UnknownPduLines) for f in dul_log.filters):
+        dul_log.addFilter(_UnknownPduLines())
 
 
 @dataclass(frozen=True)
@@ -114,8 +151,11 @@ class Receiver:
         self._assoc_ids: dict[int, int] = {}
         self._rejections: dict[tuple[str, str], list[float]] = {}
         self._rejections_lock = threading.Lock()
+        self._bad_pdu_seen: set[int] = set()
         self._server: ThreadedAssociationServer | None = None
         self.recorder = InstanceRecorder(audit)
+        self._storage_classes = frozenset(str(uid) for uid in (*ACCEPTED_SOP_CLASSES,
+                                                                *STORED_ONLY_SOP_CLASSES))
         self.ae = self._make_ae()
 
     # -- set-up -------------------------------------------------------------------------
@@ -131,7 +171,7 @@ class Receiver:
         ae.acse_timeout = rc.acse_timeout_s
         ae.dimse_timeout = rc.dimse_timeout_s
         ae.network_timeout = rc.network_timeout_s
-        for sop_class in ACCEPTED_SOP_CLASSES:
+        for sop_class in (*ACCEPTED_SOP_CLASSES, *STORED_ONLY_SOP_CLASSES):
             ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)
         return ae
@@ -139,11 +179,14 @@ class Receiver:
     def start(self) -> None:
         rc = self.config.receiver
         self._store.root.mkdir(parents=True, exist_ok=True)  # once, not per instance
+        _quiet_unknown_pdu_lines()
         self.recorder.start()
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected_by_pynetdicom),
+            (evt.EVT_FSM_TRANSITION, self._on_fsm_transition),
             (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_RELEASED, self._on_closed, ["released"]),
             (evt.EVT_ABORTED, self._on_closed, ["aborted"]),
@@ -189,6 +232,22 @@ class Receiver:
             return False, f"calling AE {peer.ae_title!r} from unexpected address {address}"
         return True, ""
 
+    def rejection(self, calling_ae: str, called_ae: str, address: str,
+                  peer_max_pdu: int) -> Rejection | None:
+        """The reason to refuse an association request, or None to negotiate it."""
+        allowed, reason = self.is_allowed(calling_ae, address)
+        if not allowed:
+            return Rejection(reason)
+        rc = self.config.receiver
+        if not rc.accept_any_called_ae and called_ae.strip() != rc.ae_title:
+            return Rejection(f"called AE {called_ae.strip()!r} is not this node "
+                             f"({rc.ae_title!r})", diagnostic=DIAG_CALLED_AE_NOT_RECOGNIZED)
+        if 0 < peer_max_pdu < MIN_PEER_MAX_PDU_BYTES:
+            return Rejection(f"the peer's maximum PDU length {peer_max_pdu} is below "
+                             f"{MIN_PEER_MAX_PDU_BYTES} bytes",
+                             source=SOURCE_SERVICE_PROVIDER_ACSE, diagnostic=DIAG_NO_REASON)
+        return None
+
     def _count_rejection(self, calling: str, address: str) -> int:
         """Rejections of this caller in the last minute (the per-caller rate)."""
         now = time.monotonic()
@@ -202,35 +261,99 @@ class Receiver:
         assoc = event.assoc
         primitive = assoc.requestor.primitive
         calling = str(primitive.calling_ae_title).strip() if primitive else ""
+        called = str(primitive.called_ae_title).strip() if primitive else ""
+        peer_max_pdu = int(primitive.maximum_length_received or 0) if primitive else 0
         address, port = _peer(assoc)
-        allowed, reason = self.is_allowed(calling, address)
-        if not allowed:
-            recent = self._count_rejection(calling, address)
-            # Audit first: the record exists before the peer learns of the rejection.
-            self._audit.record(AuditKind.ASSOC_REJECT, outcome="error",
-                               peer=f"{calling}@{address}:{port}", reason=reason,
-                               rejections_last_minute=recent)
-            if recent == 1 or recent % REJECTION_LOG_EVERY == 0:
-                log.warning("rejected association from %s:%d (%d in the last minute): %s",
-                            address, port, recent, reason)
-            assoc.acse.send_reject(REJECT_PERMANENT, SOURCE_SERVICE_USER,
-                                   DIAG_CALLING_AE_NOT_RECOGNIZED)
+        refusal = self.rejection(calling, called, address, peer_max_pdu)
+        if refusal is None:
+            return
+        recent = self._count_rejection(calling, address)
+        # Audit first: the record exists before the peer learns of the rejection.
+        with self._audit.transaction() as session:
+            row = AssociationRow(calling_ae=calling[:16], called_ae=called[:16],
+                                 peer_address=address, peer_port=port, state="rejected",
+                                 closed_at=utcnow())
+            session.add(row)
+            session.flush()
+            self._audit.record_in(session, AuditKind.ASSOC_REJECT, outcome="error",
+                                  peer=f"{calling}@{address}:{port}", reason=refusal.reason,
+                                  called_ae=called, association=row.id,
+                                  rejections_last_minute=recent)
+        if recent == 1 or recent % REJECTION_LOG_EVERY == 0:
+            log.warning("rejected association from %s:%d (%d in the last minute): %s",
+                        address, port, recent, refusal.reason)
+        assoc.acse.send_reject(REJECT_PERMANENT, refusal.source, refusal.diagnostic)
+        # As pynetdicom does for its own rejections: wait until the DUL has sent the
+        # A-ASSOCIATE-RJ and the peer closed (or the ARTIM timer ran out); returning at
+        # once would close the socket under the queued PDU and the peer would only see
+        # the connection drop.
+        assoc.kill()
+
+    def _on_rejected_by_pynetdicom(self, event: evt.Event) -> None:
+        """pynetdicom's own rejections (the ``max_associations`` limit): audited and
+        logged like the node's."""
+        assoc = event.assoc
+        primitive = assoc.acceptor.primitive
+        address, port = _peer(assoc)
+        calling = str(assoc.requestor.ae_title).strip()
+        source = getattr(primitive, "result_source", None)
+        diagnostic = getattr(primitive, "diagnostic", None)
+        if (source, diagnostic) == (0x03, 0x02):
+            reason = (f"max_associations ({self.config.receiver.max_associations}) reached "
+                      f"(rejected-transient, local limit exceeded)")
+        else:
+            reason = f"rejected by the DICOM stack (source {source}, diagnostic {diagnostic})"
+        recent = self._count_rejection(calling, address)
+        self._audit.record(AuditKind.ASSOC_REJECT, outcome="error",
+                           peer=f"{calling}@{address}:{port}", reason=reason,
+                           rejections_last_minute=recent)
+        if recent == 1 or recent % REJECTION_LOG_EVERY == 0:
+            log.warning("rejected association from %s:%d (%d in the last minute): %s",
+                        address, port, recent, reason)
+
+    def _on_fsm_transition(self, event: evt.Event) -> None:
+        """Bytes that are not a DICOM PDU end the connection at the first one: one audit
+        event, one log line (pynetdicom would otherwise read on, six bytes at a time, and
+        log each)."""
+        if event.fsm_event != "Evt19":
+            return
+        assoc = event.assoc
+        if id(assoc) in self._bad_pdu_seen:
+            return
+        self._bad_pdu_seen.add(id(assoc))
+        address, port = _peer(assoc)
+        self._audit.record(AuditKind.ASSOC_ABORT, outcome="error", peer=f"{address}:{port}",
+                           reason="invalid or unrecognised PDU: connection closed")
+        log.warning("closed the connection from %s:%d: invalid or unrecognised PDU",
+                    address, port)
+        sock = assoc.dul.socket
+        if sock is not None:
+            sock.close()
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc
         address, port = _peer(assoc)
         calling = str(assoc.requestor.ae_title).strip()
         with self._audit.transaction() as session:
-            row = AssociationRow(calling_ae=calling, called_ae=str(assoc.acceptor.ae_title).strip(),
+            requested = assoc.requestor.primitive
+            called = (str(requested.called_ae_title).strip() if requested is not None
+                      else str(assoc.acceptor.ae_title).strip())
+            row = AssociationRow(calling_ae=calling, called_ae=called[:16],
                                  peer_address=address, peer_port=port, state="accepted")
             session.add(row)
             session.flush()
             self._assoc_ids[id(assoc)] = row.id
             sock = assoc.dul.socket
+            refused: dict[str, Any] = {}
+            if assoc.rejected_contexts:
+                refused["refused_contexts"] = [
+                    {"abstract_syntax": str(cx.abstract_syntax), "result": cx.status}
+                    for cx in assoc.rejected_contexts]
             self._audit.record_in(session, AuditKind.ASSOC_ACCEPT,
                                   peer=f"{calling}@{address}:{port}", association=row.id,
                                   tls_subject=peer_certificate_subject(
-                                      sock.socket if sock is not None else None))
+                                      sock.socket if sock is not None else None),
+                                  **refused)
 
     def _on_acse_recv(self, event: evt.Event) -> None:
         # Runs before pynetdicom answers an A-RELEASE request: the sender's release
@@ -244,6 +367,7 @@ class Receiver:
     def _on_closed(self, event: evt.Event, how: str) -> None:
         assoc = event.assoc
         _discard_partial_dataset(assoc)
+        self._bad_pdu_seen.discard(id(assoc))
         row_id = self._assoc_ids.pop(id(assoc), None)
         address, port = _peer(assoc)
         calling = str(assoc.requestor.ae_title).strip()
@@ -268,11 +392,29 @@ class Receiver:
         assoc = event.assoc
         address, port = _peer(assoc)
         peer = f"{str(assoc.requestor.ae_title).strip()}@{address}:{port}"
+        sent_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+
+        def refuse(status: int, reason: str, header: InstanceHeader | None = None) -> int:
+            self._audit.record(
+                AuditKind.INSTANCE_REFUSED, outcome="error", peer=peer,
+                study_uid=header.study_uid if header else "",
+                series_uid=header.series_uid if header else "",
+                sop_uid=header.sop_uid if header else sent_uid[:64],
+                reason=reason[:500], status=dimse_status.describe(status))
+            return status
+
+        context_class = str(event.context.abstract_syntax)
+        sent_class = str(getattr(event.request, "AffectedSOPClassUID", "") or "")
+        if context_class not in self._storage_classes:
+            return refuse(dimse_status.SOP_CLASS_NOT_SUPPORTED,
+                          f"C-STORE over the {UID(context_class).name} presentation context")
+        if sent_class != context_class:
+            return refuse(dimse_status.SOP_CLASS_NOT_SUPPORTED,
+                          f"Affected SOP Class {sent_class} is not the presentation "
+                          f"context's {context_class}")
         if self._disk_is_low():
-            self._audit.record(AuditKind.INSTANCE_REFUSED, outcome="error", peer=peer,
-                               reason="free disk space below min_free_disk_mb",
-                               sop_uid_sent=str(getattr(event.request, "AffectedSOPInstanceUID", "")))
-            return dimse_status.OUT_OF_RESOURCES
+            return refuse(dimse_status.OUT_OF_RESOURCES,
+                          "free disk space below min_free_disk_mb")
         # Instances arrive streamed to a temporary file (pynetdicom's chunked receive),
         # so a large one never sits in memory; it is renamed into the store.
         streamed: Path | None = getattr(event.request, "_dataset_path", None)
@@ -280,20 +422,35 @@ class Receiver:
         size = streamed.stat().st_size if streamed is not None else len(data)
         limit = int(self.config.receiver.max_instance_mb * 1024 * 1024)
         if size > limit:
-            self._audit.record(AuditKind.INSTANCE_REFUSED, outcome="error", peer=peer,
-                               reason=f"instance of {size} bytes exceeds max_instance_mb "
-                                      f"{self.config.receiver.max_instance_mb:g}")
-            return dimse_status.OUT_OF_RESOURCES
+            return refuse(dimse_status.OUT_OF_RESOURCES,
+                          f"instance of {size} bytes exceeds max_instance_mb "
+                          f"{self.config.receiver.max_instance_mb:g}")
         try:
             header = read_instance_header(streamed if streamed is not None else BytesIO(data))
             path = self._store.incoming_path(header.study_uid, header.series_uid,
                                              header.sop_uid)
         except (InvalidDicomError, AttributeError, ValueError, InvalidUID, OSError) as exc:
-            reason = f"cannot read identifying attributes: {exc}"
-            self._audit.record(AuditKind.INSTANCE_REFUSED, outcome="error", peer=peer,
-                               reason=reason[:500])
-            return dimse_status.CANNOT_UNDERSTAND
-        study_uid, series_uid, sop_uid = header.study_uid, header.series_uid, header.sop_uid
+            return refuse(dimse_status.CANNOT_UNDERSTAND,
+                          f"cannot read identifying attributes: {exc}")
+        if header.sop_class_uid != context_class:
+            return refuse(dimse_status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                          f"the data set's SOP Class {header.sop_class_uid or '(none)'} is "
+                          f"not the presentation context's {context_class}", header)
+        if sent_uid and header.sop_uid != sent_uid:
+            return refuse(dimse_status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                          f"the data set's SOP Instance UID is not the Affected SOP "
+                          f"Instance UID {sent_uid}", header)
+        cut = truncation(streamed if streamed is not None else BytesIO(data))
+        if cut is not None:
+            return refuse(dimse_status.CANNOT_UNDERSTAND, cut, header)
+        if same_bytes(path, streamed, data):
+            # A resend of what is already stored (PACS retries and re-routes do this):
+            # nothing changes, the series is not reopened.
+            if streamed is not None:
+                streamed.unlink(missing_ok=True)
+            self.recorder.submit(self._received(header, event, str(path), size, peer,
+                                                address, identical=True))
+            return dimse_status.SUCCESS
         try:
             sync = self.config.receiver.fsync_each_instance
             if streamed is not None:
@@ -301,10 +458,7 @@ class Receiver:
             else:
                 atomic_write(path, data, sync=sync)
         except OSError as exc:
-            self._audit.record(AuditKind.INSTANCE_REFUSED, outcome="error", peer=peer,
-                               study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
-                               reason=f"write failed: {exc}")
-            return dimse_status.OUT_OF_RESOURCES
+            return refuse(dimse_status.OUT_OF_RESOURCES, f"write failed: {exc}", header)
         # The file is in the store: the recorder makes it durable (unless that was done
         # above) and commits its row with the next batch; a start-up scan records it
         # should the node die before that.
@@ -318,12 +472,13 @@ class Receiver:
         return shutil.disk_usage(self._store.root).free < limit
 
     def _received(self, header: Any, event: evt.Event, path: str, size: int, peer: str,
-                  address: str) -> ReceivedInstance:
+                  address: str, identical: bool = False) -> ReceivedInstance:
         return received_instance(header, path, size, str(event.context.transfer_syntax),
                                  calling_ae=str(event.assoc.requestor.ae_title).strip(),
                                  peer_address=address, peer=peer,
                                  association_id=self._assoc_ids.get(id(event.assoc)),
-                                 needs_sync=not self.config.receiver.fsync_each_instance)
+                                 needs_sync=not self.config.receiver.fsync_each_instance
+                                 and not identical, identical=identical)
 
     def record_unrecorded_files(self) -> int:
         """Record files in ``incoming/`` that have no database row (the node died after
@@ -348,10 +503,33 @@ class Receiver:
         return len(items)
 
 
+def same_bytes(stored: Path, streamed: Path | None, data: bytes) -> bool:
+    """Is the instance just received byte for byte the one already stored at ``stored``?
+    Compared only when a file is there (a resend), in 1 MiB blocks."""
+    try:
+        if not stored.is_file():
+            return False
+        size = streamed.stat().st_size if streamed is not None else len(data)
+        if stored.stat().st_size != size:
+            return False
+        with stored.open("rb") as old:
+            if streamed is None:
+                return old.read() == data
+            with streamed.open("rb") as new:
+                while True:
+                    a, b = old.read(1 << 20), new.read(1 << 20)
+                    if a != b:
+                        return False
+                    if not a:
+                        return True
+    except OSError:
+        return False
+
+
 def received_instance(header: InstanceHeader, path: str, size: int, transfer_syntax: str, *,
                       calling_ae: str, peer_address: str, peer: str,
                       association_id: int | None, recovered: bool = False,
-                      needs_sync: bool = False) -> ReceivedInstance:
+                      needs_sync: bool = False, identical: bool = False) -> ReceivedInstance:
     """The recorder's view of one instance, from its header."""
     return ReceivedInstance(
         study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
@@ -362,4 +540,4 @@ def received_instance(header: InstanceHeader, path: str, size: int, transfer_syn
         position_mm=header.position_mm, images_in_acquisition=header.images_in_acquisition,
         calling_ae=calling_ae, peer_address=peer_address, peer=peer,
         association_id=association_id, received_at=utcnow(), recovered=recovered,
-        needs_sync=needs_sync)
+        needs_sync=needs_sync, identical=identical)

@@ -196,23 +196,67 @@ def batch(data: PairedDataset, idx: NDArray[np.int64], target: str,
             target_tensor(data, idx, target, uptake_scale))
 
 
+def lesion_gain(labels: NDArray[np.integer], small_lesion_area_px: int, max_gain: float
+                ) -> NDArray[np.float32]:
+    """Per-pixel gain (B, S, S) for small lesions: a lesion whose cross-section on the slice
+    covers ``a`` pixels gets ``clip(small_lesion_area_px / a, 1, max_gain)`` on its
+    pixels, 1 elsewhere, so that a 20-pixel lesion weighs about as much in the loss as a
+    large one instead of a hundredth of it. ``small_lesion_area_px`` 0 switches it off."""
+    gain = np.ones(labels.shape, dtype=np.float32)
+    if small_lesion_area_px <= 0:
+        return gain
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        mask = labels == value
+        area = mask.reshape(len(labels), -1).sum(axis=1).astype(np.float32)
+        per_slice = np.clip(small_lesion_area_px / np.maximum(area, 1.0), 1.0, max_gain)
+        gain = np.where(mask, np.maximum(gain, per_slice[:, None, None]), gain)
+    return gain
+
+
 def l1_weights(data: PairedDataset, idx: NDArray[np.int64], tumour_weight: float,
-               margin_px: int) -> torch.Tensor:
+               margin_px: int, small_lesion_area_px: int = 0,
+               small_lesion_max_gain: float = 1.0) -> torch.Tensor:
     """Per-pixel L1 weights (B, 1, S, S): ``tumour_weight`` on the tumour masks grown by
-    ``margin_px`` pixels (where the blurred PET uptake of a lesion lies), 1 elsewhere.
+    ``margin_px`` pixels (where the blurred PET uptake of a lesion lies), 1 elsewhere;
+    with ``small_lesion_area_px``, a small lesion's weight is raised by its
+    :func:`lesion_gain` (grown with it).
 
     Needs the dataset's ``tumour_labels`` (phantoms, or a site's segmentations).
     """
-    mask = torch.from_numpy(data.get("tumour_labels")[idx] > 0).float().unsqueeze(1)
+    labels = data.get("tumour_labels")[idx]
+    gain = lesion_gain(labels, small_lesion_area_px, small_lesion_max_gain)
+    lesion = torch.from_numpy(np.where(labels > 0, float(tumour_weight) * gain, 0.0)
+                              .astype(np.float32)).unsqueeze(1)
     if margin_px > 0:
-        mask = F.max_pool2d(mask, kernel_size=2 * margin_px + 1, stride=1, padding=margin_px)
-    return 1.0 + (float(tumour_weight) - 1.0) * mask
+        lesion = F.max_pool2d(lesion, kernel_size=2 * margin_px + 1, stride=1,
+                              padding=margin_px)
+    return torch.clamp(lesion, min=1.0) if tumour_weight >= 1.0 else torch.where(
+        lesion > 0, lesion, torch.ones_like(lesion))
 
 
-def sampling_weights(has_tumour: NDArray[np.bool_], tumour_oversample: float) -> torch.Tensor:
-    """Per-slice sampling weight: tumour slices ``tumour_oversample`` times as likely."""
+def sampling_weights(has_tumour: NDArray[np.bool_], tumour_oversample: float,
+                     slice_gain: NDArray[np.float32] | None = None) -> torch.Tensor:
+    """Per-slice sampling weight: tumour slices ``tumour_oversample`` times as likely,
+    and with ``slice_gain`` (a slice's largest small-lesion gain) that many times more."""
     weights = np.where(has_tumour, float(tumour_oversample), 1.0)
+    if slice_gain is not None:
+        weights = weights * slice_gain
     return torch.from_numpy(weights.astype(np.float64))
+
+
+def small_lesion_slice_gain(data: PairedDataset, idx: NDArray[np.int64],
+                            small_lesion_area_px: int, max_gain: float,
+                            chunk: int = 2048) -> NDArray[np.float32]:
+    """Each slice's largest :func:`lesion_gain` (1 for a slice without a lesion)."""
+    labels = data.get("tumour_labels")
+    out = np.ones(len(idx), dtype=np.float32)
+    for start in range(0, len(idx), chunk):
+        part = labels[idx[start:start + chunk]]
+        out[start:start + chunk] = lesion_gain(part, small_lesion_area_px,
+                                               max_gain).reshape(len(part), -1).max(axis=1)
+    return out
 
 
 def epoch_order(n: int, weights: torch.Tensor | None, seed: int, epoch: int) -> torch.Tensor:

@@ -53,7 +53,8 @@ FIXED_ON_RESUME = ("dataset", "target", "ngf", "ndf", "batch_size", "seed", "upt
                    "tumour_oversample", "tumour_l1_weight", "tumour_margin_px", "ema_decay", "hflip",
                    "epochs", "decay_epochs", "lambda_l1", "lr", "beta1", "context_slices",
                    "fusion_l1_weight", "fusion_gate_width_uptake", "augment_rotation_deg",
-                   "augment_scale", "augment_shift_px")
+                   "augment_scale", "augment_shift_px", "small_lesion_area_px",
+                   "small_lesion_max_gain")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class TrainConfig:
     augment_rotation_deg: float = 0.0  # random in-plane affine per slice (0 = off)
     augment_scale: float = 0.0
     augment_shift_px: float = 0.0
+    small_lesion_area_px: int = 0  # raise small lesions' L1 weight and sampling (0 = off)
+    small_lesion_max_gain: float = 8.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="grow the tumour masks by this many pixels for "
                              "--tumour-l1-weight (the blurred uptake reaches past the "
                              "lesion; default %(default)s)")
+    parser.add_argument("--small-lesion-area-px", type=int, default=d.small_lesion_area_px,
+                        help="a lesion covering a pixels of a slice gets its tumour L1 weight "
+                             "times clip(this / a, 1, --small-lesion-max-gain), and its slice "
+                             "is drawn sqrt(that gain) times as often, so small lesions are "
+                             "not drowned by large ones (0 = off; default %(default)s)")
+    parser.add_argument("--small-lesion-max-gain", type=float, default=d.small_lesion_max_gain,
+                        help="largest gain of --small-lesion-area-px (%(default)s)")
     parser.add_argument("--ema-decay", type=float, default=d.ema_decay,
                         help="keep an exponential moving average of the generator weights "
                              "with this decay per step (e.g. 0.999) and validate / export "
@@ -194,7 +204,10 @@ def run(args: argparse.Namespace) -> int:
         decay_epochs=args.decay_epochs, ngf=args.ngf, ndf=args.ndf, batch_size=args.batch_size,
         target=args.target, uptake_scale=args.uptake_scale,
         tumour_oversample=args.tumour_oversample, tumour_l1_weight=args.tumour_l1_weight,
-        tumour_margin_px=args.tumour_margin_px, ema_decay=args.ema_decay, hflip=args.hflip,
+        tumour_margin_px=args.tumour_margin_px,
+        small_lesion_area_px=args.small_lesion_area_px,
+        small_lesion_max_gain=args.small_lesion_max_gain,
+        ema_decay=args.ema_decay, hflip=args.hflip,
         context_slices=args.context_slices, fusion_l1_weight=args.fusion_l1_weight,
         fusion_gate_width_uptake=args.fusion_gate_width_uptake, seed=args.seed,
         device=args.device, lr=args.lr, beta1=args.beta1, lambda_l1=args.lambda_l1,
@@ -388,9 +401,13 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     data = ds.load_dataset(Path(config.dataset))
     if config.target == "uptake" and not data.has("uptake"):
         raise ValueError("--target uptake needs a dataset with an 'uptake' array")
-    if config.tumour_l1_weight != 1.0 and not data.has("tumour_labels"):
-        raise ValueError("--tumour-l1-weight needs a dataset with tumour masks "
-                         "('tumour_labels')")
+    if ((config.tumour_l1_weight != 1.0 or config.small_lesion_area_px > 0)
+            and not data.has("tumour_labels")):
+        raise ValueError("--tumour-l1-weight and --small-lesion-area-px need a dataset with "
+                         "tumour masks ('tumour_labels')")
+    if config.small_lesion_area_px < 0 or config.small_lesion_max_gain < 1.0:
+        raise ValueError("--small-lesion-area-px must be >= 0 and --small-lesion-max-gain "
+                         ">= 1")
     if config.fusion_l1_weight < 0 or config.fusion_gate_width_uptake <= 0:
         raise ValueError("--fusion-l1-weight must be >= 0 and --fusion-gate-width-uptake > 0")
     if config.fusion_l1_weight > 0 and config.target != "uptake":
@@ -466,8 +483,13 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     write_json(run_dir / "config.json", resolved)
 
     weights = None
-    if config.tumour_oversample != 1.0:
-        weights = ds.sampling_weights(data.has_tumour[train_idx], config.tumour_oversample)
+    slice_gain = None
+    if config.small_lesion_area_px > 0:
+        slice_gain = np.sqrt(ds.small_lesion_slice_gain(
+            data, train_idx, config.small_lesion_area_px, config.small_lesion_max_gain))
+    if config.tumour_oversample != 1.0 or slice_gain is not None:
+        weights = ds.sampling_weights(data.has_tumour[train_idx], config.tumour_oversample,
+                                      slice_gain)
     val_subset = subset(val_idx, config.val_max_slices)
     n_train = len(train_idx)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
@@ -506,9 +528,11 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             idx = train_idx[positions.numpy()]
             x, y = ds.batch(data, idx, config.target, config.uptake_scale, config.context_slices)
             l1_weight = None
-            if config.tumour_l1_weight != 1.0:
+            if config.tumour_l1_weight != 1.0 or config.small_lesion_area_px > 0:
                 l1_weight = ds.l1_weights(data, idx, config.tumour_l1_weight,
-                                          config.tumour_margin_px)
+                                          config.tumour_margin_px,
+                                          config.small_lesion_area_px,
+                                          config.small_lesion_max_gain)
             fusion_pair = fusion_target(data, idx) if config.fusion_l1_weight > 0 else None
             if config.hflip:
                 flip = flips[positions]
