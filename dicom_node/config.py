@@ -79,6 +79,11 @@ class SeriesConfig:
     # ready after this shorter grace period; 0 disables early completion.
     complete_grace_s: float = 3.0
     sweep_interval_s: float = 1.0
+    #: A series that is not geometrically complete and has instances from a transfer that
+    #: did not end in a release (the sender aborted, or the node stopped mid-receive)
+    #: waits this long for the sender's resend before it is processed as it is, so that
+    #: the PACS gets one complete set instead of a partial one and then a second.
+    interrupted_wait_s: float = 600.0
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from dicom_node.analysis_process import (
     InlineAnalysis,
     TbrRequest,
 )
-from dicom_node.config import Destination, NodeConfig
+from dicom_node.config import Destination, NodeConfig, OutputConfig
 from dicom_node.inference import Prediction, Predictor
 from dicom_node.selection import select_series
 from dicom_node.tbr import TbrResult
@@ -43,6 +43,7 @@ from dicom_node.writers.seg import make_seg
 from dicom_node.writers.sr import make_sr
 from storage.audit import AuditKind, AuditLog
 from storage.file_store import FileStore, atomic_write
+from storage.models import Association as AssociationRow
 from storage.models import (
     Instance,
     Job,
@@ -59,7 +60,6 @@ log = logging.getLogger(__name__)
 
 
 # Slice 1 of the fusion series when the analysis failed (the job fails with the reason).
-ANALYSIS_FAILED = "TBR analysis failed: no ratios (reason in the node's audit log)"
 
 
 class SeriesSkipped(Exception):
@@ -128,10 +128,16 @@ def sweep(ctx: NodeContext) -> int:
             Series.state == SeriesState.RECEIVING, Series.last_received_at <= grace_cutoff)).all()
         for series in candidates:
             quiet = as_utc(series.last_received_at) <= cutoff
-            if quiet:
+            complete = _complete(session, series, ctx.config.selection.min_slices)
+            if quiet and not complete and _interrupted(session, series):
+                waited = (now - as_utc(series.last_received_at)).total_seconds()
+                if waited < cfg.interrupted_wait_s:
+                    continue  # the sender's resend will complete it
+                reason = (f"no new instance for {waited:.0f} s after an interrupted "
+                          f"transfer (interrupted_wait_s {cfg.interrupted_wait_s:g})")
+            elif quiet:
                 reason = f"no new instance for {cfg.stable_after_s:g} s"
-            elif cfg.complete_grace_s > 0 and _complete(session, series,
-                                                          ctx.config.selection.min_slices):
+            elif cfg.complete_grace_s > 0 and complete:
                 reason = (f"geometrically complete ({series.instance_count} contiguous slices), "
                           f"quiet for {cfg.complete_grace_s:g} s")
             else:
@@ -140,6 +146,19 @@ def sweep(ctx: NodeContext) -> int:
                       instances=series.instance_count)
             changed += 1
     return changed
+
+
+def _interrupted(session: Session, series: Series) -> bool:
+    """Did any instance of the series arrive over a transfer that did not end in a
+    release: an aborted association, one the node was stopped in, or a file recovered at
+    start-up (no association)?"""
+    return session.execute(
+        select(Instance.id).outerjoin(AssociationRow,
+                                      AssociationRow.id == Instance.association_id)
+        .where(Instance.series_id == series.id,
+               (Instance.association_id.is_(None))
+               | AssociationRow.state.in_(("aborted", "interrupted")))
+        .limit(1)).first() is not None
 
 
 def _complete(session: Session, series: Series, min_slices: int) -> bool:
@@ -181,8 +200,13 @@ def triage(ctx: NodeContext) -> int:
 
 
 def recover(ctx: NodeContext) -> int:
-    """At start-up: series left running by a crash go back to the queue."""
+    """At start-up: series left running by a crash go back to the queue, and
+    associations the node died in are marked interrupted (their series wait for a
+    resend: ``series.interrupted_wait_s``)."""
     with ctx.audit.transaction() as session:
+        for row in session.scalars(select(AssociationRow).where(
+                AssociationRow.state == "accepted")).all():
+            row.state = "interrupted"
         for job in session.scalars(select(Job).where(Job.state == "running")).all():
             job.state = "abandoned"
             job.finished_at = utcnow()
@@ -287,10 +311,9 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
     """Inference, analysis and writing for one series; returns the outputs queued.
 
     The TBR analysis runs in the analysis process (:mod:`analysis_process`) while this
-    thread writes SC slices 2..N and queues them, so the sender streams them to PACS
-    meanwhile (``on_queued`` wakes it). Slice 1, which shows the TBR summary, the SEG and
-    the SR follow when the ratios are back. If the analysis fails, slice 1 says so, the
-    fusion series still goes out whole, and the job fails with the reason.
+    thread writes SC slices 2..N and draws the uncertainty passes. Nothing is queued for
+    sending until the whole set (SC, SEG, SR) is written: a job that fails anywhere
+    sends nothing of its version, and the files it wrote are removed.
     """
     with ctx.sessions() as session:
         series = session.get(Series, series_id)
@@ -314,56 +337,84 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
     provenance = ctx.provenance
     fingerprint = source_fingerprint(s.sop_uid for s in volume.slices)
     sha = provenance.weights_sha256
+    labels = VersionLabels.of(version, ctx.config.output)
 
     def uid(kind: str, index: int = 0) -> UID:
         return derive_uid(fingerprint, sha, version, kind, index)
-
-    def queue(written: list[tuple[str, object, Path]], result: TbrResult | None,
-              intervals: Sequence[TbrInterval] = ()) -> int:
-        count = enqueue_outputs(ctx, series_id, job_id, version, written, result, intervals)
-        if on_queued is not None:
-            on_queued()
-        return count
 
     by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
     sc = ScSeries(prediction.fusion_uint8(), [by_uid[info.sop_uid] for info in volume.slices],
                   volume.slices, uid("sc-series"),
                   [uid("sc", index) for index in range(len(volume.slices))],
-                  ctx.config.output.series_number_sc, provenance)
-    queued = queue([write_sc(ctx, study_uid, sc, index) for index in range(1, len(sc))], None)
-    samples = ctx.config.analysis.uncertainty_samples
-    draws = None
-    if samples >= 2 and ctx.predictor.model.card.output_kind == "uptake":
-        # While the analysis process measures the ratios: the stochastic passes behind
-        # each lesion's interval (dicom_node/uncertainty.py).
-        draws = ctx.predictor.sample_uptake(prediction.grey, samples,
-                                            slice_spacing_mm=volume.spacing_mm[0],
-                                            slice_positions_mm=volume.positions_mm)
-    limit_s = ctx.config.analysis.timeout_s
+                  labels.series_number_sc, provenance, labels.description_suffix)
+    written: list[tuple[str, object, Path]] = []
     try:
-        result = analysis.result(timeout=limit_s)
-    except Exception as exc:
-        # The fusion series goes out whole; its slice 1 says why there are no ratios. It
-        # has a UID of its own: a re-run that measures the ratios must not reuse it.
-        queue([write_sc(ctx, study_uid, sc, 0, [ANALYSIS_FAILED], uid("sc-no-tbr"))], None)
-        if isinstance(exc, TimeoutError):
+        written.extend(write_sc(ctx, study_uid, sc, index) for index in range(1, len(sc)))
+        samples = ctx.config.analysis.uncertainty_samples
+        draws = None
+        if samples >= 2 and ctx.predictor.model.card.output_kind == "uptake":
+            # While the analysis process measures the ratios: the stochastic passes behind
+            # each lesion's interval (dicom_node/uncertainty.py).
+            draws = ctx.predictor.sample_uptake(prediction.grey, samples,
+                                                slice_spacing_mm=volume.spacing_mm[0],
+                                                slice_positions_mm=volume.positions_mm)
+        limit_s = ctx.config.analysis.timeout_s
+        try:
+            result = analysis.result(timeout=limit_s)
+        except TimeoutError as exc:
             ctx.analysis.abort()
             raise AnalysisProcessError(f"TBR analysis took longer than analysis.timeout_s "
                                        f"({limit_s:g} s) and was stopped") from exc
+        calibration = Calibration.from_card(ctx.predictor.model.card.tbr_interval)
+        intervals = lesion_intervals(draws, result, calibration) if draws is not None else []
+        written.insert(0, write_sc(ctx, study_uid, sc, 0,
+                                   summary_lines(result, intervals, calibration.level)))
+        seg = make_seg(volume.datasets, result, uid("seg-series"), uid("seg"),
+                       labels.series_number_seg, provenance, labels.description_suffix)
+        written.append(("seg", seg, write_output(ctx, study_uid, seg, encode(seg))))
+        sr = make_sr(volume.datasets, seg, result, uid("sr-series"), uid("sr"),
+                     labels.series_number_sr, provenance,
+                     supersedes=previous_reports(ctx, series_id, version), intervals=intervals,
+                     interval_method=(calibration.method_text(samples) if draws is not None
+                                      else ""),
+                     description_suffix=labels.description_suffix)
+        written.append(("sr", sr, write_output(ctx, study_uid, sr, encode(sr))))
+    except BaseException:
+        discard_unrecorded(ctx, [path for _, _, path in written])
         raise
-    calibration = Calibration.from_card(ctx.predictor.model.card.tbr_interval)
-    intervals = lesion_intervals(draws, result, calibration) if draws is not None else []
-    written = [write_sc(ctx, study_uid, sc, 0,
-                        summary_lines(result, intervals, calibration.level))]
-    seg = make_seg(volume.datasets, result, uid("seg-series"), uid("seg"),
-                   ctx.config.output.series_number_sc + 2, provenance)
-    written.append(("seg", seg, write_output(ctx, study_uid, seg, encode(seg))))
-    sr = make_sr(volume.datasets, seg, result, uid("sr-series"), uid("sr"),
-                 ctx.config.output.series_number_sr, provenance,
-                 supersedes=previous_reports(ctx, series_id, version), intervals=intervals,
-                 interval_method=calibration.method_text(samples) if draws is not None else "")
-    written.append(("sr", sr, write_output(ctx, study_uid, sr, encode(sr))))
-    return queued + queue(written, result, intervals)
+    count = enqueue_outputs(ctx, series_id, job_id, version, written, result, intervals)
+    if on_queued is not None:
+        on_queued()
+    return count
+
+
+def discard_unrecorded(ctx: NodeContext, paths: list[Path]) -> None:
+    """Remove what a failed job wrote: nothing of it reaches the outbox, nothing stays on
+    disk (a file that an earlier, recorded run of the same version wrote is kept)."""
+    with ctx.sessions() as session:
+        recorded = set(session.scalars(select(OutputInstance.path).where(
+            OutputInstance.path.in_([str(p) for p in paths]))).all()) if paths else set()
+    for path in paths:
+        if str(path) not in recorded:
+            path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class VersionLabels:
+    """How a re-run's outputs tell themselves apart from the set they supersede in the
+    viewer: version 1 keeps the configured series numbers and descriptions; version n
+    adds 10 x (n - 1) to each number and " (v n)" to each description."""
+
+    series_number_sc: int
+    series_number_seg: int
+    series_number_sr: int
+    description_suffix: str
+
+    @classmethod
+    def of(cls, version: int, output: OutputConfig) -> VersionLabels:
+        offset = 10 * (version - 1)
+        return cls(output.series_number_sc + offset, output.series_number_sc + 2 + offset,
+                   output.series_number_sr + offset, f" (v{version})" if version > 1 else "")
 
 
 def write_output(ctx: NodeContext, study_uid: str, ds: Dataset, data: bytes) -> Path:
@@ -492,7 +543,14 @@ def enqueue_outputs(ctx: NodeContext, series_id: int, job_id: int, version: int,
                                      "volume_ml": round(lesion.volume_ml, 2),
                                      **_interval_fields(by_lesion.get(lesion.number))}
                                     for lesion in result.lesions]}
+        superseded = sorted(set(session.execute(
+            select(OutputInstance.series_version, OutputInstance.series_uid).where(
+                OutputInstance.source_series_id == series_id,
+                OutputInstance.series_version < version)).all()))
+        if superseded:  # the earlier sets this version replaces in the viewer
+            findings["supersedes"] = [{"version": v, "series_uid": uid}
+                                      for v, uid in superseded]
         ctx.audit.record_in(session, AuditKind.OUTPUT_WRITTEN, study_uid=series.study_uid,
-                            series_uid=series.series_uid, job=job_id,
+                            series_uid=series.series_uid, job=job_id, version=version,
                             outputs=len(written), outbox_entries=queued, **findings)
     return queued

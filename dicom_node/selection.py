@@ -58,10 +58,12 @@ def select_series(paths: list[Path], rules: SelectionConfig) -> Selection:
             headers.append((path, read_header(path)))
         except (InvalidDicomError, OSError) as exc:
             return Selection(False, f"unreadable instance {path.name}: {exc}")
+        if len(headers) == 1:  # a CT or a report routed with the study: one header says so
+            modality = str(headers[0][1].get("Modality", ""))
+            if modality not in rules.modalities:
+                return Selection(False, f"modality {modality!r} is not one of "
+                                        f"{list(rules.modalities)}")
     first = headers[0][1]
-    modality = str(first.get("Modality", ""))
-    if modality not in rules.modalities:
-        return Selection(False, f"modality {modality!r} is not one of {list(rules.modalities)}")
     description = str(first.get("SeriesDescription", ""))
     if rules.description_include and not any(
             re.search(p, description) for p in rules.description_include):
@@ -78,10 +80,13 @@ def select_series(paths: list[Path], rules: SelectionConfig) -> Selection:
         for path, ds in headers:
             slices.extend(slices_of(ds, path))
     except VolumeError as exc:
-        return Selection(False, f"geometry missing: {exc}")
+        return Selection(False, f"geometry missing or invalid: {exc}")
     sizes = {(s.rows, s.columns) for s in slices}
     if len(sizes) != 1:
         return Selection(False, f"inconsistent matrix sizes in one series: {sorted(sizes)}")
+    spacings = {tuple(round(v, 4) for v in s.pixel_spacing) for s in slices}
+    if len(spacings) != 1:
+        return Selection(False, f"inconsistent PixelSpacing in one series: {sorted(spacings)}")
     normal = slices[0].normal
     cos_tol = math.cos(math.radians(rules.axial_tolerance_deg))
     if abs(float(normal[2])) < cos_tol:

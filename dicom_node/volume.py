@@ -52,8 +52,41 @@ def _floats(value: Any, count: int, what: str) -> tuple[float, ...]:
     return numbers
 
 
+def checked(info: SliceInfo) -> SliceInfo:
+    """The slice, if its geometry can place pixels in space: a matrix, finite positive
+    pixel spacing, a finite position, and row and column directions that are unit vectors
+    at right angles (PS3.3 C.7.6.2.1.1). Raises :class:`VolumeError` saying what is wrong.
+    """
+    where = f"instance {info.sop_uid}" + (f" frame {info.frame_index + 1}"
+                                          if info.frame_index is not None else "")
+    if info.rows <= 0 or info.columns <= 0:
+        raise VolumeError(f"{where} has no pixel matrix (Rows {info.rows}, Columns "
+                          f"{info.columns})")
+    spacing = np.array(info.pixel_spacing)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise VolumeError(f"{where}: PixelSpacing {list(info.pixel_spacing)} is not two "
+                          f"positive numbers")
+    if not np.all(np.isfinite(info.position)):
+        raise VolumeError(f"{where}: ImagePositionPatient {list(info.position)} is not finite")
+    row, col = np.array(info.orientation[:3]), np.array(info.orientation[3:])
+    if (not np.all(np.isfinite(info.orientation)) or abs(np.linalg.norm(row) - 1) > 0.01
+            or abs(np.linalg.norm(col) - 1) > 0.01 or abs(float(np.dot(row, col))) > 0.01):
+        raise VolumeError(f"{where}: ImageOrientationPatient {list(info.orientation)} is not "
+                          f"two orthogonal unit vectors")
+    if info.slice_thickness is not None and not (np.isfinite(info.slice_thickness)
+                                                 and info.slice_thickness >= 0):
+        raise VolumeError(f"{where}: SliceThickness {info.slice_thickness} is not a "
+                          f"non-negative number")
+    return info
+
+
 def slices_of(ds: Dataset, path: Path) -> list[SliceInfo]:
-    """The slices one instance contributes (one, or one per frame)."""
+    """The slices one instance contributes (one, or one per frame), each
+    :func:`checked`."""
+    return [checked(info) for info in _slices_of(ds, path)]
+
+
+def _slices_of(ds: Dataset, path: Path) -> list[SliceInfo]:
     rows = int(ds.get("Rows", 0))
     columns = int(ds.get("Columns", 0))
     sop_uid = str(ds.get("SOPInstanceUID", ""))

@@ -29,12 +29,11 @@ from dicom_node.fusion import window_t1c
 from dicom_node.scheduler import SendLoop
 from dicom_node.service import Node
 from dicom_node.tbr import TbrResult, measure_tbr
-from storage.models import AuditEvent, Series
+from storage.models import AuditEvent, OutboxEntry, OutputInstance, Series
 from tests.conftest import PynetdicomPacs, pynetdicom_send, wait_for
 from tests.dicom_factory import SeriesSpec, write_series
 from training.phantom import PhantomGeometry, generate_patient
 
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 GEOMETRY = PhantomGeometry(rows=128, cols=128, pixel_spacing_mm=2.0, slice_spacing_mm=4.0)
 
 
@@ -177,7 +176,17 @@ def _series_state(node: Node, series_uid: str) -> str:
         return row.state if row else ""
 
 
-def test_a_failed_analysis_still_delivers_the_whole_fusion_series_and_fails_the_job(
+def _nothing_of_the_job_left(node: Node) -> None:
+    """A failed job queued nothing and left no output file: the PACS can never get part
+    of its set."""
+    with node.sessions() as session:
+        assert session.scalars(select(OutboxEntry)).all() == []
+        assert session.scalars(select(OutputInstance)).all() == []
+    outputs = node.config.store_dir / "outputs"
+    assert not outputs.exists() or [p for p in outputs.rglob("*") if p.is_file()] == []
+
+
+def test_a_failed_analysis_sends_nothing_and_fails_the_job(
         tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,10 +203,8 @@ def test_a_failed_analysis_still_delivers_the_whole_fusion_series_and_fails_the_
     assert pynetdicom_send(files, node.receiver.port) == [0] * 8
     series_uid = str(dcmread(files[0]).SeriesInstanceUID)
     assert wait_for(lambda: _series_state(node, series_uid) == "failed", 120)
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 8, 60)
-    received = pynetdicom_pacs.received.read_all()
-    assert sorted(int(ds.InstanceNumber) for ds in received) == list(range(1, 9))
-    assert {ds.SOPClassUID for ds in received} == {SC_CLASS}  # no SEG, no SR
+    _nothing_of_the_job_left(node)
+    assert pynetdicom_pacs.received.files() == []
     with node.sessions() as session:
         reasons = [e.detail for e in session.scalars(select(AuditEvent).where(
             AuditEvent.kind == "job.fail", AuditEvent.series_uid == series_uid)).all()]
@@ -246,7 +253,6 @@ def test_an_analysis_past_its_time_limit_is_stopped_and_the_job_fails(
         reasons = [e.detail for e in session.scalars(select(AuditEvent).where(
             AuditEvent.kind == "job.fail", AuditEvent.series_uid == series_uid)).all()]
     assert any("longer than analysis.timeout_s (0.001 s) and was stopped" in r for r in reasons)
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 8, 60)
-    received = pynetdicom_pacs.received.read_all()
-    assert sorted(int(ds.InstanceNumber) for ds in received) == list(range(1, 9))
+    _nothing_of_the_job_left(node)
+    assert pynetdicom_pacs.received.files() == []
     assert wait_for(lambda: node.analysis is not None and node.analysis.pid != pid, 30)

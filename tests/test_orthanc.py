@@ -23,9 +23,11 @@ import pytest
 from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import SecondaryCaptureImageStorage, SegmentationStorage
+from sqlalchemy import select
 
 from dicom_node.config import NodeConfig
 from dicom_node.service import Node
+from storage.models import OutboxEntry, Series
 from tests.conftest import free_port, wait_for
 from tests.dicom_factory import SeriesSpec, write_series
 
@@ -199,3 +201,31 @@ def test_orthanc_sends_a_study_and_gets_sc_sr_seg_back(
     assert image.std() > 10.0, f"preview looks blank (std {image.std():.1f})"
     channel_spread = np.abs(image[..., 0] - image[..., 2]).mean()
     assert channel_spread > 1.0, "preview has no colour: is the fusion overlay missing?"
+
+    # 5. the PACS routes the whole study again (a retry, or an auto-route rule), with the
+    # node's own SC, SEG and SR in it: every instance is accepted, the T1C resend changes
+    # nothing, the node's results are stored and not processed, and nothing new reaches
+    # the PACS.
+    again = orthanc.post_json(f"/modalities/{MODALITY}/store",
+                              {"Resources": [study_id], "Synchronous": True})
+    assert again["FailedInstancesCount"] == 0, again
+    assert again["InstancesCount"] == expected, again
+    with node.sessions() as session:
+        series_rows = {row.series_uid: row for row in session.scalars(select(Series))}
+        outbox_before = len(session.scalars(select(OutboxEntry)).all())
+    source_series = str(dcmread(source[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert len(series_rows) == 4
+    assert series_rows[source_series].version == 1
+
+    def returned_series_skipped() -> bool:
+        with node.sessions() as session:
+            return all(row.state == "skipped" for row in session.scalars(select(Series))
+                       if row.series_uid != source_series)
+
+    assert wait_for(returned_series_skipped, 120)
+    with node.sessions() as session:
+        source_row = session.scalars(select(Series).where(
+            Series.series_uid == source_series)).one()
+        assert (source_row.state, source_row.version) == ("done", 1)
+        assert len(session.scalars(select(OutboxEntry)).all()) == outbox_before
+    assert instance_count() == expected

@@ -6,6 +6,7 @@ whole (with CT, PET and the node's own results in them)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -183,16 +184,13 @@ def test_bytes_that_are_not_dicom_end_the_connection_with_one_line(
     junk = b"\x5a" + junk[1:]
     with caplog.at_level(logging.DEBUG):
         with socket.create_connection(("127.0.0.1", node.receiver.port), timeout=30) as sock:
-            try:
+            # the node may close the connection while we are still sending
+            with contextlib.suppress(OSError):
                 sock.sendall(junk)
-            except OSError:
-                pass  # the node closed the connection while we were still sending
             sock.settimeout(30)
-            try:
+            with contextlib.suppress(OSError):
                 while sock.recv(65536):
                     pass
-            except OSError:
-                pass
         assert wait_for(lambda: any("not a DICOM" in e.detail or "unrecognised PDU"
                                     in e.detail for e in _events(node, "association.abort")),
                         60)

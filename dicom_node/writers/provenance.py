@@ -64,3 +64,9 @@ def copy_patient_study(source: Dataset) -> dict[str, object]:
         "study_time": str(source.get("StudyTime", "")) or None,
         "referring_physician_name": str(source.get("ReferringPhysicianName", "")) or None,
     }
+
+
+def series_description(base: str, version_suffix: str = "") -> str:
+    """A SeriesDescription (LO, 64 characters) that keeps a re-run's version suffix
+    whole: the base is shortened instead."""
+    return base[: 64 - len(version_suffix)] + version_suffix

@@ -29,7 +29,13 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from dicom_node.volume import SliceInfo
-from dicom_node.writers.provenance import BANNER, OUTPUT_CHARACTER_SET, Provenance, copy_patient_study
+from dicom_node.writers.provenance import (
+    BANNER,
+    OUTPUT_CHARACTER_SET,
+    Provenance,
+    copy_patient_study,
+    series_description,
+)
 
 SERIES_DESCRIPTION = "SYNTHETIC FDOPA PET/T1C FUSION - NOT FOR DIAGNOSTIC USE"
 
@@ -180,8 +186,10 @@ def make_sc_instance(
     series_number: int,
     provenance: Provenance,
     summary_lines: Sequence[str] = (),
+    description_suffix: str = "",
 ) -> Dataset:
-    """One SC instance for one slice; ``summary_lines`` are burned in below the banner."""
+    """One SC instance for one slice; ``summary_lines`` are burned in below the banner;
+    ``description_suffix`` marks a re-run's version in the series description."""
     pixels = burn_in(fusion_rgb, [BANNER, *summary_lines])
     row, col = slice_info.orientation[:3], slice_info.orientation[3:]
     sc = hd.sc.SCImage(
@@ -201,7 +209,7 @@ def make_sc_instance(
         specific_character_set=OUTPUT_CHARACTER_SET,
         **copy_patient_study(source),  # type: ignore[arg-type]
     )
-    sc.SeriesDescription = SERIES_DESCRIPTION
+    sc.SeriesDescription = series_description(SERIES_DESCRIPTION, description_suffix)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     sc.ManufacturerModelName = provenance.model_name[:64]
@@ -231,14 +239,16 @@ class ScSeries:
 
     def __init__(self, fusion_rgb: NDArray[np.uint8], sources: Sequence[Dataset],
                  slices: Sequence[SliceInfo], series_uid: UID, sop_uids: Sequence[UID],
-                 series_number: int, provenance: Provenance) -> None:
+                 series_number: int, provenance: Provenance,
+                 description_suffix: str = "") -> None:
         if not len(fusion_rgb) == len(slices) == len(sop_uids) or not len(slices):
             raise ValueError("one fusion image, slice and SOP Instance UID per instance")
         self._fusion = fusion_rgb
         self._slices = slices
         self._sop_uids = sop_uids
         self.template = make_sc_instance(fusion_rgb[0], sources[0], slices[0], series_uid,
-                                         sop_uids[0], 1, series_number, provenance)
+                                         sop_uids[0], 1, series_number, provenance,
+                                         description_suffix=description_suffix)
         self._encoder: SeriesEncoder | None = None
 
     def __len__(self) -> int:

@@ -15,7 +15,7 @@ from pydicom.uid import UID
 
 from dicom_node.tbr import TbrResult
 from dicom_node.uids import hashed_uid
-from dicom_node.writers.provenance import OUTPUT_CHARACTER_SET, Provenance
+from dicom_node.writers.provenance import OUTPUT_CHARACTER_SET, Provenance, series_description
 
 SERIES_DESCRIPTION = "SYNTHETIC PET TBR REGIONS - NOT FOR DIAGNOSTIC USE"
 BACKGROUND_SEGMENT = 1
@@ -39,6 +39,7 @@ def make_seg(
     sop_uid: UID,
     series_number: int,
     provenance: Provenance,
+    description_suffix: str = "",
 ) -> Dataset:
     """A BINARY SEG (N slices x segments) over the source single-frame images."""
     algorithm = _algorithm(provenance, result.threshold)
@@ -87,5 +88,5 @@ def make_seg(
         specific_character_set=OUTPUT_CHARACTER_SET,
         omit_empty_frames=True,
     )
-    seg.SeriesDescription = SERIES_DESCRIPTION
+    seg.SeriesDescription = series_description(SERIES_DESCRIPTION, description_suffix)
     return seg

@@ -43,6 +43,7 @@ from dicom_node.writers.provenance import (
     PRIVATE_SCHEME_NAME,
     PRIVATE_SCHEME_ORG,
     Provenance,
+    series_description,
 )
 from dicom_node.writers.seg import BACKGROUND_SEGMENT, lesion_segment_number
 
@@ -131,6 +132,7 @@ def make_sr(
     supersedes: list[Dataset] | None = None,
     intervals: Sequence[TbrInterval] = (),
     interval_method: str = "",
+    description_suffix: str = "",
 ) -> Dataset:
     algorithm = _algorithm(provenance, result, interval_method)
     by_lesion = {interval.lesion: interval for interval in intervals}
@@ -181,7 +183,7 @@ def make_sr(
         contributing_equipment=[provenance.contributing_equipment()],
         specific_character_set=OUTPUT_CHARACTER_SET,
     )
-    sr.SeriesDescription = SERIES_DESCRIPTION
+    sr.SeriesDescription = series_description(SERIES_DESCRIPTION, description_suffix)
     scheme = Dataset()
     scheme.CodingSchemeDesignator = PRIVATE_SCHEME
     scheme.CodingSchemeName = PRIVATE_SCHEME_NAME
