@@ -19,6 +19,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.service import Node
 from tests.conftest import REPO, free_port, pynetdicom_send, wait_for
 from tests.dicom_factory import SeriesSpec, write_series
+from tests.test_tls import Pki, pki  # noqa: F401  (the test PKI fixture)
 
 STATEMENT = REPO / "docs" / "conformance-statement.md"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -50,6 +51,11 @@ def test_scp_sop_classes_and_transfer_syntaxes_match_the_running_node(
     text = _text()
     for sop_class in contexts:
         assert f"`{sop_class}`" in text, f"SCP SOP class {sop_class} not in the statement"
+    # Annex E lists the stored-only classes exactly: processed + stored-only = negotiated
+    stored_only = _block_uids("scp-stored-only-sop-classes")
+    processed = {"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1", str(Verification)}
+    assert set(stored_only) | processed == set(contexts)
+    assert not set(stored_only) & processed
     storage = {uid: syntaxes for uid, syntaxes in contexts.items() if uid != Verification}
     assert storage, "the node supports no storage SOP class"
     documented = _block_uids("scp-storage-transfer-syntaxes")
@@ -173,3 +179,139 @@ def test_every_accepted_transfer_syntax_can_be_decoded() -> None:
     missing = [UID(ts).name for ts in ACCEPTED_TRANSFER_SYNTAXES
                if not get_decoder(UID(ts)).is_available]
     assert missing == []
+
+
+# -- what the statement says about refusals, checked on the wire --------------------------
+def _rejection_rows() -> list[tuple[int, int, int]]:
+    match = re.search(r"<!-- rejections -->(.*?)<!-- end -->", _text(), re.S)
+    assert match, "<!-- rejections --> table missing"
+    rows = []
+    for line in match.group(1).splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[1][:1].isdigit():
+            rows.append((int(cells[1].split()[0]), int(cells[2].split()[0]),
+                         int(cells[3].split()[0])))
+    return rows
+
+
+def test_every_documented_rejection_is_what_a_peer_receives(
+        make_config: Callable[..., NodeConfig], start_node: Callable[[NodeConfig], Node]) -> None:
+    node = start_node(make_config(receiver={"max_associations": 1}))
+    port = node.receiver.port
+    min_pdu = int(_marked_value("min-peer-pdu"))
+
+    def rj(calling: str = "TESTSCU", called: str = "DICOMNODE",
+           max_pdu: int = 16384) -> tuple[int, int, int]:
+        scu = AE(ae_title=calling)
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title=called, max_pdu=max_pdu)
+        assert assoc.is_rejected, (calling, called, max_pdu)
+        answer = assoc.acceptor.primitive
+        return (int(answer.result), int(answer.result_source), int(answer.diagnostic))
+
+    seen = [rj(calling="NOBODY"), rj(called="SOMEONEELSE"), rj(max_pdu=min_pdu - 1)]
+    holder = AE(ae_title="TESTSCU")
+    holder.add_requested_context(Verification)
+    first = holder.associate("127.0.0.1", port, ae_title="DICOMNODE", max_pdu=min_pdu)
+    assert first.is_established  # the smallest documented PDU length is served
+    assert first.send_c_echo().Status == 0
+    seen.append(rj())  # one association open, max_associations 1
+    first.release()
+    assert seen == _rejection_rows()
+    from sqlalchemy import select
+
+    from storage.models import AuditEvent
+
+    assert wait_for(lambda: _count(node, select(AuditEvent).where(
+        AuditEvent.kind == "association.reject")) == 4, 60)
+
+
+def _count(node: Node, query: object) -> int:
+    with node.sessions() as session:
+        return len(session.scalars(query).all())  # type: ignore[call-overload]
+
+
+def test_every_documented_store_status_is_what_a_sender_receives(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node]) -> None:
+    """Provoke each status of the C-STORE table of 4.2.6 and compare the set."""
+    import io
+
+    from pydicom import dcmread
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+    from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+
+    match = re.search(r"<!-- store-statuses -->(.*?)<!-- end -->", _text(), re.S)
+    assert match
+    documented = {int(code, 16) for code in re.findall(r"\| `([0-9A-F]{4})` \|", match.group(1))}
+    node = start_node(make_config(receiver={"max_instance_mb": 0.5}))
+    [small] = write_series(tmp_path / "small", SeriesSpec(n_slices=1), seed=51)
+    [large] = write_series(tmp_path / "large", SeriesSpec(n_slices=1, rows=512, columns=512),
+                           seed=52)
+    ds = dcmread(small)
+    scu = AE(ae_title="TESTSCU")
+    scu.add_requested_context(MRImageStorage)
+    scu.add_requested_context(Verification)
+    assoc = scu.associate("127.0.0.1", node.receiver.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    mr_cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == MRImageStorage)
+    echo_cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == Verification)
+
+    def store(dataset: object, context: object, affected: str = MRImageStorage,
+              raw: bytes | None = None) -> int:
+        request = C_STORE()
+        request.MessageID = 7
+        request.AffectedSOPClassUID = affected
+        request.AffectedSOPInstanceUID = dataset.SOPInstanceUID  # type: ignore[attr-defined]
+        request.Priority = 2
+        request.DataSet = io.BytesIO(raw if raw is not None else encode(dataset, False, True))
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            threading.Event().wait(0.001)
+        try:
+            assoc.dimse.send_msg(request, context.context_id)  # type: ignore[attr-defined]
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        return int(rsp.Status)
+
+    mismatched = dcmread(small)
+    mismatched.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT in an MR context
+    whole = encode(ds, False, True)
+    assert whole is not None
+    seen = {store(ds, mr_cx), store(ds, echo_cx), store(mismatched, mr_cx),
+            store(dcmread(large), mr_cx), store(ds, mr_cx, raw=whole[:-3000])}
+    assoc.release()
+    assert seen == documented
+
+
+def test_the_tls_policy_of_the_statement_holds_on_a_running_node(
+        make_config: Callable[..., NodeConfig], start_node: Callable[[NodeConfig], Node],
+        pki: Pki) -> None:  # noqa: F811
+    """4.3: TLS on the receiver; DCMTK's echoscu with a site certificate is served, a plain
+    TCP caller and a caller without a trusted certificate get nothing; the documented
+    minimum version is the default one."""
+    import ssl
+    import subprocess
+
+    from dicom_node.config import TlsConfig
+    from dicom_node.tls import server_context
+    from tests.conftest import require_tool
+
+    assert _marked_value("tls-min-version") == TlsConfig().min_version == "TLSv1.2"
+    node = start_node(make_config(tls={
+        "enabled": True, "cert_file": str(pki.server_cert), "key_file": str(pki.server_key),
+        "ca_file": str(pki.ca), "require_client_cert": True}))
+    assert server_context(node.config.tls).minimum_version == ssl.TLSVersion.TLSv1_2
+
+    def echo(*tls: str) -> int:
+        return subprocess.run([require_tool("echoscu"), "-aet", "TESTSCU", "-aec", "DICOMNODE",
+                               *tls, "127.0.0.1", str(node.receiver.port)],
+                              capture_output=True, text=True, timeout=120,
+                              check=False).returncode
+
+    assert echo("+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca)) == 0
+    assert echo() != 0
+    assert echo("+tls", str(pki.other_client_key), str(pki.other_client_cert),
+                "+cf", str(pki.ca)) != 0
