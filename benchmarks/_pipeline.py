@@ -49,8 +49,8 @@ def make_context(data_dir: Path, device: str = "cpu", batch_size: int = 16,
                  destinations: list[dict[str, Any]] | None = None) -> Any:
     from benchmarks._common import free_port, node_raw_config
     from dicom_node.config import parse_config
-    from dicom_node.inference import Predictor, pick_device
-    from dicom_node.model_weights import load_weights
+    from dicom_node.inference.model_weights import load_weights
+    from dicom_node.inference.predictor import Predictor, pick_device
     from dicom_node.processing import NodeContext
     from storage.audit import AuditLog
     from storage.database import make_engine, make_session_factory
@@ -88,12 +88,12 @@ def add_series_and_job(ctx: Any, study_uid: str, series_uid: str) -> tuple[int, 
 def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
                      fine: bool = True) -> int:
     """processing.run_series with timing; returns the number of outbox entries queued."""
-    import dicom_node.inference as inference
+    import dicom_node.inference.predictor as inference
     import dicom_node.writers.sc as sc_mod
     from dicom_node import processing as p
-    from dicom_node.selection import select_series
-    from dicom_node.tbr import measure_tbr
-    from dicom_node.volume import load_volume
+    from dicom_node.analysis.tbr import measure_tbr
+    from dicom_node.series.selection import select_series
+    from dicom_node.series.volume import load_volume
 
     undo = []
     if fine:

@@ -38,8 +38,8 @@ from benchmarks._pipeline import Timer, make_context, run_series_timed
 
 
 def models(device: torch.device) -> list[tuple[str, torch.nn.Module, int, int]]:
-    from dicom_node.generator import build_generator
-    from dicom_node.model_weights import load_weights
+    from dicom_node.inference.generator import build_generator
+    from dicom_node.inference.model_weights import load_weights
 
     demo = load_weights(DEMO_WEIGHTS, device)
     paper = build_generator("unet_256", 64).to(device).eval()
@@ -114,7 +114,7 @@ def main() -> None:
             ctx = make_context(root / "node", device="auto", destinations=[
                 {"name": "pacs", "ae_title": scp.ae_title, "host": "127.0.0.1",
                  "port": scp.port}])
-            from dicom_node.sender import Sender
+            from dicom_node.outbox.sender import Sender
 
             # warm the model and the writers up, as the node does when it starts
             from dicom_node.writers.warm_up import warm_up_writers

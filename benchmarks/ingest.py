@@ -115,8 +115,8 @@ class HandlerTimes:
         self._undo.append(lambda: setattr(owner, name, original))
 
     def install(self) -> None:
-        import dicom_node.instance_recorder as recorder
-        import dicom_node.receiver as receiver
+        import dicom_node.ingest.instance_recorder as recorder
+        import dicom_node.ingest.receiver as receiver
 
         self._wrap(receiver.Receiver, "handle_store", "handle_store (all)")
         self._wrap(receiver, "read_instance_header", "header read")

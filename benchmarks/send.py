@@ -96,7 +96,7 @@ def main() -> None:
             ctx = make_context(root / "node", destinations=[
                 {"name": "pacs", "ae_title": scp.ae_title, "host": "127.0.0.1",
                  "port": scp.port}])
-            from dicom_node.sender import Sender
+            from dicom_node.outbox.sender import Sender
 
             sender = Sender(ctx.config, ctx.sessions, ctx.audit)
             source = write_mr_series(root / "src", slices, 256, 256, seed=7)

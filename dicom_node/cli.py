@@ -17,9 +17,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
 from dicom_node.config import ConfigError, NodeConfig, default_config_path, load_config
-from dicom_node.identity import apply_identity
-from dicom_node.model_weights import WeightsError
-from dicom_node.tls import TlsConfig, client_tls_args
+from dicom_node.inference.model_weights import WeightsError
+from dicom_node.net.identity import apply_identity
+from dicom_node.net.tls import TlsConfig, client_tls_args
 
 log = logging.getLogger("dicom_node")
 
@@ -42,8 +42,8 @@ def _stop_on_signals() -> threading.Event:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
+    from dicom_node.ops.systemd_notify import Notifier
     from dicom_node.service import ReceiveOnlyNode
-    from dicom_node.systemd_notify import Notifier
 
     config = _load(args)
     if args.port == config.receiver.port:
@@ -66,9 +66,9 @@ def cmd_receive(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dicom_node.analysis_process import AnalysisProcessError
+    from dicom_node.analysis.process import AnalysisProcessError
+    from dicom_node.ops.systemd_notify import Notifier
     from dicom_node.service import Node
-    from dicom_node.systemd_notify import Notifier
 
     config = _load(args)
     try:
@@ -86,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node.start(heartbeat=notifier.watchdog)
     except AnalysisProcessError as exc:
         print(f"dicom-node: cannot start: {exc}\n  the TBR analysis process (python -m "
-              "dicom_node.analysis_process) printed its error above; set "
+              "dicom_node.analysis.process) printed its error above; set "
               "analysis.separate_process = false to run the analysis in the node itself.",
               file=sys.stderr)
         return 2
@@ -231,7 +231,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the config (loading it is the validation) and C-ECHO every destination."""
-    from dicom_node.model_weights import load_weights
+    from dicom_node.inference.model_weights import load_weights
 
     config = _load(args)
     print(f"config {config.source_path}: valid")
@@ -259,7 +259,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
-    from dicom_node.outbox import list_entries, retry_dead
+    from dicom_node.outbox.admin import list_entries, retry_dead
     from storage.audit import AuditLog
 
     sessions = _engine(_load(args))

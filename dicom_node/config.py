@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_node.fusion import COLORMAPS, FusionStyle
-from dicom_node.tls import TlsConfig, parse_tls
+from dicom_node.inference.fusion import COLORMAPS, FusionStyle
+from dicom_node.net.tls import TlsConfig, parse_tls
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 DEVICES = ("auto", "cpu", "cuda")
@@ -113,7 +113,7 @@ class ModelConfig:
 class AnalysisConfig:
     tbr_threshold: float = 1.6
     min_lesion_volume_ml: float = 0.1
-    #: TBR in a warm child process (dicom_node/analysis_process.py), so the job writes
+    #: TBR in a warm child process (dicom_node/analysis/process.py), so the job writes
     #: and sends the fusion series meanwhile; false: in the job's thread.
     separate_process: bool = True
     #: A series' TBR analysis that runs longer fails its job (the process is restarted).
@@ -124,7 +124,7 @@ class AnalysisConfig:
     #: docs/performance.md).
     threads: int = 0
     #: Stochastic passes of the generator per series for each lesion's TBR interval
-    #: (dicom_node/uncertainty.py); 0: no interval (and no "equivocal" findings).
+    #: (dicom_node/analysis/uncertainty.py); 0: no interval (and no "equivocal" findings).
     uncertainty_samples: int = 4
 
     def thread_count(self) -> int:

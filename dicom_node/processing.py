@@ -24,23 +24,23 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.analysis_process import (
+from dicom_node.analysis.process import (
     Analysis,
     AnalysisProcessError,
     InlineAnalysis,
     TbrRequest,
 )
+from dicom_node.analysis.tbr import TbrResult
+from dicom_node.analysis.uncertainty import Calibration, TbrInterval, lesion_intervals
 from dicom_node.config import Destination, NodeConfig, OutputConfig
-from dicom_node.inference import Prediction, Predictor
-from dicom_node.selection import select_series
-from dicom_node.tbr import TbrResult
-from dicom_node.uids import derive_uid, source_fingerprint
-from dicom_node.uncertainty import Calibration, TbrInterval, lesion_intervals
-from dicom_node.volume import VolumeError, load_volume
+from dicom_node.inference.predictor import Prediction, Predictor
+from dicom_node.series.selection import select_series
+from dicom_node.series.volume import VolumeError, load_volume
 from dicom_node.writers.provenance import Provenance
 from dicom_node.writers.sc import ScSeries, encode
 from dicom_node.writers.seg import make_seg
 from dicom_node.writers.sr import make_sr
+from dicom_node.writers.uids import derive_uid, source_fingerprint
 from storage.audit import AuditKind, AuditLog
 from storage.file_store import FileStore, atomic_write
 from storage.models import Association as AssociationRow
@@ -354,7 +354,7 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
         draws = None
         if samples >= 2 and ctx.predictor.model.card.output_kind == "uptake":
             # While the analysis process measures the ratios: the stochastic passes behind
-            # each lesion's interval (dicom_node/uncertainty.py).
+            # each lesion's interval (dicom_node/analysis/uncertainty.py).
             draws = ctx.predictor.sample_uptake(prediction.grey, samples,
                                                 slice_spacing_mm=volume.spacing_mm[0],
                                                 slice_positions_mm=volume.positions_mm)

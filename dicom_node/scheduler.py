@@ -22,9 +22,9 @@ from datetime import UTC, datetime
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dicom_node.outbox.retention import apply_retention
+from dicom_node.outbox.sender import Sender
 from dicom_node.processing import NodeContext, process_next, sweep, triage
-from dicom_node.retention import apply_retention
-from dicom_node.sender import Sender
 from storage.audit import AuditKind
 
 log = logging.getLogger(__name__)

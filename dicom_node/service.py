@@ -14,15 +14,15 @@ from typing import Any
 import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_node.analysis_process import AnalysisProcess, InlineAnalysis
+from dicom_node.analysis.process import AnalysisProcess, InlineAnalysis
 from dicom_node.config import ConfigError, NodeConfig
-from dicom_node.inference import Predictor, pick_device
-from dicom_node.metrics_http import MetricsServer
-from dicom_node.model_weights import load_weights
+from dicom_node.inference.model_weights import load_weights
+from dicom_node.inference.predictor import Predictor, pick_device
+from dicom_node.ingest.receiver import Receiver
+from dicom_node.ops.metrics_http import MetricsServer
+from dicom_node.outbox.sender import Sender
 from dicom_node.processing import NodeContext, recover
-from dicom_node.receiver import Receiver
 from dicom_node.scheduler import build_scheduler
-from dicom_node.sender import Sender
 from dicom_node.writers.warm_up import warm_up_writers
 from storage.audit import AuditKind, AuditLog
 from storage.database import make_engine, make_session_factory

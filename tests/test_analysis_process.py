@@ -16,19 +16,19 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-import dicom_node.analysis_process as analysis_module
-from dicom_node.analysis_process import (
+import dicom_node.analysis.process as analysis_module
+from dicom_node.analysis.process import (
     AnalysisError,
     AnalysisProcess,
     AnalysisProcessError,
     InlineAnalysis,
     TbrRequest,
 )
+from dicom_node.analysis.tbr import TbrResult, measure_tbr
 from dicom_node.config import NodeConfig
-from dicom_node.fusion import window_t1c
+from dicom_node.inference.fusion import window_t1c
 from dicom_node.scheduler import SendLoop
 from dicom_node.service import Node
-from dicom_node.tbr import TbrResult, measure_tbr
 from storage.models import AuditEvent, OutboxEntry, OutputInstance, Series
 from tests.conftest import PynetdicomPacs, pynetdicom_send, wait_for
 from tests.dicom_factory import SeriesSpec, write_series
@@ -136,7 +136,7 @@ def test_a_process_that_cannot_start_is_a_clear_error(
 
 
 def test_the_analysis_process_does_not_import_torch() -> None:
-    code = ("import sys, dicom_node.analysis_process\n"
+    code = ("import sys, dicom_node.analysis.process\n"
             "print(sorted(m for m in ('torch', 'pydicom', 'highdicom') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parent.parent).stdout

@@ -30,11 +30,11 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from sqlalchemy import select
 
-from dicom_node import dimse_status
 from dicom_node.config import NodeConfig, SelectionConfig
-from dicom_node.selection import select_series
+from dicom_node.net import dimse_status
+from dicom_node.series.selection import select_series
+from dicom_node.series.volume import load_volume
 from dicom_node.service import Node
-from dicom_node.volume import load_volume
 from storage.models import Association as AssociationRow
 from storage.models import AuditEvent, Instance, Series
 from tests.bad_input_factory import (

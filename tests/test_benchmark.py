@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.generator import build_generator
-from dicom_node.inference import Predictor
-from dicom_node.model_weights import ModelCard, load_weights, save_weights
-from dicom_node.tbr import Lesion, TbrResult
-from dicom_node.uncertainty import Calibration, lesion_intervals
+from dicom_node.analysis.tbr import Lesion, TbrResult
+from dicom_node.analysis.uncertainty import Calibration, lesion_intervals
+from dicom_node.inference.generator import build_generator
+from dicom_node.inference.model_weights import ModelCard, load_weights, save_weights
+from dicom_node.inference.predictor import Predictor
 from training.augment import AffineAugment, warp
 from training.benchmark import CohortError, check_cohort, run_benchmark
 from training.dataset import build_dataset, load_pairs
@@ -211,8 +211,8 @@ def test_summary_slice_shows_intervals_and_fits_the_slice() -> None:
     that a 256-pixel-wide slice holds."""
     from PIL import ImageFont
 
+    from dicom_node.analysis.uncertainty import TbrInterval
     from dicom_node.processing import summary_lines
-    from dicom_node.uncertainty import TbrInterval
 
     mask = np.zeros((2, 4, 4), bool)
     lesions = [Lesion(number=n, tbr_max=2.0 + n, tbr_mean=1.8, volume_ml=12.4, max_uptake=1.0,

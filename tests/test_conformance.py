@@ -174,7 +174,7 @@ def test_every_accepted_transfer_syntax_can_be_decoded() -> None:
     from pydicom.pixels import get_decoder
     from pydicom.uid import UID
 
-    from dicom_node.receiver import ACCEPTED_TRANSFER_SYNTAXES
+    from dicom_node.ingest.receiver import ACCEPTED_TRANSFER_SYNTAXES
 
     missing = [UID(ts).name for ts in ACCEPTED_TRANSFER_SYNTAXES
                if not get_decoder(UID(ts)).is_available]
@@ -296,7 +296,7 @@ def test_the_tls_policy_of_the_statement_holds_on_a_running_node(
     import subprocess
 
     from dicom_node.config import TlsConfig
-    from dicom_node.tls import server_context
+    from dicom_node.net.tls import server_context
     from tests.conftest import require_tool
 
     assert _marked_value("tls-min-version") == TlsConfig().min_version == "TLSv1.2"

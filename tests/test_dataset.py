@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_node.fusion import FusionStyle, fuse, to_uint8, window_t1c
-from dicom_node.resampling import to_network
+from dicom_node.inference.fusion import FusionStyle, fuse, to_uint8, window_t1c
+from dicom_node.inference.resampling import to_network
 from training.cli import main as train_main
 from training.dataset import (
     PatientLeakWarning,

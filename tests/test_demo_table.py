@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 
+from dicom_node.analysis.tbr import measure_tbr
+from dicom_node.analysis.uncertainty import TbrInterval
 from dicom_node.config import load_config
-from dicom_node.fusion import window_t1c
-from dicom_node.tbr import measure_tbr
-from dicom_node.uncertainty import TbrInterval
-from dicom_node.volume import load_volume, read_header, slices_of
+from dicom_node.inference.fusion import window_t1c
+from dicom_node.series.volume import load_volume, read_header, slices_of
 from dicom_node.writers.provenance import Provenance
 from dicom_node.writers.sc import encode
 from dicom_node.writers.seg import make_seg

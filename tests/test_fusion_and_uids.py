@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dicom_node.fusion import FusionStyle, defuse, fuse, to_uint8, window_t1c
-from dicom_node.uids import derive_uid, source_fingerprint
+from dicom_node.inference.fusion import FusionStyle, defuse, fuse, to_uint8, window_t1c
+from dicom_node.writers.uids import derive_uid, source_fingerprint
 
 
 def test_defuse_recovers_uptake_from_an_8_bit_fusion() -> None:
@@ -50,8 +50,8 @@ def test_output_uids_are_deterministic_and_distinct() -> None:
 def test_sc_series_instances_are_independent(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The fast per-slice copies must not share their per-slice attributes."""
     from dicom_node.config import SelectionConfig
-    from dicom_node.selection import select_series
-    from dicom_node.volume import load_volume
+    from dicom_node.series.selection import select_series
+    from dicom_node.series.volume import load_volume
     from dicom_node.writers.provenance import Provenance
     from dicom_node.writers.sc import make_sc_series
     from tests.dicom_factory import SeriesSpec, write_series
@@ -84,8 +84,8 @@ def test_series_encoder_writes_the_bytes_of_dcmwrite(tmp_path) -> None:  # type:
     from pydicom import dcmread
 
     from dicom_node.config import SelectionConfig
-    from dicom_node.selection import select_series
-    from dicom_node.volume import load_volume
+    from dicom_node.series.selection import select_series
+    from dicom_node.series.volume import load_volume
     from dicom_node.writers.provenance import Provenance
     from dicom_node.writers.sc import SeriesEncoder, encode, make_sc_series
     from tests.dicom_factory import SeriesSpec, write_series
@@ -126,7 +126,7 @@ def test_series_encoder_writes_the_bytes_of_dcmwrite(tmp_path) -> None:  # type:
 
 
 def test_fuse_uint8_is_to_uint8_of_fuse_bit_for_bit() -> None:
-    from dicom_node.fusion import fuse_uint8
+    from dicom_node.inference.fusion import fuse_uint8
 
     rng = np.random.default_rng(7)
     grey = rng.random((6, 40, 52), dtype=np.float32)

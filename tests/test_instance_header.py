@@ -14,8 +14,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from dicom_node import instance_header
-from dicom_node.instance_header import HeaderError, InstanceHeader, read_instance_header
+from dicom_node.ingest import instance_header
+from dicom_node.ingest.instance_header import HeaderError, InstanceHeader, read_instance_header
 from tests.bad_input_factory import rewrite
 from tests.dicom_factory import SeriesSpec, write_series
 

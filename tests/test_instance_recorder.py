@@ -15,7 +15,7 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 
 from dicom_node.config import NodeConfig
-from dicom_node.instance_recorder import InstanceRecorder, ReceivedInstance
+from dicom_node.ingest.instance_recorder import InstanceRecorder, ReceivedInstance
 from dicom_node.service import Node
 from storage.audit import AuditKind, AuditLog, verify_chain
 from storage.database import make_engine, make_session_factory
@@ -71,8 +71,8 @@ def test_instances_batch_into_few_transactions(
     node = start_node(make_config(series={"stable_after_s": 3600.0}))
     recorder = node.receiver.recorder
     recorder.stop()  # nothing drains the queue: we commit by hand below
-    from dicom_node.instance_header import read_instance_header
-    from dicom_node.receiver import received_instance
+    from dicom_node.ingest.instance_header import read_instance_header
+    from dicom_node.ingest.receiver import received_instance
 
     items = []
     for index, path in enumerate(files):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from dicom_node.tbr import Lesion, TbrResult
+from dicom_node.analysis.tbr import Lesion, TbrResult
 from training.lesion_truth import grown_labels, match_lesions
 
 SPACING = (2.0, 1.0, 1.0)

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.fusion import FusionStyle, fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion import FusionStyle, fuse, to_uint8, window_t1c
 from training.cli import main as train_main
 from training.phantom import (
     TUMOUR_MODEL,

@@ -83,7 +83,7 @@ def test_refused_instances_go_to_dead_letter_and_can_be_retried(
         refusing.stop()
         fixed = PynetdicomPacs(tmp_path / "fixed", ae_title="REFUSER", port=refusing.port).start()
         try:
-            from dicom_node.outbox import retry_dead
+            from dicom_node.outbox.admin import retry_dead
 
             with node.audit.transaction() as session:
                 assert retry_dead(session, node.audit, destination="refuser") == 10
@@ -160,7 +160,7 @@ def test_retention_deletes_only_what_was_delivered(
         tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
     from dicom_node.config import RetentionConfig
-    from dicom_node.retention import apply_retention
+    from dicom_node.outbox.retention import apply_retention
 
     down = PynetdicomPacs(tmp_path / "down", ae_title="DOWN")  # never started
     node = start_node(make_config(destinations=[

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from pydicom import dcmread
 
-from dicom_node.fusion import window_t1c
-from dicom_node.tbr import measure_tbr
-from dicom_node.volume import load_volume, read_header, slices_of
+from dicom_node.analysis.tbr import measure_tbr
+from dicom_node.inference.fusion import window_t1c
+from dicom_node.series.volume import load_volume, read_header, slices_of
 from dicom_node.writers.provenance import Provenance
 from dicom_node.writers.sc import encode
 from dicom_node.writers.seg import BACKGROUND_SEGMENT, make_seg
@@ -96,7 +96,7 @@ def test_references_resolve(analysed) -> None:  # type: ignore[no-untyped-def]
 def test_sr_with_intervals_validates_and_reads_back(analysed, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Each lesion's interval travels as TID 310 uncertainty ranges; an interval that
     reaches below the threshold makes the lesion equivocal, in the SR and on read-back."""
-    from dicom_node.uncertainty import TbrInterval
+    from dicom_node.analysis.uncertainty import TbrInterval
 
     volume, result, _ = analysed
     first = result.lesions[0]

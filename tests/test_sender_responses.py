@@ -13,7 +13,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
-from dicom_node.sender import keep_responses
+from dicom_node.outbox.sender import keep_responses
 from tests.conftest import DcmtkStorescp
 from tests.dicom_factory import SeriesSpec, write_series
 

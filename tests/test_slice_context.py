@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.fusion import window_t1c
-from dicom_node.inference import Predictor
-from dicom_node.model_weights import load_weights
-from dicom_node.resampling import to_network
-from dicom_node.slice_context import context_step, group_rows, neighbour_rows, stack_context
+from dicom_node.inference.fusion import window_t1c
+from dicom_node.inference.model_weights import load_weights
+from dicom_node.inference.predictor import Predictor
+from dicom_node.inference.resampling import to_network
+from dicom_node.inference.slice_context import context_step, group_rows, neighbour_rows, stack_context
 from tests.test_training import _config, write_toy_dataset
 from training import data as ds
 from training.evaluate import predict

@@ -12,11 +12,11 @@ import pytest
 import torch
 from numpy.typing import NDArray
 
-from dicom_node.fusion import fuse
-from dicom_node.inference import Predictor
-from dicom_node.model_weights import ModelCard, WeightsError, load_weights
-from dicom_node.slice_context import contiguous_runs, restrict_runs
-from dicom_node.slice_smoothing import sigma_slices, smooth_runs, smooth_slices
+from dicom_node.inference.fusion import fuse
+from dicom_node.inference.model_weights import ModelCard, WeightsError, load_weights
+from dicom_node.inference.predictor import Predictor
+from dicom_node.inference.slice_context import contiguous_runs, restrict_runs
+from dicom_node.inference.slice_smoothing import sigma_slices, smooth_runs, smooth_slices
 from tests.test_training import write_toy_dataset
 from tests.weights_factory import make_test_weights
 from training import data as ds

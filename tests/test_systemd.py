@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node import systemd_notify
 from dicom_node.config import NodeConfig
+from dicom_node.ops import systemd_notify
 from dicom_node.service import Node
 from tests.conftest import REPO, free_port, wait_for
 
@@ -267,7 +267,7 @@ PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
 if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
     sys.exit(77)
 import torch
-from dicom_node.generator import build_generator
+from dicom_node.inference.generator import build_generator
 generator = build_generator("unet_128", 8, output_nc=3).eval()
 with torch.inference_mode():
     generator(torch.zeros(1, 1, 128, 128))

@@ -24,8 +24,8 @@ import pytest
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from dicom_node.fusion import defuse, window_t1c
-from dicom_node.tbr import TbrResult, measure_tbr
+from dicom_node.analysis.tbr import TbrResult, measure_tbr
+from dicom_node.inference.fusion import defuse, window_t1c
 from training.phantom import PhantomGeometry, PhantomPatient, generate_patient
 
 GEOMETRY = PhantomGeometry(rows=128, cols=128, pixel_spacing_mm=2.0, slice_spacing_mm=4.0)
@@ -318,7 +318,7 @@ def test_grown_mask_equals_the_maximum_filter_over_the_whole_volume(where: str) 
     """The lesion margin is grown on the lesions' bounding box only; it must equal the
     box-shaped maximum filter over the whole volume, also where a lesion touches the
     volume's faces."""
-    from dicom_node.mask_morphology import grown_box
+    from dicom_node.analysis.mask_morphology import grown_box
 
     rng = np.random.default_rng(3)
     mask = np.zeros((20, 40, 30), dtype=bool)
@@ -338,7 +338,7 @@ def test_separable_morphology_equals_scipy_binary_operations(
     """mask_morphology's shifted-copy morphology gives the voxels of scipy's binary_*
     operations, also where shapes touch the volume's faces and where the volume is
     thinner than the structuring element reaches."""
-    from dicom_node import mask_morphology as morphology
+    from dicom_node.analysis import mask_morphology as morphology
 
     rng = np.random.default_rng(11)
     in_plane = np.zeros((3, 3, 3), dtype=bool)
@@ -370,7 +370,7 @@ def test_separable_morphology_equals_scipy_binary_operations(
 def test_grown_part_equals_growing_the_whole_volume() -> None:
     """Growing a part given inside a box (the lesions inside the box of hot voxels) is
     the box-shaped maximum filter of the whole volume it belongs to."""
-    from dicom_node.mask_morphology import grown_box_of_part
+    from dicom_node.analysis.mask_morphology import grown_box_of_part
 
     rng = np.random.default_rng(5)
     shape = (12, 30, 25)
@@ -389,7 +389,7 @@ def test_depth_equals_the_distance_transform_of_whole_slices(
         phantoms: dict[int, PhantomPatient]) -> None:
     """depth_mm runs each slice's distance transform on the brain's box plus a ring of
     background only; that must give the whole slice's distances, bit for bit."""
-    from dicom_node.brain_regions import depth_mm
+    from dicom_node.analysis.brain_regions import depth_mm
 
     brain = phantoms[5].brain_mask.copy()
     brain[:, :, :3] = True  # a brain touching a face: nothing to pad on that side

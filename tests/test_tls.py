@@ -23,8 +23,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import ConfigError, NodeConfig
-from dicom_node.service import Node
-from dicom_node.tls import (
+from dicom_node.net.tls import (
     TlsConfig,
     client_context,
     client_tls_args,
@@ -32,6 +31,7 @@ from dicom_node.tls import (
     peer_certificate_subject,
     server_context,
 )
+from dicom_node.service import Node
 from tests.conftest import free_port, require_tool, wait_for
 from tests.dicom_factory import SeriesSpec, write_series
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.fusion import FusionStyle, fuse, to_uint8
-from dicom_node.generator import build_generator
-from dicom_node.model_weights import load_weights
+from dicom_node.inference.fusion import FusionStyle, fuse, to_uint8
+from dicom_node.inference.generator import build_generator
+from dicom_node.inference.model_weights import load_weights
 from training import data as ds
 from training.cli import main as cli_main
 from training.train import TrainConfig, load_checkpoint, train
@@ -332,7 +332,7 @@ def test_example_slices_show_one_brain_slice_per_patient(tmp_path: Path) -> None
 
 
 def test_soft_fusion_is_the_node_renderer_with_a_differentiable_gate() -> None:
-    """Width 0 renders exactly what dicom_node.fusion.fuse draws; a small width stays
+    """Width 0 renders exactly what dicom_node.inference.fusion.fuse draws; a small width stays
     close to it and passes a gradient to uptake near the display threshold."""
     from training.soft_fusion import soft_fuse
 

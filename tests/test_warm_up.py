@@ -71,7 +71,7 @@ def test_a_failed_warm_up_is_audited_and_the_node_starts_anyway(
     """The warm-up only saves the first series some set-up. If the model's warm-up batch
     fails (CUDA out of memory at the full batch size, which a series survives by halving
     its batch), the node still starts, listens, and says so in its start event."""
-    from dicom_node.inference import Predictor
+    from dicom_node.inference.predictor import Predictor
 
     def out_of_memory(self: Predictor) -> float:
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")

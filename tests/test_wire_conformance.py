@@ -25,8 +25,8 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from dicom_node import dimse_status
 from dicom_node.config import NodeConfig
+from dicom_node.net import dimse_status
 from dicom_node.service import Node
 from storage.models import Association as AssociationRow
 from storage.models import AuditEvent, Instance
@@ -166,7 +166,7 @@ def test_max_associations_refusals_are_audited_and_logged(
     node = start_node(make_config(receiver={"max_associations": 1}))
     first = _associate(node.receiver.port)
     assert first.is_established  # type: ignore[attr-defined]
-    with caplog.at_level(logging.WARNING, logger="dicom_node.receiver"):
+    with caplog.at_level(logging.WARNING, logger="dicom_node.ingest.receiver"):
         second = _associate(node.receiver.port)
     assert second.is_rejected  # type: ignore[attr-defined]
     rj = second.acceptor.primitive  # type: ignore[attr-defined]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from dicom_node.generator import build_generator
-from dicom_node.model_weights import ModelCard, save_weights
+from dicom_node.inference.generator import build_generator
+from dicom_node.inference.model_weights import ModelCard, save_weights
 
 
 def make_test_weights(path: Path, output_kind: str = "fusion_rgb", ngf: int = 8,

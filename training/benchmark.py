@@ -3,10 +3,10 @@
     dicom-node-train benchmark --weights W --seed 200 --patients 60 --cohort validation --out DIR
 
 Each patient is drawn by the phantom generator (native 256 x 256 matrix, the T1C as the
-node receives it), run through the node's :class:`~dicom_node.inference.Predictor`
+node receives it), run through the node's :class:`~dicom_node.inference.predictor.Predictor`
 (windowing, network, smoothing along the slice normal: the native-matrix synthetic
 uptake the node measures), and measured with the node's TBR method
-(:func:`dicom_node.tbr.measure_tbr`, the config's threshold and minimum volume) on three
+(:func:`dicom_node.analysis.tbr.measure_tbr`, the config's threshold and minimum volume) on three
 uptakes: the synthetic one, the real PET uptake and the oracle (the uptake expected from
 what the T1C shows). Lesions are matched to the ground-truth tumours
 (:mod:`training.lesion_truth`). The report (``report.md``, ``summary.json``,
@@ -47,11 +47,11 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
+from dicom_node.analysis.tbr import TbrResult
+from dicom_node.analysis.uncertainty import Calibration, TbrInterval, lesion_intervals
 from dicom_node.config import load_config
-from dicom_node.inference import Predictor
-from dicom_node.model_weights import LoadedModel, ModelCard, WeightsError, load_weights
-from dicom_node.tbr import TbrResult
-from dicom_node.uncertainty import Calibration, TbrInterval, lesion_intervals
+from dicom_node.inference.model_weights import LoadedModel, ModelCard, WeightsError, load_weights
+from dicom_node.inference.predictor import Predictor
 from training.lesion_truth import Matching, grown_labels, measure_and_match
 from training.metrics import bland_altman, mean_sd, pearson, psnr, ssim
 from training.phantom import PhantomGeometry, PhantomPatient, generate_patient

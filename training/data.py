@@ -13,7 +13,7 @@ datasets lack it), ``tumour_labels`` uint8, ``brain_mask``,
 
 Network tensors: input ``x = 2 * t1c - 1`` (1 channel, or ``2k + 1`` channels with
 ``context_slices = k``: the slice and its neighbours in the same study, see
-:mod:`dicom_node.slice_context`); target ``fusion / 255 * 2 - 1``
+:mod:`dicom_node.inference.slice_context`); target ``fusion / 255 * 2 - 1``
 (3 channels, ``target="fusion"``) or ``uptake / uptake_scale * 2 - 1`` clipped to
 [-1, 1] (1 channel, ``target="uptake"``).
 """
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from dicom_node.fusion import FusionStyle
-from dicom_node.slice_context import group_rows
+from dicom_node.inference.fusion import FusionStyle
+from dicom_node.inference.slice_context import group_rows
 
 TARGETS = ("fusion", "uptake")
 SPLITS = ("train", "val", "test")

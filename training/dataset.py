@@ -8,15 +8,15 @@ each study the T1C series is the axial MR series that is post-contrast T1 (a
 ContrastBolusAgent, or a description such as "+C", "post", "Gd", "contrast"; never
 T2/FLAIR/diffusion). Its target is the study's RGB Secondary Capture series (one whose
 description says "fusion" first) or, failing that, its PET series (PT), which is
-resampled into the T1C plane and rendered with :func:`dicom_node.fusion.fuse`.
+resampled into the T1C plane and rendered with :func:`dicom_node.inference.fusion.fuse`.
 
 Slices are paired by position along the T1C slice normal (ImagePositionPatient . normal,
 nearest target within half the T1C slice spacing). A Secondary Capture without geometry
 is paired through its SourceImageSequence references to T1C instances, or else by equal
 InstanceNumber. Unpaired T1C slices are skipped and listed in ``dataset.json``.
 
-The T1C grey values are :func:`dicom_node.fusion.window_t1c` over the whole series, then
-:func:`dicom_node.resampling.to_network` to the network size; the fusion is resampled per
+The T1C grey values are :func:`dicom_node.inference.fusion.window_t1c` over the whole series, then
+:func:`dicom_node.inference.resampling.to_network` to the network size; the fusion is resampled per
 channel the same way. A phantom study (``ground_truth.json`` with the study's UID in the
 series folder or one of its parents, up to ``DIR``) also contributes uptake, the oracle
 fusion (rendered with ``fuse()`` from ``oracle_uptake``) and masks (nearest neighbour).
@@ -83,8 +83,8 @@ from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 from tqdm import tqdm
 
-from dicom_node.fusion import FusionStyle, fuse, to_uint8, window_t1c
-from dicom_node.resampling import padding_for, to_network
+from dicom_node.inference.fusion import FusionStyle, fuse, to_uint8, window_t1c
+from dicom_node.inference.resampling import padding_for, to_network
 from storage.file_store import atomic_writer
 
 logger = logging.getLogger(__name__)

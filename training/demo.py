@@ -26,9 +26,9 @@ import numpy as np
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+from dicom_node.analysis.tbr import Lesion, TbrResult
 from dicom_node.config import NodeConfig, load_config
-from dicom_node.fusion import window_t1c
-from dicom_node.tbr import Lesion, TbrResult
+from dicom_node.inference.fusion import window_t1c
 from dicom_node.writers.seg import BACKGROUND_SEGMENT, lesion_segment_number
 from dicom_node.writers.sr import TbrReport, read_tbr_report
 from training.lesion_truth import TruthLesion, match_lesions, measure_and_match, segment_masks

@@ -6,7 +6,7 @@ Methods compared on the same slices:
   ``torch.inference_mode``, input ``2 * t1c - 1``); an RGB model's output is quantised
   to uint8 like the node's Secondary Capture; an uptake model's output is smoothed along
   the slice normal within each study's run of contiguous slices as its model card says
-  (``slice_smoothing_mm``, :mod:`dicom_node.slice_smoothing`; ``--slice-smoothing-mm``
+  (``slice_smoothing_mm``, :mod:`dicom_node.inference.slice_smoothing`; ``--slice-smoothing-mm``
   overrides it, to choose it on the validation split) and fused with the dataset's
   fusion style over the dataset's ``t1c_backdrop`` (the T1C exactly as the real fusion
   shows it where no uptake is drawn), as the node draws it over the native T1C.
@@ -30,7 +30,7 @@ Metrics:
   Pearson r (95 % CI, p) of real vs synthetic TBRmax / TBRmean over tumour-bearing
   slices (one ROI per lesion and slice) and over patients' 3D volumes (one per lesion);
 - PET-specific: PSNR and SSIM of the uptake / 4 inside the brain mask and inside the
-  tumour regions. Uptake is de-fused from each fusion (``dicom_node.fusion.defuse``)
+  tumour regions. Uptake is de-fused from each fusion (``dicom_node.inference.fusion.defuse``)
   for every method and for the reference alike (real fusion -> real uptake).
 """
 
@@ -51,11 +51,11 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from dicom_node.fusion import FusionStyle, defuse, fuse, to_uint8
-from dicom_node.model_weights import LoadedModel, WeightsError, load_weights
-from dicom_node.resampling import from_network, to_network
-from dicom_node.slice_context import contiguous_runs, restrict_runs
-from dicom_node.slice_smoothing import smooth_runs
+from dicom_node.inference.fusion import FusionStyle, defuse, fuse, to_uint8
+from dicom_node.inference.model_weights import LoadedModel, WeightsError, load_weights
+from dicom_node.inference.resampling import from_network, to_network
+from dicom_node.inference.slice_context import contiguous_runs, restrict_runs
+from dicom_node.inference.slice_smoothing import smooth_runs
 from training import data as ds
 from training.metrics import (
     FSIM_NAME,
@@ -495,7 +495,7 @@ def write_report(out: Path, summary: dict[str, dict[str, Any]], check: dict[str,
               "channel_axis=-1, data_range=1.0. Images scaled to [0, 1]; PSNR capped at "
               f"{PSNR_CAP_DB:.0f} dB for identical images.",
               "- Uptake for the PET-specific metrics and TBR is de-fused from each fusion "
-              "with `dicom_node.fusion.defuse` (real fusion -> real uptake), scaled by "
+              "with `dicom_node.inference.fusion.defuse` (real fusion -> real uptake), scaled by "
               f"1/{meta['uptake_scale']:g}; brain = brain mask, tumour = ground-truth "
               "tumour labels; TBR background = brain & ~tumour & ~oedema & ~striatum of "
               "the slice (of the patient's slices when the slice has too little).",

@@ -1,7 +1,7 @@
 """``dicom-node-train export``: a training checkpoint's generator as the node's weights file.
 
-The weights file is :func:`dicom_node.model_weights.save_weights` (fp16 by default)
-with a :class:`~dicom_node.model_weights.ModelCard` describing the architecture, the
+The weights file is :func:`dicom_node.inference.model_weights.save_weights` (fp16 by default)
+with a :class:`~dicom_node.inference.model_weights.ModelCard` describing the architecture, the
 output kind, the fusion style of the training data, how it was trained and the
 validation (and, with ``--metrics``, test) figures. Prints the file's sha256.
 """
@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dicom_node.generator import build_generator
-from dicom_node.model_weights import ModelCard, WeightsError, save_weights
+from dicom_node.inference.generator import build_generator
+from dicom_node.inference.model_weights import ModelCard, WeightsError, save_weights
 from training.train import load_checkpoint
 
 OUTPUT_KIND = {"fusion": "fusion_rgb", "uptake": "uptake"}
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation-benchmark", type=Path, default=None,
                         help="summary.json of `benchmark --cohort validation`: its lesion "
                              "figures go into the card, and its residual SDs calibrate the "
-                             "TBR intervals (dicom_node/uncertainty.py)")
+                             "TBR intervals (dicom_node/analysis/uncertainty.py)")
     parser.add_argument("--interval-level", type=float, default=0.9,
                         help="two-sided level of the TBR intervals (%(default)s)")
     parser.add_argument("--sealed-test-benchmark", type=Path, default=None,

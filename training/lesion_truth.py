@@ -1,7 +1,7 @@
 """Lesions the node reports, matched to the phantom's ground-truth tumours.
 
 What a radiologist meets is a list of lesions, not a slice metric. For one uptake volume
-(real, synthetic or oracle) the node's own TBR method (:func:`dicom_node.tbr.measure_tbr`)
+(real, synthetic or oracle) the node's own TBR method (:func:`dicom_node.analysis.tbr.measure_tbr`)
 returns lesions; this module decides which ground-truth tumour each one is:
 
 - a reported lesion *matches* tumour k when its hottest voxel lies in tumour k grown by
@@ -29,8 +29,8 @@ from numpy.typing import NDArray
 from pydicom import Dataset
 from scipy import ndimage
 
-from dicom_node.mask_morphology import bounding_box
-from dicom_node.tbr import Lesion, TbrResult, measure_tbr
+from dicom_node.analysis.mask_morphology import bounding_box
+from dicom_node.analysis.tbr import Lesion, TbrResult, measure_tbr
 
 DEFAULT_REACH_MM = 4.0
 DEFAULT_VOI_MARGIN_MM = 2.0

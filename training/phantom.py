@@ -9,7 +9,7 @@ peritumoural oedema. Per patient the generator returns, on one axial grid:
 - ``uptake``: FDOPA-like uptake (SUV-like units) blurred to PET resolution with noise,
 - ``oracle_uptake``: the expected uptake given what the T1C shows (no PET noise,
   mean striatal ratio, tumour uptake from the predictable part of the model only),
-- ``fusion`` / ``oracle_fusion``: both rendered with :mod:`dicom_node.fusion`,
+- ``fusion`` / ``oracle_fusion``: both rendered with :mod:`dicom_node.inference.fusion`,
 - masks and the tumours' ground truth (model TBR, predictable TBR, measured TBRs).
 
 All numbers that define realism are module constants (see ``docs/phantom.md``) and
@@ -29,7 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from dicom_node.fusion import FusionStyle, fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion import FusionStyle, fuse, to_uint8, window_t1c
 
 FloatVolume = NDArray[np.float32]
 BoolVolume = NDArray[np.bool_]

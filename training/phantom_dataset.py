@@ -4,7 +4,7 @@
         --tumour-count-p 0,0.4,0.6 --normal-slice-fraction 0.2 --lean --workers 2
 
 The same arrays as ``phantom`` followed by ``dataset`` (the T1C windowed over the whole
-series and resampled with :func:`dicom_node.resampling.to_network`, the uptake and the
+series and resampled with :func:`dicom_node.inference.resampling.to_network`, the uptake and the
 masks resampled as :mod:`training.dataset` resamples them), computed in memory without
 writing DICOM files: about 1.1 s a patient on 2 cores instead of about 4.5 s. Meant for
 training cohorts, which are large; evaluation cohorts go through the node itself
@@ -42,8 +42,8 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from dicom_node.fusion import FusionStyle, fuse, to_uint8, window_t1c
-from dicom_node.resampling import to_network
+from dicom_node.inference.fusion import FusionStyle, fuse, to_uint8, window_t1c
+from dicom_node.inference.resampling import to_network
 from training.dataset import _atomic, _write_json, grey_to_network, nearest_to_network, rgb_to_network
 from training.phantom import NUMBER_OF_TUMOURS_P, PhantomGeometry, generate_patient
 from training.phantom_dicom import patient_uids

@@ -1,6 +1,6 @@
 """Pix2Pix as published (Isola et al. 2017): PatchGAN discriminator, losses, one training step.
 
-- Generator: :func:`dicom_node.generator.build_generator` (U-Net, ``unet_256`` / ``unet_128``).
+- Generator: :func:`dicom_node.inference.generator.build_generator` (U-Net, ``unet_256`` / ``unet_128``).
 - Discriminator: the 70x70 PatchGAN (``n_layers=3``, BatchNorm, LeakyReLU 0.2) on the
   input and the target (or generated) image concatenated along channels.
 - Losses: vanilla GAN (``BCEWithLogitsLoss`` against all-ones / all-zeros patch maps)
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dicom_node.generator import UnetGenerator, build_generator
+from dicom_node.inference.generator import UnetGenerator, build_generator
 
 
 class PatchDiscriminator(nn.Module):

@@ -1,24 +1,24 @@
 """A differentiable fusion renderer, for a training loss measured on the fusion image.
 
-:func:`dicom_node.fusion.fuse` draws the uptake colour only where uptake reaches the
+:func:`dicom_node.inference.fusion.fuse` draws the uptake colour only where uptake reaches the
 display threshold: a hard step, whose gradient is zero everywhere. Here that step is a
 logistic gate of width ``gate_width_uptake`` (uptake units), so that a generator of
 uptake can learn from the error of the fusion it renders: above all at the edge of the
 drawn overlay (the outline of the brain, of tumours and of the striatum), where a small
 error in uptake switches a pixel between grey and colour. With the width going to 0 the
-gate becomes the hard step and :func:`soft_fuse` equals :func:`~dicom_node.fusion.fuse`.
+gate becomes the hard step and :func:`soft_fuse` equals :func:`~dicom_node.inference.fusion.fuse`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dicom_node.fusion import FusionStyle, colormap_knots
+from dicom_node.inference.fusion import FusionStyle, colormap_knots
 
 
 def colour(t: torch.Tensor, name: str = "hot") -> torch.Tensor:
     """(B, 1, H, W) window positions -> (B, 3, H, W) colours: the node's colormap
-    (:func:`dicom_node.fusion.colormap`), interpolated between the same knots."""
+    (:func:`dicom_node.inference.fusion.colormap`), interpolated between the same knots."""
     knots_t, knots_rgb = (torch.as_tensor(a, dtype=t.dtype, device=t.device)
                           for a in colormap_knots(name))
     t = t.clamp(0.0, 1.0)

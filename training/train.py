@@ -35,8 +35,8 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from dicom_node.model_weights import load_weights
-from dicom_node.slice_context import input_channels
+from dicom_node.inference.model_weights import load_weights
+from dicom_node.inference.slice_context import input_channels
 from storage.file_store import atomic_writer
 from training import data as ds
 from training.augment import AffineAugment, warp

@@ -8,7 +8,7 @@ import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from dicom_node.identity import MANUFACTURER_MODEL_NAME, software_version
+from dicom_node.net.identity import MANUFACTURER_MODEL_NAME, software_version
 
 BANNER = "SYNTHETIC - NOT FOR DIAGNOSTIC USE"
 # Private coding scheme for concepts no standard code covers (declared in each SR).

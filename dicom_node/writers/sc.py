@@ -28,7 +28,7 @@ from pydicom.filewriter import (
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
-from dicom_node.volume import SliceInfo
+from dicom_node.series.volume import SliceInfo
 from dicom_node.writers.provenance import (
     BANNER,
     OUTPUT_CHARACTER_SET,

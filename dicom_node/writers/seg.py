@@ -13,9 +13,9 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 
-from dicom_node.tbr import TbrResult
-from dicom_node.uids import hashed_uid
+from dicom_node.analysis.tbr import TbrResult
 from dicom_node.writers.provenance import OUTPUT_CHARACTER_SET, Provenance, series_description
+from dicom_node.writers.uids import hashed_uid
 
 SERIES_DESCRIPTION = "SYNTHETIC PET TBR REGIONS - NOT FOR DIAGNOSTIC USE"
 BACKGROUND_SEGMENT = 1

@@ -8,7 +8,7 @@ Layout (see docs/conformance-statement.md for the full tree):
   UCUM "1", the biological tumour volume in mL, and the algorithm identification
   (model name, version, parameters: weights sha256, threshold, method, the
   statement that the values were measured on synthetic uptake). With an interval
-  (:mod:`dicom_node.uncertainty`), the group also holds the interval's limits and the
+  (:mod:`dicom_node.analysis.uncertainty`), the group also holds the interval's limits and the
   model's sampling SD of TBRmax and TBRmean as measurements of their own (private
   concepts, e.g. "TBRmax interval lower limit"; TID 310's uncertainty ranges would be
   the natural home, but pixelmed's validator does not accept them under TID 1419), the
@@ -33,10 +33,9 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
-from dicom_node.identity import IMPLEMENTATION_CLASS_UID
-from dicom_node.tbr import Lesion, TbrResult
-from dicom_node.uids import hashed_uid
-from dicom_node.uncertainty import TbrInterval
+from dicom_node.analysis.tbr import Lesion, TbrResult
+from dicom_node.analysis.uncertainty import TbrInterval
+from dicom_node.net.identity import IMPLEMENTATION_CLASS_UID
 from dicom_node.writers.provenance import (
     OUTPUT_CHARACTER_SET,
     PRIVATE_SCHEME,
@@ -46,6 +45,7 @@ from dicom_node.writers.provenance import (
     series_description,
 )
 from dicom_node.writers.seg import BACKGROUND_SEGMENT, lesion_segment_number
+from dicom_node.writers.uids import hashed_uid
 
 SERIES_DESCRIPTION = "SYNTHETIC PET TBR REPORT - NOT FOR DIAGNOSTIC USE"
 SYNTHETIC_STATEMENT = "Values measured on synthetic (AI-generated) PET uptake"
@@ -57,7 +57,7 @@ SYNTHETIC_METHOD = hd.sr.CodedConcept("SYNTHPET", PRIVATE_SCHEME,
                                       "Measured on synthetic PET uptake from Pix2Pix")
 UNIT_RATIO = hd.sr.CodedConcept("1", "UCUM", "no units")
 UNIT_ML = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
-#: Each lesion's interval (dicom_node/uncertainty.py), as measurements of their own,
+#: Each lesion's interval (dicom_node/analysis/uncertainty.py), as measurements of their own,
 #: keyed by the TbrInterval field each one carries.
 INTERVAL_CONCEPTS = {
     "tbr_max_low": hd.sr.CodedConcept("TBRMAXLO", PRIVATE_SCHEME, "TBRmax interval lower limit"),

@@ -19,8 +19,8 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
 
-from dicom_node.tbr import Lesion, TbrResult
-from dicom_node.volume import SliceInfo
+from dicom_node.analysis.tbr import Lesion, TbrResult
+from dicom_node.series.volume import SliceInfo
 from dicom_node.writers.provenance import Provenance
 from dicom_node.writers.sc import ScSeries, encode
 from dicom_node.writers.seg import make_seg

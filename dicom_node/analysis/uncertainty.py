@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from dicom_node.resampling import to_network
-from dicom_node.tbr import TbrResult
+from dicom_node.analysis.tbr import TbrResult
+from dicom_node.inference.resampling import to_network
 
 DEFAULT_LEVEL = 0.9
 METHOD_SAMPLING = "Monte Carlo dropout with test-time left-right flips"

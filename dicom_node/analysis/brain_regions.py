@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from dicom_node.mask_morphology import (
+from dicom_node.analysis.mask_morphology import (
     bounding_box,
     close_in_plane,
     dilate_cross,

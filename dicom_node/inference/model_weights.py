@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from dicom_node.fusion import FusionStyle
-from dicom_node.generator import ARCHITECTURES, INPUT_SIZES, UnetGenerator, build_generator
-from dicom_node.slice_context import input_channels
+from dicom_node.inference.fusion import FusionStyle
+from dicom_node.inference.generator import ARCHITECTURES, INPUT_SIZES, UnetGenerator, build_generator
+from dicom_node.inference.slice_context import input_channels
 from storage.file_store import atomic_writer
 
 FORMAT = "dicom-node-generator/1"
@@ -52,14 +52,14 @@ class ModelCard:
     test_weights: bool = False
     # Neighbouring T1C slices each side fed as extra channels (0 = the published
     # one-slice input), taken at this slice spacing (0 = adjacent slices): see
-    # dicom_node.slice_context.
+    # dicom_node.inference.slice_context.
     context_slices: int = 0
     context_spacing_mm: float = 0.0
     # Standard deviation (mm) of a Gaussian along the slice normal applied to an uptake
-    # model's output before anything reads it (0 = none): see dicom_node.slice_smoothing.
+    # model's output before anything reads it (0 = none): see dicom_node.inference.slice_smoothing.
     slice_smoothing_mm: float = 0.0
     # Residual SD of synthetic vs real TBR per lesion on validation patients, the interval
-    # level and where they were measured: see dicom_node.uncertainty ({} = not calibrated).
+    # level and where they were measured: see dicom_node.analysis.uncertainty ({} = not calibrated).
     tbr_interval: dict[str, Any] = field(default_factory=dict)
     # The phantom cohorts behind this model: training and validation seeds (used for
     # choices) and the sealed test seed, evaluated once: see training.benchmark.

@@ -23,16 +23,16 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from dicom_node.fusion import FusionStyle, defuse, fuse, fuse_uint8, to_uint8, window_t1c
-from dicom_node.model_weights import LoadedModel
-from dicom_node.resampling import Padding, from_network, to_network
-from dicom_node.slice_context import (
+from dicom_node.inference.fusion import FusionStyle, defuse, fuse, fuse_uint8, to_uint8, window_t1c
+from dicom_node.inference.model_weights import LoadedModel
+from dicom_node.inference.resampling import Padding, from_network, to_network
+from dicom_node.inference.slice_context import (
     context_step,
     contiguous_runs,
     neighbour_rows,
     stack_context,
 )
-from dicom_node.slice_smoothing import smooth_runs
+from dicom_node.inference.slice_smoothing import smooth_runs
 
 log = logging.getLogger(__name__)
 

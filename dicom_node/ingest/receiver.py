@@ -51,12 +51,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import dimse_status
 from dicom_node.config import NodeConfig
-from dicom_node.identity import apply_identity
-from dicom_node.instance_header import InstanceHeader, read_instance_header, truncation
-from dicom_node.instance_recorder import InstanceRecorder, ReceivedInstance, unrecorded_files
-from dicom_node.tls import peer_certificate_subject, server_context
+from dicom_node.ingest.instance_header import InstanceHeader, read_instance_header, truncation
+from dicom_node.ingest.instance_recorder import InstanceRecorder, ReceivedInstance, unrecorded_files
+from dicom_node.net import dimse_status
+from dicom_node.net.identity import apply_identity
+from dicom_node.net.tls import peer_certificate_subject, server_context
 from storage.audit import AuditKind, AuditLog
 from storage.file_store import FileStore, InvalidUID, atomic_move, atomic_write
 from storage.models import Association as AssociationRow

@@ -3,10 +3,10 @@
 ``measure_tbr`` (numpy and scipy; about 1.9 s for 176 x 256x256 on 2 CPU cores) holds
 the GIL for part of its run. In the node's own process it would slow down what the job
 does while it waits for the ratios: encoding and writing the SC series and the sender
-streaming it to PACS. So the node starts ``python -m dicom_node.analysis_process``
+streaming it to PACS. So the node starts ``python -m dicom_node.analysis.process``
 once, keeps it warm, and sends it one request per series: the uptake, the T1C and the
-settings go to the child's stdin as a pickle, the :class:`~dicom_node.tbr.TbrResult`
-comes back on its stdout. The child imports numpy, scipy and :mod:`dicom_node.tbr`
+settings go to the child's stdin as a pickle, the :class:`~dicom_node.analysis.tbr.TbrResult`
+comes back on its stdout. The child imports numpy, scipy and :mod:`dicom_node.analysis.tbr`
 only (no torch), and exits when its stdin closes, also when the node is killed.
 
 A child that dies (killed, out of memory) fails that one request with
@@ -37,7 +37,7 @@ from typing import IO, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from dicom_node.tbr import TbrResult, measure_tbr
+from dicom_node.analysis.tbr import TbrResult, measure_tbr
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class AnalysisProcessError(RuntimeError):
 
 @dataclass(frozen=True)
 class TbrRequest:
-    """The arguments of one :func:`~dicom_node.tbr.measure_tbr` call."""
+    """The arguments of one :func:`~dicom_node.analysis.tbr.measure_tbr` call."""
 
     uptake: NDArray[np.float32]
     voxel_volume_ml: float
@@ -132,7 +132,7 @@ class AnalysisProcess:
             self._discard(self._proc)  # died between requests: close its pipes
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # main only
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "dicom_node.analysis_process"],
+            proc = subprocess.Popen([sys.executable, "-m", "dicom_node.analysis.process"],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         except OSError as exc:
             raise AnalysisProcessError(f"cannot start the analysis process: {exc}") from exc

@@ -32,10 +32,10 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import dimse_status
 from dicom_node.config import ConfigError, NodeConfig
-from dicom_node.identity import apply_identity
-from dicom_node.tls import TlsConfig, client_tls_args
+from dicom_node.net import dimse_status
+from dicom_node.net.identity import apply_identity
+from dicom_node.net.tls import TlsConfig, client_tls_args
 from storage.audit import AuditKind, AuditLog
 from storage.models import OutboxEntry, OutboxState, OutputInstance, Series, as_utc, utcnow
 

@@ -11,7 +11,7 @@ on the validation patients (docs/model-card.md). 0 leaves the output as it is.
 
 The same function serves the node (a series volume's runs of contiguous slices) and
 evaluation (each study's runs among a split's rows), runs as
-:func:`dicom_node.slice_context.contiguous_runs` finds them, each at its own slice
+:func:`dicom_node.inference.slice_context.contiguous_runs` finds them, each at its own slice
 spacing. The ends of a run repeat the last slice (``mode="nearest"``), so nothing is
 smoothed in from another study or across a missing slice.
 """

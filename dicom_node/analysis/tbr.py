@@ -5,7 +5,7 @@ details and limitations in docs/tbr.md). Volumes are axial, indexed
 (slice, row, column); spacing in mm in the same order.
 
 1. Brain: voxels where uptake was drawn (>= the display threshold), with the T1C
-   when given; holes filled, largest component (:mod:`dicom_node.brain_regions`).
+   when given; holes filled, largest component (:mod:`dicom_node.analysis.brain_regions`).
 2. Midline: the mid-sagittal symmetry plane estimated from the volume itself
    (mirror self-similarity over in-plane angle and offset), never the image centre.
 3. Striatum (FDOPA's physiological uptake): deep, near-midline voxels above
@@ -44,8 +44,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from dicom_node import brain_regions as regions
-from dicom_node.mask_morphology import bounding_box, grown_box_of_part
+from dicom_node.analysis import brain_regions as regions
+from dicom_node.analysis.mask_morphology import bounding_box, grown_box_of_part
 
 DEFAULT_THRESHOLD = 1.6        # FET-style 1.6 x background (guideline practice)
 FDOPA_THRESHOLD = 2.0          # FDOPA high-grade tissue (e.g. Janvier et al. 2015)

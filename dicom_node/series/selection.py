@@ -16,7 +16,7 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.config import SelectionConfig
-from dicom_node.volume import (
+from dicom_node.series.volume import (
     SliceInfo,
     VolumeError,
     positions_along_normal,
