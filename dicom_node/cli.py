@@ -16,8 +16,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
-from dicom_node.config import ConfigError, NodeConfig, default_config_path, load_config
-from dicom_node.inference.model_weights import WeightsError
+from dicom_node.config import NodeConfig, default_config_path, load_config
+from dicom_node.errors import ConfigError, WeightsError
 from dicom_node.net.identity import apply_identity
 from dicom_node.net.tls import TlsConfig, client_tls_args
 

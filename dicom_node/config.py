@@ -15,15 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_node.inference.fusion import COLORMAPS, FusionStyle
+from dicom_node.errors import ConfigError
+from dicom_node.inference.fusion_style import COLORMAPS, FusionStyle
 from dicom_node.net.tls import TlsConfig, parse_tls
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(Exception):
-    """The configuration is missing, unreadable or invalid."""
 
 
 @dataclass(frozen=True)

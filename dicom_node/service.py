@@ -15,7 +15,8 @@ import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.analysis.process import AnalysisProcess, InlineAnalysis
-from dicom_node.config import ConfigError, NodeConfig
+from dicom_node.config import NodeConfig
+from dicom_node.errors import ConfigError
 from dicom_node.inference.model_weights import load_weights
 from dicom_node.inference.predictor import Predictor, pick_device
 from dicom_node.ingest.receiver import Receiver

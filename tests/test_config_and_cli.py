@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.config import ConfigError, default_config_path, load_config, parse_config
+from dicom_node.config import default_config_path, load_config, parse_config
+from dicom_node.errors import ConfigError
 
 MINIMAL = {"model": {"weights_path": "w.pt"}}
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_node.inference.fusion import FusionStyle, fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion import fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.resampling import to_network
 from training.cli import main as train_main
 from training.dataset import (

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dicom_node.inference.fusion import FusionStyle, defuse, fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion import defuse, fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.writers.uids import derive_uid, source_fingerprint
 
 

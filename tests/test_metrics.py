@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dicom_node.inference.fusion import FusionStyle, defuse, fuse, to_uint8
+from dicom_node.inference.fusion import defuse, fuse, to_uint8
+from dicom_node.inference.fusion_style import FusionStyle
 from training.evaluate import checks, defuse_uptake
 from training.metrics import (
     PSNR_CAP_DB,

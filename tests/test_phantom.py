@@ -10,7 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.inference.fusion import FusionStyle, fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion import fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion_style import FusionStyle
 from training.cli import main as train_main
 from training.phantom import (
     TUMOUR_MODEL,

@@ -12,8 +12,9 @@ import pytest
 import torch
 from numpy.typing import NDArray
 
+from dicom_node.errors import WeightsError
 from dicom_node.inference.fusion import fuse
-from dicom_node.inference.model_weights import ModelCard, WeightsError, load_weights
+from dicom_node.inference.model_weights import ModelCard, load_weights
 from dicom_node.inference.predictor import Predictor
 from dicom_node.inference.slice_context import contiguous_runs, restrict_runs
 from dicom_node.inference.slice_smoothing import sigma_slices, smooth_runs, smooth_slices

@@ -22,7 +22,8 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[attr-defined]
 
-from dicom_node.config import ConfigError, NodeConfig
+from dicom_node.config import NodeConfig
+from dicom_node.errors import ConfigError
 from dicom_node.net.tls import (
     TlsConfig,
     client_context,

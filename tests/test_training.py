@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.inference.fusion import FusionStyle, fuse, to_uint8
+from dicom_node.inference.fusion import fuse, to_uint8
+from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.generator import build_generator
 from dicom_node.inference.model_weights import load_weights
 from training import data as ds

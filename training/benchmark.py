@@ -50,7 +50,8 @@ from tqdm import tqdm
 from dicom_node.analysis.tbr import TbrResult
 from dicom_node.analysis.uncertainty import Calibration, TbrInterval, lesion_intervals
 from dicom_node.config import load_config
-from dicom_node.inference.model_weights import LoadedModel, ModelCard, WeightsError, load_weights
+from dicom_node.errors import WeightsError
+from dicom_node.inference.model_weights import LoadedModel, ModelCard, load_weights
 from dicom_node.inference.predictor import Predictor
 from training.lesion_truth import Matching, grown_labels, measure_and_match
 from training.metrics import bland_altman, mean_sd, pearson, psnr, ssim

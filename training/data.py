@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from dicom_node.inference.fusion import FusionStyle
+from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.slice_context import group_rows
 
 TARGETS = ("fusion", "uptake")

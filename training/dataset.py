@@ -83,7 +83,8 @@ from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 from tqdm import tqdm
 
-from dicom_node.inference.fusion import FusionStyle, fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion import fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.resampling import padding_for, to_network
 from storage.file_store import atomic_writer
 

@@ -51,8 +51,10 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from dicom_node.inference.fusion import FusionStyle, defuse, fuse, to_uint8
-from dicom_node.inference.model_weights import LoadedModel, WeightsError, load_weights
+from dicom_node.errors import WeightsError
+from dicom_node.inference.fusion import defuse, fuse, to_uint8
+from dicom_node.inference.fusion_style import FusionStyle
+from dicom_node.inference.model_weights import LoadedModel, load_weights
 from dicom_node.inference.resampling import from_network, to_network
 from dicom_node.inference.slice_context import contiguous_runs, restrict_runs
 from dicom_node.inference.slice_smoothing import smooth_runs

@@ -29,7 +29,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from dicom_node.inference.fusion import FusionStyle, fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion import fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion_style import FusionStyle
 
 FloatVolume = NDArray[np.float32]
 BoolVolume = NDArray[np.bool_]

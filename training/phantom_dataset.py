@@ -42,7 +42,8 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from dicom_node.inference.fusion import FusionStyle, fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion import fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.resampling import to_network
 from training.dataset import _atomic, _write_json, grey_to_network, nearest_to_network, rgb_to_network
 from training.phantom import NUMBER_OF_TUMOURS_P, PhantomGeometry, generate_patient

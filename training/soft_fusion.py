@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from dicom_node.inference.fusion import FusionStyle, colormap_knots
+from dicom_node.inference.fusion import colormap_knots
+from dicom_node.inference.fusion_style import FusionStyle
 
 
 def colour(t: torch.Tensor, name: str = "hot") -> torch.Tensor:

@@ -21,17 +21,14 @@ from typing import Any
 
 import torch
 
-from dicom_node.inference.fusion import FusionStyle
+from dicom_node.errors import WeightsError
+from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.generator import ARCHITECTURES, INPUT_SIZES, UnetGenerator, build_generator
 from dicom_node.inference.slice_context import input_channels
 from storage.file_store import atomic_writer
 
 FORMAT = "dicom-node-generator/1"
 OUTPUT_KINDS = ("fusion_rgb", "uptake")
-
-
-class WeightsError(Exception):
-    """The weights file is missing, unreadable or not a dicom-node generator."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from dicom_node.inference.fusion import FusionStyle, defuse, fuse, fuse_uint8, to_uint8, window_t1c
+from dicom_node.inference.fusion import defuse, fuse, fuse_uint8, to_uint8, window_t1c
+from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.model_weights import LoadedModel
 from dicom_node.inference.resampling import Padding, from_network, to_network
 from dicom_node.inference.slice_context import (

@@ -3,7 +3,7 @@
 One ``TlsConfig`` is parsed from a TOML table: ``[tls]`` for the receiver, and a
 ``tls`` sub-table in each ``[[destinations]]`` entry for the sender. Relative paths
 are resolved against the config file's directory; missing files and bad values fail
-at start with a ``dicom_node.config.ConfigError`` naming the key.
+at start with a ``dicom_node.errors.ConfigError`` naming the key.
 
 - ``server_context(cfg)`` is given to ``AE.start_server(..., ssl_context=ctx)``. It
   presents the node's certificate and, when ``require_client_cert`` is set, refuses
@@ -29,13 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-
-def _config_error(message: str) -> Exception:
-    """A ``dicom_node.config.ConfigError``; imported late so config.py can import this module."""
-    from dicom_node.config import ConfigError
-
-    return ConfigError(message)
-
+from dicom_node.errors import ConfigError
 
 TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
     "TLSv1.2": ssl.TLSVersion.TLSv1_2,
@@ -91,15 +85,15 @@ def parse_tls(raw: Mapping[str, Any] | None, base_dir: Path, *, section: str,
     if raw is None:
         return TlsConfig()
     if not isinstance(raw, Mapping):
-        raise _config_error(f"[{section}] must be a table")
+        raise ConfigError(f"[{section}] must be a table")
     unknown = sorted(set(raw) - set(_KEYS))
     if unknown:
-        raise _config_error(f"[{section}] unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
+        raise ConfigError(f"[{section}] unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
 
     def flag(key: str, default: bool) -> bool:
         value = raw.get(key, default)
         if not isinstance(value, bool):
-            raise _config_error(f"{section}.{key} must be true or false")
+            raise ConfigError(f"{section}.{key} must be true or false")
         return value
 
     def text(key: str) -> str | None:
@@ -107,7 +101,7 @@ def parse_tls(raw: Mapping[str, Any] | None, base_dir: Path, *, section: str,
         if value is None:
             return None
         if not isinstance(value, str) or not value.strip():
-            raise _config_error(f"{section}.{key} must be a non-empty string")
+            raise ConfigError(f"{section}.{key} must be a non-empty string")
         return value
 
     def path(key: str) -> Path | None:
@@ -124,17 +118,17 @@ def parse_tls(raw: Mapping[str, Any] | None, base_dir: Path, *, section: str,
     check_hostname = flag("check_hostname", True)
     min_version = text("min_version") or "TLSv1.2"
     if min_version not in TLS_VERSIONS:
-        raise _config_error(f"{section}.min_version must be one of {sorted(TLS_VERSIONS)}, "
+        raise ConfigError(f"{section}.min_version must be one of {sorted(TLS_VERSIONS)}, "
                           f"got {min_version!r}")
     cfg = TlsConfig(enabled=enabled, cert_file=path("cert_file"), key_file=path("key_file"),
                     ca_file=path("ca_file"), require_client_cert=require_client_cert,
                     min_version=min_version, ciphers=text("ciphers"),
                     check_hostname=check_hostname, server_hostname=text("server_hostname"))
     if role == "server" and ("check_hostname" in raw or "server_hostname" in raw):
-        raise _config_error(f"{section}: check_hostname and server_hostname apply to "
+        raise ConfigError(f"{section}: check_hostname and server_hostname apply to "
                           "destinations (the client side) only")
     if role == "client" and require_client_cert:
-        raise _config_error(f"{section}.require_client_cert applies to the receiver only")
+        raise ConfigError(f"{section}.require_client_cert applies to the receiver only")
     if not enabled:
         return cfg
 
@@ -143,15 +137,15 @@ def parse_tls(raw: Mapping[str, Any] | None, base_dir: Path, *, section: str,
         required.append("ca_file")
     for key in required:
         if getattr(cfg, key) is None:
-            raise _config_error(f"{section}.{key} is required when {section}.enabled = true"
+            raise ConfigError(f"{section}.{key} is required when {section}.enabled = true"
                               + (" and require_client_cert = true" if key == "ca_file"
                                  and role == "server" else ""))
     if (cfg.cert_file is None) != (cfg.key_file is None):
-        raise _config_error(f"{section}: give both cert_file and key_file, or neither")
+        raise ConfigError(f"{section}: give both cert_file and key_file, or neither")
     for key in ("cert_file", "key_file", "ca_file"):
         file = getattr(cfg, key)
         if file is not None and not file.is_file():
-            raise _config_error(f"{section}.{key}: file not found: {file}")
+            raise ConfigError(f"{section}.{key}: file not found: {file}")
     # Build the context once so unreadable PEM, a key that does not match the
     # certificate or a bad cipher string fail at start, not on the first association.
     if role == "server":
@@ -188,28 +182,28 @@ def _configure(ctx: ssl.SSLContext, cfg: TlsConfig, section: str) -> None:
         try:
             ctx.set_ciphers(cfg.ciphers)
         except ssl.SSLError as exc:
-            raise _config_error(f"{section}.ciphers {cfg.ciphers!r} selects no usable cipher: "
+            raise ConfigError(f"{section}.ciphers {cfg.ciphers!r} selects no usable cipher: "
                               f"{exc}") from exc
     if cfg.cert_file is not None and cfg.key_file is not None:
         try:
             ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
         except (ssl.SSLError, OSError) as exc:
-            raise _config_error(f"{section}.cert_file / {section}.key_file: cannot load "
+            raise ConfigError(f"{section}.cert_file / {section}.key_file: cannot load "
                               f"{cfg.cert_file} with {cfg.key_file} (unreadable, encrypted "
                               f"or not a matching pair): {exc}") from exc
     if cfg.ca_file is not None:
         try:
             ctx.load_verify_locations(cafile=cfg.ca_file)
         except (ssl.SSLError, OSError) as exc:
-            raise _config_error(f"{section}.ca_file: cannot load {cfg.ca_file}: {exc}") from exc
+            raise ConfigError(f"{section}.ca_file: cannot load {cfg.ca_file}: {exc}") from exc
 
 
 def server_context(cfg: TlsConfig, *, section: str = "tls") -> ssl.SSLContext:
     """The receiver's context for ``AE.start_server(..., ssl_context=...)``."""
     if cfg.cert_file is None or cfg.key_file is None:
-        raise _config_error(f"{section}.cert_file and {section}.key_file are required")
+        raise ConfigError(f"{section}.cert_file and {section}.key_file are required")
     if cfg.require_client_cert and cfg.ca_file is None:
-        raise _config_error(f"{section}.ca_file is required when require_client_cert = true")
+        raise ConfigError(f"{section}.ca_file is required when require_client_cert = true")
     ctx = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
     _configure(ctx, cfg, section)
     if cfg.require_client_cert:
@@ -224,7 +218,7 @@ def server_context(cfg: TlsConfig, *, section: str = "tls") -> ssl.SSLContext:
 def client_context(cfg: TlsConfig, *, section: str = "tls") -> ssl.SSLContext:
     """The sender's context: verifies the peer against ``ca_file`` (never the system store)."""
     if cfg.ca_file is None:
-        raise _config_error(f"{section}.ca_file is required to verify the destination")
+        raise ConfigError(f"{section}.ca_file is required to verify the destination")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = cfg.check_hostname
     ctx.verify_mode = ssl.CERT_REQUIRED

@@ -32,7 +32,8 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import ConfigError, NodeConfig
+from dicom_node.config import NodeConfig
+from dicom_node.errors import ConfigError
 from dicom_node.net import dimse_status
 from dicom_node.net.identity import apply_identity
 from dicom_node.net.tls import TlsConfig, client_tls_args

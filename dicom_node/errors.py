@@ -1,0 +1,17 @@
+"""The node's own error types, in one module that imports nothing.
+
+They are raised deep inside rooms (config parsing, TLS settings, weights loading) and
+caught at the edges (the CLI, the service), so they live where every room can import
+them without importing each other: ``net.tls`` raises :class:`ConfigError` without
+importing ``config``, and the CLI catches :class:`WeightsError` without importing torch.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(Exception):
+    """The configuration is missing, unreadable or invalid."""
+
+
+class WeightsError(Exception):
+    """The weights file is missing, unreadable or not a dicom-node generator."""
