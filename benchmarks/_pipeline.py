@@ -1,10 +1,10 @@
-"""The node's own series code path (processing.run_series), stage by stage, timed.
+"""The node's own series code path (jobs.run_series), stage by stage, timed.
 
-The same calls as ``processing.run_series``, one after the other, so each stage's own
+The same calls as ``jobs.run_series``, one after the other, so each stage's own
 cost shows. The node itself overlaps them: the TBR analysis runs in its analysis
 process while the job writes SC slices 2..N and the sender streams them to PACS
 (``benchmarks.end_to_end`` measures that). Outputs are recorded with
-``processing.enqueue_outputs`` so ``sender.Sender`` can send them exactly as the
+``outbox.enqueue.enqueue_outputs`` so ``outbox.sender.Sender`` can send them exactly as the
 running node would.
 """
 
@@ -51,7 +51,7 @@ def make_context(data_dir: Path, device: str = "cpu", batch_size: int = 16,
     from dicom_node.config import parse_config
     from dicom_node.inference.model_weights import load_weights
     from dicom_node.inference.predictor import Predictor, pick_device
-    from dicom_node.processing import NodeContext
+    from dicom_node.jobs import NodeContext
     from storage.audit import AuditLog
     from storage.database import make_engine, make_session_factory
     from storage.file_store import FileStore
@@ -87,13 +87,18 @@ def add_series_and_job(ctx: Any, study_uid: str, series_uid: str) -> tuple[int, 
 
 def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
                      fine: bool = True) -> int:
-    """processing.run_series with timing; returns the number of outbox entries queued."""
+    """jobs.run_series with timing; returns the number of outbox entries queued."""
     import dicom_node.inference.predictor as inference
     import dicom_node.writers.sc as sc_mod
-    from dicom_node import processing as p
     from dicom_node.analysis.tbr import measure_tbr
+    from dicom_node.outbox.enqueue import enqueue_outputs
     from dicom_node.series.selection import select_series
     from dicom_node.series.volume import load_volume
+    from dicom_node.writers.sc import ScSeries, encode, summary_lines
+    from dicom_node.writers.seg import make_seg
+    from dicom_node.writers.sr import make_sr
+    from dicom_node.writers.uids import derive_uid, source_fingerprint
+    from storage.file_store import atomic_write
 
     undo = []
     if fine:
@@ -138,20 +143,20 @@ def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
                                    columns_toward_patient_left=volume.slices[0].orientation[0] > 0,
                                    threads=threads)
         provenance = ctx.provenance
-        fingerprint = p.source_fingerprint(s.sop_uid for s in volume.slices)
+        fingerprint = source_fingerprint(s.sop_uid for s in volume.slices)
         sha = provenance.weights_sha256
 
         def uid(kind: str, index: int = 0) -> Any:
-            return p.derive_uid(fingerprint, sha, 1, kind, index)
+            return derive_uid(fingerprint, sha, 1, kind, index)
 
         by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
         written: list[tuple[str, object, Path]] = []
         sc_series = uid("sc-series")
         with timer.stage("fusion: uptake drawn over the T1C (fuse_uint8)"):
             fusion8 = prediction.fusion_uint8()
-        summary = p.summary_lines(result)
+        summary = summary_lines(result)
         with timer.stage("SC: make_sc_series (template + per-slice copy)"):
-            series = p.ScSeries(fusion8, [by_uid[info.sop_uid] for info in volume.slices],
+            series = ScSeries(fusion8, [by_uid[info.sop_uid] for info in volume.slices],
                                 volume.slices, sc_series,
                                 [uid("sc", index) for index in range(len(volume.slices))],
                                 ctx.config.output.series_number_sc, provenance)
@@ -162,24 +167,24 @@ def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
             with timer.stage("SC: encode (SeriesEncoder)"):
                 data = series.encode(sc)
             with timer.stage("SC: atomic_write (fsync)"):
-                p.atomic_write(path, data)
+                atomic_write(path, data)
             written.append(("sc", sc, path))
         with timer.stage("SEG: make+encode+write"):
-            seg = p.make_seg(volume.datasets, result, uid("seg-series"), uid("seg"),
-                             ctx.config.output.series_number_sc + 2, provenance)
+            seg = make_seg(volume.datasets, result, uid("seg-series"), uid("seg"),
+                             ctx.config.output.series_number_seg, provenance)
             seg_path = ctx.store.output_path(study_uid, str(seg.SeriesInstanceUID),
                                              str(seg.SOPInstanceUID))
-            p.atomic_write(seg_path, p.encode(seg))
+            atomic_write(seg_path, encode(seg))
             written.append(("seg", seg, seg_path))
         with timer.stage("SR: make+encode+write"):
-            sr = p.make_sr(volume.datasets, seg, result, uid("sr-series"), uid("sr"),
+            sr = make_sr(volume.datasets, seg, result, uid("sr-series"), uid("sr"),
                            ctx.config.output.series_number_sr, provenance, supersedes=[])
             sr_path = ctx.store.output_path(study_uid, str(sr.SeriesInstanceUID),
                                             str(sr.SOPInstanceUID))
-            p.atomic_write(sr_path, p.encode(sr))
+            atomic_write(sr_path, encode(sr))
             written.append(("sr", sr, sr_path))
         with timer.stage("enqueue_outputs (DB)"):
-            return int(p.enqueue_outputs(ctx, series_id, job_id, 1, written, result))
+            return int(enqueue_outputs(ctx.config, ctx.audit, series_id, job_id, 1, written, result))
     finally:
         for fn in reversed(undo):
             fn()

@@ -7,7 +7,7 @@ on CUDA also bf16/fp16 autocast. Each cell: one warm-up batch, then batches unti
 --seconds have passed (at least one). torch's default thread count.
 
 Part 2 (rows "series"): one 176 x 256x256 T1C series through the node's own code path
-(``benchmarks._pipeline.run_series_timed`` = processing.run_series, stage by stage), with
+(``benchmarks._pipeline.run_series_timed`` = jobs.run_series, stage by stage), with
 the demo model on the node's device choice (``auto``), then the outbox ``Sender`` to a
 DCMTK storescp. Indented stages are parts of the stage above them.
 

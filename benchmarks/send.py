@@ -1,7 +1,7 @@
 """Send: our outbox Sender vs DCMTK storescu vs pynetdicom's default SCU, same storescp.
 
 The files are real node outputs: a T1C series run through the node's own code path
-(SC per slice + SEG + SR), recorded in the outbox with ``processing.enqueue_outputs``.
+(SC per slice + SEG + SR), recorded in the outbox with ``outbox.enqueue.enqueue_outputs``.
 Every sender sends the same files to the same DCMTK storescp (TCP_NODELAY=1), one
 association, in the same run; senders are interleaved run by run; median of --runs.
 

@@ -183,6 +183,7 @@ class OutputConfig:
     institution_name: str = ""
     series_number_sc: int = 9901
     series_number_sr: int = 9902
+    series_number_seg: int = 9903
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,10 @@ from datetime import UTC, datetime
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dicom_node.jobs import NodeContext, process_next
 from dicom_node.outbox.retention import apply_retention
 from dicom_node.outbox.sender import Sender
-from dicom_node.processing import NodeContext, process_next, sweep, triage
+from dicom_node.series.tracking import sweep, triage
 from storage.audit import AuditKind
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,8 @@ def build_scheduler(ctx: NodeContext, sender: Sender,
             job.modify(next_run_time=datetime.now(UTC))
 
     def sweep_and_triage() -> None:
-        sweep(ctx)
-        if triage(ctx):
+        sweep(ctx.config, ctx.audit)
+        if triage(ctx.config, ctx.sessions, ctx.audit):
             wake("inference")
         if heartbeat is not None:
             heartbeat()

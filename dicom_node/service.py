@@ -20,10 +20,11 @@ from dicom_node.errors import ConfigError
 from dicom_node.inference.model_weights import load_weights
 from dicom_node.inference.predictor import Predictor, pick_device
 from dicom_node.ingest.receiver import Receiver
+from dicom_node.jobs import NodeContext
 from dicom_node.ops.metrics_http import MetricsServer
 from dicom_node.outbox.sender import Sender
-from dicom_node.processing import NodeContext, recover
 from dicom_node.scheduler import build_scheduler
+from dicom_node.series.tracking import recover
 from dicom_node.writers.warm_up import warm_up_writers
 from storage.audit import AuditKind, AuditLog
 from storage.database import make_engine, make_session_factory
@@ -61,7 +62,7 @@ class Node:
     def start(self, heartbeat: Callable[[], None] | None = None) -> None:
         partials = self.store.remove_partials()
         unrecorded = self.receiver.record_unrecorded_files()
-        resumed = recover(self.ctx)
+        resumed = recover(self.audit)
         if self.analysis is not None:
             self.analysis.start()
         warm_up = self._warm_up()

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import insert, select
@@ -23,7 +24,9 @@ from storage.models import AuditEvent, as_utc, utcnow
 GENESIS = "0" * 64
 
 
-class AuditKind:
+class AuditKind(StrEnum):
+    """The ``kind`` of an audit event (stored as its string value)."""
+
     ASSOC_OPEN = "association.open"
     ASSOC_ACCEPT = "association.accept"
     ASSOC_REJECT = "association.reject"

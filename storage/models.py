@@ -10,6 +10,7 @@ Series states (persisted; every change is an audit event)::
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     DateTime,
@@ -37,7 +38,10 @@ class Base(DeclarativeBase):
     pass
 
 
-class SeriesState:
+class SeriesState(StrEnum):
+    """A series' place in the pipeline (``series.state``); every change goes through
+    :func:`dicom_node.series.tracking.set_state`."""
+
     RECEIVING = "receiving"
     READY = "ready"
     QUEUED = "queued"
@@ -46,11 +50,24 @@ class SeriesState:
     SKIPPED = "skipped"
     FAILED = "failed"
 
-    ALL = (RECEIVING, READY, QUEUED, RUNNING, DONE, SKIPPED, FAILED)
-    FINISHED = (DONE, SKIPPED, FAILED)
+
+#: The states a job leaves a series in; a late instance reopens them with version + 1.
+FINISHED_STATES: frozenset[SeriesState] = frozenset(
+    {SeriesState.DONE, SeriesState.SKIPPED, SeriesState.FAILED})
 
 
-class OutboxState:
+class JobState(StrEnum):
+    """``jobs.state``: one processing run of one series version."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    ABANDONED = "abandoned"  # the node stopped while it ran (set at the next start)
+
+
+class OutboxState(StrEnum):
+    """``outbox.state``: one output instance for one destination."""
+
     PENDING = "pending"
     SENT = "sent"
     DEAD = "dead"
@@ -115,7 +132,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     series_version: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16))  # running | done | failed | abandoned
+    state: Mapped[str] = mapped_column(String(16))  # JobState
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str] = mapped_column(Text, default="")

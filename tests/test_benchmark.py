@@ -212,7 +212,7 @@ def test_summary_slice_shows_intervals_and_fits_the_slice() -> None:
     from PIL import ImageFont
 
     from dicom_node.analysis.uncertainty import TbrInterval
-    from dicom_node.processing import summary_lines
+    from dicom_node.writers.sc import summary_lines
 
     mask = np.zeros((2, 4, 4), bool)
     lesions = [Lesion(number=n, tbr_max=2.0 + n, tbr_mean=1.8, volume_ml=12.4, max_uptake=1.0,

@@ -228,7 +228,7 @@ def test_complete_series_goes_early_and_an_incomplete_one_waits(
 
 
 def test_geometric_completeness_rules() -> None:
-    from dicom_node.processing import geometrically_complete
+    from dicom_node.series.tracking import geometrically_complete
 
     assert geometrically_complete([0.0, 2.0, 4.0, 6.0], None, 4)
     assert not geometrically_complete([0.0, 2.0, 6.0, 8.0], None, 4)  # a gap

@@ -29,9 +29,10 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from dicom_node.series.tracking import reopen
 from storage.audit import AuditKind, AuditLog
 from storage.file_store import FileStore, fsync_file
-from storage.models import Instance, Series, SeriesState, as_utc, utcnow
+from storage.models import Instance, Series, SeriesState, as_utc
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ class InstanceRecorder:
                                           peer=item.peer, to=SeriesState.RECEIVING,
                                           reason="first instance")
                 elif series.state != SeriesState.RECEIVING:
-                    self._reopen(session, series, item)
+                    reopen(self._audit, session, series, peer=item.peer)
                 series.last_received_at = max(as_utc(series.last_received_at), item.received_at)
                 if item.calling_ae:
                     series.calling_ae = item.calling_ae
@@ -245,18 +246,6 @@ class InstanceRecorder:
                 session.execute(insert(Instance), list(new_rows.values()))
         for old_file in stale:  # after the commit: no row points at it any more
             old_file.unlink(missing_ok=True)
-
-    def _reopen(self, session: Session, series: Series, item: ReceivedInstance) -> None:
-        previous = series.state
-        if series.state in SeriesState.FINISHED:
-            series.version += 1
-        series.state = SeriesState.RECEIVING
-        series.state_reason = "late instance arrived"
-        series.updated_at = utcnow()
-        self._audit.record_in(session, AuditKind.SERIES_STATE, study_uid=item.study_uid,
-                              series_uid=item.series_uid, peer=item.peer,
-                              to=SeriesState.RECEIVING, previous=previous,
-                              version=series.version, reason="late instance arrived")
 
 
 def _load_series(session: Session, uids: set[str]) -> dict[str, Series]:

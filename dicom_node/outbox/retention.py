@@ -19,12 +19,12 @@ from sqlalchemy.orm import Session
 from dicom_node.config import RetentionConfig
 from storage.audit import AuditKind, AuditLog
 from storage.models import (
+    FINISHED_STATES,
     Instance,
     OutboxEntry,
     OutboxState,
     OutputInstance,
     Series,
-    SeriesState,
     utcnow,
 )
 
@@ -55,7 +55,7 @@ def apply_retention(session: Session, audit: AuditLog, cfg: RetentionConfig) -> 
                                  OutboxEntry.output_id == OutputInstance.id,
                                  OutboxEntry.state != OutboxState.SENT)
         old_series = session.scalars(select(Series).where(
-            Series.state.in_(SeriesState.FINISHED),
+            Series.state.in_(FINISHED_STATES),
             Series.last_received_at <= now - timedelta(hours=cfg.incoming_h), ~waiting)).all()
         for series in old_series:
             for instance in session.scalars(select(Instance).where(

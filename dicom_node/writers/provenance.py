@@ -8,6 +8,7 @@ import highdicom as hd
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
+from dicom_node.config import OutputConfig
 from dicom_node.net.identity import MANUFACTURER_MODEL_NAME, software_version
 
 BANNER = "SYNTHETIC - NOT FOR DIAGNOSTIC USE"
@@ -70,3 +71,21 @@ def series_description(base: str, version_suffix: str = "") -> str:
     """A SeriesDescription (LO, 64 characters) that keeps a re-run's version suffix
     whole: the base is shortened instead."""
     return base[: 64 - len(version_suffix)] + version_suffix
+
+
+@dataclass(frozen=True)
+class VersionLabels:
+    """How a re-run's outputs tell themselves apart from the set they supersede in the
+    viewer: version 1 keeps the configured series numbers and descriptions; version n
+    adds 10 x (n - 1) to each number and " (v n)" to each description."""
+
+    series_number_sc: int
+    series_number_seg: int
+    series_number_sr: int
+    description_suffix: str
+
+    @classmethod
+    def of(cls, version: int, output: OutputConfig) -> VersionLabels:
+        offset = 10 * (version - 1)
+        return cls(output.series_number_sc + offset, output.series_number_seg + offset,
+                   output.series_number_sr + offset, f" (v{version})" if version > 1 else "")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from io import BytesIO
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
@@ -36,6 +37,10 @@ from dicom_node.writers.provenance import (
     copy_patient_study,
     series_description,
 )
+
+if TYPE_CHECKING:  # types only: the uncertainty module imports torch
+    from dicom_node.analysis.tbr import TbrResult
+    from dicom_node.analysis.uncertainty import TbrInterval
 
 SERIES_DESCRIPTION = "SYNTHETIC FDOPA PET/T1C FUSION - NOT FOR DIAGNOSTIC USE"
 
@@ -300,3 +305,28 @@ def make_sc_series(
                       provenance)
     for index in range(len(series)):
         yield series.instance(index, summary_lines if index == 0 else ())
+
+
+def summary_lines(result: TbrResult, intervals: Sequence[TbrInterval] = (),
+                  level: float = 0.0) -> list[str]:
+    """The text on the first SC slice: the ratios, with their intervals when measured
+    (then two short lines per lesion, so that a 256-pixel-wide slice holds them)."""
+    by_lesion = {interval.lesion: interval for interval in intervals}
+    lines = [f"TBR (synthetic uptake), threshold {result.threshold:g} x bg; "
+             f"bg mean {result.background_mean:.2f}"]
+    if not result.lesions:
+        lines.append(result.finding[:1].upper() + result.finding[1:])
+    for lesion in result.lesions[:3]:
+        interval = by_lesion.get(lesion.number)
+        if interval is None:
+            lines.append(f"Lesion {lesion.number}: TBRmax {lesion.tbr_max:.2f}  "
+                         f"TBRmean {lesion.tbr_mean:.2f}  {lesion.volume_ml:.1f} mL")
+            continue
+        lines.append(f"Lesion {lesion.number}{' EQUIVOCAL' if interval.equivocal else ''}: "
+                     f"{lesion.volume_ml:.1f} mL, {level:.0%} intervals")
+        lines.append(f" TBRmax {lesion.tbr_max:.2f} ({interval.tbr_max_low:.2f}-"
+                     f"{interval.tbr_max_high:.2f}) TBRmean {lesion.tbr_mean:.2f} "
+                     f"({interval.tbr_mean_low:.2f}-{interval.tbr_mean_high:.2f})")
+    if len(result.lesions) > 3:
+        lines.append(f"... {len(result.lesions) - 3} more lesion(s) in the SR")
+    return lines

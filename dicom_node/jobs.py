@@ -1,0 +1,266 @@
+"""Running one job: a queued series through inference, analysis and the writers, its
+outputs handed to the outbox.
+
+:func:`process_next` takes the oldest queued series (queued -> running), runs
+:func:`run_series` and records the outcome with :func:`finish` (running -> done,
+skipped or failed). Series state changes go through :mod:`dicom_node.series.tracking`;
+outputs are queued for sending by :mod:`dicom_node.outbox.enqueue`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from pydicom import Dataset
+from pydicom.uid import UID
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.analysis.process import (
+    Analysis,
+    AnalysisProcessError,
+    InlineAnalysis,
+    TbrRequest,
+)
+from dicom_node.analysis.uncertainty import Calibration, lesion_intervals
+from dicom_node.config import NodeConfig
+from dicom_node.inference.predictor import Prediction, Predictor
+from dicom_node.outbox.enqueue import enqueue_outputs, previous_reports
+from dicom_node.series.selection import select_series
+from dicom_node.series.tracking import series_paths, set_state
+from dicom_node.series.volume import VolumeError, load_volume
+from dicom_node.writers.provenance import Provenance, VersionLabels
+from dicom_node.writers.sc import ScSeries, encode, summary_lines
+from dicom_node.writers.seg import make_seg
+from dicom_node.writers.sr import make_sr
+from dicom_node.writers.uids import derive_uid, source_fingerprint
+from storage.audit import AuditKind, AuditLog
+from storage.file_store import FileStore, atomic_write
+from storage.models import Job, JobState, OutputInstance, Series, SeriesState, utcnow
+
+log = logging.getLogger(__name__)
+
+
+
+class SeriesSkipped(Exception):
+    """The series is not something this node processes (reason in the message)."""
+
+
+@dataclass
+class NodeContext:
+    """What the jobs share: config, database, audit log, file store, the warm model and
+    where the TBR analysis runs."""
+
+    config: NodeConfig
+    sessions: sessionmaker[Session]
+    audit: AuditLog
+    store: FileStore
+    predictor: Predictor
+    analysis: Analysis = field(default_factory=InlineAnalysis)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def provenance(self) -> Provenance:
+        card = self.predictor.model.card
+        return Provenance(manufacturer=self.config.output.manufacturer, model_name=card.name,
+                          model_version=card.version,
+                          weights_sha256=self.predictor.model.sha256,
+                          institution_name=self.config.output.institution_name)
+
+
+def process_next(ctx: NodeContext, on_queued: Callable[[], None] | None = None) -> bool:
+    """Process the oldest queued series, if any. Returns whether one was processed.
+    ``on_queued`` is called whenever outputs were queued for sending."""
+    with ctx.audit.transaction() as session:
+        series = session.scalars(select(Series).where(Series.state == SeriesState.QUEUED)
+                                 .order_by(Series.updated_at).limit(1)).first()
+        if series is None:
+            return False
+        job = Job(series_id=series.id, series_version=series.version, state=JobState.RUNNING,
+                  device=str(ctx.predictor.device))
+        session.add(job)
+        session.flush()
+        set_state(ctx.audit, session, series, SeriesState.RUNNING, "inference started", job=job.id)
+        ctx.audit.record_in(session, AuditKind.JOB_START, study_uid=series.study_uid,
+                            series_uid=series.series_uid, job=job.id, device=job.device)
+        series_id, job_id = series.id, job.id
+    started = time.monotonic()
+    try:
+        outputs = run_series(ctx, series_id, job_id, on_queued)
+    except SeriesSkipped as exc:
+        finish(ctx, series_id, job_id, SeriesState.SKIPPED, str(exc), started)
+    except VolumeError as exc:
+        finish(ctx, series_id, job_id, SeriesState.FAILED, str(exc), started)
+    except Exception as exc:  # job boundary: any failure is recorded, the worker goes on
+        log.exception("job %d failed", job_id)
+        finish(ctx, series_id, job_id, SeriesState.FAILED,
+               f"{type(exc).__name__}: {exc}", started)
+    else:
+        finish(ctx, series_id, job_id, SeriesState.DONE,
+               f"{outputs} outputs queued for sending", started)
+    return True
+
+
+def finish(ctx: NodeContext, series_id: int, job_id: int, state: SeriesState, reason: str,
+           started: float) -> None:
+    seconds = time.monotonic() - started
+    with ctx.audit.transaction() as session:
+        series = session.get(Series, series_id)
+        job = session.get(Job, job_id)
+        assert series is not None and job is not None
+        job.state = (JobState.DONE if state in (SeriesState.DONE, SeriesState.SKIPPED)
+                     else JobState.FAILED)
+        job.finished_at = utcnow()
+        job.seconds = seconds
+        job.error = "" if state == SeriesState.DONE else reason
+        if series.state == SeriesState.RUNNING:  # a late instance may have reopened it
+            set_state(ctx.audit, session, series, state, reason, job=job_id)
+        kind = AuditKind.JOB_FAIL if state == SeriesState.FAILED else AuditKind.JOB_FINISH
+        ctx.audit.record_in(session, kind, outcome="error" if state == SeriesState.FAILED
+                            else "ok", study_uid=series.study_uid, series_uid=series.series_uid,
+                            job=job_id, seconds=round(seconds, 3), result=state, reason=reason)
+
+
+def run_series(ctx: NodeContext, series_id: int, job_id: int,
+               on_queued: Callable[[], None] | None = None) -> int:
+    """Inference, analysis and writing for one series; returns the outputs queued.
+
+    The TBR analysis runs in the analysis process (:mod:`dicom_node.analysis.process`) while this
+    thread writes SC slices 2..N and draws the uncertainty passes. Nothing is queued for
+    sending until the whole set (SC, SEG, SR) is written: a job that fails anywhere
+    sends nothing of its version, and the files it wrote are removed.
+    """
+    with ctx.sessions() as session:
+        series = session.get(Series, series_id)
+        assert series is not None
+        paths = series_paths(session, series)
+        version = series.version
+        study_uid = series.study_uid
+    selection = select_series(paths, ctx.config.selection)
+    if not selection.accepted:
+        raise SeriesSkipped(selection.reason)
+    volume = load_volume(selection.slices)
+    prediction = predict_with_retries(ctx, volume.pixels, series_id, job_id,
+                                      slice_spacing_mm=volume.spacing_mm[0],
+                                      slice_positions_mm=volume.positions_mm)
+    analysis = ctx.analysis.submit(TbrRequest(
+        prediction.uptake, volume.voxel_volume_ml, ctx.config.analysis.tbr_threshold,
+        ctx.config.analysis.min_lesion_volume_ml, ctx.predictor.style.display_threshold,
+        spacing_mm=volume.spacing_mm, t1c_grey=prediction.grey,
+        columns_toward_patient_left=volume.slices[0].orientation[0] > 0,
+        threads=ctx.config.analysis.thread_count()))
+    provenance = ctx.provenance
+    fingerprint = source_fingerprint(s.sop_uid for s in volume.slices)
+    sha = provenance.weights_sha256
+    labels = VersionLabels.of(version, ctx.config.output)
+
+    def uid(kind: str, index: int = 0) -> UID:
+        return derive_uid(fingerprint, sha, version, kind, index)
+
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
+    sc = ScSeries(prediction.fusion_uint8(), [by_uid[info.sop_uid] for info in volume.slices],
+                  volume.slices, uid("sc-series"),
+                  [uid("sc", index) for index in range(len(volume.slices))],
+                  labels.series_number_sc, provenance, labels.description_suffix)
+    written: list[tuple[str, object, Path]] = []
+    try:
+        written.extend(write_sc(ctx, study_uid, sc, index) for index in range(1, len(sc)))
+        samples = ctx.config.analysis.uncertainty_samples
+        draws = None
+        if samples >= 2 and ctx.predictor.model.card.output_kind == "uptake":
+            # While the analysis process measures the ratios: the stochastic passes behind
+            # each lesion's interval (dicom_node/analysis/uncertainty.py).
+            draws = ctx.predictor.sample_uptake(prediction.grey, samples,
+                                                slice_spacing_mm=volume.spacing_mm[0],
+                                                slice_positions_mm=volume.positions_mm)
+        limit_s = ctx.config.analysis.timeout_s
+        try:
+            result = analysis.result(timeout=limit_s)
+        except TimeoutError as exc:
+            ctx.analysis.abort()
+            raise AnalysisProcessError(f"TBR analysis took longer than analysis.timeout_s "
+                                       f"({limit_s:g} s) and was stopped") from exc
+        calibration = Calibration.from_card(ctx.predictor.model.card.tbr_interval)
+        intervals = lesion_intervals(draws, result, calibration) if draws is not None else []
+        written.insert(0, write_sc(ctx, study_uid, sc, 0,
+                                   summary_lines(result, intervals, calibration.level)))
+        seg = make_seg(volume.datasets, result, uid("seg-series"), uid("seg"),
+                       labels.series_number_seg, provenance, labels.description_suffix)
+        written.append(("seg", seg, write_output(ctx, study_uid, seg, encode(seg))))
+        sr = make_sr(volume.datasets, seg, result, uid("sr-series"), uid("sr"),
+                     labels.series_number_sr, provenance,
+                     supersedes=previous_reports(ctx.sessions, series_id, version), intervals=intervals,
+                     interval_method=(calibration.method_text(samples) if draws is not None
+                                      else ""),
+                     description_suffix=labels.description_suffix)
+        written.append(("sr", sr, write_output(ctx, study_uid, sr, encode(sr))))
+    except BaseException:
+        discard_unrecorded(ctx, [path for _, _, path in written])
+        raise
+    count = enqueue_outputs(ctx.config, ctx.audit, series_id, job_id, version, written, result, intervals)
+    if on_queued is not None:
+        on_queued()
+    return count
+
+
+def discard_unrecorded(ctx: NodeContext, paths: list[Path]) -> None:
+    """Remove what a failed job wrote: nothing of it reaches the outbox, nothing stays on
+    disk (a file that an earlier, recorded run of the same version wrote is kept)."""
+    with ctx.sessions() as session:
+        recorded = set(session.scalars(select(OutputInstance.path).where(
+            OutputInstance.path.in_([str(p) for p in paths]))).all()) if paths else set()
+    for path in paths:
+        if str(path) not in recorded:
+            path.unlink(missing_ok=True)
+
+
+def write_output(ctx: NodeContext, study_uid: str, ds: Dataset, data: bytes) -> Path:
+    """Write one output instance's bytes to its place in the store (atomically)."""
+    path = ctx.store.output_path(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    atomic_write(path, data)
+    return path
+
+
+def write_sc(ctx: NodeContext, study_uid: str, sc: ScSeries, index: int,
+             summary: list[str] | None = None,
+             sop_uid: UID | None = None) -> tuple[str, object, Path]:
+    ds = sc.instance(index, summary or (), sop_uid)
+    return "sc", ds, write_output(ctx, study_uid, ds, sc.encode(ds))
+
+
+def predict_with_retries(ctx: NodeContext, pixels: NDArray[np.float32], series_id: int,
+                         job_id: int, slice_spacing_mm: float | None = None,
+                         slice_positions_mm: NDArray[np.float64] | None = None) -> Prediction:
+    """Run the model; after a failure (CUDA out of memory, timeout, any error) retry with
+    half the batch size, up to ``model.retries`` times, then let the job fail."""
+    batch = ctx.predictor.batch_size
+    attempt = 0
+    while True:
+        try:
+            return ctx.predictor.predict(pixels, batch_size=batch,
+                                         timeout_s=ctx.config.model.timeout_s,
+                                         slice_spacing_mm=slice_spacing_mm,
+                                         slice_positions_mm=slice_positions_mm)
+        except Exception as exc:  # inference boundary: retried, and every failure audited
+            if attempt == ctx.config.model.retries:
+                raise
+            attempt += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            smaller = max(1, batch // 2)
+            with ctx.audit.transaction() as session:
+                series = session.get(Series, series_id)
+                ctx.audit.record_in(session, AuditKind.JOB_RETRY, outcome="warning",
+                                    study_uid=series.study_uid if series else "",
+                                    series_uid=series.series_uid if series else "",
+                                    job=job_id, batch_size=batch, next_batch_size=smaller,
+                                    reason=f"{type(exc).__name__}: {exc}"[:500])
+            batch = smaller

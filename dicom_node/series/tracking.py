@@ -1,0 +1,181 @@
+"""The series state machine: the one place that changes ``series.state``.
+
+    receiving -> ready -> queued -> running -> done | skipped | failed
+        ^                                        |
+        +------------- late instance ------------+   (reopens with version + 1)
+
+Every change is :func:`set_state`: the row and its ``series.state`` audit event in
+one transaction, so a restart resumes exactly where the node stopped. The periodic
+steps take only what they need (config, sessions, audit), not the running node:
+
+- :func:`sweep`: receiving -> ready (quiet, or geometrically complete)
+- :func:`triage`: ready -> queued (an axial T1C) or skipped (the reason)
+- :func:`recover`: at start-up, running -> queued (the node died in the job)
+- :func:`reopen`: a late instance puts a ready/queued/finished series back to
+  receiving (the instance recorder calls it)
+- a job moves queued -> running -> done/skipped/failed (:mod:`dicom_node.jobs`)
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import NodeConfig
+from dicom_node.series.selection import select_series
+from storage.audit import AuditKind, AuditLog
+from storage.models import (
+    FINISHED_STATES,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    SeriesState,
+    as_utc,
+    utcnow,
+)
+from storage.models import Association as AssociationRow
+
+
+def set_state(audit: AuditLog, session: Session, series: Series, state: SeriesState,
+              reason: str, *, peer: str = "", **detail: Any) -> None:
+    """Change a series' state and audit it, in the caller's transaction."""
+    previous = series.state
+    series.state = state
+    series.state_reason = reason
+    series.updated_at = utcnow()
+    audit.record_in(session, AuditKind.SERIES_STATE, study_uid=series.study_uid,
+                    series_uid=series.series_uid, peer=peer, to=state, previous=previous,
+                    reason=reason, version=series.version, **detail)
+
+
+def reopen(audit: AuditLog, session: Session, series: Series, peer: str = "") -> None:
+    """A late instance arrived for a series past ``receiving``: it receives again, and a
+    finished one gets a new version (its outputs will supersede the earlier set)."""
+    if series.state in FINISHED_STATES:
+        series.version += 1
+    set_state(audit, session, series, SeriesState.RECEIVING, "late instance arrived",
+              peer=peer)
+
+
+def geometrically_complete(positions: list[float | None], images_in_acquisition: int | None,
+                           min_slices: int) -> bool:
+    """Contiguous slice positions at one constant spacing, count consistent with the acquisition."""
+    if len(positions) < max(2, min_slices) or any(p is None for p in positions):
+        return False
+    if images_in_acquisition and len(positions) != images_in_acquisition:
+        return False
+    ordered = sorted(p for p in positions if p is not None)
+    gaps = [b - a for a, b in itertools.pairwise(ordered)]
+    spacing = sorted(gaps)[len(gaps) // 2]
+    if spacing <= 0:
+        return False
+    return all(abs(gap - spacing) <= 0.01 * spacing + 1e-3 for gap in gaps)
+
+
+def sweep(config: NodeConfig, audit: AuditLog) -> int:
+    """receiving -> ready: quiet for ``stable_after_s``, or geometrically complete and
+    quiet for ``complete_grace_s``. Returns how many series became ready."""
+    cfg = config.series
+    now = utcnow()
+    cutoff = now - timedelta(seconds=cfg.stable_after_s)
+    grace_cutoff = now - timedelta(seconds=cfg.complete_grace_s)
+    changed = 0
+    with audit.transaction() as session:
+        candidates = session.scalars(select(Series).where(
+            Series.state == SeriesState.RECEIVING, Series.last_received_at <= grace_cutoff)).all()
+        for series in candidates:
+            quiet = as_utc(series.last_received_at) <= cutoff
+            complete = _complete(session, series, config.selection.min_slices)
+            if quiet and not complete and _interrupted(session, series):
+                waited = (now - as_utc(series.last_received_at)).total_seconds()
+                if waited < cfg.interrupted_wait_s:
+                    continue  # the sender's resend will complete it
+                reason = (f"no new instance for {waited:.0f} s after an interrupted "
+                          f"transfer (interrupted_wait_s {cfg.interrupted_wait_s:g})")
+            elif quiet:
+                reason = f"no new instance for {cfg.stable_after_s:g} s"
+            elif cfg.complete_grace_s > 0 and complete:
+                reason = (f"geometrically complete ({series.instance_count} contiguous slices), "
+                          f"quiet for {cfg.complete_grace_s:g} s")
+            else:
+                continue
+            set_state(audit, session, series, SeriesState.READY, reason,
+                      instances=series.instance_count)
+            changed += 1
+    return changed
+
+
+def _interrupted(session: Session, series: Series) -> bool:
+    """Did any instance of the series arrive over a transfer that did not end in a
+    release: an aborted association, one the node was stopped in, or a file recovered at
+    start-up (no association)?"""
+    return session.execute(
+        select(Instance.id).outerjoin(AssociationRow,
+                                      AssociationRow.id == Instance.association_id)
+        .where(Instance.series_id == series.id,
+               (Instance.association_id.is_(None))
+               | AssociationRow.state.in_(("aborted", "interrupted")))
+        .limit(1)).first() is not None
+
+
+def _complete(session: Session, series: Series, min_slices: int) -> bool:
+    rows = session.execute(select(Instance.position_mm, Instance.images_in_acquisition)
+                           .where(Instance.series_id == series.id)).all()
+    declared = {row[1] for row in rows if row[1]}
+    return geometrically_complete([row[0] for row in rows],
+                                  declared.pop() if len(declared) == 1 else None, min_slices)
+
+
+def series_paths(session: Session, series: Series) -> list[Path]:
+    return [Path(p) for p in session.scalars(
+        select(Instance.path).where(Instance.series_id == series.id, Instance.path != "")).all()]
+
+
+def triage(config: NodeConfig, sessions: sessionmaker[Session], audit: AuditLog) -> int:
+    """ready -> queued (axial T1C) or skipped (with the reason). Returns how many.
+
+    The headers are read outside any write transaction, so ingest never waits on it.
+    """
+    changed = 0
+    with sessions() as session:
+        ready = [(series.id, series_paths(session, series)) for series in session.scalars(
+            select(Series).where(Series.state == SeriesState.READY)
+            .order_by(Series.last_received_at)).all()]
+    for series_id, paths in ready:
+        selection = select_series(paths, config.selection)
+        with audit.transaction() as session:
+            series = session.get(Series, series_id)
+            if series is None or series.state != SeriesState.READY:
+                continue  # a late instance reopened it meanwhile
+            if selection.accepted:
+                set_state(audit, session, series, SeriesState.QUEUED, selection.reason,
+                          slices=len(selection.slices))
+            else:
+                set_state(audit, session, series, SeriesState.SKIPPED, selection.reason)
+            changed += 1
+    return changed
+
+
+def recover(audit: AuditLog) -> int:
+    """At start-up: series left running by a crash go back to the queue, and
+    associations the node died in are marked interrupted (their series wait for a
+    resend: ``series.interrupted_wait_s``)."""
+    with audit.transaction() as session:
+        for row in session.scalars(select(AssociationRow).where(
+                AssociationRow.state == "accepted")).all():
+            row.state = "interrupted"
+        for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING)).all():
+            job.state = JobState.ABANDONED
+            job.finished_at = utcnow()
+            job.error = "node stopped while the job ran"
+        stuck = session.scalars(select(Series).where(Series.state == SeriesState.RUNNING)).all()
+        for series in stuck:
+            set_state(audit, session, series, SeriesState.QUEUED, "resumed after restart")
+        session.commit()
+        return len(stuck)
