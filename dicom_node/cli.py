@@ -5,21 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from sqlalchemy import func, select
-
 from dicom_node.config import NodeConfig, default_config_path, load_config
 from dicom_node.errors import ConfigError, WeightsError
-from dicom_node.net.identity import apply_identity
-from dicom_node.net.tls import TlsConfig, client_tls_args
+from dicom_node.net.ae import echo
+from dicom_node.net.tls import TlsConfig
 
 log = logging.getLogger("dicom_node")
 
@@ -42,8 +37,8 @@ def _stop_on_signals() -> threading.Event:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
+    from dicom_node.ingest.receive_process import ReceiveOnlyNode
     from dicom_node.ops.systemd_notify import Notifier
-    from dicom_node.service import ReceiveOnlyNode
 
     config = _load(args)
     if args.port == config.receiver.port:
@@ -106,21 +101,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _echo(config: NodeConfig, ae_title: str, host: str, port: int,
-          tls: TlsConfig | None = None) -> bool:
-    ae = AE(ae_title=config.receiver.ae_title)
-    apply_identity(ae)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    tls_args = client_tls_args(tls, host) if tls is not None else None
-    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
-    if not assoc.is_established:
-        return False
-    status = assoc.send_c_echo()
-    assoc.release()
-    return "Status" in status and int(status.Status) == 0
-
-
 def cmd_echo(args: argparse.Namespace) -> int:
     config = _load(args)
     targets: list[tuple[str, str, int, TlsConfig | None]]
@@ -134,7 +114,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
                         config.receiver.port, None)]
     failures = 0
     for ae_title, host, port, tls in targets:
-        ok = _echo(config, ae_title, host, port, tls)
+        ok = echo(config.receiver.ae_title, ae_title, host, port, tls)
         print(f"C-ECHO {ae_title}@{host}:{port}: {'ok' if ok else 'FAILED'}")
         failures += not ok
     return 1 if failures else 0
@@ -173,49 +153,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from storage.models import AuditEvent, Job, OutboxEntry, Series
+    from dicom_node.ops.status import node_status
 
     config = _load(args)
-    sessions = _engine(config)
-    with sessions() as session:
-        states = dict(session.execute(select(Series.state, func.count()).group_by(Series.state))
-                      .all())
-        outbox: dict[str, dict[str, int]] = {
-            d.name: {"pending": 0, "retrying": 0, "dead": 0, "sent": 0}
-            for d in config.destinations}
-        for dest, state, attempts, count in session.execute(
-                select(OutboxEntry.destination, OutboxEntry.state, OutboxEntry.attempts > 0,
-                       func.count())
-                .group_by(OutboxEntry.destination, OutboxEntry.state,
-                          OutboxEntry.attempts > 0)):
-            key = "retrying" if state == "pending" and attempts else state
-            outbox.setdefault(dest, {"pending": 0, "retrying": 0, "dead": 0, "sent": 0})
-            outbox[dest][key] = outbox[dest].get(key, 0) + count
-        last_errors: dict[str, str] = {}
-        for stage, kinds in (("receive", ("instance.refused", "association.reject")),
-                             ("process", ("job.fail", "job.retry")),
-                             ("send", ("send.attempt",))):
-            event = session.scalars(select(AuditEvent).where(
-                AuditEvent.kind.in_(kinds), AuditEvent.outcome != "ok")
-                .order_by(AuditEvent.id.desc()).limit(1)).first()
-            last_errors[stage] = (f"{event.at:%Y-%m-%d %H:%M:%S} {event.kind} {event.detail}"[:300]
-                                  if event else "")
-        running = session.scalars(select(Job).where(Job.state == "running")).first()
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(config.data_dir).free
-    report = {
-        "listening": f"{config.receiver.ae_title}@{config.receiver.bind_address}:"
-                     f"{config.receiver.port}" + (" (TLS)" if config.tls.enabled else ""),
-        "model": str(config.model.weights_path),
-        "device": config.model.device,
-        "series": states,
-        "queue_depth": states.get("queued", 0) + states.get("ready", 0),
-        "running_job": running.id if running else None,
-        "outbox": outbox,
-        "last_error": last_errors,
-        "disk_free_mb": round(free / 1024 / 1024),
-        "disk_low": free < config.receiver.min_free_disk_mb * 1024 * 1024,
-    }
+    report = node_status(config, _engine(config))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -252,7 +193,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         else:
             targets = [(dest.ae_title, dest.host, dest.port, dest.tls)]
         for ae_title, host, port, tls in targets:
-            ok = _echo(config, ae_title, host, port, tls)
+            ok = echo(config.receiver.ae_title, ae_title, host, port, tls)
             print(f"  C-ECHO {ae_title}@{host}:{port}: {'ok' if ok else 'FAILED'}")
             failures += not ok
     return 1 if failures else 0

@@ -1,4 +1,7 @@
-"""The running node: start everything in order, stop it cleanly."""
+"""The running node (``dicom-node serve``): start everything in order, stop it cleanly.
+
+The receive-only process (``dicom-node receive``) is :mod:`dicom_node.ingest.receive_process`:
+it needs none of the model, so it does not import this module (nor torch)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -163,28 +165,3 @@ class Node:
         self.audit.record(AuditKind.NODE_STOP)
         self.engine.dispose()
         log.info("node stopped")
-
-
-class ReceiveOnlyNode:
-    """Only the Storage SCP and its recorder, on another port, over the node's database
-    and file store: a second process for many concurrent senders, so C-STOREs use a
-    second core (one Python process runs one core's worth of handlers). The full node
-    (``dicom-node serve``) still does everything else."""
-
-    def __init__(self, config: NodeConfig, port: int) -> None:
-        self.config = replace(config, receiver=replace(config.receiver, port=port))
-        self.engine = make_engine(config.database_url)
-        self.sessions = make_session_factory(self.engine)
-        self.audit = AuditLog(self.sessions)
-        self.store = FileStore(config.store_dir)
-        self.receiver = Receiver(self.config, self.sessions, self.audit, self.store)
-
-    def start(self) -> None:
-        self.receiver.start()
-        self.audit.record(AuditKind.NODE_START, role="receive-only",
-                          ae_title=self.config.receiver.ae_title, port=self.receiver.port)
-
-    def stop(self) -> None:
-        self.receiver.stop()
-        self.audit.record(AuditKind.NODE_STOP, role="receive-only")
-        self.engine.dispose()

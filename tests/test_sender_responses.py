@@ -1,5 +1,5 @@
 """The sender keeps C-STORE responses that pynetdicom's reactor takes by mistake
-(``sender.keep_responses``), so a send never waits out the DIMSE timeout for a response
+(``net.ae.keep_responses``), so a send never waits out the DIMSE timeout for a response
 that did arrive."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
-from dicom_node.outbox.sender import keep_responses
+from dicom_node.net.ae import keep_responses
 from tests.conftest import DcmtkStorescp
 from tests.dicom_factory import SeriesSpec, write_series
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.ingest.instance_header import InstanceHeader, read_instance_header, truncation
 from dicom_node.ingest.instance_recorder import InstanceRecorder, ReceivedInstance, unrecorded_files
 from dicom_node.net import dimse_status
-from dicom_node.net.identity import apply_identity
+from dicom_node.net.ae import new_ae, set_nodelay
 from dicom_node.net.tls import peer_certificate_subject, server_context
 from storage.audit import AuditKind, AuditLog
 from storage.file_store import FileStore, InvalidUID, atomic_move, atomic_write
@@ -164,13 +163,10 @@ class Receiver:
         # Process-wide in pynetdicom: C-STORE data sets are written to a temporary file
         # as they arrive instead of being buffered in memory.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        ae = AE(ae_title=rc.ae_title)
-        apply_identity(ae)
+        ae = new_ae(rc.ae_title, acse_timeout_s=rc.acse_timeout_s,
+                    dimse_timeout_s=rc.dimse_timeout_s, network_timeout_s=rc.network_timeout_s)
         ae.maximum_associations = rc.max_associations
         ae.maximum_pdu_size = rc.max_pdu_bytes
-        ae.acse_timeout = rc.acse_timeout_s
-        ae.dimse_timeout = rc.dimse_timeout_s
-        ae.network_timeout = rc.network_timeout_s
         for sop_class in (*ACCEPTED_SOP_CLASSES, *STORED_ONLY_SOP_CLASSES):
             ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)
@@ -217,9 +213,7 @@ class Receiver:
 
     # -- association events ---------------------------------------------------------------
     def _on_conn_open(self, event: evt.Event) -> None:
-        sock = event.assoc.dul.socket
-        if sock is not None and sock.socket is not None:
-            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(event.assoc)
         address, port = _peer(event.assoc)
         self._audit.record(AuditKind.ASSOC_OPEN, peer=f"{address}:{port}")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import queue
 import random
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import _config
 from pynetdicom.association import Association
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -35,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import NodeConfig
 from dicom_node.errors import ConfigError
 from dicom_node.net import dimse_status
-from dicom_node.net.identity import apply_identity
+from dicom_node.net.ae import keep_responses, new_ae, set_nodelay
 from dicom_node.net.tls import TlsConfig, client_tls_args
 from storage.audit import AuditKind, AuditLog
 from storage.models import OutboxEntry, OutboxState, OutputInstance, Series, as_utc, utcnow
@@ -137,11 +136,8 @@ class Sender:
                                host: str, port: int, tls_args: Any, tls_enabled: bool) -> int:
         cfg = self.config.outbox
         sop_classes = sorted({item[2] for item in work})
-        ae = AE(ae_title=self.config.receiver.ae_title)
-        apply_identity(ae)
-        ae.acse_timeout = cfg.dimse_timeout_s
-        ae.dimse_timeout = cfg.dimse_timeout_s
-        ae.network_timeout = cfg.dimse_timeout_s
+        ae = new_ae(self.config.receiver.ae_title, acse_timeout_s=cfg.dimse_timeout_s,
+                    dimse_timeout_s=cfg.dimse_timeout_s, network_timeout_s=cfg.dimse_timeout_s)
         # One context per transfer syntax: a peer picks one syntax per context, and a
         # pynetdicom peer prefers implicit VR, so a shared context would make every
         # (explicit VR) output be decoded and re-encoded before sending.
@@ -156,7 +152,7 @@ class Sender:
                       "cannot connect")
             self._retry_all([item[0] for item in work], f"{reason} ({ae_title}@{host}:{port})")
             return 0
-        _nodelay(assoc)
+        set_nodelay(assoc)
         keep_responses(assoc)
         stored = 0
         where = _Destination(destination, f"{ae_title}@{host}:{port}")
@@ -309,43 +305,3 @@ class _OutcomeWriter:
                     destination=o.where.name, status=dimse_status.describe(o.status),
                     attempt=attempts.get(o.entry_id, 0) + 1,
                     state=OutboxState.DEAD if o.dead else OutboxState.SENT, reason=o.reason)
-
-
-def _nodelay(assoc: Association) -> None:
-    """pynetdicom leaves Nagle on; small PDUs then wait for delayed ACKs."""
-    sock = assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-# How often one response may go back on the queue before it is dropped as pynetdicom
-# would (only a response that no request waits for anymore comes round that often).
-_REQUEUE_LIMIT = 1000
-
-
-def keep_responses(assoc: Association) -> None:
-    """Give a response that pynetdicom's reactor took by mistake back to the request.
-
-    pynetdicom 3.0's association reactor and ``send_c_store`` hand the DIMSE message
-    queue over with a check-then-act flag (``_is_paused``): if the reactor thread is
-    preempted between passing its checkpoint and clearing that flag, ``send_c_store``
-    believes it paused, sends, and the reactor then takes the C-STORE response off the
-    queue, logs "Received unexpected C-STORE service message" and drops it; the request
-    waits out the DIMSE timeout and the association aborts (DESIGN.md: about 1 in 190
-    runs). Other busy threads in the process (a job writing while the sender streams)
-    make the preemption likelier. The node's SCU associations receive nothing but
-    responses to their own requests, so a response the reactor takes goes back on the
-    queue, where the waiting ``send_c_store`` gets it.
-    """
-    serve = assoc._serve_request
-    requeued: dict[int, int] = {}
-
-    def serve_or_requeue(msg: Any, context_id: int) -> None:
-        if not msg.is_valid_request and requeued.get(id(msg), 0) < _REQUEUE_LIMIT:
-            requeued[id(msg)] = requeued.get(id(msg), 0) + 1
-            assoc.dimse.msg_queue.put((context_id, msg))
-            return
-        requeued.pop(id(msg), None)
-        serve(msg, context_id)
-
-    assoc._serve_request = serve_or_requeue  # type: ignore[method-assign]

@@ -1,0 +1,42 @@
+"""The receive-only process (``dicom-node receive``): the Storage SCP and its recorder on
+another port, over the node's database and file store.
+
+Only what ingest needs: no model, no scheduler, no torch (a test holds it to that), so
+each extra process starts in a fraction of a second and a fraction of the memory of the
+full node (:mod:`dicom_node.service`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from dicom_node.config import NodeConfig
+from dicom_node.ingest.receiver import Receiver
+from storage.audit import AuditKind, AuditLog
+from storage.database import make_engine, make_session_factory
+from storage.file_store import FileStore
+
+
+class ReceiveOnlyNode:
+    """Only the Storage SCP and its recorder, on another port, over the node's database
+    and file store: a second process for many concurrent senders, so C-STOREs use a
+    second core (one Python process runs one core's worth of handlers). The full node
+    (``dicom-node serve``) still does everything else."""
+
+    def __init__(self, config: NodeConfig, port: int) -> None:
+        self.config = replace(config, receiver=replace(config.receiver, port=port))
+        self.engine = make_engine(config.database_url)
+        self.sessions = make_session_factory(self.engine)
+        self.audit = AuditLog(self.sessions)
+        self.store = FileStore(config.store_dir)
+        self.receiver = Receiver(self.config, self.sessions, self.audit, self.store)
+
+    def start(self) -> None:
+        self.receiver.start()
+        self.audit.record(AuditKind.NODE_START, role="receive-only",
+                          ae_title=self.config.receiver.ae_title, port=self.receiver.port)
+
+    def stop(self) -> None:
+        self.receiver.stop()
+        self.audit.record(AuditKind.NODE_STOP, role="receive-only")
+        self.engine.dispose()

@@ -1,0 +1,81 @@
+"""The node's AEs and associations, set up one way for the receiver (SCP), the sender
+and C-ECHO (SCU): its identity and timeouts, TCP_NODELAY, and the one workaround that
+reaches into pynetdicom's internals (:func:`keep_responses`)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node.net.identity import apply_identity
+from dicom_node.net.tls import TlsConfig, client_tls_args
+
+
+def new_ae(ae_title: str, *, acse_timeout_s: float, dimse_timeout_s: float,
+           network_timeout_s: float) -> AE:
+    """An AE that says who the node is (:mod:`dicom_node.net.identity`), with its timeouts."""
+    ae = AE(ae_title=ae_title)
+    apply_identity(ae)
+    ae.acse_timeout = acse_timeout_s
+    ae.dimse_timeout = dimse_timeout_s
+    ae.network_timeout = network_timeout_s
+    return ae
+
+
+def echo(calling_ae_title: str, ae_title: str, host: str, port: int,
+         tls: TlsConfig | None = None, timeout_s: float = 10) -> bool:
+    """C-ECHO ``ae_title@host:port`` (over TLS when given); True on status 0x0000."""
+    ae = new_ae(calling_ae_title, acse_timeout_s=timeout_s, dimse_timeout_s=timeout_s,
+                network_timeout_s=timeout_s)
+    ae.add_requested_context(Verification)
+    tls_args = client_tls_args(tls, host) if tls is not None else None
+    assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return "Status" in status and int(status.Status) == 0
+
+
+def set_nodelay(assoc: Association) -> None:
+    """pynetdicom leaves Nagle on; small PDUs then wait for delayed ACKs."""
+    sock = assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# How often one response may go back on the queue before it is dropped as pynetdicom
+# would (only a response that no request waits for anymore comes round that often).
+_REQUEUE_LIMIT = 1000
+
+
+def keep_responses(assoc: Association) -> None:
+    """Give a response that pynetdicom's reactor took by mistake back to the request.
+
+    pynetdicom 3.0's association reactor and ``send_c_store`` hand the DIMSE message
+    queue over with a check-then-act flag (``_is_paused``): if the reactor thread is
+    preempted between passing its checkpoint and clearing that flag, ``send_c_store``
+    believes it paused, sends, and the reactor then takes the C-STORE response off the
+    queue, logs "Received unexpected C-STORE service message" and drops it; the request
+    waits out the DIMSE timeout and the association aborts (DESIGN.md: about 1 in 190
+    runs). Other busy threads in the process (a job writing while the sender streams)
+    make the preemption likelier. The node's SCU associations receive nothing but
+    responses to their own requests, so a response the reactor takes goes back on the
+    queue, where the waiting ``send_c_store`` gets it.
+    """
+    serve = assoc._serve_request
+    requeued: dict[int, int] = {}
+
+    def serve_or_requeue(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and requeued.get(id(msg), 0) < _REQUEUE_LIMIT:
+            requeued[id(msg)] = requeued.get(id(msg), 0) + 1
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        requeued.pop(id(msg), None)
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_or_requeue  # type: ignore[method-assign]
