@@ -1,11 +1,14 @@
-"""The node's own series code path (jobs.run_series), stage by stage, timed.
+"""The node's own job (:func:`dicom_node.jobs.run_series`), timed stage by stage.
 
-The same calls as ``jobs.run_series``, one after the other, so each stage's own
-cost shows. The node itself overlaps them: the TBR analysis runs in its analysis
-process while the job writes SC slices 2..N and the sender streams them to PACS
-(``benchmarks.end_to_end`` measures that). Outputs are recorded with
-``outbox.enqueue.enqueue_outputs`` so ``outbox.sender.Sender`` can send them exactly as the
-running node would.
+The benchmark records a source series as the receiver would (series, instances, a
+running job) and runs the node's job function on it with a :class:`Timer` as the job's
+timing hook (``NodeContext.timing``), so what is timed is exactly what the node runs.
+The context is the service's own (:func:`dicom_node.jobs.open_context`), with the TBR
+analysis inline (so its stage is the whole ``measure_tbr``) and, unless asked for, no
+uncertainty passes (as in earlier benchmark runs). The running node overlaps the
+analysis with SC writing and sending (``benchmarks.end_to_end`` measures that).
+Outputs are recorded in the outbox as by the node, so ``outbox.sender.Sender`` sends them
+exactly as the running node would.
 """
 
 from __future__ import annotations
@@ -46,40 +49,45 @@ class Timer:
 
 
 def make_context(data_dir: Path, device: str = "cpu", batch_size: int = 16,
-                 destinations: list[dict[str, Any]] | None = None) -> Any:
+                 destinations: list[dict[str, Any]] | None = None,
+                 uncertainty_samples: int = 0) -> Any:
+    """The node's context (``open_context``, as ``dicom-node serve`` builds it) for a
+    benchmark node in ``data_dir``; TBR inline."""
     from benchmarks._common import free_port, node_raw_config
     from dicom_node.config import parse_config
-    from dicom_node.inference.model_weights import load_weights
-    from dicom_node.inference.predictor import Predictor, pick_device
-    from dicom_node.jobs import NodeContext
-    from storage.audit import AuditLog
-    from storage.database import make_engine, make_session_factory
-    from storage.file_store import FileStore
+    from dicom_node.jobs import open_context
 
     raw = node_raw_config(data_dir, free_port(), model={"device": device,
                                                         "batch_size": batch_size},
-                          destinations=destinations or [])
-    config = parse_config(raw, data_dir)
-    dev = pick_device(config.model.device)
-    model = load_weights(config.model.weights_path, dev)
-    engine = make_engine(config.database_url)
-    sessions = make_session_factory(engine)
-    ctx = NodeContext(config=config, sessions=sessions, audit=AuditLog(sessions),
-                      store=FileStore(config.store_dir),
-                      predictor=Predictor(model, dev, config.model.batch_size, config.fusion))
-    ctx.engine = engine  # type: ignore[attr-defined]
-    return ctx
+                          analysis={"uncertainty_samples": uncertainty_samples})
+    raw["destinations"] = destinations or []
+    return open_context(parse_config(raw, data_dir))
 
 
-def add_series_and_job(ctx: Any, study_uid: str, series_uid: str) -> tuple[int, int]:
-    from storage.models import Job, Series, SeriesState
+def add_series_and_job(ctx: Any, paths: list[Path]) -> tuple[int, int]:
+    """Record ``paths`` as one received series (as the receiver and recorder would) and
+    a running job for it; returns (series id, job id)."""
+    from pydicom import dcmread
 
+    from storage.models import Instance, Job, JobState, Series, SeriesState
+
+    headers = [dcmread(path, stop_before_pixels=True) for path in paths]
+    first = headers[0]
     with ctx.sessions() as session:
-        series = Series(series_uid=series_uid, study_uid=study_uid, calling_ae="STORESCU",
-                        peer_address="127.0.0.1", state=SeriesState.RUNNING)
+        series = Series(series_uid=str(first.SeriesInstanceUID),
+                        study_uid=str(first.StudyInstanceUID), calling_ae="STORESCU",
+                        peer_address="127.0.0.1", state=SeriesState.RUNNING,
+                        instance_count=len(paths))
         session.add(series)
         session.flush()
-        job = Job(series_id=series.id, series_version=1, state="running", device="bench")
+        session.add_all(Instance(sop_uid=str(ds.SOPInstanceUID),
+                                 sop_class_uid=str(ds.SOPClassUID),
+                                 transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                                 series_id=series.id, path=str(path),
+                                 size_bytes=path.stat().st_size)
+                        for ds, path in zip(headers, paths, strict=True))
+        job = Job(series_id=series.id, series_version=1, state=JobState.RUNNING,
+                  device="bench")
         session.add(job)
         session.commit()
         return series.id, job.id
@@ -87,18 +95,11 @@ def add_series_and_job(ctx: Any, study_uid: str, series_uid: str) -> tuple[int, 
 
 def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
                      fine: bool = True) -> int:
-    """jobs.run_series with timing; returns the number of outbox entries queued."""
+    """``jobs.run_series`` on ``paths`` with ``timer`` as its timing hook (``fine``: also
+    the steps inside inference and the SC writer); returns the outbox entries queued."""
     import dicom_node.inference.predictor as inference
     import dicom_node.writers.sc as sc_mod
-    from dicom_node.analysis.tbr import measure_tbr
-    from dicom_node.outbox.enqueue import enqueue_outputs
-    from dicom_node.series.selection import select_series
-    from dicom_node.series.volume import load_volume
-    from dicom_node.writers.sc import ScSeries, encode, summary_lines
-    from dicom_node.writers.seg import make_seg
-    from dicom_node.writers.sr import make_sr
-    from dicom_node.writers.uids import derive_uid, source_fingerprint
-    from storage.file_store import atomic_write
+    from dicom_node.jobs import run_series, untimed
 
     undo = []
     if fine:
@@ -120,72 +121,12 @@ def run_series_timed(ctx: Any, paths: list[Path], timer: Timer,
 
         generator.forward = forward
         undo.append(lambda: delattr(generator, "forward"))
+    series_id, job_id = add_series_and_job(ctx, paths)
+    ctx.timing = timer.stage
     try:
-        with timer.stage("select_series (headers)"):
-            selection = select_series(paths, ctx.config.selection)
-        assert selection.accepted, selection.reason
-        with timer.stage("load/decode (load_volume)"):
-            volume = load_volume(selection.slices)
-        study_uid = str(volume.datasets[0].StudyInstanceUID)
-        series_id, job_id = add_series_and_job(ctx, study_uid,
-                                               str(volume.datasets[0].SeriesInstanceUID))
-        with timer.stage("Predictor.predict (pre+model+post)"):
-            prediction = ctx.predictor.predict(volume.pixels,
-                                               slice_spacing_mm=volume.spacing_mm[0],
-                                               slice_positions_mm=volume.positions_mm)
-        threads = ctx.config.analysis.thread_count()
-        with timer.stage(f"TBR (measure_tbr, {threads} thread(s) as the node)"):
-            result = measure_tbr(prediction.uptake, volume.voxel_volume_ml,
-                                   ctx.config.analysis.tbr_threshold,
-                                   ctx.config.analysis.min_lesion_volume_ml,
-                                   ctx.predictor.style.display_threshold,
-                                   spacing_mm=volume.spacing_mm, t1c_grey=prediction.grey,
-                                   columns_toward_patient_left=volume.slices[0].orientation[0] > 0,
-                                   threads=threads)
-        provenance = ctx.provenance
-        fingerprint = source_fingerprint(s.sop_uid for s in volume.slices)
-        sha = provenance.weights_sha256
-
-        def uid(kind: str, index: int = 0) -> Any:
-            return derive_uid(fingerprint, sha, 1, kind, index)
-
-        by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
-        written: list[tuple[str, object, Path]] = []
-        sc_series = uid("sc-series")
-        with timer.stage("fusion: uptake drawn over the T1C (fuse_uint8)"):
-            fusion8 = prediction.fusion_uint8()
-        summary = summary_lines(result)
-        with timer.stage("SC: make_sc_series (template + per-slice copy)"):
-            series = ScSeries(fusion8, [by_uid[info.sop_uid] for info in volume.slices],
-                                volume.slices, sc_series,
-                                [uid("sc", index) for index in range(len(volume.slices))],
-                                ctx.config.output.series_number_sc, provenance)
-        for index in range(len(series)):
-            with timer.stage("SC: make_sc_series (template + per-slice copy)"):
-                sc = series.instance(index, summary if index == 0 else ())
-            path = ctx.store.output_path(study_uid, str(sc_series), str(sc.SOPInstanceUID))
-            with timer.stage("SC: encode (SeriesEncoder)"):
-                data = series.encode(sc)
-            with timer.stage("SC: atomic_write (fsync)"):
-                atomic_write(path, data)
-            written.append(("sc", sc, path))
-        with timer.stage("SEG: make+encode+write"):
-            seg = make_seg(volume.datasets, result, uid("seg-series"), uid("seg"),
-                             ctx.config.output.series_number_seg, provenance)
-            seg_path = ctx.store.output_path(study_uid, str(seg.SeriesInstanceUID),
-                                             str(seg.SOPInstanceUID))
-            atomic_write(seg_path, encode(seg))
-            written.append(("seg", seg, seg_path))
-        with timer.stage("SR: make+encode+write"):
-            sr = make_sr(volume.datasets, seg, result, uid("sr-series"), uid("sr"),
-                           ctx.config.output.series_number_sr, provenance, supersedes=[])
-            sr_path = ctx.store.output_path(study_uid, str(sr.SeriesInstanceUID),
-                                            str(sr.SOPInstanceUID))
-            atomic_write(sr_path, encode(sr))
-            written.append(("sr", sr, sr_path))
-        with timer.stage("enqueue_outputs (DB)"):
-            return int(enqueue_outputs(ctx.config, ctx.audit, series_id, job_id, 1, written, result))
+        return int(run_series(ctx, series_id, job_id))
     finally:
+        ctx.timing = untimed
         for fn in reversed(undo):
             fn()
 

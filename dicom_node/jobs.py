@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from numpy.typing import NDArray
 from pydicom import Dataset
 from pydicom.uid import UID
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.analysis.process import (
@@ -32,7 +33,8 @@ from dicom_node.analysis.process import (
 )
 from dicom_node.analysis.uncertainty import Calibration, lesion_intervals
 from dicom_node.config import NodeConfig
-from dicom_node.inference.predictor import Prediction, Predictor
+from dicom_node.inference.model_weights import load_weights
+from dicom_node.inference.predictor import Prediction, Predictor, pick_device
 from dicom_node.outbox.enqueue import enqueue_outputs, previous_reports
 from dicom_node.series.selection import select_series
 from dicom_node.series.tracking import series_paths, set_state
@@ -43,6 +45,7 @@ from dicom_node.writers.seg import make_seg
 from dicom_node.writers.sr import make_sr
 from dicom_node.writers.uids import derive_uid, source_fingerprint
 from storage.audit import AuditKind, AuditLog
+from storage.database import make_engine, make_session_factory
 from storage.file_store import FileStore, atomic_write
 from storage.models import Job, JobState, OutputInstance, Series, SeriesState, utcnow
 
@@ -52,6 +55,16 @@ log = logging.getLogger(__name__)
 
 class SeriesSkipped(Exception):
     """The series is not something this node processes (reason in the message)."""
+
+
+#: A job's timing hook: ``with ctx.timing("stage name"):`` around each stage of
+#: :func:`run_series` (the benchmarks time the node's own job with it).
+Timing = Callable[[str], AbstractContextManager[object]]
+
+
+def untimed(_stage: str) -> AbstractContextManager[object]:
+    """The running node's timing hook: nothing."""
+    return nullcontext()
 
 
 @dataclass
@@ -66,6 +79,8 @@ class NodeContext:
     predictor: Predictor
     analysis: Analysis = field(default_factory=InlineAnalysis)
     stopping: threading.Event = field(default_factory=threading.Event)
+    engine: Engine | None = None  # what ``sessions`` is bound to (disposed at stop)
+    timing: Timing = field(default=untimed)
 
     @property
     def provenance(self) -> Provenance:
@@ -74,6 +89,22 @@ class NodeContext:
                           model_version=card.version,
                           weights_sha256=self.predictor.model.sha256,
                           institution_name=self.config.output.institution_name)
+
+
+def open_context(config: NodeConfig) -> NodeContext:
+    """A NodeContext for ``config`` (the service's and the benchmarks' one way to build
+    it): the model is loaded first, so a node with missing or bad weights never starts;
+    then the database, the audit log and the file store. The TBR analysis is inline
+    until the caller sets ``analysis``."""
+    device = pick_device(config.model.device)
+    model = load_weights(config.model.weights_path, device)
+    engine = make_engine(config.database_url)
+    sessions = make_session_factory(engine)
+    return NodeContext(config=config, sessions=sessions, audit=AuditLog(sessions),
+                       store=FileStore(config.store_dir),
+                       predictor=Predictor(model, device, config.model.batch_size,
+                                           config.fusion),
+                       engine=engine)
 
 
 def process_next(ctx: NodeContext, on_queued: Callable[[], None] | None = None) -> bool:
@@ -144,19 +175,24 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
         paths = series_paths(session, series)
         version = series.version
         study_uid = series.study_uid
-    selection = select_series(paths, ctx.config.selection)
+    timed = ctx.timing
+    with timed("select_series (headers)"):
+        selection = select_series(paths, ctx.config.selection)
     if not selection.accepted:
         raise SeriesSkipped(selection.reason)
-    volume = load_volume(selection.slices)
-    prediction = predict_with_retries(ctx, volume.pixels, series_id, job_id,
-                                      slice_spacing_mm=volume.spacing_mm[0],
-                                      slice_positions_mm=volume.positions_mm)
-    analysis = ctx.analysis.submit(TbrRequest(
-        prediction.uptake, volume.voxel_volume_ml, ctx.config.analysis.tbr_threshold,
-        ctx.config.analysis.min_lesion_volume_ml, ctx.predictor.style.display_threshold,
-        spacing_mm=volume.spacing_mm, t1c_grey=prediction.grey,
-        columns_toward_patient_left=volume.slices[0].orientation[0] > 0,
-        threads=ctx.config.analysis.thread_count()))
+    with timed("load/decode (load_volume)"):
+        volume = load_volume(selection.slices)
+    with timed("Predictor.predict (pre+model+post)"):
+        prediction = predict_with_retries(ctx, volume.pixels, series_id, job_id,
+                                          slice_spacing_mm=volume.spacing_mm[0],
+                                          slice_positions_mm=volume.positions_mm)
+    with timed("TBR: analysis.submit (inline: the whole measure_tbr)"):
+        analysis = ctx.analysis.submit(TbrRequest(
+            prediction.uptake, volume.voxel_volume_ml, ctx.config.analysis.tbr_threshold,
+            ctx.config.analysis.min_lesion_volume_ml, ctx.predictor.style.display_threshold,
+            spacing_mm=volume.spacing_mm, t1c_grey=prediction.grey,
+            columns_toward_patient_left=volume.slices[0].orientation[0] > 0,
+            threads=ctx.config.analysis.thread_count()))
     provenance = ctx.provenance
     fingerprint = source_fingerprint(s.sop_uid for s in volume.slices)
     sha = provenance.weights_sha256
@@ -166,10 +202,13 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
         return derive_uid(fingerprint, sha, version, kind, index)
 
     by_uid = {str(ds.SOPInstanceUID): ds for ds in volume.datasets}
-    sc = ScSeries(prediction.fusion_uint8(), [by_uid[info.sop_uid] for info in volume.slices],
-                  volume.slices, uid("sc-series"),
-                  [uid("sc", index) for index in range(len(volume.slices))],
-                  labels.series_number_sc, provenance, labels.description_suffix)
+    with timed("fusion: uptake drawn over the T1C (fuse_uint8)"):
+        fusion = prediction.fusion_uint8()
+    with timed("SC: make_sc_series (template + per-slice copy)"):
+        sc = ScSeries(fusion, [by_uid[info.sop_uid] for info in volume.slices],
+                      volume.slices, uid("sc-series"),
+                      [uid("sc", index) for index in range(len(volume.slices))],
+                      labels.series_number_sc, provenance, labels.description_suffix)
     written: list[tuple[str, object, Path]] = []
     try:
         written.extend(write_sc(ctx, study_uid, sc, index) for index in range(1, len(sc)))
@@ -178,12 +217,14 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
         if samples >= 2 and ctx.predictor.model.card.output_kind == "uptake":
             # While the analysis process measures the ratios: the stochastic passes behind
             # each lesion's interval (dicom_node/analysis/uncertainty.py).
-            draws = ctx.predictor.sample_uptake(prediction.grey, samples,
-                                                slice_spacing_mm=volume.spacing_mm[0],
-                                                slice_positions_mm=volume.positions_mm)
+            with timed("uncertainty passes (sample_uptake)"):
+                draws = ctx.predictor.sample_uptake(prediction.grey, samples,
+                                                    slice_spacing_mm=volume.spacing_mm[0],
+                                                    slice_positions_mm=volume.positions_mm)
         limit_s = ctx.config.analysis.timeout_s
         try:
-            result = analysis.result(timeout=limit_s)
+            with timed("TBR: waiting for the analysis result"):
+                result = analysis.result(timeout=limit_s)
         except TimeoutError as exc:
             ctx.analysis.abort()
             raise AnalysisProcessError(f"TBR analysis took longer than analysis.timeout_s "
@@ -192,20 +233,25 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
         intervals = lesion_intervals(draws, result, calibration) if draws is not None else []
         written.insert(0, write_sc(ctx, study_uid, sc, 0,
                                    summary_lines(result, intervals, calibration.level)))
-        seg = make_seg(volume.datasets, result, uid("seg-series"), uid("seg"),
-                       labels.series_number_seg, provenance, labels.description_suffix)
-        written.append(("seg", seg, write_output(ctx, study_uid, seg, encode(seg))))
-        sr = make_sr(volume.datasets, seg, result, uid("sr-series"), uid("sr"),
-                     labels.series_number_sr, provenance,
-                     supersedes=previous_reports(ctx.sessions, series_id, version), intervals=intervals,
-                     interval_method=(calibration.method_text(samples) if draws is not None
-                                      else ""),
-                     description_suffix=labels.description_suffix)
-        written.append(("sr", sr, write_output(ctx, study_uid, sr, encode(sr))))
+        with timed("SEG: make+encode+write"):
+            seg = make_seg(volume.datasets, result, uid("seg-series"), uid("seg"),
+                           labels.series_number_seg, provenance, labels.description_suffix)
+            written.append(("seg", seg, write_output(ctx, study_uid, seg, encode(seg))))
+        with timed("SR: make+encode+write"):
+            sr = make_sr(volume.datasets, seg, result, uid("sr-series"), uid("sr"),
+                         labels.series_number_sr, provenance,
+                         supersedes=previous_reports(ctx.sessions, series_id, version),
+                         intervals=intervals,
+                         interval_method=(calibration.method_text(samples) if draws is not None
+                                          else ""),
+                         description_suffix=labels.description_suffix)
+            written.append(("sr", sr, write_output(ctx, study_uid, sr, encode(sr))))
     except BaseException:
         discard_unrecorded(ctx, [path for _, _, path in written])
         raise
-    count = enqueue_outputs(ctx.config, ctx.audit, series_id, job_id, version, written, result, intervals)
+    with timed("enqueue_outputs (DB)"):
+        count = enqueue_outputs(ctx.config, ctx.audit, series_id, job_id, version, written,
+                                result, intervals)
     if on_queued is not None:
         on_queued()
     return count
@@ -232,8 +278,12 @@ def write_output(ctx: NodeContext, study_uid: str, ds: Dataset, data: bytes) -> 
 def write_sc(ctx: NodeContext, study_uid: str, sc: ScSeries, index: int,
              summary: list[str] | None = None,
              sop_uid: UID | None = None) -> tuple[str, object, Path]:
-    ds = sc.instance(index, summary or (), sop_uid)
-    return "sc", ds, write_output(ctx, study_uid, ds, sc.encode(ds))
+    with ctx.timing("SC: make_sc_series (template + per-slice copy)"):
+        ds = sc.instance(index, summary or (), sop_uid)
+    with ctx.timing("SC: encode (SeriesEncoder)"):
+        data = sc.encode(ds)
+    with ctx.timing("SC: atomic_write (fsync)"):
+        return "sc", ds, write_output(ctx, study_uid, ds, data)
 
 
 def predict_with_retries(ctx: NodeContext, pixels: NDArray[np.float32], series_id: int,

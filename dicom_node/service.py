@@ -16,21 +16,17 @@ from typing import Any
 import torch
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_node.analysis.process import AnalysisProcess, InlineAnalysis
+from dicom_node.analysis.process import AnalysisProcess
 from dicom_node.config import NodeConfig
 from dicom_node.errors import ConfigError
-from dicom_node.inference.model_weights import load_weights
-from dicom_node.inference.predictor import Predictor, pick_device
 from dicom_node.ingest.receiver import Receiver
-from dicom_node.jobs import NodeContext
+from dicom_node.jobs import open_context
 from dicom_node.ops.metrics_http import MetricsServer
 from dicom_node.outbox.sender import Sender
 from dicom_node.scheduler import build_scheduler
 from dicom_node.series.tracking import recover
 from dicom_node.writers.warm_up import warm_up_writers
-from storage.audit import AuditKind, AuditLog
-from storage.database import make_engine, make_session_factory
-from storage.file_store import FileStore
+from storage.audit import AuditKind
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +36,17 @@ class Node:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        # Load the model first: a node with missing or bad weights never starts.
-        device = pick_device(config.model.device)
-        model = load_weights(config.model.weights_path, device)
-        self.engine = make_engine(config.database_url)
-        self.sessions = make_session_factory(self.engine)
-        self.audit = AuditLog(self.sessions)
-        self.store = FileStore(config.store_dir)
+        # The model first: a node with missing or bad weights never starts.
+        self.ctx = open_context(config)
+        assert self.ctx.engine is not None
+        self.engine = self.ctx.engine
+        self.sessions = self.ctx.sessions
+        self.audit = self.ctx.audit
+        self.store = self.ctx.store
         self.analysis: AnalysisProcess | None = (
             AnalysisProcess() if config.analysis.separate_process else None)
-        self.ctx = NodeContext(config=config, sessions=self.sessions, audit=self.audit,
-                               store=self.store,
-                               predictor=Predictor(model, device, config.model.batch_size,
-                                                   config.fusion),
-                               analysis=self.analysis or InlineAnalysis())
+        if self.analysis is not None:
+            self.ctx.analysis = self.analysis
         self.receiver = Receiver(config, self.sessions, self.audit, self.store)
         self.sender = Sender(config, self.sessions, self.audit)
         self.scheduler: BackgroundScheduler | None = None
