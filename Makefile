@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 
 lint: install
 	$(VENV)/bin/ruff check dicom_node storage training tests benchmarks
-	$(VENV)/bin/mypy dicom_node storage training
+	$(VENV)/bin/mypy dicom_node storage training tests benchmarks
 
 test: lint
 	$(VENV)/bin/pytest -q

@@ -70,10 +70,7 @@ class BareScp:
 
     def start(self) -> BareScp:
         from pynetdicom import AE, evt
-        from pynetdicom.sop_class import (
-            MRImageStorage,  # type: ignore[attr-defined]
-            Verification,  # type: ignore[attr-defined]
-        )
+        from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[attr-defined]
 
         self.folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title="BARESCP")

@@ -14,7 +14,6 @@ import argparse
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections import defaultdict
@@ -54,6 +53,8 @@ def _pynetdicom_send(files: list[Path], port: int, *, nodelay: bool, from_path: 
     from pydicom import dcmread
     from pynetdicom import AE
 
+    from dicom_node.net.ae import set_nodelay
+
     started = time.perf_counter()
     ae = AE(ae_title="BENCHSCU")
     classes = sorted({str(dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
@@ -63,7 +64,7 @@ def _pynetdicom_send(files: list[Path], port: int, *, nodelay: bool, from_path: 
     assoc = ae.associate("127.0.0.1", port, ae_title="STORESCP")
     assert assoc.is_established
     if nodelay:
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(assoc)
     failed = 0
     for path in files:
         if not assoc.is_established:

@@ -181,7 +181,7 @@ def rewrite(path: Path, target: Path, transfer_syntax: str | None = None,
     if attributes.get("SOPInstanceUID") is not None:
         ds.file_meta.MediaStorageSOPInstanceUID = UID(str(attributes["SOPInstanceUID"]))
     if transfer_syntax is not None:
-        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     target.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(target, enforce_file_format=True)
     return target

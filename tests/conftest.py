@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import NodeConfig, parse_config
 from dicom_node.service import Node

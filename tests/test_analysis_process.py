@@ -230,7 +230,7 @@ def test_the_node_runs_its_analysis_in_a_child_and_ends_it_on_stop(
     assert new_pid not in (None, pid)
     node.stop()
     with pytest.raises(ProcessLookupError):
-        os.kill(new_pid, 0)  # type: ignore[arg-type]
+        os.kill(new_pid, 0)
 
 
 def test_an_analysis_past_its_time_limit_is_stopped_and_the_job_fails(

@@ -135,7 +135,7 @@ def test_scu_sop_classes_and_identity_match_what_the_node_sends(
         assert pynetdicom_send(source, node.receiver.port) == [0] * len(source)
         assert wait_for(lambda: len(stored) >= len(source) + 2, 120)
     finally:
-        server.shutdown()
+        server.shutdown()  # type: ignore[union-attr]
 
     text = _text()
     assert set(proposed) == {SecondaryCaptureImageStorage, SegmentationStorage,
@@ -207,7 +207,7 @@ def test_every_documented_rejection_is_what_a_peer_receives(
         assoc = scu.associate("127.0.0.1", port, ae_title=called, max_pdu=max_pdu)
         assert assoc.is_rejected, (calling, called, max_pdu)
         answer = assoc.acceptor.primitive
-        return (int(answer.result), int(answer.result_source), int(answer.diagnostic))
+        return (int(answer.result), int(answer.result_source), int(answer.diagnostic))  # type: ignore[union-attr, arg-type]
 
     seen = [rj(calling="NOBODY"), rj(called="SOMEONEELSE"), rj(max_pdu=min_pdu - 1)]
     holder = AE(ae_title="TESTSCU")
@@ -265,7 +265,7 @@ def test_every_documented_store_status_is_what_a_sender_receives(
         request.AffectedSOPClassUID = affected
         request.AffectedSOPInstanceUID = dataset.SOPInstanceUID  # type: ignore[attr-defined]
         request.Priority = 2
-        request.DataSet = io.BytesIO(raw if raw is not None else encode(dataset, False, True))
+        request.DataSet = io.BytesIO(raw if raw is not None else encode(dataset, False, True))  # type: ignore[arg-type]
         assoc._reactor_checkpoint.clear()
         while not assoc._is_paused:
             threading.Event().wait(0.001)
@@ -274,7 +274,7 @@ def test_every_documented_store_status_is_what_a_sender_receives(
             _, rsp = assoc.dimse.get_msg(block=True)
         finally:
             assoc._reactor_checkpoint.set()
-        return int(rsp.Status)
+        return int(rsp.Status)  # type: ignore[union-attr, arg-type]
 
     mismatched = dcmread(small)
     mismatched.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT in an MR context

@@ -49,7 +49,7 @@ class SlowPacs:
     def _on_store(self, event: evt.Event) -> int:
         time.sleep(self.delay_s)
         with self._lock:
-            self.seen[str(event.request.AffectedSOPInstanceUID)] += 1
+            self.seen[str(event.request.AffectedSOPInstanceUID)] += 1  # type: ignore[union-attr]
         return 0x0000
 
     def unique(self) -> int:
@@ -57,7 +57,7 @@ class SlowPacs:
             return len(self.seen)
 
     def stop(self) -> None:
-        self._server.shutdown()
+        self._server.shutdown()  # type: ignore[union-attr]
 
 
 class NodeProcess:

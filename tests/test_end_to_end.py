@@ -125,7 +125,7 @@ def test_uptake_model_output_is_fused_over_the_t1c(
               if ds.SOPClassUID == COMPREHENSIVE_3D_SR)
     texts: list[str] = []
 
-    def walk(node) -> None:  # type: ignore[no-untyped-def]
+    def walk(node) -> None:
         for item in node.get("ContentSequence", []):
             if item.ValueType == "TEXT":
                 texts.append(str(item.TextValue))

@@ -48,7 +48,7 @@ def test_output_uids_are_deterministic_and_distinct() -> None:
     assert len(first) <= 64 and first.startswith("2.25.")
 
 
-def test_sc_series_instances_are_independent(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_sc_series_instances_are_independent(tmp_path) -> None:
     """The fast per-slice copies must not share their per-slice attributes."""
     from dicom_node.config import SelectionConfig
     from dicom_node.series.selection import select_series
@@ -74,7 +74,7 @@ def test_sc_series_instances_are_independent(tmp_path) -> None:  # type: ignore[
     assert series[0].PixelData != series[1].PixelData  # only the first carries the summary
 
 
-def test_series_encoder_writes_the_bytes_of_dcmwrite(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_series_encoder_writes_the_bytes_of_dcmwrite(tmp_path) -> None:
     """SeriesEncoder encodes the shared elements once; every instance must still be
     byte for byte what dcmwrite writes, also with a non-ASCII patient name, UIDs of
     different lengths, and references to frames of a multi-frame source."""

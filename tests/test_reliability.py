@@ -103,13 +103,13 @@ def test_inference_failure_is_retried_with_a_smaller_batch_then_recorded(
     calls: list[int] = []
     real = node.ctx.predictor.run_network
 
-    def flaky(grey, progress=None, batch_size=None, **kwargs):  # type: ignore[no-untyped-def]
+    def flaky(grey, progress=None, batch_size=None, **kwargs):
         calls.append(batch_size or node.ctx.predictor.batch_size)
         if len(calls) == 1:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(grey, progress, batch_size, **kwargs)
 
-    node.ctx.predictor.run_network = flaky  # type: ignore[method-assign]
+    node.ctx.predictor.run_network = flaky  # type: ignore[method-assign, assignment]
     files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=23)
     assert pynetdicom_send(files, node.receiver.port) == [0] * 8
     series_uid = str(dcmread(files[0]).SeriesInstanceUID)
@@ -117,10 +117,10 @@ def test_inference_failure_is_retried_with_a_smaller_batch_then_recorded(
     assert calls[0] == 8 and calls[1] < 8
 
     # a job that always fails is marked failed with the reason; the worker goes on
-    def broken(grey, progress=None, batch_size=None, **kwargs):  # type: ignore[no-untyped-def]
+    def broken(grey, progress=None, batch_size=None, **kwargs):
         raise ValueError("weights produce NaN")
 
-    node.ctx.predictor.run_network = broken  # type: ignore[method-assign]
+    node.ctx.predictor.run_network = broken  # type: ignore[method-assign, assignment]
     bad = write_series(tmp_path / "bad", SeriesSpec(n_slices=8, description="T1 +C ax b"), seed=24)
     assert pynetdicom_send(bad, node.receiver.port) == [0] * 8
     bad_uid = str(dcmread(bad[0]).SeriesInstanceUID)

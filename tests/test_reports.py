@@ -23,7 +23,7 @@ PROVENANCE = Provenance(manufacturer="dicom-node", model_name="phantom-truth",
 
 
 @pytest.fixture(scope="module")
-def analysed(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def analysed(tmp_path_factory: pytest.TempPathFactory):
     patient = generate_patient(4, seed=0, geometry=GEOMETRY)  # has a tumour (tests/test_tbr.py)
     paths = write_patient(patient, tmp_path_factory.mktemp("phantom"))
     slices = [s for p in paths.t1c for s in slices_of(read_header(p), p)]
@@ -39,13 +39,13 @@ def analysed(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     return volume, result, out
 
 
-def test_seg_and_sr_validate(analysed) -> None:  # type: ignore[no-untyped-def]
+def test_seg_and_sr_validate(analysed) -> None:
     _, _, out = analysed
     result = validate_dicom(out)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_sr_numbers_equal_the_analysis(analysed) -> None:  # type: ignore[no-untyped-def]
+def test_sr_numbers_equal_the_analysis(analysed) -> None:
     _, result, out = analysed
     report = read_tbr_report(dcmread(out / "sr.dcm"))
     assert len(report.lesions) == len(result.lesions)
@@ -56,7 +56,7 @@ def test_sr_numbers_equal_the_analysis(analysed) -> None:  # type: ignore[no-unt
     assert report.background_mean == pytest.approx(result.background_mean, abs=1e-4)
 
 
-def test_references_resolve(analysed) -> None:  # type: ignore[no-untyped-def]
+def test_references_resolve(analysed) -> None:
     volume, result, out = analysed
     seg = dcmread(out / "seg.dcm")
     sr = dcmread(out / "sr.dcm")
@@ -65,7 +65,7 @@ def test_references_resolve(analysed) -> None:  # type: ignore[no-untyped-def]
     # every segment number the SR points at exists in the SEG it names
     referenced: list[tuple[str, int]] = []
 
-    def walk(node) -> None:  # type: ignore[no-untyped-def]
+    def walk(node) -> None:
         for item in node.get("ContentSequence", []):
             if item.ValueType == "IMAGE" and "ReferencedSegmentNumber" in item.ReferencedSOPSequence[0]:
                 ref = item.ReferencedSOPSequence[0]
@@ -93,7 +93,7 @@ def test_references_resolve(analysed) -> None:  # type: ignore[no-untyped-def]
     assert int(frames.astype(bool).sum()) == sum(int(m.sum()) for m in masks)
 
 
-def test_sr_with_intervals_validates_and_reads_back(analysed, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_sr_with_intervals_validates_and_reads_back(analysed, tmp_path) -> None:
     """Each lesion's interval travels as TID 310 uncertainty ranges; an interval that
     reaches below the threshold makes the lesion equivocal, in the SR and on read-back."""
     from dicom_node.analysis.uncertainty import TbrInterval

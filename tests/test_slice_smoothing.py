@@ -35,7 +35,7 @@ def gaussian_by_hand(volume: NDArray[np.float32], sigma: float) -> NDArray[np.fl
     out = np.zeros_like(volume, dtype=np.float64)
     for i in range(n):
         for offset, weight in zip(offsets, weights, strict=True):
-            out[i] += weight * volume[min(max(i + offset, 0), n - 1)]
+            out[i] += weight * volume[min(max(i + offset, 0), n - 1)]  # type: ignore[index]
     return out.astype(np.float32)
 
 

@@ -235,7 +235,7 @@ def test_unit_verifies(tmp_path: Path) -> None:
 
 
 def test_unit_is_notify_with_watchdog_and_directories() -> None:
-    keys = {}
+    keys: dict[str, list[str]] = {}
     for line in UNIT.read_text().splitlines():
         if "=" in line and not line.startswith("#"):
             key, value = line.split("=", 1)

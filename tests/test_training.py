@@ -319,7 +319,7 @@ def test_example_slices_show_one_brain_slice_per_patient(tmp_path: Path) -> None
         patient_id=np.repeat([f"P{p}" for p in range(n_patients)], n_slices),
         study_uid=np.repeat([f"1.2.{p}" for p in range(n_patients)], n_slices),
         slice_position_mm=np.tile(np.arange(n_slices, dtype=np.float32), n_patients),
-        has_tumour=labels.any(axis=(1, 2)), splits={}, info={},
+        has_tumour=labels.any(axis=(1, 2)), splits={}, info={},  # type: ignore[arg-type]
         extra={"tumour_labels": labels})
     idx = np.arange(len(t1c), dtype=np.int64)
     picks = example_slices(data, idx, 4)

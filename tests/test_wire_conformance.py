@@ -145,7 +145,7 @@ def _send_over(assoc: object, ds: Dataset, context: object, affected: str,
     request.AffectedSOPClassUID = affected
     request.AffectedSOPInstanceUID = ds.SOPInstanceUID
     request.Priority = 2
-    request.DataSet = io.BytesIO(raw if raw is not None else encode(ds, False, True))
+    request.DataSet = io.BytesIO(raw if raw is not None else encode(ds, False, True))  # type: ignore[arg-type]
     # As pynetdicom's own send_c_store: pause the association's reactor so that it does
     # not take the response off the queue first.
     assoc._reactor_checkpoint.clear()  # type: ignore[attr-defined]
@@ -255,7 +255,7 @@ def test_a_study_routed_whole_is_accepted_and_only_the_t1c_processed(
         "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7")]
     ae = AE(ae_title="TESTSCU")
     for cx in contexts:
-        ae.add_requested_context(cx.abstract_syntax, ExplicitVRLittleEndian)
+        ae.add_requested_context(cx.abstract_syntax, ExplicitVRLittleEndian)  # type: ignore[arg-type]
     assoc = ae.associate("127.0.0.1", node.receiver.port, ae_title="DICOMNODE")
     assert assoc.is_established
     assert {str(cx.abstract_syntax) for cx in assoc.accepted_contexts} == {

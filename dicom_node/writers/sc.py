@@ -27,7 +27,6 @@ from pydicom.filewriter import (
     write_file_meta_info,
 )
 from pydicom.tag import BaseTag
-from pydicom.uid import UID
 
 from dicom_node.series.volume import SliceInfo
 from dicom_node.writers.provenance import (
@@ -185,8 +184,8 @@ def make_sc_instance(
     fusion_rgb: NDArray[np.uint8],
     source: Dataset,
     slice_info: SliceInfo,
-    series_uid: UID,
-    sop_uid: UID,
+    series_uid: str,
+    sop_uid: str,
     instance_number: int,
     series_number: int,
     provenance: Provenance,
@@ -243,7 +242,7 @@ class ScSeries:
     which also shows the TBR summary, afterwards."""
 
     def __init__(self, fusion_rgb: NDArray[np.uint8], sources: Sequence[Dataset],
-                 slices: Sequence[SliceInfo], series_uid: UID, sop_uids: Sequence[UID],
+                 slices: Sequence[SliceInfo], series_uid: str, sop_uids: Sequence[str],
                  series_number: int, provenance: Provenance,
                  description_suffix: str = "") -> None:
         if not len(fusion_rgb) == len(slices) == len(sop_uids) or not len(slices):
@@ -260,7 +259,7 @@ class ScSeries:
         return len(self._slices)
 
     def instance(self, index: int, summary_lines: Sequence[str] = (),
-                 sop_uid: UID | None = None) -> Dataset:
+                 sop_uid: str | None = None) -> Dataset:
         """Slice ``index`` (0-based); ``summary_lines`` are burned in below the banner.
         ``sop_uid`` replaces the slice's own UID (for a variant with other pixels)."""
         template, info = self.template, self._slices[index]
@@ -294,8 +293,8 @@ def make_sc_series(
     fusion_rgb: NDArray[np.uint8],
     sources: Sequence[Dataset],
     slices: Sequence[SliceInfo],
-    series_uid: UID,
-    sop_uids: Sequence[UID],
+    series_uid: str,
+    sop_uids: Sequence[str],
     series_number: int,
     provenance: Provenance,
     summary_lines: Sequence[str] = (),

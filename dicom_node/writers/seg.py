@@ -11,7 +11,6 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import UID
 
 from dicom_node.analysis.tbr import TbrResult
 from dicom_node.writers.provenance import OUTPUT_CHARACTER_SET, Provenance, series_description
@@ -35,8 +34,8 @@ def _algorithm(provenance: Provenance, threshold: float) -> hd.AlgorithmIdentifi
 def make_seg(
     source_datasets: list[Dataset],
     result: TbrResult,
-    series_uid: UID,
-    sop_uid: UID,
+    series_uid: str,
+    sop_uid: str,
     series_number: int,
     provenance: Provenance,
     description_suffix: str = "",
