@@ -147,6 +147,11 @@ def method_text(config: dict[str, Any]) -> str:
     if weight != 1.0:
         text += (f"; L1 weighted {weight:g}x on tumour masks grown by "
                  f"{config.get('tumour_margin_px', 0)} px")
+    small = int(config.get("small_lesion_area_px", 0))
+    if small > 0:
+        text += (f"; a lesion covering a pixels of a slice weighted "
+                 f"clip({small} / a, 1, {float(config.get('small_lesion_max_gain', 1.0)):g})x "
+                 f"more, its slice drawn sqrt of that more often")
     fusion_weight = float(config.get("fusion_l1_weight", 0.0))
     if fusion_weight > 0.0:
         text += (f" + {fusion_weight:g} x L1 of the fusion rendered from the uptake (display "
@@ -196,6 +201,8 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         "tumour_oversample": config["tumour_oversample"],
         "tumour_l1_weight": config.get("tumour_l1_weight", 1.0),
         "tumour_margin_px": config.get("tumour_margin_px", 0),
+        "small_lesion_area_px": config.get("small_lesion_area_px", 0),
+        "small_lesion_max_gain": config.get("small_lesion_max_gain", 1.0),
         "ema_decay": config.get("ema_decay", 0.0),
         "hflip": config["hflip"],
         "context_slices": config.get("context_slices", 0),
