@@ -198,9 +198,13 @@ def test_destination_down_keeps_results_in_outbox_until_it_is_up(
     pacs.start()
     try:
         assert wait_for(lambda: len(pacs.received.files()) == len(source) + 2, 120)
-        with node.sessions() as session:
-            states = session.scalars(select(OutboxEntry.state)).all()
-        assert set(states) == {"sent"}
+        # the PACS has every file; the sender commits "sent" right after: wait for it
+
+        def states() -> set[str]:
+            with node.sessions() as session:
+                return set(session.scalars(select(OutboxEntry.state)).all())
+
+        assert wait_for(lambda: states() == {"sent"}, 60), states()
     finally:
         pacs.stop()
 

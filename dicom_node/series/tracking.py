@@ -19,6 +19,7 @@ steps take only what they need (config, sessions, audit), not the running node:
 from __future__ import annotations
 
 import itertools
+import json
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
-from dicom_node.series.selection import select_series
+from dicom_node.series.selection import Selection, select_series
 from storage.audit import AuditKind, AuditLog
 from storage.models import (
     FINISHED_STATES,
+    AuditEvent,
     Instance,
     Job,
     JobState,
@@ -144,11 +146,17 @@ def triage(config: NodeConfig, sessions: sessionmaker[Session], audit: AuditLog)
     """
     changed = 0
     with sessions() as session:
-        ready = [(series.id, series_paths(session, series)) for series in session.scalars(
-            select(Series).where(Series.state == SeriesState.READY)
-            .order_by(Series.last_received_at)).all()]
-    for series_id, paths in ready:
-        selection = select_series(paths, config.selection)
+        ready = [(series.id, series_paths(session, series), refused_instances(session, series))
+                 for series in session.scalars(
+                     select(Series).where(Series.state == SeriesState.READY)
+                     .order_by(Series.last_received_at)).all()]
+    for series_id, paths, refused in ready:
+        if refused:  # a slice the sender meant to send is missing: never a partial result
+            selection = Selection(False, f"{len(refused)} instance(s) of this series were "
+                                         f"refused at receive and not stored since "
+                                         f"(first: {refused[0][1]})")
+        else:
+            selection = select_series(paths, config.selection)
         with audit.transaction() as session:
             series = session.get(Series, series_id)
             if series is None or series.state != SeriesState.READY:
@@ -160,6 +168,25 @@ def triage(config: NodeConfig, sessions: sessionmaker[Session], audit: AuditLog)
                 set_state(audit, session, series, SeriesState.SKIPPED, selection.reason)
             changed += 1
     return changed
+
+
+def refused_instances(session: Session, series: Series) -> list[tuple[str, str]]:
+    """(SOP Instance UID, reason) of each instance of the series the receiver refused and
+    that has not been stored since (a resend that was accepted clears it)."""
+    stored = set(session.scalars(select(Instance.sop_uid).where(
+        Instance.series_id == series.id)).all())
+    refused: dict[str, str] = {}
+    for sop_uid, detail in session.execute(
+            select(AuditEvent.sop_uid, AuditEvent.detail).where(
+                AuditEvent.kind == AuditKind.INSTANCE_REFUSED,
+                AuditEvent.series_uid == series.series_uid).order_by(AuditEvent.id)).all():
+        if sop_uid and sop_uid not in stored and sop_uid not in refused:
+            try:
+                reason = str(json.loads(detail).get("reason", "")) if detail else ""
+            except ValueError:
+                reason = detail
+            refused[sop_uid] = reason
+    return list(refused.items())
 
 
 def recover(audit: AuditLog) -> int:
