@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
+from dicom_node.config import SelectionConfig, load_config
 from dicom_node.inference.fusion import fuse, to_uint8, window_t1c
 from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.resampling import to_network
+from dicom_node.series.selection import select_series
 from training.cli import main as train_main
 from training.dataset import (
     PatientLeakWarning,
@@ -215,3 +219,42 @@ def test_workers_build_the_same_dataset(cohort: tuple[Path, list[PhantomPatient]
         np.testing.assert_array_equal(one[key], two[key], err_msg=key)
     assert (tmp_path / "one" / "splits.json").read_text() == \
         (tmp_path / "two" / "splits.json").read_text()
+
+
+def _tilt_t1c(folder: Path, degrees: float) -> list[Path]:
+    """Tilt the study's T1C slices ``degrees`` about the left-right axis (oblique)."""
+    paths = sorted((folder / "DICOM" / "T1C").glob("*.dcm"))
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, cos, -sin]
+        ds.save_as(path)
+    return paths
+
+
+def test_training_selects_series_with_the_node_rules(
+        cohort: tuple[Path, list[PhantomPatient]], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A 22 deg oblique T1C: training's old rules (25.8 deg) took it, the node (20 deg) does
+    not; training now skips it with the node's reason, unless --node-config widens it."""
+    root, _ = cohort
+    studies = tmp_path / "studies"
+    folder = _copy(root, "PH0004", studies)
+    paths = _tilt_t1c(folder, 22.0)
+    node = select_series(paths, SelectionConfig())
+    assert not node.accepted and node.reason.startswith("not axial: slice normal is 22 deg")
+    reason = choose_series(scan_studies(folder, progress=False)[0])
+    assert isinstance(reason, str) and node.reason in reason
+    rc = train_main(["dataset", "--studies", str(studies), "--out", str(tmp_path / "default"),
+                     "--size", "32"])
+    assert rc == 2 and node.reason in capsys.readouterr().err
+
+    config = tmp_path / "node.toml"
+    config.write_text('[model]\nweights_path = "generator.pt"\n\n'
+                      '[selection]\naxial_tolerance_deg = 25.0\n')
+    assert select_series(paths, load_config(config).selection).accepted
+    rc = train_main(["dataset", "--studies", str(studies), "--out", str(tmp_path / "wide"),
+                     "--size", "32", "--node-config", str(config)])
+    assert rc == 0
+    report = json.loads((tmp_path / "wide" / "dataset.json").read_text())
+    assert report["counts"]["pairs"] == SMALL.slices and not report["skipped_studies"]

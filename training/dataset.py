@@ -1,14 +1,17 @@
 """``dicom-node-train dataset``: paired T1C / fusion slices from a folder of DICOM studies.
 
     dicom-node-train dataset --studies DIR --out DSDIR --size 128 [--split patient|slice]
-                             [--seed 0]
+                             [--seed 0] [--node-config config.toml]
 
 Every file under ``DIR`` is read header-only first and grouped by study and series. In
-each study the T1C series is the axial MR series that is post-contrast T1 (a
-ContrastBolusAgent, or a description such as "+C", "post", "Gd", "contrast"; never
-T2/FLAIR/diffusion). Its target is the study's RGB Secondary Capture series (one whose
-description says "fusion" first) or, failing that, its PET series (PT), which is
-resampled into the T1C plane and rendered with :func:`dicom_node.inference.fusion.fuse`.
+each study the T1C series is a series the node itself would select
+(:func:`dicom_node.series.selection.select_headers`, the rules of ``select_series``, with
+the ``[selection]`` of ``--node-config``'s TOML or the node's defaults); among several, one
+with a ContrastBolusAgent, then the one with more slices. A study without one is skipped
+with the node's reason for each series of its modality. Its target is the study's RGB
+Secondary Capture series (one whose description says "fusion" first) or, failing that, its
+PET series (PT), which is resampled into the T1C plane and rendered with
+:func:`dicom_node.inference.fusion.fuse`.
 
 Slices are paired by position along the T1C slice normal (ImagePositionPatient . normal,
 nearest target within half the T1C slice spacing). A Secondary Capture without geometry
@@ -63,7 +66,6 @@ import argparse
 import json
 import logging
 import multiprocessing
-import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -79,22 +81,22 @@ import pydicom
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
+from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 from tqdm import tqdm
 
+from dicom_node.config import SelectionConfig, load_config
+from dicom_node.errors import ConfigError
 from dicom_node.inference.fusion import fuse, to_uint8, window_t1c
 from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.resampling import padding_for, to_network
+from dicom_node.series.selection import select_headers
 from storage.file_store import atomic_writer
 
 logger = logging.getLogger(__name__)
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
-POST_CONTRAST = re.compile(r"(\+\s*c\b|\bpost|\bgd\b|gado|contrast|\bkm\b|\bce\b|t1c|\+gd)",
-                           re.IGNORECASE)
-NOT_T1 = re.compile(r"(t2|flair|dwi|diff|adc|swi|perf|dti|pd\b|localizer|scout)", re.IGNORECASE)
-AXIAL_MIN_COS = 0.9
 SPLIT_METHODS = ("patient", "slice")
 GROUND_TRUTH_ARRAYS = ("uptake", "oracle_fusion", "oracle_uptake", "tumour_labels",
                        "brain_mask", "striatum_mask", "oedema")
@@ -117,6 +119,8 @@ class SliceHeader:
     pixel_spacing: tuple[float, float] | None
     samples_per_pixel: int
     source_refs: tuple[str, ...]
+    #: The header itself, for the node's selection rules (``select_headers``).
+    header: Dataset = field(compare=False, repr=False)
 
 
 @dataclass
@@ -216,6 +220,7 @@ def read_header(path: Path) -> tuple[str, str, str, SeriesHeaders, SliceHeader] 
         pixel_spacing=spacing if spacing is not None and len(spacing) == 2 else None,
         samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1),
         source_refs=refs,
+        header=ds,
     )
     series = SeriesHeaders(
         uid=series_uid,
@@ -253,20 +258,15 @@ def slice_normal(orientation: Sequence[float]) -> NDArray[np.float64]:
     return normal / (np.linalg.norm(normal) or 1.0)
 
 
-def is_axial_t1c(series: SeriesHeaders) -> bool:
-    """Axial post-contrast T1 MR series."""
-    if series.modality != "MR" or not series.slices:
-        return False
-    first = series.slices[0]
-    if first.samples_per_pixel != 1 or first.orientation is None or len(first.orientation) != 6:
-        return False
-    if any(s.position is None for s in series.slices):
-        return False
-    if abs(slice_normal(first.orientation)[2]) < AXIAL_MIN_COS:
-        return False
-    if NOT_T1.search(series.description):
-        return False
-    return bool(series.contrast_agent.strip()) or bool(POST_CONTRAST.search(series.description))
+def t1c_reason(series: SeriesHeaders, rules: SelectionConfig) -> str | None:
+    """Why the node would not select the series (None: it would), or why its instances
+    cannot be paired slice by slice (multi-frame or colour)."""
+    selection = select_headers([(s.path, s.header) for s in series.slices], rules)
+    if not selection.accepted:
+        return selection.reason
+    if any(s.position is None or s.samples_per_pixel != 1 for s in series.slices):
+        return "multi-frame or colour instances: training pairs single-frame grey slices"
+    return None
 
 
 def is_fusion(series: SeriesHeaders) -> bool:
@@ -280,11 +280,27 @@ def is_pet(series: SeriesHeaders) -> bool:
             and all(s.position is not None and s.orientation is not None for s in series.slices))
 
 
-def choose_series(study: StudyHeaders) -> tuple[SeriesHeaders, SeriesHeaders, str] | str:
-    """(T1C series, target series, "fusion" | "pet"), or the reason the study is skipped."""
-    t1c = [s for s in study.series.values() if is_axial_t1c(s)]
+def choose_series(study: StudyHeaders, rules: SelectionConfig | None = None
+                  ) -> tuple[SeriesHeaders, SeriesHeaders, str] | str:
+    """(T1C series, target series, "fusion" | "pet"), or the reason the study is skipped.
+
+    The T1C series is one the node would select with ``rules`` (default: the node's
+    defaults)."""
+    rules = rules or SelectionConfig()
+    t1c: list[SeriesHeaders] = []
+    rejected: list[str] = []
+    for series in study.series.values():
+        if series.modality not in rules.modalities:
+            continue
+        reason = t1c_reason(series, rules)
+        if reason is None:
+            t1c.append(series)
+        else:
+            rejected.append(f"{series.description!r}: {reason}")
     if not t1c:
-        return "no axial post-contrast T1 series"
+        return ("no series the node would select as axial post-contrast T1"
+                + (f" ({'; '.join(rejected)})" if rejected else
+                   f" (no {'/'.join(rules.modalities)} series)"))
     chosen = max(t1c, key=lambda s: (bool(s.contrast_agent.strip()), len(s.slices)))
     fusions = [s for s in study.series.values() if is_fusion(s)]
     if fusions:
@@ -432,10 +448,10 @@ def find_ground_truth(study: StudyHeaders, paths: Iterable[Path], root: Path
     return None
 
 
-def build_study_pairs(study: StudyHeaders, root: Path, size: int, style: FusionStyle
-                      ) -> StudyPairs | str:
+def build_study_pairs(study: StudyHeaders, root: Path, size: int, style: FusionStyle,
+                      rules: SelectionConfig | None = None) -> StudyPairs | str:
     """The network-size pairs of one study, or why it was skipped."""
-    chosen = choose_series(study)
+    chosen = choose_series(study, rules)
     if isinstance(chosen, str):
         return chosen
     t1c_series, target_series, target_kind = chosen
@@ -594,11 +610,13 @@ class DatasetSummary:
 
 def build_dataset(studies_dir: Path, out_dir: Path, size: int = 128, split: str = "patient",
                   seed: int = 0, style: FusionStyle | None = None, progress: bool = True,
-                  workers: int = 1) -> DatasetSummary:
+                  workers: int = 1, selection: SelectionConfig | None = None
+                  ) -> DatasetSummary:
     """Scan, pair, resample, split and write a dataset (see the module docstring).
 
     ``workers`` > 1 builds that many studies at once in worker processes; the result is
-    the same as with one.
+    the same as with one. ``selection``: the node's series selection rules (default: the
+    node's defaults).
     """
     style = style or FusionStyle()
     if size < 16:
@@ -606,7 +624,8 @@ def build_dataset(studies_dir: Path, out_dir: Path, size: int = 128, split: str 
     studies = scan_studies(studies_dir, progress=progress)
     built: list[StudyPairs] = []
     skipped: list[dict[str, str]] = []
-    build = partial(build_study_pairs, root=Path(studies_dir), size=size, style=style)
+    build = partial(build_study_pairs, root=Path(studies_dir), size=size, style=style,
+                    rules=selection or SelectionConfig())
     pool_or_none = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=torch.set_num_threads, initargs=(1,))
                     if workers > 1 else nullcontext())
@@ -703,12 +722,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     parser.add_argument("--workers", type=int, default=1,
                         help="studies built at once in worker processes (default 1)")
+    parser.add_argument("--node-config", type=Path, default=None, metavar="PATH",
+                        help="the node's TOML: choose T1C series with its [selection] rules "
+                             "(default: the node's default rules)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        selection = (load_config(args.node_config).selection
+                     if args.node_config is not None else SelectionConfig())
+    except ConfigError as exc:
+        print(f"dataset: --node-config: {exc}", file=sys.stderr)
+        return 2
+    try:
         summary = build_dataset(args.studies, args.out, size=args.size, split=args.split,
-                                seed=args.seed, workers=max(1, args.workers))
+                                seed=args.seed, workers=max(1, args.workers),
+                                selection=selection)
     except ValueError as exc:
         print(f"dataset: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,13 @@ def has_contrast(ds: Dataset, rules: SelectionConfig) -> bool:
     return bool(re.search(rules.contrast_description_regex, description))
 
 
+def _modality_reason(ds: Dataset, rules: SelectionConfig) -> str | None:
+    modality = str(ds.get("Modality", ""))
+    if modality not in rules.modalities:
+        return f"modality {modality!r} is not one of {list(rules.modalities)}"
+    return None
+
+
 def select_series(paths: list[Path], rules: SelectionConfig) -> Selection:
     """Apply the selection rules to the instances of one series."""
     if not paths:
@@ -59,10 +67,22 @@ def select_series(paths: list[Path], rules: SelectionConfig) -> Selection:
         except (InvalidDicomError, OSError) as exc:
             return Selection(False, f"unreadable instance {path.name}: {exc}")
         if len(headers) == 1:  # a CT or a report routed with the study: one header says so
-            modality = str(headers[0][1].get("Modality", ""))
-            if modality not in rules.modalities:
-                return Selection(False, f"modality {modality!r} is not one of "
-                                        f"{list(rules.modalities)}")
+            reason = _modality_reason(headers[0][1], rules)
+            if reason is not None:
+                return Selection(False, reason)
+    return select_headers(headers, rules)
+
+
+def select_headers(headers: Sequence[tuple[Path, Dataset]], rules: SelectionConfig
+                   ) -> Selection:
+    """Apply the selection rules to the already-read headers (``stop_before_pixels``) of
+    one series' instances: what :func:`select_series` does after reading them, and what
+    training uses to choose a study's T1C series, so the node and its training data agree."""
+    if not headers:
+        return Selection(False, "series has no instances")
+    reason = _modality_reason(headers[0][1], rules)
+    if reason is not None:
+        return Selection(False, reason)
     first = headers[0][1]
     description = str(first.get("SeriesDescription", ""))
     if rules.description_include and not any(
