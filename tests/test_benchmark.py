@@ -20,7 +20,8 @@ from dicom_node.inference.model_weights import ModelCard, load_weights, save_wei
 from dicom_node.inference.predictor import Predictor
 from training.augment import AffineAugment, warp
 from training.benchmark import CohortError, check_cohort, run_benchmark
-from training.dataset import build_dataset, load_pairs
+from training.dataset import build_dataset
+from training.dataset_io import load_pairs
 from training.phantom import PhantomGeometry, generate_patient
 from training.phantom_dataset import CohortSpec, build_phantom_dataset, kept_slices, patient_arrays
 from training.phantom_dicom import write_patient

@@ -19,19 +19,17 @@ from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.resampling import to_network
 from dicom_node.series.selection import select_series
 from training.cli import main as train_main
-from training.dataset import (
+from training.dataset import build_dataset
+from training.dataset_io import load_pairs
+from training.pair_arrays import (
     PatientLeakWarning,
-    build_dataset,
-    choose_series,
     grey_to_network,
-    load_pairs,
-    pair_slices,
     rgb_to_network,
-    scan_studies,
     split_indices,
 )
 from training.phantom import PhantomGeometry, PhantomPatient, generate_patient
 from training.phantom_dicom import write_patient
+from training.scanning import choose_series, pair_slices, scan_studies
 
 SMALL = PhantomGeometry(rows=96, cols=128, pixel_spacing_mm=2.0, slice_spacing_mm=4.0,
                         n_slices=30)
