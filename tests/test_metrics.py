@@ -1,4 +1,4 @@
-"""Metrics against known values (training.metrics, parts of training.evaluate)."""
+"""Metrics against known values (training.metrics, parts of training.evaluation)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from scipy import stats
 
 from dicom_node.inference.fusion import defuse, fuse, to_uint8
 from dicom_node.inference.fusion_style import FusionStyle
-from training.evaluate import checks, defuse_uptake
+from training.evaluation import checks, defuse_uptake
 from training.metrics import (
     PSNR_CAP_DB,
     bland_altman,

@@ -15,7 +15,7 @@ from dicom_node.inference.resampling import to_network
 from dicom_node.inference.slice_context import context_step, group_rows, neighbour_rows, stack_context
 from tests.test_training import _config, write_toy_dataset
 from training import data as ds
-from training.evaluate import predict
+from training.evaluation import predict
 from training.train import train
 
 

@@ -22,7 +22,7 @@ from tests.test_training import write_toy_dataset
 from tests.weights_factory import make_test_weights
 from training import data as ds
 from training.cli import main as cli_main
-from training.evaluate import evaluation_runs, predict
+from training.evaluation import evaluation_runs, predict
 
 
 def gaussian_by_hand(volume: NDArray[np.float32], sigma: float) -> NDArray[np.float32]:

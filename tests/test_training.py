@@ -200,7 +200,7 @@ def test_oracle_is_drawn_like_the_model(toy_dataset: Path, tmp_path: Path) -> No
     """An uptake model's fusion is drawn at the network size, so its oracle is too (from
     oracle_uptake), with the native-matrix oracle fusion beside it; an RGB model keeps
     the dataset's oracle fusion."""
-    from training.evaluate import oracle_methods
+    from training.evaluation import oracle_methods
 
     data = ds.load_dataset(toy_dataset)
     idx = data.indices("test")
@@ -303,7 +303,7 @@ def test_weight_average_is_kept_resumed_and_exported(toy_dataset: Path, tmp_path
 def test_example_slices_show_one_brain_slice_per_patient(tmp_path: Path) -> None:
     """The report's example grid: each tumour patient's largest-tumour slice, then the
     fullest slice of other patients; never an empty slice, never one patient twice."""
-    from training.evaluate import example_slices
+    from training.evaluation import example_slices
 
     n_patients, n_slices, size = 5, 4, 16
     t1c = np.zeros((n_patients * n_slices, size, size), np.float16)
