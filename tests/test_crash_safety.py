@@ -226,3 +226,38 @@ def test_sigterm_exits_cleanly(setup: tuple[Path, int, SlowPacs, Path]) -> None:
     assert node.proc is not None
     node.proc.send_signal(signal.SIGTERM)
     assert node.proc.wait(timeout=600) == 0
+
+
+def test_atomic_move_across_filesystems_copies_atomically(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where rename cannot cross filesystems (EXDEV), atomic_move copies through
+    atomic_writer: the whole file or, if the copy fails, nothing and no partial file."""
+    import errno
+    import os
+    import shutil
+
+    from storage import file_store
+
+    source = tmp_path / "a" / "source.dcm"
+    source.parent.mkdir()
+    source.write_bytes(b"x" * 3_000_000)
+    real_replace = os.replace
+
+    def cross_device(src: str | Path, dst: str | Path) -> None:
+        if Path(src) == source:
+            raise OSError(errno.EXDEV, "cross-device link")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(file_store.os, "replace", cross_device)
+    target = tmp_path / "b" / "target.dcm"
+    file_store.atomic_move(source, target)
+    assert target.read_bytes() == source.read_bytes()
+
+    def broken_copy(*args: object) -> None:
+        raise OSError(errno.EIO, "copy failed")
+
+    monkeypatch.setattr(shutil, "copyfileobj", broken_copy)
+    other = tmp_path / "b" / "other.dcm"
+    with pytest.raises(OSError, match="copy failed"):
+        file_store.atomic_move(source, other)
+    assert not other.exists() and not list(other.parent.glob(".tmp-*.part"))
