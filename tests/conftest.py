@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,8 @@ from pydicom import Dataset, dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from benchmarks._common import free_port, port_open
+from benchmarks._common import wait_for as poll
 from dicom_node.config import NodeConfig, parse_config
 from dicom_node.service import Node
 from tests.weights_factory import make_test_weights
@@ -26,21 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 VALIDATE_DICOM = REPO.parent / "shared" / "tools" / "validate-dicom"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 120.0,
              interval_s: float = 0.2) -> bool:
-    """Poll until predicate() is true; False on timeout (the test then asserts)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
+    """Poll until predicate() is true; False on timeout (the test then asserts). The
+    benchmarks' poll with the tests' defaults: long, and gentle on the CPU."""
+    return poll(predicate, timeout_s, interval_s)
 
 
 def require_tool(name: str) -> str:
@@ -214,7 +204,7 @@ class DcmtkStorescp:
             [binary, "--aetitle", self.ae_title, "--output-directory", str(self.folder),
              "--accept-all", "-uf", str(self.port)], env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert wait_for(lambda: _port_open(self.port), 10), "storescp did not start"
+        assert wait_for(lambda: port_open(self.port), 10), "storescp did not start"
         return self
 
     def files(self) -> list[Path]:
@@ -224,12 +214,6 @@ class DcmtkStorescp:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture
