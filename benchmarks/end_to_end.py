@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import sqlite3
 import subprocess
 import tempfile
@@ -47,6 +46,7 @@ from benchmarks._common import (
     wait_for,
     write_mr_series,
 )
+from dicom_node.cli import stop_child_node
 from dicom_node.config import AnalysisConfig
 
 TOML = """\
@@ -148,12 +148,7 @@ def one_run(root: Path, source: list[Path], args: argparse.Namespace) -> dict[st
         rss = vm_hwm_mb(node.pid)
         child_rss = sum(vm_hwm_mb(pid) for pid in child_pids(node.pid))
     finally:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            node.kill()
-            node.wait()
+        stop_child_node(node)
         log.close()
         scp.stop()
     db = sqlite3.connect(data_dir / "dicom-node.db")

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -34,6 +35,18 @@ def _stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return stop
+
+
+def stop_child_node(node: subprocess.Popen[Any], timeout_s: float = 60.0) -> None:
+    """Stop a ``dicom-node serve`` (or ``receive``) run as a child process, as systemd
+    would: SIGTERM (:func:`_stop_on_signals` turns it into an orderly stop), then, past
+    ``timeout_s``, SIGKILL. For the demo and the benchmarks that start the node."""
+    node.send_signal(signal.SIGTERM)
+    try:
+        node.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        node.kill()
+        node.wait()
 
 
 def cmd_receive(args: argparse.Namespace) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pydicom import Dataset, dcmread
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node.analysis.tbr import Lesion, TbrResult
+from dicom_node.cli import stop_child_node
 from dicom_node.config import NodeConfig, load_config
 from dicom_node.inference.fusion import window_t1c
 from dicom_node.writers.seg import BACKGROUND_SEGMENT, lesion_segment_number
@@ -242,11 +242,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         elapsed = time.monotonic() - t_sent
     finally:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            node.kill()
+        stop_child_node(node)
         inbox.stop()
 
     sr = next(ds for ds in inbox.datasets if ds.SOPClassUID == SR_CLASS)
