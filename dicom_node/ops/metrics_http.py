@@ -26,7 +26,9 @@ from prometheus_client.core import (
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import AuditEvent, Instance, Job, OutboxEntry, Series
+from dicom_node.ops.status import outbox_entries, queue_depth, series_per_state
+from storage.audit import AuditKind
+from storage.models import AuditEvent, Instance, Job, JobState
 
 
 class NodeCollector:
@@ -38,31 +40,28 @@ class NodeCollector:
     def collect(self) -> Iterator[Metric]:
         with self._sessions() as session:
             instances = session.scalar(select(func.count()).select_from(Instance)) or 0
-            states = session.execute(select(Series.state, func.count())
-                                     .group_by(Series.state)).all()
+            states = series_per_state(session)
             jobs = session.execute(select(Job.state, func.count(), func.sum(Job.seconds))
                                    .group_by(Job.state)).all()
             failures = session.scalar(select(func.count()).select_from(AuditEvent).where(
-                AuditEvent.kind == "send.attempt", AuditEvent.outcome == "error")) or 0
-            outbox = session.execute(select(OutboxEntry.destination, OutboxEntry.state,
-                                            func.count())
-                                     .group_by(OutboxEntry.destination, OutboxEntry.state)
-                                     ).all()
+                AuditEvent.kind == AuditKind.SEND_ATTEMPT, AuditEvent.outcome == "error")) or 0
+            outbox: dict[tuple[str, str], int] = {}
+            for destination, state, _attempted, count in outbox_entries(session):
+                outbox[destination, state] = outbox.get((destination, state), 0) + count
         yield CounterMetricFamily("dicom_node_instances_received", "Instances stored",
                                   value=instances)
         series = GaugeMetricFamily("dicom_node_series", "Series per state", labels=["state"])
-        depth = 0
-        for state, count in states:
+        for state, count in states.items():
             series.add_metric([state], count)
-            depth += count if state in ("ready", "queued") else 0
         yield series
-        yield GaugeMetricFamily("dicom_node_queue_depth", "Series ready or queued", value=depth)
+        yield GaugeMetricFamily("dicom_node_queue_depth", "Series ready or queued",
+                                value=queue_depth(states))
         job_metric = CounterMetricFamily("dicom_node_jobs", "Jobs per outcome", labels=["outcome"])
         seconds = 0.0
         count_done = 0
         for state, count, total in jobs:
             job_metric.add_metric([state], count)
-            if state == "done":
+            if state == JobState.DONE:
                 seconds, count_done = float(total or 0.0), count
         yield job_metric
         yield SummaryMetricFamily("dicom_node_inference_seconds", "Seconds per finished job",
@@ -71,7 +70,7 @@ class NodeCollector:
                                   value=failures)
         entries = GaugeMetricFamily("dicom_node_outbox_entries", "Outbox entries",
                                     labels=["destination", "state"])
-        for destination, state, count in outbox:
+        for (destination, state), count in outbox.items():
             entries.add_metric([destination, state], count)
         yield entries
 

@@ -1,10 +1,13 @@
 """What ``dicom-node status`` reports: series per state, queue depth, the running job,
 the outbox per destination, the last error of each stage and the free disk; read from
-the database (and the data directory), so it works beside a running node."""
+the database (and the data directory), so it works beside a running node. The counts
+shared with ``/metrics`` (:mod:`dicom_node.ops.metrics_http`) come from the query
+functions here."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import func, select
@@ -15,20 +18,35 @@ from storage.audit import AuditKind
 from storage.models import AuditEvent, Job, JobState, OutboxEntry, OutboxState, Series, SeriesState
 
 
+def series_per_state(session: Session) -> dict[str, int]:
+    """How many series are in each state (states with none are absent)."""
+    return dict(session.execute(
+        select(Series.state, func.count()).group_by(Series.state)).all())
+
+
+def queue_depth(series_states: Mapping[str, int]) -> int:
+    """Series waiting for a job: ready or queued."""
+    return series_states.get(SeriesState.READY, 0) + series_states.get(SeriesState.QUEUED, 0)
+
+
+def outbox_entries(session: Session) -> list[tuple[str, str, bool, int]]:
+    """Outbox entries counted per (destination, state, attempted before)."""
+    rows = session.execute(
+        select(OutboxEntry.destination, OutboxEntry.state, OutboxEntry.attempts > 0,
+               func.count())
+        .group_by(OutboxEntry.destination, OutboxEntry.state, OutboxEntry.attempts > 0))
+    return [(dest, state, bool(attempted), count) for dest, state, attempted, count in rows]
+
+
 def node_status(config: NodeConfig, sessions: sessionmaker[Session]) -> dict[str, Any]:
     """The status report as a JSON-ready dict."""
     with sessions() as session:
-        states = dict(session.execute(select(Series.state, func.count()).group_by(Series.state))
-                      .all())
+        states = series_per_state(session)
         outbox: dict[str, dict[str, int]] = {
             d.name: {"pending": 0, "retrying": 0, "dead": 0, "sent": 0}
             for d in config.destinations}
-        for dest, state, attempts, count in session.execute(
-                select(OutboxEntry.destination, OutboxEntry.state, OutboxEntry.attempts > 0,
-                       func.count())
-                .group_by(OutboxEntry.destination, OutboxEntry.state,
-                          OutboxEntry.attempts > 0)):
-            key = "retrying" if state == OutboxState.PENDING and attempts else state
+        for dest, state, attempted, count in outbox_entries(session):
+            key = "retrying" if state == OutboxState.PENDING and attempted else state
             outbox.setdefault(dest, {"pending": 0, "retrying": 0, "dead": 0, "sent": 0})
             outbox[dest][key] = outbox[dest].get(key, 0) + count
         last_errors: dict[str, str] = {}
@@ -49,7 +67,7 @@ def node_status(config: NodeConfig, sessions: sessionmaker[Session]) -> dict[str
         "model": str(config.model.weights_path),
         "device": config.model.device,
         "series": states,
-        "queue_depth": states.get(SeriesState.QUEUED, 0) + states.get(SeriesState.READY, 0),
+        "queue_depth": queue_depth(states),
         "running_job": running.id if running else None,
         "outbox": outbox,
         "last_error": last_errors,
