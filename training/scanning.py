@@ -259,6 +259,9 @@ def pair_slices(t1c: Sequence[SliceHeader], target: Sequence[SliceHeader]) -> Pa
                    method=method)
 
 
+# --- ground truth -----------------------------------------------------------------------------
+
+
 def find_ground_truth(study: StudyHeaders, paths: Iterable[Path], root: Path
                       ) -> Path | None:
     """The ground_truth.npz of a phantom study: beside its files or in a parent up to root."""
