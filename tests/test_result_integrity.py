@@ -98,7 +98,9 @@ def _stored_events(node: Node, series_uid: str) -> list[AuditEvent]:
 
 def test_a_resend_changes_nothing_and_a_changed_instance_makes_a_labelled_version(
         tmp_path: Path, make_config: Callable[..., NodeConfig],
-        start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
+        start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node")
     node = start_node(make_config(destinations=[{
         "name": "pacs", "ae_title": pynetdicom_pacs.ae_title, "host": "127.0.0.1",
         "port": pynetdicom_pacs.port}]))
@@ -107,6 +109,10 @@ def test_a_resend_changes_nothing_and_a_changed_instance_makes_a_labelled_versio
     assert send(files, node.receiver.port) == [0] * 8
     assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 10, 120)
     assert wait_for(lambda: _state(node, series_uid) == "done", 60)
+    assert wait_for(lambda: any(r.getMessage().startswith("sent ") and "to pacs (" in
+                                r.getMessage() for r in caplog.records), 60)
+    assert any(f"{series_uid[-12:]}, 8 instances] done" in r.getMessage()
+               for r in caplog.records)
     # a byte-identical resend of one instance, then of the whole series
     assert send(files[3:4], node.receiver.port) == [0]
     assert send(files, node.receiver.port) == [0] * 8
