@@ -55,6 +55,8 @@ class Node:
         self._stopped = threading.Event()
 
     def start(self, heartbeat: Callable[[], None] | None = None) -> None:
+        # highdicom logs a few INFO lines per object it writes: chatter, not operations
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
         partials = self.store.remove_partials()
         unrecorded = self.receiver.record_unrecorded_files()
         resumed = recover(self.audit)

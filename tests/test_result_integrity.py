@@ -4,9 +4,11 @@ one, never a duplicate from a resend, and a re-run that says it is one."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
@@ -30,7 +32,9 @@ def _state(node: Node, series_uid: str) -> str:
 
 def test_invalid_geometry_is_skipped_at_selection_and_sends_nothing(
         tmp_path: Path, make_config: Callable[..., NodeConfig],
-        start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
+        start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node.series.tracking")
     node = start_node(make_config(destinations=[{
         "name": "pacs", "ae_title": pynetdicom_pacs.ae_title, "host": "127.0.0.1",
         "port": pynetdicom_pacs.port}]))
@@ -44,6 +48,10 @@ def test_invalid_geometry_is_skipped_at_selection_and_sends_nothing(
     assert wait_for(lambda: _state(node, series_uid) == "skipped", 120)
     row = _series(node, series_uid)
     assert row is not None and "PixelSpacing" in row.state_reason
+    # the operator's log names the series (patient-free) once per milestone
+    lines = [r.getMessage() for r in caplog.records if series_uid[-12:] in r.getMessage()]
+    assert [line.split(": ")[0].split()[-1] for line in lines] == ["ready", "skipped"], lines
+    assert "PixelSpacing" in lines[-1] and "TEST^PATIENT" not in " ".join(lines)
     with node.sessions() as session:
         assert session.scalars(select(Job)).all() == []
         assert session.scalars(select(OutboxEntry)).all() == []
@@ -90,7 +98,9 @@ def _stored_events(node: Node, series_uid: str) -> list[AuditEvent]:
 
 def test_a_resend_changes_nothing_and_a_changed_instance_makes_a_labelled_version(
         tmp_path: Path, make_config: Callable[..., NodeConfig],
-        start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
+        start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node")
     node = start_node(make_config(destinations=[{
         "name": "pacs", "ae_title": pynetdicom_pacs.ae_title, "host": "127.0.0.1",
         "port": pynetdicom_pacs.port}]))
@@ -99,6 +109,10 @@ def test_a_resend_changes_nothing_and_a_changed_instance_makes_a_labelled_versio
     assert send(files, node.receiver.port) == [0] * 8
     assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 10, 120)
     assert wait_for(lambda: _state(node, series_uid) == "done", 60)
+    assert wait_for(lambda: any(r.getMessage().startswith("sent ") and "to pacs (" in
+                                r.getMessage() for r in caplog.records), 60)
+    assert any(f"{series_uid[-12:]}, 8 instances] done" in r.getMessage()
+               for r in caplog.records)
     # a byte-identical resend of one instance, then of the whole series
     assert send(files[3:4], node.receiver.port) == [0]
     assert send(files, node.receiver.port) == [0] * 8

@@ -111,11 +111,10 @@ def write_patient(patient: PhantomPatient, out_dir: Path) -> PatientPaths:
     for sub in ("T1C", "PET", "FUSION"):
         (dicom / sub).mkdir(parents=True, exist_ok=True)
     t1c_paths, pet_paths, fusion_paths = [], [], []
-    inside = patient.t1c[patient.t1c > 0]
-    t1c_window_centre = int(np.median(inside)) if inside.size else 500
+    t1c_window = t1c_display_window(patient.t1c)
     for k in range(patient.geometry.slices):
         name = f"IM{k + 1:04d}.dcm"
-        t1c = _t1c_slice(patient, uids, k, t1c_window_centre)
+        t1c = _t1c_slice(patient, uids, k, t1c_window)
         t1c_paths.append(_write(t1c, dicom / "T1C" / name))
         pet_paths.append(_write(_pet_slice(patient, uids, k), dicom / "PET" / name))
         fusion_paths.append(_write(_fusion_slice(patient, uids, k), dicom / "FUSION" / name))
@@ -252,8 +251,24 @@ def _grey_pixels(ds: Dataset, pixels: NDArray[np.uint16]) -> None:
     ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
 
 
-def _t1c_slice(patient: PhantomPatient, uids: PatientUids, k: int, window_centre: int
-               ) -> Dataset:
+def t1c_display_window(t1c: NDArray[np.generic]) -> tuple[float, float]:
+    """(WindowCenter, WindowWidth) that fit the T1C a viewer shows: from the 0.5th to the
+    99.5th percentile of the head (voxels above a tenth of the 99.5th percentile of the
+    volume), so brain is mid-grey and enhancement bright, not a white blob (the median of
+    all non-zero voxels, mostly air noise, gave a centre of about 28 for brain at
+    1100-1300)."""
+    values = np.asarray(t1c, dtype=np.float64)
+    top = float(np.percentile(values, 99.5)) if values.size else 0.0
+    head = values[values > 0.1 * top]
+    if head.size == 0 or top <= 0:
+        return 500.0, 1000.0
+    low, high = (float(v) for v in np.percentile(head, [0.5, 99.5]))
+    low = min(low, 0.5 * high)  # keep the darker tissue (CSF) inside the window
+    return round((low + high) / 2.0, 1), round(max(high - low, 1.0), 1)
+
+
+def _t1c_slice(patient: PhantomPatient, uids: PatientUids, k: int,
+               window: tuple[float, float]) -> Dataset:
     ds = _common(patient, uids, MRImageStorage, uids.t1c[k], "MR", uids.t1c_series, 1,
                  T1C_DESCRIPTION, k)
     _plane(ds, patient, uids, k)
@@ -280,8 +295,7 @@ def _t1c_slice(patient: PhantomPatient, uids: PatientUids, k: int, window_centre
     ds.ContrastBolusStartTime = "121000"
     ds.ContrastBolusIngredient = "GADOLINIUM"
     _grey_pixels(ds, patient.t1c[k])
-    ds.WindowCenter = window_centre
-    ds.WindowWidth = max(2 * window_centre, 1)
+    ds.WindowCenter, ds.WindowWidth = window
     return ds
 
 

@@ -115,14 +115,24 @@ class Sender:
             return 0
         shares = self._shares(work)
         if len(shares) == 1:
-            return self._send_over_association(shares[0], destination, ae_title, host, port,
-                                               tls_args, tls.enabled)
-        # pynetdicom spends most of a C-STORE waiting on its polling reactors; a second
-        # association overlaps that wait with the other's work and bookkeeping.
-        with ThreadPoolExecutor(max_workers=len(shares),
-                                thread_name_prefix=f"send-{destination}") as pool:
-            return sum(pool.map(lambda share: self._send_over_association(
-                share, destination, ae_title, host, port, tls_args, tls.enabled), shares))
+            stored = self._send_over_association(shares[0], destination, ae_title, host, port,
+                                                 tls_args, tls.enabled)
+        else:
+            # pynetdicom spends most of a C-STORE waiting on its polling reactors; a second
+            # association overlaps that wait with the other's work and bookkeeping.
+            with ThreadPoolExecutor(max_workers=len(shares),
+                                    thread_name_prefix=f"send-{destination}") as pool:
+                stored = sum(pool.map(lambda share: self._send_over_association(
+                    share, destination, ae_title, host, port, tls_args, tls.enabled), shares))
+        # The operator's console: one line per pass and destination, named.
+        if stored == len(work):
+            log.info("sent %d outputs to %s (%s@%s:%d)", stored, destination, ae_title, host,
+                     port)
+        else:
+            log.warning("sent %d of %d outputs to %s (%s@%s:%d); the rest wait for a retry "
+                        "or are dead letters (dicom-node outbox)", stored, len(work),
+                        destination, ae_title, host, port)
+        return stored
 
     def _shares(self, work: list[_Work]) -> list[list[_Work]]:
         """Split a batch into contiguous shares, one per association."""

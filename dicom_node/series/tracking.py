@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from storage.models import (
 )
 from storage.models import Association as AssociationRow
 
+log = logging.getLogger(__name__)
 
 def set_state(audit: AuditLog, session: Session, series: Series, state: SeriesState,
               reason: str, *, peer: str = "", **detail: Any) -> None:
@@ -54,6 +56,25 @@ def set_state(audit: AuditLog, session: Session, series: Series, state: SeriesSt
     audit.record_in(session, AuditKind.SERIES_STATE, study_uid=series.study_uid,
                     series_uid=series.series_uid, peer=peer, to=state, previous=previous,
                     reason=reason, version=series.version, **detail)
+    if state in _LOGGED:  # the operator's console: one line per series milestone
+        log.log(logging.WARNING if state == SeriesState.FAILED else logging.INFO,
+                "series %s %s: %s", series_label(series), state, reason)
+
+
+#: The states the application log announces (patient-free; the audit has everything).
+_LOGGED = frozenset({SeriesState.READY, SeriesState.SKIPPED, SeriesState.DONE,
+                     SeriesState.FAILED})
+
+
+def series_label(series: Series) -> str:
+    """How the log names a series without patient data: accession number (if any), the
+    tail of the Series Instance UID, the version after the first, the instance count."""
+    parts = [f"acc {series.accession_number}"] if series.accession_number else []
+    parts.append(f"...{series.series_uid[-12:]}")
+    if series.version > 1:
+        parts.append(f"v{series.version}")
+    parts.append(f"{series.instance_count} instances")
+    return "[" + ", ".join(parts) + "]"
 
 
 def reopen(audit: AuditLog, session: Session, series: Series, peer: str = "") -> None:

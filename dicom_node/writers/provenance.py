@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import highdicom as hd
 from pydicom import Dataset
@@ -89,3 +90,15 @@ class VersionLabels:
         offset = 10 * (version - 1)
         return cls(output.series_number_sc + offset, output.series_number_seg + offset,
                    output.series_number_sr + offset, f" (v{version})" if version > 1 else "")
+
+
+def stamp_series_date(ds: Dataset) -> None:
+    """SeriesDate/SeriesTime of an output: when the node made it (its ContentDate and
+    ContentTime, which the writers set), so a study browser files the series under a
+    date instead of "?"."""
+    now = datetime.now()
+    if not ds.get("ContentDate"):
+        ds.ContentDate = now.strftime("%Y%m%d")
+        ds.ContentTime = now.strftime("%H%M%S")
+    ds.SeriesDate = ds.ContentDate
+    ds.SeriesTime = ds.get("ContentTime") or now.strftime("%H%M%S")

@@ -35,6 +35,7 @@ from dicom_node.writers.provenance import (
     Provenance,
     copy_patient_study,
     series_description,
+    stamp_series_date,
 )
 
 if TYPE_CHECKING:  # types only: the uncertainty module imports torch
@@ -214,6 +215,7 @@ def make_sc_instance(
         **copy_patient_study(source),  # type: ignore[arg-type]
     )
     sc.SeriesDescription = series_description(SERIES_DESCRIPTION, description_suffix)
+    stamp_series_date(sc)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     sc.ManufacturerModelName = provenance.model_name[:64]

@@ -13,10 +13,30 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_node.analysis.tbr import TbrResult
-from dicom_node.writers.provenance import OUTPUT_CHARACTER_SET, Provenance, series_description
+from dicom_node.writers.provenance import (
+    OUTPUT_CHARACTER_SET,
+    Provenance,
+    series_description,
+    stamp_series_date,
+)
 from dicom_node.writers.uids import hashed_uid
 
-SERIES_DESCRIPTION = "SYNTHETIC PET TBR REGIONS - NOT FOR DIAGNOSTIC USE"
+# Distinct in their first 20 characters from the SR's (viewers truncate them).
+SERIES_DESCRIPTION = "TBR REGIONS (SEG) - SYNTHETIC PET, NOT FOR DIAGNOSTIC USE"
+#: Recommended display colours: the background region muted (slate grey), lesions in a
+#: cycle of distinct saturated colours, so a reader tells them apart on the T1C.
+BACKGROUND_RGB = (112, 128, 144)
+LESION_RGB = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+              (145, 30, 180), (70, 240, 240), (240, 50, 230))
+
+
+def lesion_colour(number: int) -> hd.color.CIELabColor:
+    return hd.color.CIELabColor.from_rgb(*LESION_RGB[(number - 1) % len(LESION_RGB)])
+
+
+def lesion_label(number: int, tbr_max: float, threshold: float) -> str:
+    """The segment label a viewer lists: the lesion's number and its TBRmax."""
+    return f"Lesion {number}: TBRmax {tbr_max:.2f} (>= {threshold:g} x bg)"[:64]
 BACKGROUND_SEGMENT = 1
 
 
@@ -54,16 +74,18 @@ def make_seg(
         segmented_property_type=codes.SCT.Brain,
         algorithm_type="AUTOMATIC", algorithm_identification=algorithm,
         tracking_id="TBR background",
+        display_color=hd.color.CIELabColor.from_rgb(*BACKGROUND_RGB),
         tracking_uid=hashed_uid(str(sop_uid), "background"))]
     for lesion in result.lesions:
         np.copyto(labels, lesion_segment_number(lesion.number), where=lesion.mask)
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=lesion_segment_number(lesion.number),
-            segment_label=f"Lesion {lesion.number} (uptake >= {result.threshold:g} x background)",
+            segment_label=lesion_label(lesion.number, lesion.tbr_max, result.threshold),
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
             segmented_property_type=codes.SCT.Neoplasm,
             algorithm_type="AUTOMATIC", algorithm_identification=algorithm,
             tracking_id=f"Lesion {lesion.number}",
+            display_color=lesion_colour(lesion.number),
             tracking_uid=hashed_uid(str(sop_uid), f"lesion-{lesion.number}")))
     regions = [result.background_mask, *(lesion.mask for lesion in result.lesions)]
     if np.count_nonzero(labels) != sum(np.count_nonzero(mask) for mask in regions):
@@ -88,4 +110,5 @@ def make_seg(
         omit_empty_frames=True,
     )
     seg.SeriesDescription = series_description(SERIES_DESCRIPTION, description_suffix)
+    stamp_series_date(seg)
     return seg

@@ -43,11 +43,13 @@ from dicom_node.writers.provenance import (
     PRIVATE_SCHEME_ORG,
     Provenance,
     series_description,
+    stamp_series_date,
 )
 from dicom_node.writers.seg import BACKGROUND_SEGMENT, lesion_segment_number
 from dicom_node.writers.uids import hashed_uid
 
-SERIES_DESCRIPTION = "SYNTHETIC PET TBR REPORT - NOT FOR DIAGNOSTIC USE"
+# Distinct in their first 20 characters from the SEG's (viewers truncate them).
+SERIES_DESCRIPTION = "TBR REPORT (SR) - SYNTHETIC PET, NOT FOR DIAGNOSTIC USE"
 SYNTHETIC_STATEMENT = "Values measured on synthetic (AI-generated) PET uptake"
 
 TBR = hd.sr.CodedConcept("TBR", PRIVATE_SCHEME, "Tumor-to-background ratio")
@@ -184,6 +186,7 @@ def make_sr(
         specific_character_set=OUTPUT_CHARACTER_SET,
     )
     sr.SeriesDescription = series_description(SERIES_DESCRIPTION, description_suffix)
+    stamp_series_date(sr)
     scheme = Dataset()
     scheme.CodingSchemeDesignator = PRIVATE_SCHEME
     scheme.CodingSchemeName = PRIVATE_SCHEME_NAME
