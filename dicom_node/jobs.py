@@ -37,7 +37,7 @@ from dicom_node.inference.model_weights import load_weights
 from dicom_node.inference.predictor import Prediction, Predictor, pick_device
 from dicom_node.outbox.enqueue import enqueue_outputs, previous_reports
 from dicom_node.series.selection import select_series
-from dicom_node.series.tracking import series_paths, set_state
+from dicom_node.series.tracking import Selections, series_paths, set_state
 from dicom_node.series.volume import VolumeError, load_volume
 from dicom_node.writers.provenance import Provenance, VersionLabels
 from dicom_node.writers.sc import ScSeries, encode, summary_lines
@@ -81,6 +81,8 @@ class NodeContext:
     stopping: threading.Event = field(default_factory=threading.Event)
     engine: Engine | None = None  # what ``sessions`` is bound to (disposed at stop)
     timing: Timing = field(default=untimed)
+    #: triage's accepted selections, so a job does not read every header again
+    selections: Selections = field(default_factory=Selections)
 
     @property
     def provenance(self) -> Provenance:
@@ -175,9 +177,11 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
         paths = series_paths(session, series)
         version = series.version
         study_uid = series.study_uid
+        instance_count = series.instance_count
     timed = ctx.timing
     with timed("select_series (headers)"):
-        selection = select_series(paths, ctx.config.selection)
+        selection = (ctx.selections.take(series_id, version, instance_count)
+                     or select_series(paths, ctx.config.selection))
     if not selection.accepted:
         raise SeriesSkipped(selection.reason)
     with timed("load/decode (load_volume)"):
@@ -191,7 +195,7 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
             prediction.uptake, volume.voxel_volume_ml, ctx.config.analysis.tbr_threshold,
             ctx.config.analysis.min_lesion_volume_ml, ctx.predictor.style.display_threshold,
             spacing_mm=volume.spacing_mm, t1c_grey=prediction.grey,
-            columns_toward_patient_left=volume.slices[0].orientation[0] > 0,
+            columns_toward_patient_left=volume.columns_toward_patient_left,
             threads=ctx.config.analysis.thread_count()))
     provenance = ctx.provenance
     fingerprint = source_fingerprint(s.sop_uid for s in volume.slices)

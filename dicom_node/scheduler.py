@@ -104,7 +104,7 @@ def build_scheduler(ctx: NodeContext, sender: Sender,
 
     def sweep_and_triage() -> None:
         sweep(ctx.config, ctx.audit)
-        if triage(ctx.config, ctx.sessions, ctx.audit):
+        if triage(ctx.config, ctx.sessions, ctx.audit, ctx.selections):
             wake("inference")
         if heartbeat is not None:
             heartbeat()

@@ -603,5 +603,6 @@ def _pick_centre(
         if any(np.linalg.norm((centre - other) * spacing) < radius + other_r + 6.0
                for other, other_r, *_ in placed):
             continue
-        return centre
+        found: NDArray[np.float64] = np.asarray(centre, dtype=np.float64)
+        return found
     return None

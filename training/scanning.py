@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from dicom_node.config import SelectionConfig
 from dicom_node.series.selection import select_headers
+from dicom_node.series.volume import slice_normal
 
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
@@ -148,13 +149,6 @@ def scan_studies(root: Path, progress: bool = True) -> list[StudyHeaders]:
 # --- selection --------------------------------------------------------------------------------
 
 
-def slice_normal(orientation: Sequence[float]) -> NDArray[np.float64]:
-    row = np.asarray(orientation[:3], dtype=np.float64)
-    col = np.asarray(orientation[3:6], dtype=np.float64)
-    normal = np.cross(row, col)
-    return normal / (np.linalg.norm(normal) or 1.0)
-
-
 def t1c_reason(series: SeriesHeaders, rules: SelectionConfig) -> str | None:
     """Why the node would not select the series (None: it would), or why its instances
     cannot be paired slice by slice (multi-frame or colour)."""
@@ -230,7 +224,7 @@ def pair_slices(t1c: Sequence[SliceHeader], target: Sequence[SliceHeader]) -> Pa
     positions, spacing = t1c_order(t1c)
     pairs: list[tuple[int, int]] = []
     if all(s.position is not None and s.orientation is not None for s in target) and target:
-        normal = slice_normal(t1c[0].orientation)  # type: ignore[arg-type]
+        normal = slice_normal(t1c[0].orientation)
         target_pos = np.array([float(np.dot(s.position, normal)) for s in target  # type: ignore[arg-type]
                                ])
         for i, p in enumerate(positions):

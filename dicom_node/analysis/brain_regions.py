@@ -69,7 +69,9 @@ class Midline:
         rows = (np.arange(shape[0], dtype=np.float32) - self.centre_row) * spacing_rc[0]
         cols = (np.arange(shape[1], dtype=np.float32) - self.column_at_centre_row) * spacing_rc[1]
         theta = np.deg2rad(self.angle_deg)
-        return (cols[None, :] * np.cos(theta) - rows[:, None] * np.sin(theta)).astype(np.float32)
+        turned: NDArray[np.float32] = (cols[None, :] * np.cos(theta)
+                                       - rows[:, None] * np.sin(theta)).astype(np.float32)
+        return turned
 
     def mirror(self, rows: NDArray[np.number], cols: NDArray[np.number],
                spacing_rc: tuple[float, float]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -114,7 +116,9 @@ def _rotate(image: NDArray[np.float32], angle_deg: float) -> NDArray[np.float32]
     m = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     centre = (np.asarray(image.shape, dtype=np.float64) - 1) / 2
     offset = centre - m @ centre
-    return ndimage.affine_transform(image, m, offset=offset, order=1, mode="constant")
+    moved: NDArray[np.float32] = ndimage.affine_transform(image, m, offset=offset, order=1,
+                                                          mode="constant")
+    return moved
 
 
 def estimate_midline(brain: BoolVolume, spacing: Spacing,

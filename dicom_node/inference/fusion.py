@@ -70,7 +70,9 @@ def window_t1c(volume: NDArray[np.floating] | NDArray[np.integer]) -> FloatArray
     low, high = np.percentile(data, T1C_WINDOW_PERCENTILES)
     if high <= low:
         high = low + 1.0
-    return np.clip((data - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    scaled: NDArray[np.float32] = np.clip((data - low) / (high - low), 0.0, 1.0).astype(
+        np.float32)
+    return scaled
 
 
 def uptake_to_colour(uptake: NDArray[np.floating], style: FusionStyle) -> FloatArray:

@@ -41,7 +41,8 @@ def neighbour_rows(count: int, context_slices: int, step: int = 1) -> NDArray[np
     """(count, 2k+1) indices into a run of ``count`` ordered slices, ends repeated."""
     offsets = np.arange(-context_slices, context_slices + 1, dtype=np.int64) * step
     rows = np.arange(count, dtype=np.int64)[:, None] + offsets[None, :]
-    return np.clip(rows, 0, max(count - 1, 0))
+    clipped: NDArray[np.int64] = np.clip(rows, 0, max(count - 1, 0))
+    return clipped
 
 
 def contiguous_runs(groups: NDArray[np.str_], positions_mm: NDArray[np.floating]

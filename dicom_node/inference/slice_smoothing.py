@@ -39,8 +39,9 @@ def smooth_slices(uptake: NDArray[np.float32], sigma_mm: float,
     sigma = sigma_slices(sigma_mm, slice_spacing_mm)
     if sigma == 0.0 or len(uptake) < 2:
         return uptake
-    return gaussian_filter1d(np.asarray(uptake, dtype=np.float32), sigma, axis=0,
-                             mode="nearest")
+    smoothed: NDArray[np.float32] = gaussian_filter1d(
+        np.asarray(uptake, dtype=np.float32), sigma, axis=0, mode="nearest")
+    return smoothed
 
 
 def smooth_runs(uptake: NDArray[np.float32], runs: Sequence[NDArray[np.int64]],

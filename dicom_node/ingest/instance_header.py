@@ -117,7 +117,7 @@ def _read_plain(fp: BinaryIO) -> dict[int, str]:
 
 
 def _past_last(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag > LAST_TAG
+    return bool(tag > LAST_TAG)
 
 
 def _text(value: bytes | None) -> str:

@@ -73,7 +73,7 @@ class Sender:
     def backoff_s(self, attempts: int) -> float:
         cfg = self.config.outbox
         base = min(cfg.retry_max_s, cfg.retry_initial_s * (2 ** max(0, attempts - 1)))
-        return base * random.uniform(0.8, 1.2)
+        return float(base * random.uniform(0.8, 1.2))
 
     def send_due(self) -> int:
         """Send every due entry, each destination on its own thread, so a destination that

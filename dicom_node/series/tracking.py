@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,29 @@ def series_paths(session: Session, series: Series) -> list[Path]:
         select(Instance.path).where(Instance.series_id == series.id, Instance.path != "")).all()]
 
 
-def triage(config: NodeConfig, sessions: sessionmaker[Session], audit: AuditLog) -> int:
+class Selections:
+    """Triage's accepted selections, handed to the job that processes the series so it does
+    not read every header again. Keyed by series id; valid only for the version and
+    instance count it was made for (a late instance makes the job select again)."""
+
+    def __init__(self) -> None:
+        self._kept: dict[int, tuple[int, int, Selection]] = {}
+        self._lock = threading.Lock()
+
+    def keep(self, series: Series, selection: Selection) -> None:
+        with self._lock:
+            self._kept[series.id] = (series.version, series.instance_count, selection)
+
+    def take(self, series_id: int, version: int, instance_count: int) -> Selection | None:
+        with self._lock:
+            kept = self._kept.pop(series_id, None)
+        if kept is None or kept[:2] != (version, instance_count):
+            return None
+        return kept[2]
+
+
+def triage(config: NodeConfig, sessions: sessionmaker[Session], audit: AuditLog,
+           selections: Selections | None = None) -> int:
     """ready -> queued (axial T1C) or skipped (with the reason). Returns how many.
 
     The headers are read outside any write transaction, so ingest never waits on it.
@@ -185,6 +208,8 @@ def triage(config: NodeConfig, sessions: sessionmaker[Session], audit: AuditLog)
             if selection.accepted:
                 set_state(audit, session, series, SeriesState.QUEUED, selection.reason,
                           slices=len(selection.slices))
+                if selections is not None:
+                    selections.keep(series, selection)
             else:
                 set_state(audit, session, series, SeriesState.SKIPPED, selection.reason)
             changed += 1

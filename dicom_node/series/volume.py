@@ -35,11 +35,18 @@ class SliceInfo:
 
     @property
     def normal(self) -> NDArray[np.float64]:
-        row = np.array(self.orientation[:3])
-        col = np.array(self.orientation[3:])
-        n = np.cross(row, col)
-        norm = np.linalg.norm(n)
-        return n / norm if norm > 0 else n
+        return slice_normal(self.orientation)
+
+
+def slice_normal(orientation: Any) -> NDArray[np.float64]:
+    """The unit slice normal (row x column direction) of an ImageOrientationPatient: the one
+    place the node and training compute it (the receiver's header reader does the same
+    product in plain Python, to stay free of numpy on its hot path)."""
+    row = np.asarray(orientation[:3], dtype=np.float64)
+    col = np.asarray(orientation[3:6], dtype=np.float64)
+    normal = np.cross(row, col)
+    norm = float(np.linalg.norm(normal))
+    return normal / norm if norm > 0 else normal
 
 
 def _floats(value: Any, count: int, what: str) -> tuple[float, ...]:
@@ -98,7 +105,8 @@ def _slices_of(ds: Dataset, path: Path) -> list[SliceInfo]:
             def item(name: str, frame: Dataset = frame) -> Dataset | None:
                 for source in (frame, shared):
                     if name in source and len(source[name].value):
-                        return source[name].value[0]
+                        found: Dataset = source[name].value[0]
+                        return found
                 return None
             pos = item("PlanePositionSequence")
             ori = item("PlaneOrientationSequence")
@@ -173,6 +181,12 @@ class Volume:
     def positions_mm(self) -> NDArray[np.float64]:
         """Each slice's position along the slice normal, in slice order."""
         return positions_along_normal(self.slices)
+
+    @property
+    def columns_toward_patient_left(self) -> bool:
+        """Do image columns run toward the patient's left (the row direction's x > 0 in
+        LPS)? The TBR analysis needs it to name a lesion's side."""
+        return self.slices[0].orientation[0] > 0
 
 
 def load_volume(slices: list[SliceInfo]) -> Volume:
