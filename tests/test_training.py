@@ -18,8 +18,9 @@ from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.generator import build_generator
 from dicom_node.inference.model_weights import load_weights
 from training import data as ds
+from training.checkpoint import load_checkpoint
 from training.cli import main as cli_main
-from training.train import TrainConfig, load_checkpoint, train
+from training.train import TrainConfig, train
 
 SIZE = 128
 

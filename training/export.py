@@ -16,7 +16,7 @@ from typing import Any
 from dicom_node.errors import WeightsError
 from dicom_node.inference.generator import build_generator
 from dicom_node.inference.model_weights import ModelCard, save_weights
-from training.train import load_checkpoint
+from training.checkpoint import load_checkpoint
 
 OUTPUT_KIND = {"fusion": "fusion_rgb", "uptake": "uptake"}
 

@@ -37,9 +37,10 @@ from tqdm import tqdm
 
 from dicom_node.inference.model_weights import load_weights
 from dicom_node.inference.slice_context import input_channels
-from storage.file_store import atomic_writer
 from training import data as ds
 from training.augment import AffineAugment, warp
+from training.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint
+from training.export import export_checkpoint
 from training.metrics import mean_sd, psnr, ssim
 from training.pix2pix import Pix2Pix, Pix2PixConfig
 from training.soft_fusion import soft_fuse
@@ -47,7 +48,6 @@ from training.soft_fusion import soft_fuse
 log = logging.getLogger(__name__)
 
 ARCHITECTURE_FOR_SIZE = {256: "unet_256", 128: "unet_128"}
-CHECKPOINT_FORMAT = "dicom-node-pix2pix-checkpoint/1"
 # Settings that must not change when a run is resumed.
 FIXED_ON_RESUME = ("dataset", "target", "ngf", "ndf", "batch_size", "seed", "uptake_scale",
                    "tumour_oversample", "tumour_l1_weight", "tumour_margin_px", "ema_decay", "hflip",
@@ -270,24 +270,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((python[0], tuple(python[1]), python[2]))
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_writer(path) as handle:
-        torch.save(obj, handle)
-
-
 def write_json(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a dicom-node training checkpoint")
-    return state
 
 
 def dataset_info(data: ds.PairedDataset) -> dict[str, Any]:
@@ -599,8 +585,6 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     weights_path: Path | None = None
     sha: str | None = None
     if config.export:
-        from training.export import export_checkpoint
-
         weights_path = run_dir / "generator.pt"
         sha, _ = export_checkpoint(checkpoint_path, weights_path, name=config.name,
                                    version=config.version)
