@@ -46,10 +46,13 @@ from scipy import ndimage
 
 from dicom_node.analysis import brain_regions as regions
 from dicom_node.analysis.mask_morphology import bounding_box, grown_box_of_part
+from dicom_node.config import AnalysisConfig
 
-DEFAULT_THRESHOLD = 1.6        # FET-style 1.6 x background (guideline practice)
+# The node's defaults live in one place, the configuration: 1.6 x background (FET-style
+# guideline practice) and 0.1 mL.
+DEFAULT_THRESHOLD = AnalysisConfig().tbr_threshold
 FDOPA_THRESHOLD = 2.0          # FDOPA high-grade tissue (e.g. Janvier et al. 2015)
-DEFAULT_MIN_LESION_VOLUME_ML = 0.1
+DEFAULT_MIN_LESION_VOLUME_ML = AnalysisConfig().min_lesion_volume_ml
 CRESCENT_DEPTH_MM = 30.0
 MIDLINE_GAP_MM = 4.0
 MIN_SLAB_MM = 20.0
