@@ -37,7 +37,7 @@ from typing import IO, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from dicom_node.analysis.tbr import TbrResult, measure_tbr
+from dicom_node.analysis.tbr import InThread, TbrResult, measure_tbr
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,18 @@ class Analysis(Protocol):
     def close(self) -> None: ...
 
 
+def _run_inline(request: TbrRequest) -> TbrResult:
+    try:
+        return request.run()
+    except Exception as exc:  # handed to the job through the future, which records it
+        raise AnalysisError(f"{type(exc).__name__}: {exc}") from exc
+
+
 class InlineAnalysis:
     """The analysis in the caller's thread, done by the time ``submit`` returns."""
 
     def submit(self, request: TbrRequest) -> Future[TbrResult]:
-        future: Future[TbrResult] = Future()
-        try:
-            future.set_result(request.run())
-        except Exception as exc:  # handed to the job, which records it
-            future.set_exception(AnalysisError(f"{type(exc).__name__}: {exc}"))
-        return future
+        return InThread().submit(_run_inline, request)
 
     def abort(self) -> None:
         pass  # nothing runs after submit returns

@@ -178,8 +178,9 @@ def _uncropped(result: TbrResult, rows: slice, cols: slice, shape: tuple[int, ..
                    brain_mask=optional(result.brain_mask))
 
 
-class _InThread(Executor):
-    """An executor that runs each call at once in the caller's thread."""
+class InThread(Executor):
+    """An executor that runs each call at once in the caller's thread (its future is done
+    when ``submit`` returns): the one "run now, wrap in a Future" of the node."""
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         future: Future[T] = Future()
@@ -191,7 +192,7 @@ class _InThread(Executor):
 
 
 def _executor(threads: int) -> Executor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="tbr") if threads > 1 else _InThread()
+    return ThreadPoolExecutor(threads, thread_name_prefix="tbr") if threads > 1 else InThread()
 
 
 def measure_tbr(uptake: NDArray[np.float32], voxel_volume_ml: float,
