@@ -234,8 +234,19 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed package's version (importlib.metadata: no DICOM or torch import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dicom-node")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dicom-node {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -16,9 +16,6 @@ recorder records it (audited as ``recovered``).
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dicom_node.series.tracking import reopen
 from storage.audit import AuditKind, AuditLog
 from storage.file_store import FileStore, fsync_file
+from storage.group_commit import GroupCommitter
 from storage.models import Instance, Series, SeriesState, as_utc
 
 log = logging.getLogger(__name__)
@@ -76,105 +73,39 @@ class ReceivedInstance:
 
 
 class InstanceRecorder:
-    """A single thread that commits received instances in batches."""
+    """Commits received instances in batches on a thread of its own
+    (:class:`storage.group_commit.GroupCommitter`)."""
 
     def __init__(self, audit: AuditLog, max_batch: int = MAX_BATCH,
                  linger_s: float = LINGER_S) -> None:
         self._audit = audit
-        self._max_batch = max_batch
-        self._linger_s = linger_s
-        self._urgent = threading.Event()
-        self._queue: queue.Queue[ReceivedInstance] = queue.Queue()
-        self._submitted = 0
-        self._committed = 0
-        self._progress = threading.Condition()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.last_error: str = ""
+        # A batch that keeps failing while the node stops is given up: its files are in
+        # incoming/ and the next start records them (unrecorded_files).
+        self._commits: GroupCommitter[ReceivedInstance] = GroupCommitter(
+            self.record, name="instance-recorder", linger_s=linger_s, max_batch=max_batch,
+            retry_delay_s=RETRY_DELAY_S)
 
-    # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="instance-recorder",
-                                            daemon=True)
-            self._thread.start()
+        self._commits.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Commit what is queued, then end the thread."""
-        self.flush(timeout_s)
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        self._commits.stop(timeout_s)
 
-    # -- producer side ------------------------------------------------------------------
     def submit(self, item: ReceivedInstance) -> None:
-        with self._progress:
-            self._submitted += 1
-        self._queue.put(item)
+        self._commits.submit(item)
 
     @property
     def pending(self) -> int:
-        with self._progress:
-            return self._submitted - self._committed
+        return self._commits.pending
+
+    @property
+    def last_error(self) -> str:
+        return self._commits.last_error
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until everything submitted so far is committed; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        self._urgent.set()
-        with self._progress:
-            target = self._submitted
-            while self._committed < target:
-                left = deadline - time.monotonic()
-                if left <= 0 or (self._thread is None or not self._thread.is_alive()):
-                    return self._committed >= target
-                self._urgent.set()  # the batch being formed commits without lingering
-                self._progress.wait(min(left, 0.01))
-        return True
-
-    # -- the thread ---------------------------------------------------------------------
-    def _run(self) -> None:
-        while not (self._stop.is_set() and self._queue.empty()):
-            try:
-                first = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            batch = [first]
-            until = time.monotonic() + self._linger_s
-            while len(batch) < self._max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                    continue
-                except queue.Empty:
-                    pass
-                left = until - time.monotonic()
-                if left <= 0 or self._urgent.is_set() or self._stop.is_set():
-                    break
-                try:
-                    batch.append(self._queue.get(timeout=min(left, 0.005)))
-                except queue.Empty:
-                    continue
-            self._urgent.clear()
-            self._commit_until_done(batch)
-
-    def _commit_until_done(self, batch: list[ReceivedInstance]) -> None:
-        """Job boundary: a failed transaction is retried; the files are already durable."""
-        while True:
-            try:
-                self.record(batch)
-                self.last_error = ""
-                break
-            except (SQLAlchemyError, OSError) as exc:
-                self.last_error = f"recording {len(batch)} instances failed: {exc}"
-                log.error("%s; retrying in %.0f s", self.last_error, RETRY_DELAY_S)
-                if self._stop.wait(RETRY_DELAY_S):
-                    # Stopping with a failing database: the files stay in incoming/
-                    # and the next start records them.
-                    break
-        with self._progress:
-            self._committed += len(batch)
-            self._progress.notify_all()
+        return self._commits.flush(timeout_s)
 
     def record(self, batch: list[ReceivedInstance]) -> None:
         """Make the batch's files durable, then record it in one transaction (also usable

@@ -13,10 +13,8 @@ contiguous shares sent over ``associations_per_destination`` parallel associatio
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,7 +26,6 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config
 from pynetdicom.association import Association
 from sqlalchemy import select, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
@@ -37,6 +34,7 @@ from dicom_node.net import dimse_status
 from dicom_node.net.ae import keep_responses, new_ae, set_nodelay
 from dicom_node.net.tls import TlsConfig, client_tls_args
 from storage.audit import AuditKind, AuditLog
+from storage.group_commit import GroupCommitter
 from storage.models import OutboxEntry, OutboxState, OutputInstance, Series, as_utc, utcnow
 
 log = logging.getLogger(__name__)
@@ -260,39 +258,21 @@ class _OutcomeWriter:
 
     def __init__(self, audit: AuditLog) -> None:
         self._audit = audit
-        self._queue: queue.Queue[_Outcome | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="send-outcomes", daemon=True)
-        self._thread.start()
+        # A failing batch is retried even while closing: an outcome is never dropped.
+        self._commits: GroupCommitter[_Outcome] = GroupCommitter(
+            self._write, name="send-outcomes", linger_s=OUTCOME_LINGER_S, max_batch=10_000,
+            retry_while_stopping=True)
+        self._commits.start()
 
     def put(self, outcome: _Outcome) -> None:
-        self._queue.put(outcome)
+        self._commits.submit(outcome)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        closing = False
-        while not closing:
-            batch: list[_Outcome] = []
-            item = self._queue.get()
-            until = time.monotonic() + OUTCOME_LINGER_S
-            while True:
-                if item is None:
-                    closing = True
-                    break
-                batch.append(item)
-                try:
-                    item = self._queue.get(timeout=max(0.0, until - time.monotonic()))
-                except queue.Empty:
-                    break
-            while batch:
-                try:
-                    self._write(batch)
-                    break
-                except SQLAlchemyError as exc:  # locked or full: the sends stay valid
-                    log.error("recording %d send outcomes failed: %s; retrying", len(batch), exc)
-                    time.sleep(1.0)
+        """Every outcome written (however long the database takes), then the thread ends."""
+        while not self._commits.flush(60.0):
+            log.error("send outcomes not yet recorded: %s; still retrying",
+                      self._commits.last_error or "database busy")
+        self._commits.stop()
 
     def _write(self, batch: list[_Outcome]) -> None:
         now = utcnow()
