@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import MRImageStorage, generate_uid
+
+from dicom_node.writers.image_source import new_instance, set_grey_pixels, set_plane
 
 
 @dataclass(frozen=True)
@@ -54,17 +54,9 @@ def write_series(out_dir: Path, spec: SeriesSpec | None = None, seed: int = 0,
     paths = []
     for i in range(spec.n_slices):
         sop_uid = generate_uid(entropy_srcs=["sop", str(seed), spec.description, str(i)])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = sop_uid
+        ds = new_instance(MRImageStorage, sop_uid)
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
         ds.PatientName = spec.patient_name
         ds.PatientID = spec.patient_id
         ds.PatientBirthDate = "19700101"
@@ -92,28 +84,19 @@ def write_series(out_dir: Path, spec: SeriesSpec | None = None, seed: int = 0,
         ds.EchoTime = 2.3
         ds.EchoTrainLength = 1
         ds.MagneticFieldStrength = 3
-        ds.SliceThickness = spec.slice_spacing_mm
-        ds.SpacingBetweenSlices = spec.slice_spacing_mm
         ds.ContrastBolusAgent = spec.contrast_agent
-        ds.PositionReferenceIndicator = ""
         ds.BodyPartExamined = "BRAIN"
         ds.PatientPosition = "HFS"
-        ds.ImageOrientationPatient = list(spec.orientation)
         origin = np.array([-spec.columns * spec.pixel_spacing_mm / 2,
                            -spec.rows * spec.pixel_spacing_mm / 2, -40.0])
         position = origin + normal * i * spec.slice_spacing_mm
-        ds.ImagePositionPatient = [round(float(v), 4) for v in position]
-        ds.SliceLocation = round(float(np.dot(normal, position)), 4)
-        ds.PixelSpacing = [spec.pixel_spacing_mm, spec.pixel_spacing_mm]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = spec.rows
-        ds.Columns = spec.columns
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.PixelData = pixels[i].tobytes()
+        set_plane(ds, frame_of_reference_uid=frame_uid,
+                  position=[round(float(v), 4) for v in position],
+                  orientation=spec.orientation, pixel_spacing_mm=spec.pixel_spacing_mm,
+                  slice_thickness_mm=spec.slice_spacing_mm,
+                  spacing_between_slices_mm=spec.slice_spacing_mm,
+                  slice_location=round(float(np.dot(normal, position)), 4))
+        set_grey_pixels(ds, pixels[i], bits_stored=12)
         path = out_dir / f"slice{i:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

@@ -26,17 +26,16 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
-    UID,
-    ExplicitVRLittleEndian,
     MRImageStorage,
     PositronEmissionTomographyImageStorage,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
 
+from dicom_node.writers.image_source import new_instance, set_grey_pixels, set_plane
 from storage.file_store import atomic_write, atomic_writer
 from training import phantom
 from training.phantom import PhantomPatient
@@ -184,15 +183,8 @@ def ground_truth_document(patient: PhantomPatient, uids: PatientUids | None = No
 def _common(patient: PhantomPatient, uids: PatientUids, sop_class: str, sop_uid: str,
             modality: str, series_uid: str, series_number: int, description: str,
             k: int) -> Dataset:
-    ds = Dataset()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(sop_class)
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
+    ds = new_instance(sop_class, sop_uid)
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
     ds.InstanceCreationDate = STUDY_DATE
     ds.InstanceCreationTime = "120000"
     # Patient / study
@@ -230,25 +222,12 @@ def _common(patient: PhantomPatient, uids: PatientUids, sop_class: str, sop_uid:
 
 def _plane(ds: Dataset, patient: PhantomPatient, uids: PatientUids, k: int) -> None:
     g = patient.geometry
-    ds.PositionReferenceIndicator = ""
-    ds.FrameOfReferenceUID = uids.frame_of_reference
-    ds.ImageOrientationPatient = AXIAL_ORIENTATION
-    ds.ImagePositionPatient = [round(v, 4) for v in g.image_position(k)]
-    ds.PixelSpacing = [g.pixel_spacing_mm, g.pixel_spacing_mm]
-    ds.SliceThickness = g.slice_spacing_mm
-    ds.SpacingBetweenSlices = g.slice_spacing_mm
-    ds.SliceLocation = round(g.image_position(k)[2], 4)
-
-
-def _grey_pixels(ds: Dataset, pixels: NDArray[np.uint16]) -> None:
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
+    set_plane(ds, frame_of_reference_uid=uids.frame_of_reference,
+              position=[round(v, 4) for v in g.image_position(k)],
+              orientation=AXIAL_ORIENTATION, pixel_spacing_mm=g.pixel_spacing_mm,
+              slice_thickness_mm=g.slice_spacing_mm,
+              spacing_between_slices_mm=g.slice_spacing_mm,
+              slice_location=round(g.image_position(k)[2], 4))
 
 
 def t1c_display_window(t1c: NDArray[np.generic]) -> tuple[float, float]:
@@ -294,7 +273,7 @@ def _t1c_slice(patient: PhantomPatient, uids: PatientUids, k: int,
     ds.ContrastBolusVolume = 7.0
     ds.ContrastBolusStartTime = "121000"
     ds.ContrastBolusIngredient = "GADOLINIUM"
-    _grey_pixels(ds, patient.t1c[k])
+    set_grey_pixels(ds, patient.t1c[k])
     ds.WindowCenter, ds.WindowWidth = window
     return ds
 
@@ -361,7 +340,7 @@ def _pet_slice(patient: PhantomPatient, uids: PatientUids, k: int) -> Dataset:
     ds.RescaleIntercept = 0
     ds.RescaleSlope = f"{slope:.6g}"
     stored = np.rint(patient.uptake[k] / np.float32(slope)).astype(np.uint16)
-    _grey_pixels(ds, stored)
+    set_grey_pixels(ds, stored)
     ds.WindowCenter = 2.0
     ds.WindowWidth = 4.0
     return ds

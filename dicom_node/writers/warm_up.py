@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import UID, MRImageStorage
 
 from dicom_node.analysis.tbr import Lesion, TbrResult
 from dicom_node.series.volume import SliceInfo
+from dicom_node.writers.image_source import new_instance, set_grey_pixels, set_plane
 from dicom_node.writers.provenance import Provenance
 from dicom_node.writers.sc import ScSeries, encode
 from dicom_node.writers.seg import make_seg
@@ -35,16 +35,9 @@ def _uid(n: int) -> UID:
 
 
 def _source(index: int) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = _uid(10 + index)
-    ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = _uid(10 + index)
+    ds = new_instance(MRImageStorage, _uid(10 + index))
     ds.StudyInstanceUID = _uid(1)
     ds.SeriesInstanceUID = _uid(2)
-    ds.FrameOfReferenceUID = _uid(3)
     ds.PatientName = "WARM^UP"
     ds.PatientID = "WARMUP"
     ds.PatientBirthDate = ""
@@ -57,17 +50,10 @@ def _source(index: int) -> Dataset:
     ds.StudyID = "1"
     ds.SeriesNumber = 1
     ds.InstanceNumber = index + 1
-    ds.ImagePositionPatient = [0.0, 0.0, float(index)]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [1.0, 1.0]
-    ds.SliceThickness = 1.0
-    ds.Rows = ds.Columns = _SIZE
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.zeros((_SIZE, _SIZE), dtype=np.uint16).tobytes()
+    set_plane(ds, frame_of_reference_uid=_uid(3), position=[0.0, 0.0, float(index)],
+              orientation=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], pixel_spacing_mm=1.0,
+              slice_thickness_mm=1.0)
+    set_grey_pixels(ds, np.zeros((_SIZE, _SIZE), dtype=np.uint16))
     return ds
 
 
