@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from dicom_node.config import NodeConfig, default_config_path, load_config
+from dicom_node.config import NodeConfig, default_config_path, load_config, with_data_dir
 from dicom_node.errors import ConfigError, WeightsError
 from dicom_node.net.ae import echo
 from dicom_node.net.tls import TlsConfig
@@ -22,7 +22,10 @@ log = logging.getLogger("dicom_node")
 
 def _load(args: argparse.Namespace) -> NodeConfig:
     path = Path(args.config) if args.config else default_config_path()
-    return load_config(path)
+    config = load_config(path)
+    if getattr(args, "data_dir", None):
+        config = with_data_dir(config, Path(args.data_dir).resolve())
+    return config
 
 
 def _stop_on_signals() -> threading.Event:
@@ -253,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="config TOML (default: the embedded config.toml)")
+        p.add_argument("--data-dir", help="use this data directory (database and file store) "
+                                          "instead of the config's [node] data_dir")
         return p
 
     add("serve", "run the node until SIGINT/SIGTERM").set_defaults(func=cmd_serve)

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -403,6 +403,15 @@ def load_config(path: Path) -> NodeConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     return parse_config(raw, path.resolve().parent, source=path.resolve())
+
+
+def with_data_dir(config: NodeConfig, data_dir: Path) -> NodeConfig:
+    """The same configuration on another data directory (database, file store); a
+    database_url the config set explicitly is kept, the default SQLite file moves along."""
+    default_url = f"sqlite:///{config.data_dir / 'dicom-node.db'}"
+    url = (f"sqlite:///{data_dir / 'dicom-node.db'}" if config.database_url == default_url
+           else config.database_url)
+    return replace(config, data_dir=data_dir, database_url=url)
 
 
 def default_config_path() -> Path:

@@ -206,8 +206,12 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"[2/5] receiving SCP STORESCU on 127.0.0.1:{peer.return_port}", flush=True)
     inbox = Inbox(received_dir, "STORESCU", peer.return_port)
+    # A data directory of the demo's own, new each run: the node ignores a byte-identical
+    # resend of a series it has processed (as it must for PACS retries), so a second demo
+    # on the config's own data directory would wait for results that never come.
+    data_dir = out / "node-data"
     node_cmd = [str(Path(sys.executable).parent / "dicom-node"), "serve", "--config",
-                str(Path(args.config).resolve())]
+                str(Path(args.config).resolve()), "--data-dir", str(data_dir)]
     print(f"[3/5] starting the node: {' '.join(node_cmd)}", flush=True)
     node = subprocess.Popen(node_cmd)
     try:
@@ -261,5 +265,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nreceived objects: {received_dir} ({len(inbox.datasets)} files)")
     print(f"previews:         {preview}")
     print(f"phantom study:    {paths.folder}")
-    print("audit log:        .venv/bin/dicom-node audit --config " + str(args.config))
+    print(f"audit log:        .venv/bin/dicom-node audit --config {args.config} "
+          f"--data-dir {data_dir}")
     return 0
