@@ -543,6 +543,8 @@ def run_benchmark(model: LoadedModel, seed: int, indices: range, cohort: str, ou
             "first_index": indices.start, "threshold": threshold, "min_volume_ml": min_volume_ml,
             "samples": samples, "interval_method": calibration.method_text(samples),
             "interval_level": calibration.level, "slice_spacing_mm": geometry.slice_spacing_mm,
+            "slice_smoothing_mm": model.card.slice_smoothing_mm,
+            "uptake_contrast_gain": model.card.uptake_contrast_gain,
             "command": command, "seconds": time.perf_counter() - started}
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps({"meta": meta, **summary}, indent=2,

@@ -53,6 +53,7 @@ from dicom_node.inference.model_weights import LoadedModel
 from dicom_node.inference.resampling import from_network, to_network
 from dicom_node.inference.slice_context import contiguous_runs, restrict_runs
 from dicom_node.inference.slice_smoothing import smooth_runs
+from dicom_node.inference.uptake_contrast import stretch_above_median
 from training import data as ds
 from training.metrics import (
     fsim,
@@ -99,7 +100,8 @@ def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
     An uptake model's output is smoothed along the slice normal within ``runs`` (indices
     into the n slices of each run of contiguous slices, in order; ``positions_mm`` of the
     n slices give each run's spacing) by ``slice_smoothing_mm`` (default the model
-    card's; a ValueError when it is above 0 and the runs are not given), then drawn over
+    card's; a ValueError when it is above 0 and the runs are not given), its contrast
+    calibrated per run by the card's ``uptake_contrast_gain``, then drawn over
     ``backdrop`` (the T1C as the real fusion shows it; default the slice's own T1C), as
     the node draws it over the series' own T1C.
     """
@@ -133,8 +135,30 @@ def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
     if uptake is not None:
         if sigma > 0 and runs is not None and positions_mm is not None:
             uptake = smooth_runs(uptake, runs, sigma, positions_mm)
+        uptake = calibrate_contrast(uptake, runs, card.uptake_contrast_gain,
+                                    card.fusion_style.display_threshold)
         fusion = draw_fusion(under, uptake, style)
     return fusion, uptake
+
+
+def calibrate_contrast(uptake: NDArray[np.float32], runs: list[NDArray[np.int64]] | None,
+                       gain: float, display_threshold: float) -> NDArray[np.float32]:
+    """The model card's contrast calibration (:mod:`dicom_node.inference.uptake_contrast`)
+    of each run of contiguous slices on its own, as the node calibrates each series; rows
+    in no run (or all rows, without runs) as one more group."""
+    if gain == 1.0:
+        return uptake
+    out = np.array(uptake, dtype=np.float32, copy=True)
+    groups = [np.asarray(run, dtype=np.int64) for run in (runs or []) if len(run)]
+    covered = np.zeros(len(out), dtype=bool)
+    for run in groups:
+        covered[run] = True
+    rest = np.flatnonzero(~covered)
+    if rest.size:
+        groups.append(rest)
+    for rows in groups:
+        out[rows] = stretch_above_median(out[rows], gain, display_threshold)
+    return out
 
 
 def draw_fusion(backdrop: NDArray[np.floating], uptake: NDArray[np.floating],

@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Gaussian of this SD (mm) wherever it is used; choose it on the "
                              "validation split with `evaluate --slice-smoothing-mm` "
                              "(default %(default)s: none)")
+    parser.add_argument("--uptake-contrast-gain", type=float, default=1.0,
+                        help="an uptake model's excess over its median drawn uptake "
+                             "multiplied by this gain wherever it is used "
+                             "(dicom_node/inference/uptake_contrast.py); choose it on the "
+                             "validation cohort with `benchmark` (default %(default)s: none)")
     parser.add_argument("--test-weights", action="store_true",
                         help="mark the card as test weights (not a trained model)")
     parser.add_argument("--training-seeds", default="",
@@ -69,12 +74,15 @@ def run(args: argparse.Namespace) -> int:
         sha, card = export_checkpoint(args.checkpoint, args.out, name=args.name,
                                       version=args.version, test_metrics=metrics,
                                       fp16=not args.fp32, test_weights=args.test_weights,
-                                      slice_smoothing_mm=args.slice_smoothing_mm, **extras)
+                                      slice_smoothing_mm=args.slice_smoothing_mm,
+                                      uptake_contrast_gain=args.uptake_contrast_gain, **extras)
     except (FileNotFoundError, ValueError, WeightsError) as exc:
         print(f"error: {exc}")
         return 2
     smoothing = (f", smoothed {card.slice_smoothing_mm:g} mm along the slice normal"
                  if card.slice_smoothing_mm else "")
+    if card.uptake_contrast_gain != 1.0:
+        smoothing += f", contrast gain {card.uptake_contrast_gain:g}"
     print(f"wrote {args.out} ({card.architecture}, ngf {card.ngf}, {card.output_kind}{smoothing})")
     print(f"sha256: {sha}")
     return 0
@@ -171,7 +179,8 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
                test_weights: bool = False, slice_smoothing_mm: float = 0.0,
                cohorts: dict[str, Any] | None = None,
                benchmarks: dict[str, Any] | None = None,
-               tbr_interval: dict[str, Any] | None = None) -> ModelCard:
+               tbr_interval: dict[str, Any] | None = None,
+               uptake_contrast_gain: float = 1.0) -> ModelCard:
     """The model card of a checkpoint's generator."""
     config = state["config"]
     resolved = state["resolved"]
@@ -237,6 +246,7 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         context_spacing_mm=float(resolved.get("slice_spacing_mm", 0.0))
         if config.get("context_slices", 0) else 0.0,
         slice_smoothing_mm=float(slice_smoothing_mm),
+        uptake_contrast_gain=float(uptake_contrast_gain),
         cohorts=dict(cohorts or {}),
         tbr_interval=dict(tbr_interval or {}),
     )
@@ -247,11 +257,12 @@ def export_checkpoint(checkpoint: Path, out: Path, name: str | None = None, vers
                       test_weights: bool = False, slice_smoothing_mm: float = 0.0,
                       cohorts: dict[str, Any] | None = None,
                       benchmarks: dict[str, Any] | None = None,
-                      tbr_interval: dict[str, Any] | None = None) -> tuple[str, ModelCard]:
+                      tbr_interval: dict[str, Any] | None = None,
+                      uptake_contrast_gain: float = 1.0) -> tuple[str, ModelCard]:
     """Write the generator of ``checkpoint`` as a node weights file; return (sha256, card)."""
     state = load_checkpoint(checkpoint)
     card = model_card(state, name, version, test_metrics, test_weights, slice_smoothing_mm,
-                      cohorts, benchmarks, tbr_interval)
+                      cohorts, benchmarks, tbr_interval, uptake_contrast_gain)
     generator = build_generator(card.architecture, card.ngf, input_nc=card.input_channels,
                                 output_nc=card.output_channels)
     # The weight average when the run kept one (--ema-decay), else the generator itself.

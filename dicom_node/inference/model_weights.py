@@ -55,6 +55,9 @@ class ModelCard:
     # Standard deviation (mm) of a Gaussian along the slice normal applied to an uptake
     # model's output before anything reads it (0 = none): see dicom_node.inference.slice_smoothing.
     slice_smoothing_mm: float = 0.0
+    # Excess of the (smoothed) uptake over its median drawn value multiplied by this gain
+    # (1 = none), chosen on validation patients: see dicom_node.inference.uptake_contrast.
+    uptake_contrast_gain: float = 1.0
     # Residual SD of synthetic vs real TBR per lesion on validation patients, the interval
     # level and where they were measured: see dicom_node.analysis.uncertainty ({} = not calibrated).
     tbr_interval: dict[str, Any] = field(default_factory=dict)
@@ -95,6 +98,13 @@ class ModelCard:
                                "finite length >= 0")
         if smoothing and self.output_kind != "uptake":
             raise WeightsError("model card slice_smoothing_mm applies to uptake models only")
+        gain = self.uptake_contrast_gain
+        if (isinstance(gain, bool) or not isinstance(gain, (int, float))
+                or not math.isfinite(gain) or gain <= 0):
+            raise WeightsError(f"model card uptake_contrast_gain {gain!r} is not a finite "
+                               "gain > 0")
+        if gain != 1.0 and self.output_kind != "uptake":
+            raise WeightsError("model card uptake_contrast_gain applies to uptake models only")
 
 
 @dataclass(frozen=True)

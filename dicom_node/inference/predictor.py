@@ -7,8 +7,9 @@ model's training spacing). The generator runs
 in eval mode (deterministic: dropout off, BatchNorm running statistics) under
 ``torch.inference_mode()``, batched, with autocast on CUDA. Its output is mapped
 back to the native matrix. A fusion model's RGB output is de-fused to uptake; an
-uptake model's output is smoothed along the slice normal as its model card says
-(:mod:`slice_smoothing`) and fused over the T1C with the configured style.
+uptake model's output is smoothed along the slice normal and its contrast calibrated as
+its model card says (:mod:`slice_smoothing`, :mod:`uptake_contrast`) and fused over the
+T1C with the configured style.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dicom_node.inference.slice_context import (
     stack_context,
 )
 from dicom_node.inference.slice_smoothing import smooth_runs
+from dicom_node.inference.uptake_contrast import stretch_above_median
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +170,23 @@ class Predictor:
         runs = contiguous_runs(np.zeros(len(uptake), dtype=np.str_), positions)
         return smooth_runs(uptake, runs, sigma_mm, positions)
 
+    def calibrate(self, uptake: NDArray[np.float32], slice_spacing_mm: float | None,
+                  slice_positions_mm: NDArray[np.floating] | None) -> NDArray[np.float32]:
+        """The model card's steps after the network, in order: smoothing along the slice
+        normal (:meth:`smooth`), then the contrast calibration
+        (:mod:`dicom_node.inference.uptake_contrast`)."""
+        card = self.model.card
+        smoothed = self.smooth(uptake, slice_spacing_mm, slice_positions_mm)
+        return stretch_above_median(smoothed, card.uptake_contrast_gain,
+                                    card.fusion_style.display_threshold)
+
     def sample_uptake(self, grey: NDArray[np.float32], samples: int,
                       slice_spacing_mm: float | None = None,
                       slice_positions_mm: NDArray[np.floating] | None = None,
                       seed: int = 0, batch_size: int | None = None) -> NDArray[np.float32]:
         """(samples, N, S, S) uptake at the network size from stochastic passes: dropout
         active (Monte Carlo dropout), every second pass on the mirrored input and mirrored
-        back, each smoothed along the slice normal like :meth:`predict`. Seeded: the same
+        back, each smoothed and calibrated like :meth:`predict`. Seeded: the same
         grey gives the same samples. An uptake model only."""
         if self.model.card.output_kind != "uptake":
             raise ValueError("uncertainty sampling needs an uptake model")
@@ -194,8 +206,8 @@ class Predictor:
                     y = self._forward(net_in, batch_size or self.batch_size,
                                       mirrored=i % 2 == 1)
                     uptake = (y[:, 0].clamp(-1.0, 1.0).numpy() + 1.0) / 2.0 * scale
-                    out[i] = self.smooth(uptake.astype(np.float32), slice_spacing_mm,
-                                         slice_positions_mm)
+                    out[i] = self.calibrate(uptake.astype(np.float32), slice_spacing_mm,
+                                            slice_positions_mm)
         finally:
             for layer in dropouts:
                 layer.eval()
@@ -220,7 +232,7 @@ class Predictor:
                                   slice_spacing_mm=slice_spacing_mm).numpy()
         if self.model.card.output_kind == "uptake":
             uptake = ((output[:, 0] + 1.0) / 2.0 * self.model.card.uptake_scale).astype(np.float32)
-            uptake = self.smooth(uptake, slice_spacing_mm, slice_positions_mm)
+            uptake = self.calibrate(uptake, slice_spacing_mm, slice_positions_mm)
             return Prediction(grey=grey, uptake=uptake, style=self.style)
         fusion = np.transpose((output + 1.0) / 2.0, (0, 2, 3, 1)).astype(np.float32)
         # Quantise as the stored SC will be, so analysis sees what the viewer sees.
