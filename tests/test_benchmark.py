@@ -205,6 +205,16 @@ def test_intervals_combine_sampling_and_calibration() -> None:
     narrow = lesion_intervals(samples, result, Calibration())[0]
     assert not narrow.equivocal and narrow.tbr_max_low > 1.6
     assert "only" in Calibration().method_text(8) and Calibration().z == pytest.approx(1.645, abs=1e-3)
+    # a validation bias left in the model widens the interval by its root mean square
+    biased = Calibration(residual_sd_tbr_max=0.3, residual_sd_tbr_mean=0.2,
+                         residual_bias_tbr_max=-0.4, residual_bias_tbr_mean=0.1, level=0.9)
+    (wide,) = lesion_intervals(samples, result, biased)
+    assert wide.tbr_max_high - 2.0 == pytest.approx(biased.z * math.sqrt(sd**2 + 0.3**2 + 0.4**2),
+                                                     rel=1e-4)
+    assert wide.tbr_max_low == pytest.approx(4.0 - wide.tbr_max_high, rel=1e-6)  # centred
+    assert Calibration.from_card({"residual_sd_tbr_max": 0.3, "residual_bias_tbr_max": -0.4}
+                                 ).residual_rms_tbr_max == pytest.approx(0.5)
+    assert "root-mean-square" in biased.method_text(8)
 
 
 def test_summary_slice_shows_intervals_and_fits_the_slice() -> None:

@@ -307,6 +307,8 @@ def summarise(records: list[PatientRecord]) -> dict[str, Any]:
         diff = [by_key[(*k, "synthetic")][measure] - by_key[(*k, "real")][measure] for k in both]
         out["intervals"][f"residual_sd_{measure}"] = (float(np.std(diff, ddof=1))
                                                       if len(diff) > 1 else math.nan)
+        out["intervals"][f"residual_bias_{measure}"] = (float(np.mean(diff))
+                                                        if diff else math.nan)
     slices = [s for r in records for s in r.slices]
     table: dict[str, Any] = {}
     for source in ("synthetic", "oracle"):
@@ -415,8 +417,11 @@ def report_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
               f"- the interval holds the real TBRmax in {iv['coverage_tbr_max']:.0%} and the "
               f"real TBRmean in {iv['coverage_tbr_mean']:.0%} of {iv['n_coverage']} lesions "
               f"found on both (stated level {meta['interval_level']:.0%})",
-              f"- residual SD synthetic - real per lesion: TBRmax "
-              f"{iv['residual_sd_tbr_max']:.3f}, TBRmean {iv['residual_sd_tbr_mean']:.3f}"]
+              f"- residual synthetic - real per lesion, mean and SD: TBRmax "
+              f"{iv.get('residual_bias_tbr_max', math.nan):+.3f} and "
+              f"{iv['residual_sd_tbr_max']:.3f}, TBRmean "
+              f"{iv.get('residual_bias_tbr_mean', math.nan):+.3f} and "
+              f"{iv['residual_sd_tbr_mean']:.3f}"]
     table = summary["slice_table"]
     lines += ["", "## The published study's slice table (native 256 matrix)", "",
               f"{table['slices']} slices, {table['tumour_slices']} tumour-bearing.", "",

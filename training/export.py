@@ -133,7 +133,9 @@ def benchmark_extras(validation: dict[str, Any] | None, sealed: dict[str, Any] |
         extras["benchmarks"]["validation"] = _benchmark_figures(validation)
         extras["tbr_interval"] = {
             "residual_sd_tbr_max": iv["residual_sd_tbr_max"],
-            "residual_sd_tbr_mean": iv["residual_sd_tbr_mean"], "level": level,
+            "residual_sd_tbr_mean": iv["residual_sd_tbr_mean"],
+            "residual_bias_tbr_max": iv.get("residual_bias_tbr_max", 0.0),
+            "residual_bias_tbr_mean": iv.get("residual_bias_tbr_mean", 0.0), "level": level,
             "source": (f"validation cohort seed {validation['meta']['seed']}, "
                        f"{validation['per_source']['synthetic']['node_tbr_max']['r']['n']} "
                        "lesions found on real and synthetic")}

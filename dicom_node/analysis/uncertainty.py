@@ -10,13 +10,15 @@ Two sources of doubt, added in quadrature:
    sample standard deviation is ``sd_model``.
 2. **What the T1C cannot show.** Uptake that no T1C feature predicts (on the phantoms,
    61 % of the tumour-uptake variance) is invisible to any sampling of the model. The
-   model card's ``tbr_interval`` holds the residual standard deviation of the
+   model card's ``tbr_interval`` holds the residual standard deviation and mean of the
    synthetic against the real TBR, measured per lesion on the validation patients
    (``dicom-node-train benchmark``); without it the interval holds the sampling
    spread only, and says so.
 
-Interval: ``TBR +- z * sqrt(sd_model^2 + sd_residual^2)`` with ``z`` for the card's
-two-sided level (0.9 by default). A lesion whose TBRmax interval reaches below the
+Interval: ``TBR +- z * sqrt(sd_model^2 + sd_residual^2 + mean_residual^2)`` with ``z``
+for the card's two-sided level (0.9 by default): the residual enters as its root mean
+square, so a validation bias the model still has widens the interval instead of moving
+it off the real value unseen. A lesion whose TBRmax interval reaches below the
 TBR threshold is *equivocal*: the synthetic uptake cannot tell it from normal tissue.
 
 The passes run at the network's matrix (the node's point estimate stays the native
@@ -45,6 +47,8 @@ class Calibration:
 
     residual_sd_tbr_max: float = 0.0
     residual_sd_tbr_mean: float = 0.0
+    residual_bias_tbr_max: float = 0.0
+    residual_bias_tbr_mean: float = 0.0
     level: float = DEFAULT_LEVEL
     source: str = ""
 
@@ -54,6 +58,8 @@ class Calibration:
             return cls()
         return cls(residual_sd_tbr_max=float(document.get("residual_sd_tbr_max", 0.0)),
                    residual_sd_tbr_mean=float(document.get("residual_sd_tbr_mean", 0.0)),
+                   residual_bias_tbr_max=float(document.get("residual_bias_tbr_max", 0.0)),
+                   residual_bias_tbr_mean=float(document.get("residual_bias_tbr_mean", 0.0)),
                    level=float(document.get("level", DEFAULT_LEVEL)),
                    source=str(document.get("source", "")))
 
@@ -62,14 +68,23 @@ class Calibration:
         return self.residual_sd_tbr_max > 0 or self.residual_sd_tbr_mean > 0
 
     @property
+    def residual_rms_tbr_max(self) -> float:
+        return float(np.hypot(self.residual_sd_tbr_max, self.residual_bias_tbr_max))
+
+    @property
+    def residual_rms_tbr_mean(self) -> float:
+        return float(np.hypot(self.residual_sd_tbr_mean, self.residual_bias_tbr_mean))
+
+    @property
     def z(self) -> float:
         return NormalDist().inv_cdf(0.5 + self.level / 2.0)
 
     def method_text(self, samples: int) -> str:
         text = f"{self.level:.0%} interval: {samples} passes of {METHOD_SAMPLING}"
         if self.calibrated:
-            return (text + ", combined with the residual SD of synthetic vs real TBR per "
-                    f"lesion on validation patients ({self.source or 'model card'})")
+            return (text + ", combined with the root-mean-square residual (SD and mean) "
+                    "of synthetic vs real TBR per lesion on validation patients "
+                    f"({self.source or 'model card'})")
         return text + " only (no calibration in the model card: the interval is too narrow)"
 
 
@@ -119,8 +134,8 @@ def lesion_intervals(samples: NDArray[np.float32], result: TbrResult, calibratio
         tbr_max = values.max(axis=1) / bg_means
         tbr_mean = values.mean(axis=1) / bg_means
         sd_max, sd_mean = float(tbr_max.std(ddof=1)), float(tbr_mean.std(ddof=1))
-        half_max = z * float(np.hypot(sd_max, calibration.residual_sd_tbr_max))
-        half_mean = z * float(np.hypot(sd_mean, calibration.residual_sd_tbr_mean))
+        half_max = z * float(np.hypot(sd_max, calibration.residual_rms_tbr_max))
+        half_mean = z * float(np.hypot(sd_mean, calibration.residual_rms_tbr_mean))
         low_max = lesion.tbr_max - half_max
         out.append(TbrInterval(
             lesion=lesion.number, tbr_max_low=low_max, tbr_max_high=lesion.tbr_max + half_max,
