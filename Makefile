@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dcmtk dicom3tools pixelmed-apps orthanc systemd
+APT_PACKAGES := dcmtk dicom3tools pixelmed-apps orthanc orthanc-dicomweb systemd
 CONFIG ?= config.toml
 
 .PHONY: install system-packages test lint serve demo demo-model clean
@@ -17,6 +17,7 @@ install: system-packages $(VENV)/.installed
 system-packages:
 	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null \
 	    || ! command -v DicomSRValidator >/dev/null || ! command -v Orthanc >/dev/null \
+	    || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
 	    || ! command -v systemd-analyze >/dev/null; then \
 	  echo "installing Debian packages: $(APT_PACKAGES)"; \
 	  $(SUDO) apt-get update -qq && \

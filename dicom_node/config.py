@@ -35,14 +35,36 @@ class Peer:
 
 @dataclass(frozen=True)
 class Destination:
-    """Where results are sent: a fixed AE, or back to the AE that sent the series."""
+    """Where results are sent: a fixed AE, back to the AE that sent the series
+    (``type = "dimse"``, C-STORE), or a DICOMweb server (``type = "dicomweb"``, STOW-RS
+    to ``url`` + ``/studies``; :mod:`dicom_node.outbox.stow`)."""
 
     name: str
+    type: str = "dimse"  # dimse | dicomweb
     ae_title: str = ""
     host: str = ""
     port: int = 0
     return_to_sender: bool = False
     tls: TlsConfig = field(default_factory=TlsConfig)  # [destinations.tls]: node as TLS client
+    #: DICOMweb: the service's base URL (STOW-RS posts to ``{url}/studies``).
+    url: str = ""
+    #: DICOMweb credentials, each read from a file at every send (never the config
+    #: itself): a bearer token (the file holds the token), or ``user:password`` for
+    #: HTTP basic authentication. At most one of them.
+    bearer_token_file: Path | None = None
+    basic_auth_file: Path | None = None
+    #: DICOMweb over https: the server certificate is verified (against ``ca_file``
+    #: when given, else the system's trusted CAs) unless ``verify_tls = false``.
+    verify_tls: bool = True
+    ca_file: Path | None = None
+    #: DICOMweb: seconds to wait for the server's answer to one request.
+    http_timeout_s: float = 120.0
+    #: DICOMweb: at most this many instances per STOW-RS request.
+    max_instances_per_request: int = 50
+
+    @property
+    def is_dicomweb(self) -> bool:
+        return self.type == "dicomweb"
 
 
 @dataclass(frozen=True)
@@ -255,6 +277,37 @@ def _build(cls: type, section: str, values: dict[str, Any], **extra: Any) -> Any
     return cls(**kwargs)
 
 
+DESTINATION_TYPES = ("dimse", "dicomweb")
+
+
+def _dicomweb_destination(dest: Destination, key: str, base_dir: Path) -> Destination:
+    """A ``type = "dicomweb"`` destination checked, its files resolved and readable."""
+    if not re.match(r"^https?://[^/\s]+", dest.url):
+        raise ConfigError(f"{key}.url {dest.url!r} is not an http:// or https:// URL")
+    if dest.return_to_sender or dest.ae_title or dest.host or dest.port or dest.tls.enabled:
+        raise ConfigError(f"{key}: a dicomweb destination takes url (and credentials), not "
+                          "ae_title, host, port, tls or return_to_sender")
+    if dest.bearer_token_file and dest.basic_auth_file:
+        raise ConfigError(f"{key}: give bearer_token_file or basic_auth_file, not both")
+    if dest.http_timeout_s <= 0:
+        raise ConfigError(f"{key}.http_timeout_s must be > 0")
+    if dest.max_instances_per_request < 1:
+        raise ConfigError(f"{key}.max_instances_per_request must be >= 1")
+    files: dict[str, Path | None] = {}
+    for name in ("bearer_token_file", "basic_auth_file", "ca_file"):
+        value = getattr(dest, name)
+        if value is None:
+            files[name] = None
+            continue
+        path = Path(value)
+        path = path if path.is_absolute() else (base_dir / path).resolve()
+        if not os.access(path, os.R_OK) or not path.is_file():
+            raise ConfigError(f"{key}.{name}: cannot read {path}")
+        files[name] = path
+    return replace(dest, url=dest.url.rstrip("/"), bearer_token_file=files["bearer_token_file"],
+                   basic_auth_file=files["basic_auth_file"], ca_file=files["ca_file"])
+
+
 def _check_ae(title: str, key: str) -> None:
     if not AE_TITLE_RE.match(title) or title.strip() == "":
         raise ConfigError(f"{key} {title!r} is not a valid AE title (1-16 printable characters)")
@@ -376,6 +429,14 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         if dest.name in names:
             raise ConfigError(f"{key}: duplicate destination name {dest.name!r}")
         names.add(dest.name)
+        if dest.type not in DESTINATION_TYPES:
+            raise ConfigError(f"{key}.type {dest.type!r} is not one of {list(DESTINATION_TYPES)}")
+        if dest.is_dicomweb:
+            destinations.append(_dicomweb_destination(dest, key, base_dir))
+            continue
+        if dest.url or dest.bearer_token_file or dest.basic_auth_file or dest.ca_file:
+            raise ConfigError(f"{key}: url, bearer_token_file, basic_auth_file and ca_file "
+                              "belong to a destination of type = \"dicomweb\"")
         if not dest.return_to_sender:
             _check_ae(dest.ae_title, f"{key}.ae_title")
             if not dest.host:

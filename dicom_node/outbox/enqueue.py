@@ -26,7 +26,10 @@ if TYPE_CHECKING:  # types only: the uncertainty module imports torch
 
 def resolve_destination(config: NodeConfig, dest: Destination,
                         series: Series) -> tuple[str, str, int] | None:
-    """(AE title, host, port) for a destination; None if return-to-sender has no route."""
+    """(AE title, host, port) for a destination; None if return-to-sender has no route.
+    A DICOMweb destination's row holds its URL as the host (shown by ``outbox``)."""
+    if dest.is_dicomweb:
+        return "", dest.url[:255], 0
     if not dest.return_to_sender:
         return dest.ae_title, dest.host, dest.port
     peer = config.peer(series.calling_ae)

@@ -4,7 +4,9 @@ Statuses are handled by class: success and warnings (B000, B006, B007) mark the
 entry sent (warnings audited as such); refusals that will not change (A9xx, Cxxx,
 0122) go straight to dead-letter; anything else, and any association failure, is
 retried with exponential backoff and jitter until ``max_attempts`` or ``max_age_h``,
-then dead-lettered. Each destination has its own association, thread and retry
+then dead-lettered. A DICOMweb destination gets the same handling from the per-instance
+outcomes of its STOW-RS answers (:mod:`dicom_node.outbox.stow`). Each destination has
+its own association, thread and retry
 times: after a failed association all its due entries wait out the backoff (the
 circuit is open) while the other destinations go on. A large batch is split into
 contiguous shares sent over ``associations_per_destination`` parallel associations.
@@ -21,6 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import requests
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config
@@ -28,11 +31,12 @@ from pynetdicom.association import Association
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import Destination, NodeConfig
 from dicom_node.errors import ConfigError
 from dicom_node.net import dimse_status
 from dicom_node.net.ae import keep_responses, new_ae, set_nodelay
 from dicom_node.net.tls import TlsConfig, client_tls_args
+from dicom_node.outbox.stow import StowUnavailable, store_instances
 from storage.audit import AuditKind, AuditLog
 from storage.group_commit import GroupCommitter
 from storage.models import OutboxEntry, OutboxState, OutputInstance, Series, as_utc, utcnow
@@ -105,6 +109,8 @@ class Sender:
         work: list[_Work] = [(r[0], r[1], r[2], r[3], r[4] or "", r[5]) for r in rows]
         ae_title, host, port = rows[0][6], rows[0][7], rows[0][8]
         dest = next((d for d in self.config.destinations if d.name == destination), None)
+        if dest is not None and dest.is_dicomweb:
+            return self._send_dicomweb(work, dest)
         tls = dest.tls if dest is not None else TlsConfig()
         try:
             tls_args = client_tls_args(tls, host, section=f"destination {destination!r} tls")
@@ -130,6 +136,59 @@ class Sender:
             log.warning("sent %d of %d outputs to %s (%s@%s:%d); the rest wait for a retry "
                         "or are dead letters (dicom-node outbox)", stored, len(work),
                         destination, ae_title, host, port)
+        return stored
+
+    def _send_dicomweb(self, work: list[_Work], dest: Destination) -> int:
+        """STOW-RS of the due entries, ``max_instances_per_request`` per request; each
+        instance's outcome handled like a C-STORE status (:mod:`dicom_node.outbox.stow`)."""
+        where = _Destination(dest.name, dest.url)
+        stored = 0
+        outcomes = _OutcomeWriter(self._audit)
+        try:
+            with requests.Session() as http:
+                size = dest.max_instances_per_request
+                for start in range(0, len(work), size):
+                    share = work[start : start + size]
+                    present = []
+                    for item in share:
+                        if Path(item[1]).is_file():
+                            present.append(item)
+                        else:
+                            outcomes.put(_Outcome(item[0], where, None,
+                                                  f"output file missing: {item[1]}", True,
+                                                  item[4], item[5], item[3]))
+                    if not present:
+                        continue
+                    try:
+                        answers = store_instances(http, dest, [(item[3], Path(item[1]))
+                                                               for item in present])
+                    except StowUnavailable as exc:
+                        self._retry_all([item[0] for item in present], str(exc))
+                        continue
+                    except OSError as exc:  # a credential file gone or unreadable
+                        self._retry_all([item[0] for item in present],
+                                        f"cannot read credentials: {exc}")
+                        continue
+                    for item, answer in zip(present, answers, strict=True):
+                        entry_id, _path, _cls, sop_uid, study_uid, series_uid = item
+                        if answer.stored:
+                            stored += 1
+                            outcomes.put(_Outcome(entry_id, where, answer.status, answer.reason,
+                                                  False, study_uid, series_uid, sop_uid))
+                        elif is_permanent_failure(answer.status):
+                            outcomes.put(_Outcome(entry_id, where, answer.status,
+                                                  f"refused by destination ({answer.reason})",
+                                                  True, study_uid, series_uid, sop_uid))
+                        else:
+                            self._retry_all([entry_id], answer.reason, status=answer.status)
+        finally:
+            outcomes.close()
+        if stored == len(work):
+            log.info("sent %d outputs to %s (STOW-RS %s)", stored, dest.name, dest.url)
+        else:
+            log.warning("sent %d of %d outputs to %s (STOW-RS %s); the rest wait for a retry "
+                        "or are dead letters (dicom-node outbox)", stored, len(work), dest.name,
+                        dest.url)
         return stored
 
     def _shares(self, work: list[_Work]) -> list[list[_Work]]:
