@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", help="config TOML (default: the embedded config.toml)")
+        p.add_argument("--config", help="config TOML (default: /etc/dicom-node/config.toml if "
+                                        "it exists, else the config.toml that comes with the "
+                                        "code: the source tree's, or the packaged one)")
         p.add_argument("--data-dir", help="use this data directory (database and file store) "
                                           "instead of the config's [node] data_dir")
         return p

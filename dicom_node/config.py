@@ -414,6 +414,22 @@ def with_data_dir(config: NodeConfig, data_dir: Path) -> NodeConfig:
     return replace(config, data_dir=data_dir, database_url=url)
 
 
-def default_config_path() -> Path:
-    """The embedded default config: ``config.toml`` at the project root."""
-    return Path(__file__).resolve().parent.parent / "config.toml"
+#: The system-wide configuration (systemd's ConfigurationDirectory): used when it exists.
+ETC_CONFIG_PATH = Path("/etc/dicom-node/config.toml")
+
+
+def embedded_config_path() -> Path:
+    """The default config that comes with the code: the source tree's ``config.toml``
+    (a checkout or an editable install: state under its ``var/``), else the copy packaged
+    in ``dicom_node/`` (a non-editable install: state under ``/var/lib/dicom-node``)."""
+    package_dir = Path(__file__).resolve().parent
+    source_tree = package_dir.parent
+    if (source_tree / "pyproject.toml").is_file() and (source_tree / "config.toml").is_file():
+        return source_tree / "config.toml"
+    return package_dir / "config.toml"
+
+
+def default_config_path(etc_path: Path = ETC_CONFIG_PATH) -> Path:
+    """The config ``dicom-node`` reads without ``--config``: ``/etc/dicom-node/config.toml``
+    if it exists, else :func:`embedded_config_path`."""
+    return etc_path if etc_path.is_file() else embedded_config_path()
