@@ -166,6 +166,9 @@ class MetricsConfig:
     enabled: bool = False
     bind_address: str = "127.0.0.1"
     port: int = 9110
+    #: /healthz says "degraded" (503) while an outbox entry has waited longer than this
+    #: for its delivery (retries that keep failing), or while there are dead letters.
+    degraded_pending_age_s: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,9 @@ class NodeConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)  # [tls]: the receiver as TLS server
     peers: tuple[Peer, ...] = ()
     destinations: tuple[Destination, ...] = ()
+    #: How often the running node writes its heartbeat row (``dicom-node status`` calls
+    #: a node whose last beat is older than 3 intervals + 2 s not running).
+    heartbeat_interval_s: float = 5.0
     source_path: Path | None = field(default=None, compare=False)
 
     @property
@@ -274,9 +280,14 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         raise ConfigError(f"unknown section(s) {unknown}; allowed: {sorted(known)}")
 
     node = _table(raw, "node")
-    bad = sorted(set(node) - {"data_dir", "database_url"})
+    node_keys = ["data_dir", "database_url", "heartbeat_interval_s"]
+    bad = sorted(set(node) - set(node_keys))
     if bad:
-        raise ConfigError(f"[node] unknown key(s) {bad}; allowed: ['data_dir', 'database_url']")
+        raise ConfigError(f"[node] unknown key(s) {bad}; allowed: {node_keys}")
+    heartbeat_interval_s = node.get("heartbeat_interval_s", 5.0)
+    if (isinstance(heartbeat_interval_s, bool) or not isinstance(heartbeat_interval_s, int | float)
+            or not 0 < heartbeat_interval_s <= 300):
+        raise ConfigError("node.heartbeat_interval_s must be a number of seconds in (0, 300]")
     data_dir = Path(str(node.get("data_dir", "var")))
     if not data_dir.is_absolute():
         data_dir = (base_dir / data_dir).resolve()
@@ -385,12 +396,15 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
 
     metrics: MetricsConfig = _build(MetricsConfig, "metrics", _table(raw, "metrics"))
     _check_port(metrics.port, "metrics.port")
+    if metrics.degraded_pending_age_s <= 0:
+        raise ConfigError("metrics.degraded_pending_age_s must be > 0")
     tls = parse_tls(raw.get("tls"), base_dir, section="tls", role="server")
     return NodeConfig(
         data_dir=data_dir, database_url=database_url, receiver=receiver, series=series,
         selection=selection, model=model, analysis=analysis, outbox=outbox, output=output,
         fusion=fusion, retention=retention, peers=tuple(peers), destinations=tuple(destinations),
-        tls=tls, metrics=metrics, source_path=source,
+        tls=tls, metrics=metrics, heartbeat_interval_s=float(heartbeat_interval_s),
+        source_path=source,
     )
 
 
