@@ -24,7 +24,7 @@ from dicom_node.ingest.receiver import Receiver
 from dicom_node.jobs import open_context
 from dicom_node.ops.build_info import package_version
 from dicom_node.ops.heartbeat import HeartbeatWriter, JobStages, NodeIdentity
-from dicom_node.ops.metrics_http import MetricsServer
+from dicom_node.ops.metrics_http import BuildInfo, MetricsServer
 from dicom_node.outbox.sender import Sender
 from dicom_node.scheduler import build_scheduler
 from dicom_node.series.tracking import recover
@@ -82,8 +82,11 @@ class Node:
         card = self.ctx.predictor.model.card
         version = package_version()
         if self.config.metrics.enabled:
-            self.metrics = MetricsServer(self.sessions, self.config.metrics.bind_address,
-                                         self.config.metrics.port, self.healthy)
+            self.metrics = MetricsServer(
+                self.sessions, self.config.metrics, self.healthy,
+                BuildInfo(version=version, model=card.name, model_version=card.version,
+                          model_sha256=self.ctx.predictor.model.sha256,
+                          device=str(self.ctx.predictor.device)))
             self.metrics.start()
         listening = (f"{self.config.receiver.ae_title}@{self.config.receiver.bind_address}:"
                      f"{self.receiver.port}" + (" (TLS)" if self.config.tls.enabled else ""))
