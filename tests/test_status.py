@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks._common import port_open
 from dicom_node.config import NodeConfig
-from dicom_node.ops.heartbeat import JobStages, node_name
+from dicom_node.ops.heartbeat import HeartbeatWriter, JobStages, NodeIdentity, node_name
 from dicom_node.ops.status import (
     EXIT_NOT_RUNNING,
     EXIT_UNHEALTHY,
@@ -260,3 +260,46 @@ def test_delivery_problem_names_dead_letters_and_an_old_pending_result(
                                 host="127.0.0.1", port=104, state=OutboxState.DEAD))
         session.commit()
         assert "1 dead letter(s)" in delivery_problem(session, now, max_pending_age_s=200)
+
+
+def test_heartbeat_writer_says_running_stopping_then_stopped(
+        make_config: Callable[..., NodeConfig]) -> None:
+    """The writer's own rows: a beat per interval with the health and job stage it is
+    given, "stopping" as soon as SIGTERM's stop begins (status: still there, exit 0),
+    "stopped" at the end (status: not running)."""
+    config = make_config(node={"heartbeat_interval_s": 0.1})
+    sessions = _sessions(config)
+    healthy = [True]
+    identity = NodeIdentity(host=socket.gethostname(), port=config.receiver.port,
+                            pid=os.getpid(), version="1.2", model="m 1", model_sha256="cd" * 32,
+                            device="cpu", listening="DICOMNODE@127.0.0.1")
+    writer = HeartbeatWriter(sessions, identity, config.heartbeat_interval_s,
+                             lambda: healthy[0], lambda: "Predictor.predict")
+
+    def row() -> NodeHeartbeat:
+        with sessions() as session:
+            found = session.get(NodeHeartbeat, node_name(identity.host, identity.port))
+            assert found is not None
+            return found
+
+    writer.start()
+    try:
+        first = row().beat_at
+        assert wait_for(lambda: row().beat_at > first and row().job_stage == "Predictor.predict",
+                        30)
+        healthy[0] = False
+        assert wait_for(lambda: not row().healthy, 30)
+        with sessions() as session:
+            unhealthy = node_liveness(session, config, utcnow())
+        assert unhealthy["reason"].startswith("unhealthy")
+        writer.stopping()
+        assert row().state == NodeState.STOPPING
+        with sessions() as session:
+            stopping = node_liveness(session, config, utcnow())
+        assert stopping["state"] == "stopping"
+        assert status_exit_code({**stopping}) == 0
+    finally:
+        writer.stop()
+    assert row().state == NodeState.STOPPED
+    with sessions() as session:
+        assert node_liveness(session, config, utcnow())["state"] == "not running"
