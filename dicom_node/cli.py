@@ -14,7 +14,6 @@ from typing import Any
 
 from dicom_node.config import NodeConfig, default_config_path, load_config, with_data_dir
 from dicom_node.errors import ConfigError, WeightsError
-from dicom_node.net.ae import echo
 from dicom_node.net.tls import TlsConfig
 
 log = logging.getLogger("dicom_node")
@@ -118,6 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node.net.ae import echo
+
     config = _load(args)
     targets: list[tuple[str, str, int, TlsConfig | None]]
     if args.host:
@@ -169,26 +170,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dicom_node.ops.status import node_status
+    """Whether the node runs and what it is doing; exit 0 running, 1 running but
+    unhealthy, 3 not running (as an init script's ``status``)."""
+    from dicom_node.ops.status import format_status, node_status, status_exit_code
 
     config = _load(args)
     report = node_status(config, _engine(config))
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for key, value in report.items():
-            if isinstance(value, dict) and value and isinstance(next(iter(value.values())), dict):
-                print(f"{key}:")
-                for name, sub in value.items():
-                    print(f"  {name:13} {sub}")
-            else:
-                print(f"{key:15} {value}")
-    return 0
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return status_exit_code(report)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the config (loading it is the validation) and C-ECHO every destination."""
     from dicom_node.inference.model_weights import load_weights
+    from dicom_node.net.ae import echo
 
     config = _load(args)
     print(f"config {config.source_path}: valid")
@@ -239,12 +234,9 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 def _version() -> str:
     """The installed package's version (importlib.metadata: no DICOM or torch import)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from dicom_node.ops.build_info import package_version
 
-    try:
-        return version("dicom-node")
-    except PackageNotFoundError:
-        return "0.0.0+unknown"
+    return package_version()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", help="config TOML (default: the embedded config.toml)")
+        p.add_argument("--config", help="config TOML (default: /etc/dicom-node/config.toml if "
+                                        "it exists, else the config.toml that comes with the "
+                                        "code: the source tree's, or the packaged one)")
         p.add_argument("--data-dir", help="use this data directory (database and file store) "
                                           "instead of the config's [node] data_dir")
         return p
@@ -286,8 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     outbox.set_defaults(func=cmd_outbox)
     add("check-config", "validate the config and model, C-ECHO every destination"
         ).set_defaults(func=cmd_check_config)
-    status = add("status", "series, queue and outbox state")
-    status.add_argument("--json", action="store_true")
+    status = add("status", "whether the node runs (heartbeat, process, port), its version, "
+                           "device, uptime and running job; series, queue, outbox, uncleared "
+                           "errors, disk. Exit 0 running, 1 unhealthy, 3 not running")
+    status.add_argument("--json", action="store_true",
+                        help="one JSON object for machines instead of tables")
     status.set_defaults(func=cmd_status)
     return parser
 

@@ -188,6 +188,9 @@ class MetricsConfig:
     enabled: bool = False
     bind_address: str = "127.0.0.1"
     port: int = 9110
+    #: /healthz says "degraded" (503) while an outbox entry has waited longer than this
+    #: for its delivery (retries that keep failing), or while there are dead letters.
+    degraded_pending_age_s: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,9 @@ class NodeConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)  # [tls]: the receiver as TLS server
     peers: tuple[Peer, ...] = ()
     destinations: tuple[Destination, ...] = ()
+    #: How often the running node writes its heartbeat row (``dicom-node status`` calls
+    #: a node whose last beat is older than 3 intervals + 2 s not running).
+    heartbeat_interval_s: float = 5.0
     source_path: Path | None = field(default=None, compare=False)
 
     @property
@@ -327,9 +333,14 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         raise ConfigError(f"unknown section(s) {unknown}; allowed: {sorted(known)}")
 
     node = _table(raw, "node")
-    bad = sorted(set(node) - {"data_dir", "database_url"})
+    node_keys = ["data_dir", "database_url", "heartbeat_interval_s"]
+    bad = sorted(set(node) - set(node_keys))
     if bad:
-        raise ConfigError(f"[node] unknown key(s) {bad}; allowed: ['data_dir', 'database_url']")
+        raise ConfigError(f"[node] unknown key(s) {bad}; allowed: {node_keys}")
+    heartbeat_interval_s = node.get("heartbeat_interval_s", 5.0)
+    if (isinstance(heartbeat_interval_s, bool) or not isinstance(heartbeat_interval_s, int | float)
+            or not 0 < heartbeat_interval_s <= 300):
+        raise ConfigError("node.heartbeat_interval_s must be a number of seconds in (0, 300]")
     data_dir = Path(str(node.get("data_dir", "var")))
     if not data_dir.is_absolute():
         data_dir = (base_dir / data_dir).resolve()
@@ -446,12 +457,15 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
 
     metrics: MetricsConfig = _build(MetricsConfig, "metrics", _table(raw, "metrics"))
     _check_port(metrics.port, "metrics.port")
+    if metrics.degraded_pending_age_s <= 0:
+        raise ConfigError("metrics.degraded_pending_age_s must be > 0")
     tls = parse_tls(raw.get("tls"), base_dir, section="tls", role="server")
     return NodeConfig(
         data_dir=data_dir, database_url=database_url, receiver=receiver, series=series,
         selection=selection, model=model, analysis=analysis, outbox=outbox, output=output,
         fusion=fusion, retention=retention, peers=tuple(peers), destinations=tuple(destinations),
-        tls=tls, metrics=metrics, source_path=source,
+        tls=tls, metrics=metrics, heartbeat_interval_s=float(heartbeat_interval_s),
+        source_path=source,
     )
 
 
@@ -475,6 +489,22 @@ def with_data_dir(config: NodeConfig, data_dir: Path) -> NodeConfig:
     return replace(config, data_dir=data_dir, database_url=url)
 
 
-def default_config_path() -> Path:
-    """The embedded default config: ``config.toml`` at the project root."""
-    return Path(__file__).resolve().parent.parent / "config.toml"
+#: The system-wide configuration (systemd's ConfigurationDirectory): used when it exists.
+ETC_CONFIG_PATH = Path("/etc/dicom-node/config.toml")
+
+
+def embedded_config_path() -> Path:
+    """The default config that comes with the code: the source tree's ``config.toml``
+    (a checkout or an editable install: state under its ``var/``), else the copy packaged
+    in ``dicom_node/`` (a non-editable install: state under ``/var/lib/dicom-node``)."""
+    package_dir = Path(__file__).resolve().parent
+    source_tree = package_dir.parent
+    if (source_tree / "pyproject.toml").is_file() and (source_tree / "config.toml").is_file():
+        return source_tree / "config.toml"
+    return package_dir / "config.toml"
+
+
+def default_config_path(etc_path: Path = ETC_CONFIG_PATH) -> Path:
+    """The config ``dicom-node`` reads without ``--config``: ``/etc/dicom-node/config.toml``
+    if it exists, else :func:`embedded_config_path`."""
+    return etc_path if etc_path.is_file() else embedded_config_path()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +22,9 @@ from dicom_node.config import NodeConfig
 from dicom_node.errors import ConfigError
 from dicom_node.ingest.receiver import Receiver
 from dicom_node.jobs import open_context
-from dicom_node.ops.metrics_http import MetricsServer
+from dicom_node.ops.build_info import package_version
+from dicom_node.ops.heartbeat import HeartbeatWriter, JobStages, NodeIdentity
+from dicom_node.ops.metrics_http import BuildInfo, MetricsServer
 from dicom_node.outbox.sender import Sender
 from dicom_node.scheduler import build_scheduler
 from dicom_node.series.tracking import recover
@@ -47,10 +50,14 @@ class Node:
             AnalysisProcess() if config.analysis.separate_process else None)
         if self.analysis is not None:
             self.ctx.analysis = self.analysis
+        # the running job's stage, for the heartbeat (dicom-node status)
+        self.job_stages = JobStages()
+        self.ctx.timing = self.job_stages
         self.receiver = Receiver(config, self.sessions, self.audit, self.store)
         self.sender = Sender(config, self.sessions, self.audit)
         self.scheduler: BackgroundScheduler | None = None
         self.metrics: MetricsServer | None = None
+        self.heartbeat: HeartbeatWriter | None = None
         self._receive_processes: list[subprocess.Popen[bytes]] = []
         self._stopped = threading.Event()
 
@@ -72,11 +79,25 @@ class Node:
             raise
         self.scheduler = build_scheduler(self.ctx, self.sender, heartbeat)
         self.scheduler.start()
-        if self.config.metrics.enabled:
-            self.metrics = MetricsServer(self.sessions, self.config.metrics.bind_address,
-                                         self.config.metrics.port, self.healthy)
-            self.metrics.start()
         card = self.ctx.predictor.model.card
+        version = package_version()
+        if self.config.metrics.enabled:
+            self.metrics = MetricsServer(
+                self.sessions, self.config.metrics, self.healthy,
+                BuildInfo(version=version, model=card.name, model_version=card.version,
+                          model_sha256=self.ctx.predictor.model.sha256,
+                          device=str(self.ctx.predictor.device)))
+            self.metrics.start()
+        listening = (f"{self.config.receiver.ae_title}@{self.config.receiver.bind_address}:"
+                     f"{self.receiver.port}" + (" (TLS)" if self.config.tls.enabled else ""))
+        self.heartbeat = HeartbeatWriter(
+            self.sessions,
+            NodeIdentity(host=socket.gethostname(), port=self.config.receiver.port,
+                         pid=os.getpid(), version=version, model=f"{card.name} {card.version}",
+                         model_sha256=self.ctx.predictor.model.sha256,
+                         device=str(self.ctx.predictor.device), listening=listening),
+            self.config.heartbeat_interval_s, self.healthy, lambda: self.job_stages.current)
+        self.heartbeat.start()
         self.audit.record(AuditKind.NODE_START, ae_title=self.config.receiver.ae_title,
                           port=self.receiver.port, model=card.name, version=card.version,
                           sha256=self.ctx.predictor.model.sha256,
@@ -150,6 +171,8 @@ class Node:
             return
         self._stopped.set()
         self.ctx.stopping.set()
+        if self.heartbeat is not None:
+            self.heartbeat.stopping()
         self.receiver.stop()
         self._stop_receive_processes()
         if self.metrics is not None:
@@ -158,5 +181,7 @@ class Node:
             self.scheduler.shutdown(wait=True)
         self.ctx.analysis.close()
         self.audit.record(AuditKind.NODE_STOP)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.engine.dispose()
         log.info("node stopped")

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -193,3 +194,34 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class NodeState(StrEnum):
+    """``node_heartbeats.state``: what a ``dicom-node serve`` process last said of itself."""
+
+    RUNNING = "running"
+    STOPPING = "stopping"  # SIGTERM: finishing the running job
+    STOPPED = "stopped"  # a clean stop; a crash leaves RUNNING with an old beat_at
+
+
+class NodeHeartbeat(Base):
+    """One row per node (``<host>:<port>``), rewritten every ``node.heartbeat_interval_s``
+    by the running ``dicom-node serve`` (:mod:`dicom_node.ops.heartbeat`); ``dicom-node
+    status`` tells from it whether the node runs, and with what."""
+
+    __tablename__ = "node_heartbeats"
+
+    node: Mapped[str] = mapped_column(String(300), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default=NodeState.RUNNING)
+    version: Mapped[str] = mapped_column(String(64), default="")
+    model: Mapped[str] = mapped_column(String(128), default="")  # name and version
+    model_sha256: Mapped[str] = mapped_column(String(64), default="")
+    device: Mapped[str] = mapped_column(String(32), default="")  # the one in use: cpu, cuda:0
+    listening: Mapped[str] = mapped_column(String(300), default="")  # AE@address:port
+    healthy: Mapped[bool] = mapped_column(Boolean, default=True)
+    job_stage: Mapped[str] = mapped_column(String(128), default="")  # of the running job
+    interval_s: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    beat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

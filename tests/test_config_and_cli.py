@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from dicom_node.config import default_config_path, load_config, parse_config
+from dicom_node.config import (
+    default_config_path,
+    embedded_config_path,
+    load_config,
+    parse_config,
+)
 from dicom_node.errors import ConfigError
 
 MINIMAL = {"model": {"weights_path": "w.pt"}}
 
 
+REPO = Path(__file__).resolve().parents[1]
+PACKAGED = REPO / "dicom_node" / "config.toml"
+
+
 def test_embedded_default_config_loads() -> None:
-    config = load_config(default_config_path())
+    assert embedded_config_path() == REPO / "config.toml"  # a source tree: its own config
+    config = load_config(embedded_config_path())
     assert config.receiver.port == 11112
     assert config.series.stable_after_s == 30.0
     assert config.model.weights_path.is_absolute()
@@ -71,3 +83,30 @@ def test_invalid_config_file_is_one_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "not valid TOML" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_default_config_path_prefers_etc_then_the_code_s_own(tmp_path: Path) -> None:
+    etc = tmp_path / "etc" / "config.toml"
+    assert default_config_path(etc) == embedded_config_path()  # no /etc file yet
+    etc.parent.mkdir()
+    etc.write_text('[model]\nweights_path = "/opt/w.pt"\n')
+    assert default_config_path(etc) == etc
+
+
+def test_packaged_config_is_the_source_tree_s_with_system_paths() -> None:
+    """A non-editable install has no source tree: the copy in dicom_node/ (package data)
+    is its default. It must load there (state under /var/lib/dicom-node, the shipped demo
+    model) and say everything else exactly as the source tree's config.toml."""
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["dicom_node"]
+    assert "config.toml" in package_data
+    packaged = load_config(PACKAGED)
+    assert packaged.data_dir == Path("/var/lib/dicom-node")
+    assert packaged.database_url == "sqlite:////var/lib/dicom-node/dicom-node.db"
+    assert packaged.model.weights_path == REPO / "dicom_node" / "models" / "demo-generator.pt"
+    assert packaged.model.weights_path.is_file()
+    source = load_config(REPO / "config.toml")
+    assert dataclasses.replace(
+        packaged, data_dir=source.data_dir, database_url=source.database_url,
+        model=dataclasses.replace(packaged.model, weights_path=source.model.weights_path)
+    ) == source

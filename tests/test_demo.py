@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from dicom_node.config import default_config_path
+from dicom_node.config import embedded_config_path
 from tests.conftest import free_port, validate_dicom
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -17,13 +17,13 @@ SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
 def test_demo_runs_the_main_job(tmp_path: Path) -> None:
     # the embedded config with free ports and a data folder of its own
-    text = default_config_path().read_text()
+    text = embedded_config_path().read_text()
     node_port, return_port = free_port(), free_port()
     text = text.replace("port = 11112", f"port = {node_port}")
     text = text.replace("return_port = 11113", f"return_port = {return_port}")
     text = text.replace('data_dir = "var"', f'data_dir = "{tmp_path / "var"}"')
     text = text.replace('weights_path = "dicom_node/models/demo-generator.pt"',
-                        f'weights_path = "{default_config_path().parent}/dicom_node/models/'
+                        f'weights_path = "{embedded_config_path().parent}/dicom_node/models/'
                         'demo-generator.pt"')
     config = tmp_path / "config.toml"
     config.write_text(text)
