@@ -32,6 +32,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.errors import ConfigError
 from dicom_node.net import dimse_status
 from dicom_node.net.ae import keep_responses, new_ae, set_nodelay
+from dicom_node.net.host_checks import connect_failure
 from dicom_node.net.tls import TlsConfig, client_tls_args
 from storage.audit import AuditKind, AuditLog
 from storage.group_commit import GroupCommitter
@@ -154,10 +155,7 @@ class Sender:
                 ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
         if not assoc.is_established:
-            reason = ("association rejected" if assoc.is_rejected else
-                      "association aborted" if assoc.is_aborted else
-                      "cannot connect or TLS handshake failed" if tls_enabled else
-                      "cannot connect")
+            reason = self._association_failure(assoc, host, port, tls_enabled)
             self._retry_all([item[0] for item in work], f"{reason} ({ae_title}@{host}:{port})")
             return 0
         set_nodelay(assoc)
@@ -194,6 +192,21 @@ class Sender:
                 assoc.release()
         return stored
 
+    def _association_failure(self, assoc: Association, host: str, port: int,
+                             tls_enabled: bool) -> str:
+        """Why an association was not established, as the admin needs it: pynetdicom
+        reports a refused or unreachable connection as an aborted association, so the
+        connection is tried again on its own to tell them apart."""
+        if assoc.is_rejected:
+            return ("association rejected by the destination (does it know the node's AE "
+                    f"title {self.config.receiver.ae_title!r}, and is its own AE title right?)")
+        failure = connect_failure(host, port, self.config.outbox.dimse_timeout_s)
+        if failure is not None:
+            return failure
+        if tls_enabled:
+            return "TLS handshake failed or the destination aborted the association"
+        return "the destination accepted the connection, then aborted the association"
+
     @staticmethod
     def _store(assoc: Association, path: Path) -> Dataset:
         """C-STORE the file's bytes as written (streamed, not decoded); decode and
@@ -226,7 +239,9 @@ class Sender:
                     sop_uid=output.sop_uid if output else "",
                     series_uid=output.series_uid if output else "",
                     peer=f"{entry.ae_title}@{entry.host}:{entry.port}",
-                    destination=entry.destination, status=dimse_status.describe(status),
+                    destination=entry.destination,
+                    # no status: the C-STORE was never answered, or never sent at all
+                    status=dimse_status.describe(status) if status is not None else "none",
                     attempt=entry.attempts, state=entry.state, reason=reason_text)
 
 
