@@ -1,4 +1,5 @@
-"""``dicom-node``: serve, receive, echo, audit, status, outbox, check-config."""
+"""``dicom-node``: serve, receive, echo, audit, status, outbox, reprocess, discard,
+check-config."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import signal
 import subprocess
 import sys
 import threading
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from dicom_node.config import NodeConfig, default_config_path, load_config, with_data_dir
-from dicom_node.errors import ConfigError, WeightsError
+from dicom_node.errors import ConfigError, RequestRefused, WeightsError
 from dicom_node.net.ae import echo
 from dicom_node.net.tls import TlsConfig
 
@@ -141,8 +143,38 @@ def _engine(config: NodeConfig) -> Any:
     return make_session_factory(make_engine(config.database_url))
 
 
+def _operator() -> str:
+    """Who runs this admin command, for the audit: the OS user, and under sudo who
+    called sudo."""
+    import getpass
+    import os
+
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (containers)
+        user = f"uid {os.getuid()}"
+    sudo = os.environ.get("SUDO_USER")
+    return f"{user} (sudo by {sudo})" if sudo and sudo != user else user
+
+
+def _when(at: datetime) -> str:
+    from storage.models import as_utc
+
+    return f"{as_utc(at):%Y-%m-%d %H:%M:%S}"
+
+
+#: With collapsing, this many raw events per listed line are read at most.
+AUDIT_EVENTS_PER_LINE = 200
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
-    from storage.audit import recent_events, verify_chain
+    from dicom_node.series.lookup import (
+        accession_numbers,
+        resolve_series_uid,
+        resolve_study_uid,
+        with_outputs,
+    )
+    from storage.audit import collapse_events, recent_events, verify_chain
 
     sessions = _engine(_load(args))
     with sessions() as session:
@@ -153,19 +185,46 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 return 0
             print(f"audit chain BROKEN at event id {check.first_broken_id}: {check.reason}")
             return 1
-        events = recent_events(session, limit=args.limit, study_uid=args.study,
-                               series_uid=args.series, kind=args.kind)
-        for event in events:
-            if args.json:
-                print(json.dumps({"id": event.id, "at": event.at.isoformat(), "kind": event.kind,
-                                  "outcome": event.outcome, "study_uid": event.study_uid,
-                                  "series_uid": event.series_uid, "sop_uid": event.sop_uid,
-                                  "peer": event.peer, "detail": event.detail}))
-            else:
-                where = event.series_uid or event.study_uid or ""
-                print(f"{event.at:%Y-%m-%d %H:%M:%S} {event.outcome:7} {event.kind:20} "
-                      f"{event.peer:28.28} {where[-24:]:24} {event.detail}")
+        study = resolve_study_uid(session, args.study, audited=True) if args.study else None
+        series = (with_outputs(session, resolve_series_uid(session, args.series, outputs=True,
+                                                           audited=True))
+                  if args.series else None)
+        collapse = not (args.all or args.json)
+        events = recent_events(session, limit=args.limit * (AUDIT_EVENTS_PER_LINE if collapse
+                                                             else 1),
+                               study_uid=study, series_uids=series, kind=args.kind)
+        accession = accession_numbers(session, {e.series_uid for e in events} - {""})
+        if args.json:
+            for event in events:
+                print(json.dumps({"id": event.id, "at": event.at.isoformat(),
+                                  "kind": event.kind, "outcome": event.outcome,
+                                  "study_uid": event.study_uid, "series_uid": event.series_uid,
+                                  "sop_uid": event.sop_uid, "peer": event.peer,
+                                  "accession_number": accession.get(event.series_uid, ""),
+                                  "detail": event.detail}))
+            return 0
+    groups = collapse_events(events)[-args.limit:] if collapse else [
+        _single(event) for event in events]
+    if not groups:
+        print("0 events")
+        return 0
+    print(f"{'time (UTC)':19} {'outcome':7} {'kind':20} {'peer':28} {'accession':16} "
+          f"{'series (UID tail)':24} detail")
+    for group in groups:
+        event = group.first
+        where = event.series_uid or event.study_uid or ""
+        times = ""
+        if group.count > 1:
+            times = f"[{group.count} events to {_when(group.last_at)[11:]}] "
+        print(f"{_when(event.at)} {event.outcome:7} {event.kind:20} {event.peer:28.28} "
+              f"{accession.get(event.series_uid, '-'):16} {where[-24:]:24} {times}{group.detail}")
     return 0
+
+
+def _single(event: Any) -> Any:
+    from storage.audit import EventGroup
+
+    return EventGroup(event, event.at, 1, event.detail)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -216,25 +275,79 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
-    from dicom_node.outbox.admin import list_entries, retry_dead
+    from dicom_node.outbox.admin import list_entries, list_series, next_retry_text, retry_dead
+    from dicom_node.series.lookup import resolve_series_uid, resolve_study_uid
     from storage.audit import AuditLog
 
     sessions = _engine(_load(args))
     if args.action == "retry":
         audit = AuditLog(sessions)
         with audit.transaction() as session:
-            count = retry_dead(session, audit, destination=args.destination)
+            count = retry_dead(session, audit, destination=args.destination,
+                               requested_by=_operator())
         print(f"re-queued {count} dead letter(s)")
         return 0
     with sessions() as session:
-        rows = list_entries(session, state=args.state, destination=args.destination,
-                            limit=args.limit)
+        series = ({resolve_series_uid(session, args.series, outputs=True)} if args.series
+                  else None)
+        study = resolve_study_uid(session, args.study) if args.study else None
+        lister = list_entries if args.all else list_series
+        rows = lister(session, state=args.state, destination=args.destination,
+                      limit=args.limit, series_uids=series, study_uid=study)
+    entries = sum(row.count for row in rows)
+    shown = "entry" if entries == 1 else "entries"
+    print(f"outbox: {entries} {shown}" + ("" if args.all or not rows else
+                                          f" in {len(rows)} line(s), one per output series, "
+                                          "destination and state (--all: every entry)"))
+    if not rows:
+        return 0
+    print(f"{'id':>6} {'destination':12} {'state':9} {'kind':4} {'count':>5} {'tries':>5} "
+          f"{'next retry (UTC)':19} {'accession':16} {'input series (tail)':20} "
+          f"{'output (tail)':20} last status / reason")
     for row in rows:
-        status = f"0x{row.last_status:04X}" if row.last_status is not None else "-"
-        print(f"{row.id:6} {row.destination:12.12} {row.state:8} {row.kind:4} "
-              f"attempts {row.attempts:<3} status {status:6} {row.sop_uid[-20:]:20} "
-              f"{row.last_error[:60]}")
+        status = f"0x{row.last_status:04X} " if row.last_status is not None else ""
+        output = row.sop_uid if args.all else row.series_uid
+        print(f"{row.id:6} {row.destination:12.12} {row.state:9} {row.kind:4} {row.count:5} "
+              f"{row.attempts:5} {next_retry_text(row):19} {row.accession_number or '-':16} "
+              f"{row.source_series_uid[-20:]:20} {output[-20:]:20} "
+              f"{status}{row.last_error or '-'}")
     return 0
+
+
+def _series_command(args: argparse.Namespace, verb: str) -> int:
+    """reprocess / discard: one series named by its UID tail, changed in one audited
+    transaction of the database the running node reads (it picks the change up at its
+    next sweep or send pass)."""
+    from dicom_node.outbox.admin import discard_entries
+    from dicom_node.series.lookup import find_series
+    from dicom_node.series.tracking import discard, reprocess
+    from storage.audit import AuditLog
+
+    audit = AuditLog(_engine(_load(args)))
+    user = _operator()
+    with audit.transaction() as session:
+        series = find_series(session, args.series)
+        label = f"series {series.series_uid}" + (
+            f" (accession {series.accession_number})" if series.accession_number else "")
+        if verb == "reprocess":
+            reprocess(audit, session, series, user)
+            message = (f"{label}: queued for processing again as version {series.version} "
+                       "(new result series, superseding the previous report)")
+        else:
+            previous = discard(audit, session, series, user)
+            dropped = discard_entries(session, audit, series, user)
+            message = (f"{label}: discarded (was {previous}); {dropped} outbox entr"
+                       f"{'y' if dropped == 1 else 'ies'} dropped")
+    print(message)
+    return 0
+
+
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    return _series_command(args, "reprocess")
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    return _series_command(args, "discard")
 
 
 def _version() -> str:
@@ -270,20 +383,42 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--port", type=int, default=104)
     echo.add_argument("--ae-title")
     echo.set_defaults(func=cmd_echo)
-    audit = add("audit", "print recent audit events")
-    audit.add_argument("--study", help="StudyInstanceUID")
-    audit.add_argument("--series", help="SeriesInstanceUID")
+    tail_help = ("a UID, or its tail as the listings print it (a unique suffix; an "
+                 "ambiguous one is refused with the candidates)")
+    audit = add("audit", "print recent audit events (per-instance events collapsed)")
+    audit.add_argument("--study", help=f"StudyInstanceUID: {tail_help}")
+    audit.add_argument("--series", help=f"SeriesInstanceUID: {tail_help}; a received series "
+                                        "also shows the events of the outputs made from it")
     audit.add_argument("--kind", help="event kind prefix, e.g. series or send.attempt")
-    audit.add_argument("--limit", type=int, default=50)
-    audit.add_argument("--json", action="store_true")
+    audit.add_argument("--limit", type=int, default=50, help="lines to print (default 50)")
+    audit.add_argument("--all", action="store_true",
+                       help="every event, instead of one line per association/series for "
+                            "per-instance events (stored, refused, send attempts)")
+    audit.add_argument("--json", action="store_true", help="every event as one JSON line")
     audit.add_argument("--verify", action="store_true", help="check the hash chain")
     audit.set_defaults(func=cmd_audit)
     outbox = add("outbox", "list outbox entries; 'outbox retry' re-queues dead letters")
-    outbox.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
-    outbox.add_argument("--state", choices=["pending", "sent", "dead"])
-    outbox.add_argument("--destination")
-    outbox.add_argument("--limit", type=int, default=50)
+    outbox.add_argument("action", nargs="?", choices=["list", "retry"], default="list",
+                        help="list (default) or retry (re-queue dead letters; audited "
+                             "with your user name)")
+    outbox.add_argument("--state", choices=["pending", "sent", "dead", "discarded"],
+                        help="only entries in this state")
+    outbox.add_argument("--destination", help="only this destination (its name)")
+    outbox.add_argument("--series", help=f"input or output SeriesInstanceUID: {tail_help}")
+    outbox.add_argument("--study", help=f"StudyInstanceUID: {tail_help}")
+    outbox.add_argument("--all", action="store_true",
+                        help="every entry instead of one line per output series, "
+                             "destination and state")
+    outbox.add_argument("--limit", type=int, default=50, help="lines to print (default 50)")
     outbox.set_defaults(func=cmd_outbox)
+    reprocess = add("reprocess", "run the node's job on a series it holds again (a new "
+                                 "result version, sent like any other); audited")
+    reprocess.add_argument("series", help=f"SeriesInstanceUID: {tail_help}")
+    reprocess.set_defaults(func=cmd_reprocess)
+    discard = add("discard", "stop processing and sending a series: its queued job and "
+                             "waiting outbox entries are dropped; audited")
+    discard.add_argument("series", help=f"SeriesInstanceUID: {tail_help}")
+    discard.set_defaults(func=cmd_discard)
     add("check-config", "validate the config and model, C-ECHO every destination"
         ).set_defaults(func=cmd_check_config)
     status = add("status", "series, queue and outbox state")
@@ -303,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         result: int = args.func(args)
     except ConfigError as exc:
         print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except RequestRefused as exc:
+        print(f"dicom-node {args.command}: {exc}", file=sys.stderr)
         return 2
     return result
 

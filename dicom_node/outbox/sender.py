@@ -222,6 +222,8 @@ class Sender:
             for entry_id in entry_ids:
                 entry = session.get(OutboxEntry, entry_id)
                 assert entry is not None
+                if entry.state != OutboxState.PENDING:
+                    continue  # discarded meanwhile (dicom-node discard): it stays so
                 entry.attempts += 1
                 entry.last_status = status
                 entry.last_error = reason
@@ -292,13 +294,18 @@ class _OutcomeWriter:
     def _write(self, batch: list[_Outcome]) -> None:
         now = utcnow()
         with self._audit.transaction() as session:
-            attempts = {entry_id: count for entry_id, count in session.execute(
-                select(OutboxEntry.id, OutboxEntry.attempts)
+            known = {entry_id: (count, state) for entry_id, count, state in session.execute(
+                select(OutboxEntry.id, OutboxEntry.attempts, OutboxEntry.state)
                 .where(OutboxEntry.id.in_([o.entry_id for o in batch])))}
+            attempts = {entry_id: count for entry_id, (count, _state) in known.items()}
+            # A refusal of an entry discarded meanwhile leaves it discarded (never a dead
+            # letter that 'outbox retry' would send); a stored one is recorded as sent.
             session.execute(update(OutboxEntry), [
                 {"id": o.entry_id, "attempts": attempts.get(o.entry_id, 0) + 1,
                  "last_status": o.status, "last_error": o.reason,
-                 "state": OutboxState.DEAD if o.dead else OutboxState.SENT,
+                 "state": (OutboxState.SENT if not o.dead else OutboxState.DISCARDED
+                           if known.get(o.entry_id, (0, ""))[1] == OutboxState.DISCARDED
+                           else OutboxState.DEAD),
                  "sent_at": None if o.dead else now} for o in batch])
             for o in batch:
                 outcome = ("error" if o.dead else "warning"
