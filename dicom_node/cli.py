@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from dicom_node.config import NodeConfig, default_config_path, load_config, with_data_dir
 from dicom_node.errors import ConfigError, RequestRefused, WeightsError
 from dicom_node.net.ae import echo
+from dicom_node.net.host_checks import bind_problem, connect_failure, is_ip_address, resolve
 from dicom_node.net.tls import TlsConfig
 
 log = logging.getLogger("dicom_node")
@@ -58,10 +60,15 @@ def cmd_receive(args: argparse.Namespace) -> int:
     from dicom_node.ingest.receive_process import ReceiveOnlyNode
     from dicom_node.ops.systemd_notify import Notifier
 
-    config = _load(args)
+    config = resolve_peer_addresses(_load(args))
     if args.port == config.receiver.port:
         print(f"dicom-node receive: --port must differ from receiver.port ({args.port}), "
               "where 'dicom-node serve' listens", file=sys.stderr)
+        return 2
+    problem = bind_problem(config.receiver.bind_address, args.port)
+    if problem is not None:
+        print(f"dicom-node receive: cannot start: --port with receiver.bind_address "
+              f"({config.receiver.bind_address}:{args.port}): {problem}", file=sys.stderr)
         return 2
     node = ReceiveOnlyNode(config, args.port)
     stop = _stop_on_signals()
@@ -83,7 +90,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.ops.systemd_notify import Notifier
     from dicom_node.service import Node
 
-    config = _load(args)
+    config = resolve_peer_addresses(_load(args))
+    problems = listen_problems(config)
+    if problems:
+        for problem in problems:
+            print(f"dicom-node: cannot start: {problem}", file=sys.stderr)
+        return 2
     try:
         node = Node(config)
     except WeightsError as exc:
@@ -103,6 +115,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "analysis.separate_process = false to run the analysis in the node itself.",
               file=sys.stderr)
         return 2
+    except OSError as exc:  # a port taken between the check above and the bind
+        print(f"dicom-node: cannot start: cannot listen: {exc.strerror or exc} (check "
+              "receiver.bind_address, receiver.port, receiver.extra_ports, metrics.port)",
+              file=sys.stderr)
+        return 2
     notifier.ready(f"listening as {config.receiver.ae_title} on "
                    f"{config.receiver.bind_address}:{node.receiver.port}, model "
                    f"{node.ctx.predictor.model.card.name} on {node.ctx.predictor.device}")
@@ -119,21 +136,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _echo_failure(host: str, port: int) -> str:
+    """Why a C-ECHO failed, in a few words (after the fact: the connection tried alone)."""
+    return connect_failure(host, port, 5.0) or "association rejected or aborted (AE titles?)"
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
+    """C-ECHO ``--host``, or the fixed destinations and the return addresses of the
+    peers (where ``return_to_sender`` results go); never the node itself."""
     config = _load(args)
     targets: list[tuple[str, str, int, TlsConfig | None]]
     if args.host:
         targets = [(args.ae_title or "ANY-SCP", args.host, args.port, None)]
     else:
-        targets = [(d.ae_title, d.host, d.port, d.tls) for d in config.destinations
-                   if not d.return_to_sender]
+        targets = []
+        for dest in config.destinations:
+            if not dest.return_to_sender:
+                targets.append((dest.ae_title, dest.host, dest.port, dest.tls))
+                continue
+            targets += [(p.ae_title, p.return_host, p.return_port, dest.tls) for p in config.peers
+                        if p.return_host is not None and p.return_port is not None]
+        targets = list(dict.fromkeys(targets))  # the same peer once
+        itself = [t for t in targets if t[0] == config.receiver.ae_title
+                  and t[2] == config.receiver.port]
+        for ae_title, host, port, _tls in itself:
+            print(f"not echoing {ae_title}@{host}:{port}: that is this node itself")
+        targets = [t for t in targets if t not in itself]
         if not targets:
-            targets = [(config.receiver.ae_title, config.receiver.bind_address,
-                        config.receiver.port, None)]
+            print("nothing to echo: the config has no fixed destination ([[destinations]] "
+                  "with ae_title/host/port) and no peer with a return address "
+                  "(peers.return_host/return_port) for return_to_sender; "
+                  "use --host/--port/--ae-title to echo one peer")
+            return 0
     failures = 0
     for ae_title, host, port, tls in targets:
         ok = echo(config.receiver.ae_title, ae_title, host, port, tls)
-        print(f"C-ECHO {ae_title}@{host}:{port}: {'ok' if ok else 'FAILED'}")
+        print(f"C-ECHO {ae_title}@{host}:{port}: "
+              f"{'ok' if ok else 'FAILED (' + _echo_failure(host, port) + ')'}")
         failures += not ok
     return 1 if failures else 0
 
@@ -245,31 +284,113 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _listen_checks(config: NodeConfig) -> list[tuple[str, str, int]]:
+    """(config keys, address, port) of every socket ``serve`` listens on."""
+    rc = config.receiver
+    checks = [("receiver.bind_address/receiver.port", rc.bind_address, rc.port)]
+    checks += [(f"receiver.extra_ports[{i}]", rc.bind_address, port)
+               for i, port in enumerate(rc.extra_ports)]
+    if config.metrics.enabled:
+        checks.append(("metrics.bind_address/metrics.port", config.metrics.bind_address,
+                       config.metrics.port))
+    return checks
+
+
+def listen_problems(config: NodeConfig) -> list[str]:
+    """What would stop ``serve`` from listening, one line per socket, naming the key."""
+    problems = []
+    for key, address, port in _listen_checks(config):
+        problem = bind_problem(address, port)
+        if problem is not None:
+            problems.append(f"{key} ({address}:{port}): {problem}")
+    return problems
+
+
+def resolve_peer_addresses(config: NodeConfig) -> NodeConfig:
+    """The config with host names in ``peers.addresses`` replaced by the IP addresses they
+    resolve to now (the receiver compares the caller's IP address with the list; a host
+    name there would never match). A name that does not resolve is a ConfigError naming
+    the key: the node does not start with an allow-list it cannot apply."""
+    peers = []
+    for i, peer in enumerate(config.peers):
+        addresses: list[str] = []
+        for j, entry in enumerate(peer.addresses):
+            found, problem = resolve(entry)
+            if problem is not None:
+                raise ConfigError(f"peers[{i}].addresses[{j}] ({peer.ae_title}): {problem}; "
+                                  "give an IP address or a name this host resolves")
+            addresses += [a for a in found if a not in addresses]
+        peers.append(replace(peer, addresses=tuple(addresses)))
+    return replace(config, peers=tuple(peers))
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate the config (loading it is the validation) and C-ECHO every destination."""
+    """Validate the config (loading it is the validation), the model, what this host says
+    about the addresses (ports free, bind address local, host names resolving), and
+    C-ECHO every destination. Every line names the config key it is about."""
     from dicom_node.inference.model_weights import load_weights
 
     config = _load(args)
     print(f"config {config.source_path}: valid")
+    failures = 0
     try:
         model = load_weights(config.model.weights_path)
-        print(f"model {model.card.name} {model.card.version} sha256 {model.sha256[:16]}...: ok")
+        print(f"model.weights_path: {model.card.name} {model.card.version} "
+              f"sha256 {model.sha256[:16]}...: ok")
     except WeightsError as exc:
-        print(f"model: FAILED: {exc}")
-        return 1
-    failures = 0
-    for dest in config.destinations:
+        print(f"model.weights_path: FAILED: {exc}")
+        failures += 1
+    for key, address, port in _listen_checks(config):
+        problem = bind_problem(address, port)
+        if problem is None:
+            print(f"{key} {address}:{port}: free to listen on: ok")
+            continue
+        host = "127.0.0.1" if address in ("0.0.0.0", "") else "::1" if address == "::" else address
+        if (key.startswith("receiver.bind_address") and "in use" in problem
+                and echo(config.receiver.ae_title, config.receiver.ae_title, host, port)):
+            print(f"{key} {address}:{port}: in use by a DICOM node answering as "
+                  f"{config.receiver.ae_title} (this node, running?): fine for a restart; "
+                  "a second 'serve' beside it would fail")
+            continue
+        print(f"{key} {address}:{port}: FAILED: {problem}")
+        failures += 1
+    for i, peer in enumerate(config.peers):
+        for j, entry in enumerate(peer.addresses):
+            if is_ip_address(entry):
+                continue
+            found, problem = resolve(entry)
+            if problem is None:
+                print(f"peers[{i}].addresses[{j}] ({peer.ae_title}) {entry}: resolves to "
+                      f"{', '.join(found)}: ok (resolved once at start)")
+            else:
+                print(f"peers[{i}].addresses[{j}] ({peer.ae_title}): FAILED: {problem}; "
+                      "serve refuses to start with it")
+                failures += 1
+        if peer.return_host is not None and resolve(peer.return_host)[1] is not None:
+            print(f"peers[{i}].return_host ({peer.ae_title}): FAILED: "
+                  f"{resolve(peer.return_host)[1]}")
+            failures += 1
+    for i, dest in enumerate(config.destinations):
+        key = f"destinations[{i}] ({dest.name})"
         if dest.return_to_sender:
             routes = [(p.ae_title, p.return_host, p.return_port) for p in config.peers
                       if p.return_host and p.return_port]
-            print(f"destination {dest.name}: return to sender ({len(routes)} return route(s))")
+            print(f"{key}: return to sender ({len(routes)} return route(s) in "
+                  "peers.return_host/return_port)")
             targets = [(ae, host, port, dest.tls) for ae, host, port in routes
                        if host is not None and port is not None]
         else:
+            problem = resolve(dest.host)[1]
+            if problem is not None:
+                print(f"{key}.host: FAILED: {problem}")
+                failures += 1
+                continue
+            print(f"{key}:")
             targets = [(dest.ae_title, dest.host, dest.port, dest.tls)]
         for ae_title, host, port, tls in targets:
             ok = echo(config.receiver.ae_title, ae_title, host, port, tls)
-            print(f"  C-ECHO {ae_title}@{host}:{port}: {'ok' if ok else 'FAILED'}")
+            print(f"  C-ECHO {ae_title}@{host}:{port}: "
+                  f"{'ok' if ok else 'FAILED (' + _echo_failure(host, port) + ')'}")
             failures += not ok
     return 1 if failures else 0
 
