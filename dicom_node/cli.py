@@ -324,6 +324,32 @@ def resolve_peer_addresses(config: NodeConfig) -> NodeConfig:
     return replace(config, peers=tuple(peers))
 
 
+def _running_since(config: NodeConfig) -> str | None:
+    """When the node on this database started, if it looks to be running now: its last
+    ``node.start`` (not a receive-only process's) has no ``node.stop`` after it, and a
+    DICOM SCP answers on ``receiver.port`` (an association accepted or rejected: the
+    node rejects calling AE titles it does not know, its own among them)."""
+    from sqlalchemy import select
+
+    from dicom_node.net.ae import answers_dicom
+    from storage.audit import AuditKind
+    from storage.models import AuditEvent
+
+    with _engine(config)() as session:
+        last = session.scalars(select(AuditEvent).where(
+            AuditEvent.kind.in_((AuditKind.NODE_START, AuditKind.NODE_STOP)),
+            ~AuditEvent.detail.contains('"role": "receive-only"'))
+            .order_by(AuditEvent.id.desc()).limit(1)).first()
+    if last is None or last.kind != AuditKind.NODE_START:
+        return None
+    address = config.receiver.bind_address
+    host = "127.0.0.1" if address in ("0.0.0.0", "") else "::1" if address == "::" else address
+    if not answers_dicom(config.receiver.ae_title, config.receiver.ae_title, host,
+                         config.receiver.port):
+        return None
+    return _when(last.at)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the config (loading it is the validation), the model, what this host says
     about the addresses (ports free, bind address local, host names resolving), and
@@ -345,12 +371,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if problem is None:
             print(f"{key} {address}:{port}: free to listen on: ok")
             continue
-        host = "127.0.0.1" if address in ("0.0.0.0", "") else "::1" if address == "::" else address
-        if (key.startswith("receiver.bind_address") and "in use" in problem
-                and echo(config.receiver.ae_title, config.receiver.ae_title, host, port)):
-            print(f"{key} {address}:{port}: in use by a DICOM node answering as "
-                  f"{config.receiver.ae_title} (this node, running?): fine for a restart; "
-                  "a second 'serve' beside it would fail")
+        running = (_running_since(config) if key.startswith("receiver.bind_address")
+                   and "in use" in problem else None)
+        if running is not None:
+            print(f"{key} {address}:{port}: in use by this node (started {running} UTC by "
+                  "its audit log, and a DICOM SCP answers there): fine for a restart; a "
+                  "second 'serve' beside it would fail")
             continue
         print(f"{key} {address}:{port}: FAILED: {problem}")
         failures += 1
