@@ -13,14 +13,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from sqlalchemy import func, select
 
 from dicom_node.config import NodeConfig
 from dicom_node.errors import RequestRefused
+from dicom_node.outbox.enqueue import enqueue_outputs
 from dicom_node.series.lookup import resolve_series_uid
+from dicom_node.series.tracking import discard
 from dicom_node.service import Node
+from storage.audit import AuditLog
 from storage.database import make_engine, make_session_factory
-from storage.models import Series
+from storage.models import Job, JobState, OutboxEntry, OutputInstance, Series, SeriesState
 from tests.conftest import PynetdicomPacs, free_port, pynetdicom_send, wait_for
 from tests.dicom_factory import SeriesSpec, write_series
 
@@ -85,6 +89,9 @@ def test_triage_reprocess_and_discard_beside_a_running_node(
     listing = _ok(path, "outbox", "--series", tail)
     assert listing.startswith("outbox: 20 entries in 6 line(s)")
     assert "next retry (UTC)" in listing.splitlines()[1]
+    study_tail = str(dcmread(files[0]).StudyInstanceUID)[-10:]
+    assert _lines(_ok(path, "audit", "--study", study_tail, "--kind", "send.attempt"),
+                  "error", "LATER@", "ACC00043", "connection refused")
     refused = _lines(listing, "later", "pending", "connection refused", "ACC00043", tail)
     assert len(refused) == 3  # SC, SEG and SR series, one line each
     assert _lines(listing, "pacs", "sent", "ACC00043")
@@ -172,3 +179,37 @@ def test_uid_tails_unique_exact_or_refused_with_the_candidates(tmp_path: Path) -
     assert result.returncode == 2 and "ambiguous" in result.stderr
     result = _cli(config, "reprocess", "77")
     assert result.returncode == 2 and "receiving: it will be processed anyway" in result.stderr
+
+
+def test_a_job_finishing_after_a_discard_queues_nothing(
+        tmp_path: Path, make_config: Callable[..., NodeConfig]) -> None:
+    """The job that ran while the admin discarded its series records its outputs but
+    queues none: enqueue_outputs reads the state in its own write transaction."""
+    config = make_config(destinations=[
+        {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}])
+    sessions = make_session_factory(make_engine(config.database_url))
+    audit = AuditLog(sessions)
+    with audit.transaction() as session:
+        series = Series(series_uid="1.2.3.4", study_uid="1.2.3", state=SeriesState.RUNNING)
+        session.add(series)
+        session.flush()
+        job = Job(series_id=series.id, series_version=1, state=JobState.RUNNING)
+        session.add(job)
+        session.flush()
+        series_id, job_id = series.id, job.id
+    written: list[tuple[str, object, Path]] = []
+    for index in range(2):
+        ds = Dataset()
+        ds.SOPInstanceUID = f"1.2.3.4.9.{index}"
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.SeriesInstanceUID = "1.2.3.4.9"
+        written.append(("sc", ds, tmp_path / f"{index}.dcm"))
+    with audit.transaction() as session:
+        running = session.get(Series, series_id)
+        assert running is not None
+        discard(audit, session, running, "tester")
+    assert enqueue_outputs(config, audit, series_id, job_id, 1, written, None) == 0
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(OutboxEntry)) == 0
+        assert session.scalar(select(func.count()).select_from(OutputInstance)) == 2
+        assert session.scalar(select(Series.state)) == SeriesState.DISCARDED

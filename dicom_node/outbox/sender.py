@@ -236,8 +236,10 @@ class Sender:
                         seconds=self.backoff_s(entry.attempts))
                     reason_text = reason
                 output = session.get(OutputInstance, entry.output_id)
+                source = session.get(Series, output.source_series_id) if output else None
                 self._audit.record_in(
                     session, AuditKind.SEND_ATTEMPT, outcome="error",
+                    study_uid=source.study_uid if source else "",
                     sop_uid=output.sop_uid if output else "",
                     series_uid=output.series_uid if output else "",
                     peer=f"{entry.ae_title}@{entry.host}:{entry.port}",
