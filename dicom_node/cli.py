@@ -422,7 +422,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
-    from dicom_node.outbox.admin import list_entries, list_series, next_retry_text, retry_dead
+    from dicom_node.outbox.admin import (
+        count_entries,
+        list_entries,
+        list_series,
+        next_retry_text,
+        retry_dead,
+    )
     from dicom_node.series.lookup import resolve_series_uid, resolve_study_uid
     from storage.audit import AuditLog
 
@@ -441,11 +447,13 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         lister = list_entries if args.all else list_series
         rows = lister(session, state=args.state, destination=args.destination,
                       limit=args.limit, series_uids=series, study_uid=study)
-    entries = sum(row.count for row in rows)
-    shown = "entry" if entries == 1 else "entries"
-    print(f"outbox: {entries} {shown}" + ("" if args.all or not rows else
-                                          f" in {len(rows)} line(s), one per output series, "
-                                          "destination and state (--all: every entry)"))
+        entries = count_entries(session, state=args.state, destination=args.destination,
+                                series_uids=series, study_uid=study)
+    shown = sum(row.count for row in rows)
+    print(f"outbox: {entries} {'entry' if entries == 1 else 'entries'}"
+          + ("" if args.all or not rows else f" in {len(rows)} line(s), one per output "
+             "series, destination and state (--all: every entry)")
+          + (f"; the newest {shown} shown (--limit)" if shown < entries else ""))
     if not rows:
         return 0
     print(f"{'id':>6} {'destination':12} {'state':9} {'kind':4} {'count':>5} {'tries':>5} "

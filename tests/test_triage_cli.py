@@ -99,7 +99,9 @@ def test_triage_reprocess_and_discard_beside_a_running_node(
     assert sc_line.split()[4] == "8"  # eight SC entries in one line
     assert re.search(r" pending +sc +8 +\d+ +(now|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ", sc_line)
     every = _ok(path, "outbox", "--series", tail, "--all", "--destination", "later")
-    assert every.startswith("outbox: 10 entries") and len(_lines(every, "later")) == 10
+    assert every.startswith("outbox: 10 entries\n") and len(_lines(every, "later")) == 10
+    assert _ok(path, "outbox", "--all", "--limit", "4").startswith(
+        "outbox: 20 entries; the newest 4 shown (--limit)\n")
     assert _ok(path, "outbox", "--state", "dead").splitlines() == ["outbox: 0 entries"]
 
     # The audit: the listed tail finds the series; per-instance events collapsed.

@@ -53,6 +53,16 @@ def _conditions(state: str | None, destination: str | None,
     return conditions
 
 
+def count_entries(session: Session, state: str | None = None, destination: str | None = None,
+                  series_uids: Collection[str] | None = None, study_uid: str | None = None) -> int:
+    """How many entries match (whatever a listing's limit shows of them)."""
+    return int(session.scalar(
+        select(func.count()).select_from(OutboxEntry)
+        .join(OutputInstance, OutputInstance.id == OutboxEntry.output_id)
+        .outerjoin(Series, Series.id == OutputInstance.source_series_id)
+        .where(*_conditions(state, destination, series_uids, study_uid))) or 0)
+
+
 def list_entries(session: Session, state: str | None = None, destination: str | None = None,
                  limit: int = 100, series_uids: Collection[str] | None = None,
                  study_uid: str | None = None) -> Sequence[OutboxRow]:
