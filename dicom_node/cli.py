@@ -136,6 +136,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_network_errors(args: argparse.Namespace) -> None:
+    """The command prints each failed association with its reason: pynetdicom's own ERROR
+    lines about it would say the same twice (-v shows them)."""
+    if not args.verbose:
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
+
 def _echo_failure(host: str, port: int) -> str:
     """Why a C-ECHO failed, in a few words (after the fact: the connection tried alone)."""
     return connect_failure(host, port, 5.0) or "association rejected or aborted (AE titles?)"
@@ -144,6 +151,7 @@ def _echo_failure(host: str, port: int) -> str:
 def cmd_echo(args: argparse.Namespace) -> int:
     """C-ECHO ``--host``, or the fixed destinations and the return addresses of the
     peers (where ``return_to_sender`` results go); never the node itself."""
+    _quiet_network_errors(args)
     config = _load(args)
     targets: list[tuple[str, str, int, TlsConfig | None]]
     if args.host:
@@ -172,7 +180,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
     for ae_title, host, port, tls in targets:
         ok = echo(config.receiver.ae_title, ae_title, host, port, tls)
         print(f"C-ECHO {ae_title}@{host}:{port}: "
-              f"{'ok' if ok else 'FAILED (' + _echo_failure(host, port) + ')'}")
+              f"{'ok' if ok else 'FAILED: ' + _echo_failure(host, port)}")
         failures += not ok
     return 1 if failures else 0
 
@@ -356,6 +364,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     C-ECHO every destination. Every line names the config key it is about."""
     from dicom_node.inference.model_weights import load_weights
 
+    _quiet_network_errors(args)
     config = _load(args)
     print(f"config {config.source_path}: valid")
     failures = 0
@@ -416,7 +425,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for ae_title, host, port, tls in targets:
             ok = echo(config.receiver.ae_title, ae_title, host, port, tls)
             print(f"  C-ECHO {ae_title}@{host}:{port}: "
-                  f"{'ok' if ok else 'FAILED (' + _echo_failure(host, port) + ')'}")
+                  f"{'ok' if ok else 'FAILED: ' + _echo_failure(host, port)}")
             failures += not ok
     return 1 if failures else 0
 
