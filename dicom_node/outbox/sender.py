@@ -200,7 +200,8 @@ class Sender:
         if assoc.is_rejected:
             return ("association rejected by the destination (does it know the node's AE "
                     f"title {self.config.receiver.ae_title!r}, and is its own AE title right?)")
-        failure = connect_failure(host, port, self.config.outbox.dimse_timeout_s)
+        # Briefly: a host that drops packets already cost the association's timeout.
+        failure = connect_failure(host, port, min(self.config.outbox.dimse_timeout_s, 5.0))
         if failure is not None:
             return failure
         if tls_enabled:
