@@ -15,3 +15,9 @@ class ConfigError(Exception):
 
 class WeightsError(Exception):
     """The weights file is missing, unreadable or not a dicom-node generator."""
+
+
+class RequestRefused(Exception):
+    """An admin command cannot do what was asked: a UID tail that matches no series or
+    several, a series in a state the command does not apply to. The message says why and
+    what to do instead."""

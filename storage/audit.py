@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,6 +42,7 @@ class AuditKind(StrEnum):
     OUTPUT_WRITTEN = "output.written"
     SEND_ATTEMPT = "send.attempt"
     OUTBOX_RETRY = "outbox.retry"
+    OUTBOX_DISCARD = "outbox.discard"
     JOB_RETRY = "job.retry"
     RETENTION = "retention.delete"
     NODE_START = "node.start"
@@ -176,12 +177,70 @@ def verify_chain(session: Session) -> ChainCheck:
 
 
 def recent_events(session: Session, *, limit: int = 50, study_uid: str | None = None,
-                  series_uid: str | None = None, kind: str | None = None) -> Sequence[AuditEvent]:
+                  series_uid: str | None = None, kind: str | None = None,
+                  series_uids: Collection[str] | None = None) -> Sequence[AuditEvent]:
+    """The newest ``limit`` events (oldest first), filtered; ``series_uids`` matches any of
+    several series (a received series and the outputs written from it)."""
     query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
     if study_uid:
         query = query.where(AuditEvent.study_uid == study_uid)
     if series_uid:
         query = query.where(AuditEvent.series_uid == series_uid)
+    if series_uids is not None:
+        query = query.where(AuditEvent.series_uid.in_(series_uids))
     if kind:
         query = query.where(AuditEvent.kind.startswith(kind))
     return list(reversed(session.scalars(query).all()))
+
+
+#: Kinds recorded once per instance: collapsed by :func:`collapse_events`.
+PER_INSTANCE_KINDS = frozenset({AuditKind.INSTANCE_STORED, AuditKind.INSTANCE_REFUSED,
+                                AuditKind.SEND_ATTEMPT})
+#: Detail fields that differ from instance to instance (left out of a collapsed line).
+PER_INSTANCE_FIELDS = frozenset({"bytes", "attempt"})
+
+
+@dataclass
+class EventGroup:
+    """One line of the audit listing: an event, or (``count`` > 1) the per-instance events
+    of one kind, outcome, series and peer (one association, or one destination) that say
+    the same thing. ``detail`` leaves out what differs per instance."""
+
+    first: AuditEvent
+    last_at: datetime
+    count: int
+    detail: str
+
+
+def _shared_detail(detail: str) -> str:
+    if not detail:
+        return ""
+    try:
+        fields = json.loads(detail)
+    except ValueError:
+        return detail
+    if not isinstance(fields, dict):
+        return detail
+    return json.dumps({k: v for k, v in fields.items() if k not in PER_INSTANCE_FIELDS},
+                      sort_keys=True, default=str)
+
+
+def collapse_events(events: Sequence[AuditEvent]) -> list[EventGroup]:
+    """Per-instance events (instance stored or refused, send attempts) collapsed into one
+    group per kind, outcome, series, peer and shared detail, placed where its first event
+    was; every other event is a group of its own. ``events`` oldest first."""
+    groups: list[EventGroup] = []
+    open_groups: dict[tuple[str, ...], EventGroup] = {}
+    for event in events:
+        if event.kind not in PER_INSTANCE_KINDS:
+            groups.append(EventGroup(event, event.at, 1, event.detail))
+            continue
+        detail = _shared_detail(event.detail)
+        key = (event.kind, event.outcome, event.study_uid, event.series_uid, event.peer, detail)
+        group = open_groups.get(key)
+        if group is None:
+            group = open_groups[key] = EventGroup(event, event.at, 0, detail)
+            groups.append(group)
+        group.count += 1
+        group.last_at = event.at
+    return groups

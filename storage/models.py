@@ -5,6 +5,9 @@ Series states (persisted; every change is an audit event)::
     receiving -> ready -> queued -> running -> done | skipped | failed
         ^                                        |
         +------------- late instance ------------+   (reopens with version + 1)
+
+    any state -> discarded (``dicom-node discard``); a finished or discarded series ->
+    ready with version + 1 (``dicom-node reprocess``)
 """
 
 from __future__ import annotations
@@ -50,11 +53,13 @@ class SeriesState(StrEnum):
     DONE = "done"
     SKIPPED = "skipped"
     FAILED = "failed"
+    DISCARDED = "discarded"  # an admin stopped it (``dicom-node discard``)
 
 
-#: The states a job leaves a series in; a late instance reopens them with version + 1.
+#: The states a series rests in: a late instance reopens them with version + 1, and
+#: ``dicom-node reprocess`` runs them again.
 FINISHED_STATES: frozenset[SeriesState] = frozenset(
-    {SeriesState.DONE, SeriesState.SKIPPED, SeriesState.FAILED})
+    {SeriesState.DONE, SeriesState.SKIPPED, SeriesState.FAILED, SeriesState.DISCARDED})
 
 
 class JobState(StrEnum):
@@ -72,6 +77,7 @@ class OutboxState(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     DEAD = "dead"
+    DISCARDED = "discarded"  # its series was discarded (``dicom-node discard``): never sent
 
 
 class Association(Base):

@@ -81,8 +81,10 @@ def test_status_check_config_and_metrics(
 
     check = _cli("check-config", "--config", str(path))
     assert check.returncode == 1  # the offline destination does not answer
+    assert (f"receiver.bind_address/receiver.port 127.0.0.1:{config.receiver.port}: in use "
+            "by this node") in check.stdout  # the running node is not a failure
     assert f"C-ECHO PACS@127.0.0.1:{pynetdicom_pacs.port}: ok" in check.stdout
-    assert f"C-ECHO OFFLINE@127.0.0.1:{dead_port}: FAILED" in check.stdout
+    assert f"C-ECHO OFFLINE@127.0.0.1:{dead_port}: FAILED: connection refused" in check.stdout
 
     base = f"http://127.0.0.1:{metrics_port}"
     with urllib.request.urlopen(f"{base}/healthz", timeout=10) as response:

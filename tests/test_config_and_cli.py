@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import subprocess
 import sys
 import tomllib
@@ -17,6 +18,7 @@ from dicom_node.config import (
     parse_config,
 )
 from dicom_node.errors import ConfigError
+from tests.conftest import free_port
 
 MINIMAL = {"model": {"weights_path": "w.pt"}}
 
@@ -110,3 +112,67 @@ def test_packaged_config_is_the_source_tree_s_with_system_paths() -> None:
         packaged, data_dir=source.data_dir, database_url=source.database_url,
         model=dataclasses.replace(packaged.model, weights_path=source.model.weights_path)
     ) == source
+def _node_toml(tmp_path: Path, weights: Path, port: int, extra: str = "") -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(f'[node]\ndata_dir = "var"\n[receiver]\nport = {port}\n'
+                    f'[model]\nweights_path = "{weights}"\n{extra}')
+    return path
+
+
+def test_check_config_and_serve_name_the_key_of_a_port_in_use(tmp_path: Path,
+                                                              test_weights: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = _node_toml(tmp_path, test_weights, port)
+        check = _run_cli("check-config", "--config", str(config))
+        assert check.returncode == 1
+        assert (f"receiver.bind_address/receiver.port 127.0.0.1:{port}: FAILED: port {port} "
+                "on 127.0.0.1 is already in use") in check.stdout
+        serve = _run_cli("serve", "--config", str(config))
+    assert serve.returncode == 2
+    assert f"receiver.bind_address/receiver.port (127.0.0.1:{port})" in serve.stderr
+    assert "already in use" in serve.stderr and "Traceback" not in serve.stderr
+    free = _run_cli("check-config", "--config", str(config))
+    assert f"receiver.bind_address/receiver.port 127.0.0.1:{port}: free" in free.stdout
+
+
+def test_bind_address_not_on_this_host_is_refused(tmp_path: Path, test_weights: Path) -> None:
+    config = _node_toml(tmp_path, test_weights, free_port())
+    config.write_text(config.read_text().replace("[receiver]\n",
+                                                 '[receiver]\nbind_address = "192.0.2.1"\n'))
+    serve = _run_cli("serve", "--config", str(config))
+    assert serve.returncode == 2 and "Traceback" not in serve.stderr
+    assert "receiver.bind_address/receiver.port (192.0.2.1:" in serve.stderr
+    assert "192.0.2.1 is not an address of this host" in serve.stderr
+
+
+def test_peer_host_names_are_resolved_or_refused(tmp_path: Path, test_weights: Path) -> None:
+    peers = ('[[peers]]\nae_title = "PACS"\naddresses = ["localhost"]\n'
+             '[[peers]]\nae_title = "GHOST"\naddresses = ["10.1.2.3", "no-such-host.invalid"]\n')
+    config = _node_toml(tmp_path, test_weights, free_port(), peers)
+    check = _run_cli("check-config", "--config", str(config))
+    assert check.returncode == 1
+    assert "peers[0].addresses[0] (PACS) localhost: resolves to " in check.stdout
+    assert "127.0.0.1" in check.stdout
+    assert ("peers[1].addresses[1] (GHOST): FAILED: host name 'no-such-host.invalid' does "
+            "not resolve") in check.stdout
+    serve = _run_cli("serve", "--config", str(config))
+    assert serve.returncode == 2 and "Traceback" not in serve.stderr
+    assert "peers[1].addresses[1] (GHOST): host name 'no-such-host.invalid'" in serve.stderr
+    assert len(serve.stderr.strip().splitlines()) == 1
+
+
+def test_echo_on_the_shipped_config_never_echoes_the_node_itself(tmp_path: Path) -> None:
+    shipped = load_config(default_config_path())
+    result = _run_cli("echo", "--data-dir", str(tmp_path / "var"))
+    assert f"{shipped.receiver.ae_title}@" not in result.stdout, result.stdout
+    routes = {f"C-ECHO {p.ae_title}@{p.return_host}:{p.return_port}: " for p in shipped.peers}
+    assert routes and all(route in result.stdout for route in routes), result.stdout
+    lonely = tmp_path / "lonely.toml"
+    lonely.write_text('[model]\nweights_path = "w.pt"\n[[destinations]]\nname = "back"\n'
+                      'return_to_sender = true\n')
+    nothing = _run_cli("echo", "--config", str(lonely))
+    assert nothing.returncode == 0
+    assert "nothing to echo" in nothing.stdout and "C-ECHO" not in nothing.stdout

@@ -45,8 +45,8 @@ ALLOWED: dict[str, set[str]] = {
     "scheduler": {"errors", "config", "jobs", "series", "outbox", "storage"},
     "service": {"errors", "config", "net", "ingest", "series", "inference", "analysis",
                 "writers", "outbox", "ops", "jobs", "scheduler", "storage"},
-    "cli": {"errors", "config", "net", "ingest", "inference", "analysis", "outbox", "ops",
-            "service", "storage"},
+    "cli": {"errors", "config", "net", "ingest", "series", "inference", "analysis", "outbox",
+            "ops", "service", "storage"},
     "models": set(),
 }
 

@@ -121,7 +121,13 @@ def _dicomweb_destination(url: str, credentials: Path, **extra: Any) -> dict[str
 def _multipart_parts(content_type: str, body: bytes) -> list[bytes]:
     message = BytesParser().parsebytes(
         f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-    return [part.get_payload(decode=True) for part in message.get_payload()]
+    parts: list[bytes] = []
+    for part in message.get_payload():
+        assert not isinstance(part, str)
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        parts.append(payload)
+    return parts
 
 
 def test_results_reach_a_dicomweb_server_byte_for_byte(
@@ -253,7 +259,7 @@ def test_each_instance_gets_the_outcome_the_server_gave_it(
             REFERENCED_SOP_SEQUENCE: {"vr": "SQ", "Value": [_item(warned, "00081196", 0xB000)]
                                       + [_item(u) for u in rest]}}
 
-    _StowStub.script = staticmethod(script)  # type: ignore[assignment]
+    _StowStub.script = staticmethod(script)
     _StowStub.received = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _StowStub)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -346,3 +352,23 @@ def test_config_checks_dicomweb_destinations(tmp_path: Path,
     with pytest.raises(ConfigError, match="belong to a destination of type"):
         make_config(destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
                                    "port": 104, "url": "http://x"}])
+
+
+def test_echo_checks_a_dicomweb_destination_with_its_credentials(
+        tmp_path: Path, test_weights: Path, dicomweb_orthanc: DicomWebServer,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli import main
+
+    credentials = tmp_path / "stow.credentials"
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "node"}"\n'
+        f'[model]\nweights_path = "{test_weights}"\n'
+        f'[[destinations]]\nname = "cloud"\ntype = "dicomweb"\n'
+        f'url = "{dicomweb_orthanc.base_url}"\nbasic_auth_file = "{credentials}"\n')
+    credentials.write_text(f"{USER}:not-the-password\n")
+    assert main(["echo", "--config", str(config)]) == 1
+    assert "QIDO-RS search): FAILED: HTTP 401" in capsys.readouterr().out
+    credentials.write_text(f"{USER}:{PASSWORD}\n")
+    assert main(["echo", "--config", str(config)]) == 0
+    assert f"DICOMweb {dicomweb_orthanc.base_url} (QIDO-RS search): ok" in capsys.readouterr().out

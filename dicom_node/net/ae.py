@@ -41,6 +41,20 @@ def echo(calling_ae_title: str, ae_title: str, host: str, port: int,
     return "Status" in status and int(status.Status) == 0
 
 
+def answers_dicom(calling_ae_title: str, ae_title: str, host: str, port: int,
+                  timeout_s: float = 5) -> bool:
+    """Does a DICOM SCP answer an association request at ``host:port`` (accepting or
+    rejecting it)? Released at once if accepted."""
+    ae = new_ae(calling_ae_title, acse_timeout_s=timeout_s, dimse_timeout_s=timeout_s,
+                network_timeout_s=timeout_s)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if assoc.is_established:
+        assoc.release()
+        return True
+    return bool(assoc.is_rejected)
+
+
 def set_nodelay(assoc: Association) -> None:
     """pynetdicom leaves Nagle on; small PDUs then wait for delayed ACKs."""
     sock = assoc.dul.socket

@@ -17,7 +17,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Destination, NodeConfig
 from storage.audit import AuditKind, AuditLog
-from storage.models import OutboxEntry, OutboxState, OutputInstance, Series, utcnow
+from storage.models import (
+    OutboxEntry,
+    OutboxState,
+    OutputInstance,
+    Series,
+    SeriesState,
+    utcnow,
+)
 
 if TYPE_CHECKING:  # types only: the uncertainty module imports torch
     from dicom_node.analysis.tbr import TbrResult
@@ -74,7 +81,12 @@ def enqueue_outputs(config: NodeConfig, audit: AuditLog, series_id: int, job_id:
         series = session.get(Series, series_id)
         assert series is not None
         routes = []
-        for dest in config.destinations:
+        # An admin discarded the series while its job ran (dicom-node discard): the
+        # outputs are recorded, nothing is queued. Checked in this write transaction,
+        # so a discard lands either before it (nothing queued) or after it (it drops
+        # what was queued).
+        discarded = series.state == SeriesState.DISCARDED
+        for dest in () if discarded else config.destinations:
             route = resolve_destination(config, dest, series)
             if route is None:
                 audit.record_in(session, AuditKind.SEND_ATTEMPT, outcome="error",
@@ -130,5 +142,6 @@ def enqueue_outputs(config: NodeConfig, audit: AuditLog, series_id: int, job_id:
                                       for v, uid in superseded]
         audit.record_in(session, AuditKind.OUTPUT_WRITTEN, study_uid=series.study_uid,
                         series_uid=series.series_uid, job=job_id, version=version,
-                        outputs=len(written), outbox_entries=queued, **findings)
+                        outputs=len(written), outbox_entries=queued,
+                        **({"not_sent": "series discarded"} if discarded else {}), **findings)
     return queued

@@ -1,10 +1,11 @@
 """Retention: delete received instances and outputs after an age, never before delivery.
 
-An output file goes once every outbox entry for it is ``sent`` and it is older than
-``retention.outputs_h``. A received instance goes once its series is finished (done,
-skipped or failed), older than ``retention.incoming_h``, and none of the series'
-outputs still waits in the outbox (pending or dead). The database rows stay (the
-record of what happened); their ``path`` is cleared.
+An output file goes once no outbox entry for it waits (pending or dead: sent, or
+discarded with its series) and it is older than ``retention.outputs_h``. A received
+instance goes once its series is finished (done, skipped, failed or discarded), older
+than ``retention.incoming_h``, and none of the series' outputs still waits in the
+outbox (pending or dead). The database rows stay (the record of what happened); their
+``path`` is cleared.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from storage.models import (
 
 log = logging.getLogger(__name__)
 
+#: Outbox states whose output is still to be delivered (a dead letter can be retried).
+_UNDELIVERED = (OutboxState.PENDING, OutboxState.DEAD)
+
 
 def _delete(path: str) -> None:
     Path(path).unlink(missing_ok=True)
@@ -41,7 +45,7 @@ def apply_retention(session: Session, audit: AuditLog, cfg: RetentionConfig) -> 
     outputs_deleted = 0
     if cfg.outputs_h > 0:
         undelivered = exists().where(OutboxEntry.output_id == OutputInstance.id,
-                                     OutboxEntry.state != OutboxState.SENT)
+                                     OutboxEntry.state.in_(_UNDELIVERED))
         old_outputs = session.scalars(select(OutputInstance).where(
             OutputInstance.path != "", OutputInstance.created_at <= now - timedelta(
                 hours=cfg.outputs_h), ~undelivered)).all()
@@ -53,7 +57,7 @@ def apply_retention(session: Session, audit: AuditLog, cfg: RetentionConfig) -> 
     if cfg.incoming_h > 0:
         waiting = exists().where(OutputInstance.source_series_id == Series.id,
                                  OutboxEntry.output_id == OutputInstance.id,
-                                 OutboxEntry.state != OutboxState.SENT)
+                                 OutboxEntry.state.in_(_UNDELIVERED))
         old_series = session.scalars(select(Series).where(
             Series.state.in_(FINISHED_STATES),
             Series.last_received_at <= now - timedelta(hours=cfg.incoming_h), ~waiting)).all()

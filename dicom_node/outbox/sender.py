@@ -35,6 +35,7 @@ from dicom_node.config import Destination, NodeConfig
 from dicom_node.errors import ConfigError
 from dicom_node.net import dimse_status
 from dicom_node.net.ae import keep_responses, new_ae, set_nodelay
+from dicom_node.net.host_checks import connect_failure
 from dicom_node.net.tls import TlsConfig, client_tls_args
 from dicom_node.outbox.stow import StowUnavailable, store_instances
 from storage.audit import AuditKind, AuditLog
@@ -213,10 +214,7 @@ class Sender:
                 ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
         if not assoc.is_established:
-            reason = ("association rejected" if assoc.is_rejected else
-                      "association aborted" if assoc.is_aborted else
-                      "cannot connect or TLS handshake failed" if tls_enabled else
-                      "cannot connect")
+            reason = self._association_failure(assoc, host, port, tls_enabled)
             self._retry_all([item[0] for item in work], f"{reason} ({ae_title}@{host}:{port})")
             return 0
         set_nodelay(assoc)
@@ -253,6 +251,22 @@ class Sender:
                 assoc.release()
         return stored
 
+    def _association_failure(self, assoc: Association, host: str, port: int,
+                             tls_enabled: bool) -> str:
+        """Why an association was not established, as the admin needs it: pynetdicom
+        reports a refused or unreachable connection as an aborted association, so the
+        connection is tried again on its own to tell them apart."""
+        if assoc.is_rejected:
+            return ("association rejected by the destination (does it know the node's AE "
+                    f"title {self.config.receiver.ae_title!r}, and is its own AE title right?)")
+        # Briefly: a host that drops packets already cost the association's timeout.
+        failure = connect_failure(host, port, min(self.config.outbox.dimse_timeout_s, 5.0))
+        if failure is not None:
+            return failure
+        if tls_enabled:
+            return "TLS handshake failed or the destination aborted the association"
+        return "the destination accepted the connection, then aborted the association"
+
     @staticmethod
     def _store(assoc: Association, path: Path) -> Dataset:
         """C-STORE the file's bytes as written (streamed, not decoded); decode and
@@ -268,6 +282,8 @@ class Sender:
             for entry_id in entry_ids:
                 entry = session.get(OutboxEntry, entry_id)
                 assert entry is not None
+                if entry.state != OutboxState.PENDING:
+                    continue  # discarded meanwhile (dicom-node discard): it stays so
                 entry.attempts += 1
                 entry.last_status = status
                 entry.last_error = reason
@@ -280,12 +296,16 @@ class Sender:
                         seconds=self.backoff_s(entry.attempts))
                     reason_text = reason
                 output = session.get(OutputInstance, entry.output_id)
+                source = session.get(Series, output.source_series_id) if output else None
                 self._audit.record_in(
                     session, AuditKind.SEND_ATTEMPT, outcome="error",
+                    study_uid=source.study_uid if source else "",
                     sop_uid=output.sop_uid if output else "",
                     series_uid=output.series_uid if output else "",
                     peer=f"{entry.ae_title}@{entry.host}:{entry.port}",
-                    destination=entry.destination, status=dimse_status.describe(status),
+                    destination=entry.destination,
+                    # no status: the C-STORE was never answered, or never sent at all
+                    status=dimse_status.describe(status) if status is not None else "none",
                     attempt=entry.attempts, state=entry.state, reason=reason_text)
 
 
@@ -336,13 +356,18 @@ class _OutcomeWriter:
     def _write(self, batch: list[_Outcome]) -> None:
         now = utcnow()
         with self._audit.transaction() as session:
-            attempts = {entry_id: count for entry_id, count in session.execute(
-                select(OutboxEntry.id, OutboxEntry.attempts)
+            known = {entry_id: (count, state) for entry_id, count, state in session.execute(
+                select(OutboxEntry.id, OutboxEntry.attempts, OutboxEntry.state)
                 .where(OutboxEntry.id.in_([o.entry_id for o in batch])))}
+            attempts = {entry_id: count for entry_id, (count, _state) in known.items()}
+            # A refusal of an entry discarded meanwhile leaves it discarded (never a dead
+            # letter that 'outbox retry' would send); a stored one is recorded as sent.
             session.execute(update(OutboxEntry), [
                 {"id": o.entry_id, "attempts": attempts.get(o.entry_id, 0) + 1,
                  "last_status": o.status, "last_error": o.reason,
-                 "state": OutboxState.DEAD if o.dead else OutboxState.SENT,
+                 "state": (OutboxState.SENT if not o.dead else OutboxState.DISCARDED
+                           if known.get(o.entry_id, (0, ""))[1] == OutboxState.DISCARDED
+                           else OutboxState.DEAD),
                  "sent_at": None if o.dead else now} for o in batch])
             for o in batch:
                 outcome = ("error" if o.dead else "warning"

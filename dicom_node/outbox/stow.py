@@ -148,6 +148,24 @@ def store_instances(http: requests.Session, dest: Destination,
                        [sop for sop, _path in files])
 
 
+def check_service(dest: Destination) -> str | None:
+    """Can the node reach and authenticate to the DICOMweb service? A QIDO-RS search
+    for one study (``GET {url}/studies?limit=1``) with the destination's credentials and
+    TLS settings; None when it answers 200 or 204, else the reason in a few words."""
+    verify: bool | str = (str(dest.ca_file) if dest.ca_file is not None else True) \
+        if dest.verify_tls else False
+    try:
+        response = requests.get(f"{dest.url}/studies", params={"limit": "1"},
+                                headers={"Accept": "application/dicom+json",
+                                         **authorization(dest)},
+                                timeout=min(dest.http_timeout_s, 30.0), verify=verify)
+    except OSError as exc:  # requests' errors, and an unreadable credential file
+        return _short(exc)
+    if response.status_code in (200, 204):
+        return None
+    return f"HTTP {response.status_code} {response.reason}".strip()
+
+
 def outcomes_of(http_status: int, http_reason: str, text: str,
                 sop_uids: Sequence[str]) -> list[StowOutcome]:
     """The per-instance outcomes of a STOW-RS answer (see the module's docstring)."""

@@ -14,6 +14,8 @@ steps take only what they need (config, sessions, audit), not the running node:
 - :func:`reopen`: a late instance puts a ready/queued/finished series back to
   receiving (the instance recorder calls it)
 - a job moves queued -> running -> done/skipped/failed (:mod:`dicom_node.jobs`)
+- :func:`reprocess` (``dicom-node reprocess``): a finished series -> ready, version + 1
+- :func:`discard` (``dicom-node discard``): any series -> discarded (no job, nothing sent)
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
+from dicom_node.errors import RequestRefused
 from dicom_node.series.selection import Selection, select_series
 from storage.audit import AuditKind, AuditLog
 from storage.models import (
@@ -64,7 +67,7 @@ def set_state(audit: AuditLog, session: Session, series: Series, state: SeriesSt
 
 #: The states the application log announces (patient-free; the audit has everything).
 _LOGGED = frozenset({SeriesState.READY, SeriesState.SKIPPED, SeriesState.DONE,
-                     SeriesState.FAILED})
+                     SeriesState.FAILED, SeriesState.DISCARDED})
 
 
 def series_label(series: Series) -> str:
@@ -85,6 +88,47 @@ def reopen(audit: AuditLog, session: Session, series: Series, peer: str = "") ->
         series.version += 1
     set_state(audit, session, series, SeriesState.RECEIVING, "late instance arrived",
               peer=peer)
+
+
+def reprocess(audit: AuditLog, session: Session, series: Series, requested_by: str) -> None:
+    """Run the node's job on a finished (or discarded) series again, as if it had changed:
+    version + 1, so the job writes a new result set (new UIDs, series numbers + 10 per
+    version, an SR that supersedes the previous one) that the outbox sends like any other;
+    the earlier set stays where it was delivered. The series goes to ``ready``: the
+    running node's triage selects it again (with the config it runs now) and queues it.
+
+    Raises :class:`RequestRefused` for a series still on its way through the pipeline or
+    whose received instances retention has deleted."""
+    if series.state == SeriesState.RUNNING:
+        raise RequestRefused(f"series {series.series_uid} is being processed now (job "
+                             "running); reprocess it once it has finished")
+    if series.state not in FINISHED_STATES:
+        raise RequestRefused(f"series {series.series_uid} is {series.state}: it will be "
+                             "processed anyway, there is nothing to redo yet")
+    gone = session.scalar(select(func.count()).select_from(Instance).where(
+        Instance.series_id == series.id, Instance.path == ""))
+    if gone:
+        raise RequestRefused(f"series {series.series_uid}: {gone} of its received instances "
+                             "were deleted by retention (retention.incoming_h); send the "
+                             "series again from the PACS instead")
+    series.version += 1
+    set_state(audit, session, series, SeriesState.READY,
+              f"reprocess requested by {requested_by}", requested_by=requested_by)
+
+
+def discard(audit: AuditLog, session: Session, series: Series, requested_by: str) -> str:
+    """Stop processing a series: it leaves the queue (a job running on it finishes, but
+    queues nothing for sending: :func:`dicom_node.outbox.enqueue.enqueue_outputs` checks
+    the state in its transaction). The caller drops its outbox entries in the same
+    transaction. Returns the state it had. A new instance (not a byte-identical resend)
+    reopens it as for any finished series; :func:`reprocess` runs it again."""
+    if series.state == SeriesState.DISCARDED:
+        raise RequestRefused(f"series {series.series_uid} is already discarded "
+                             f"({series.state_reason})")
+    previous = series.state
+    set_state(audit, session, series, SeriesState.DISCARDED,
+              f"discarded by {requested_by}", requested_by=requested_by)
+    return previous
 
 
 def geometrically_complete(positions: list[float | None], images_in_acquisition: int | None,
