@@ -68,6 +68,38 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class NotificationEndpoint:
+    """Where the node says that a series is done, skipped or failed, or that results could
+    not be delivered: a webhook (JSON, HMAC-signed) or a FHIR R4 server (a
+    DiagnosticReport per done series): see dicom_node.outbox.notifications."""
+
+    name: str
+    type: str = "webhook"  # webhook | fhir
+    url: str = ""
+    #: which of done, skipped, failed, dead_letter (default: all four for a webhook,
+    #: done for FHIR)
+    events: tuple[str, ...] = ()
+    #: webhook: the shared secret of the X-DicomNode-Signature HMAC-SHA256, read from a
+    #: file (never the config itself). Required for a webhook.
+    secret_file: Path | None = None
+    #: FHIR (or a webhook behind a gateway): a bearer token read from a file at each send.
+    bearer_token_file: Path | None = None
+    #: false (default): no patient ID or name leaves the node in a message; true: the
+    #: series' Patient ID is included (webhook ``patient_id``, FHIR subject identifier).
+    include_patient_ids: bool = False
+    verify_tls: bool = True
+    ca_file: Path | None = None
+    timeout_s: float = 30.0
+    #: a message not delivered after this many tries (or ``[outbox] max_age_h``) is dead;
+    #: the tries are spaced like the outbox's (``[outbox] retry_initial_s``/``retry_max_s``)
+    max_attempts: int = 50
+
+
+NOTIFICATION_TYPES = ("webhook", "fhir")
+NOTIFICATION_EVENTS = ("done", "skipped", "failed", "dead_letter")
+
+
+@dataclass(frozen=True)
 class ReceiverConfig:
     ae_title: str = "DICOMNODE"
     bind_address: str = "127.0.0.1"
@@ -230,6 +262,7 @@ class NodeConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)  # [tls]: the receiver as TLS server
     peers: tuple[Peer, ...] = ()
     destinations: tuple[Destination, ...] = ()
+    notifications: tuple[NotificationEndpoint, ...] = ()
     #: How often the running node writes its heartbeat row (``dicom-node status`` calls
     #: a node whose last beat is older than 3 intervals + 2 s not running).
     heartbeat_interval_s: float = 5.0
@@ -314,6 +347,54 @@ def _dicomweb_destination(dest: Destination, key: str, base_dir: Path) -> Destin
                    basic_auth_file=files["basic_auth_file"], ca_file=files["ca_file"])
 
 
+def _readable_file(value: Any, key: str, base_dir: Path) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value)
+    path = path if path.is_absolute() else (base_dir / path).resolve()
+    if not os.access(path, os.R_OK) or not path.is_file():
+        raise ConfigError(f"{key}: cannot read {path}")
+    return path
+
+
+def _notification_endpoints(raw: Any, base_dir: Path) -> tuple[NotificationEndpoint, ...]:
+    """``[[notifications]]``: each endpoint checked, its files resolved and readable."""
+    if not isinstance(raw, list):
+        raise ConfigError("[[notifications]] must be an array of tables")
+    out: list[NotificationEndpoint] = []
+    for i, item in enumerate(raw):
+        key = f"notifications[{i}]"
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"{key} needs a name")
+        end: NotificationEndpoint = _build(NotificationEndpoint, key, item)
+        if end.name in {e.name for e in out}:
+            raise ConfigError(f"{key}: duplicate notification name {end.name!r}")
+        if end.type not in NOTIFICATION_TYPES:
+            raise ConfigError(f"{key}.type {end.type!r} is not one of {list(NOTIFICATION_TYPES)}")
+        if not re.match(r"^https?://[^/\s]+", end.url):
+            raise ConfigError(f"{key}.url {end.url!r} is not an http:// or https:// URL")
+        events = end.events or (NOTIFICATION_EVENTS if end.type == "webhook" else ("done",))
+        unknown = sorted(set(events) - set(NOTIFICATION_EVENTS))
+        if unknown:
+            raise ConfigError(f"{key}.events {unknown} not among {list(NOTIFICATION_EVENTS)}")
+        if end.type == "fhir" and set(events) != {"done"}:
+            raise ConfigError(f"{key}.events: a FHIR endpoint takes done only (a "
+                              "DiagnosticReport per processed series)")
+        if end.type == "webhook" and end.secret_file is None:
+            raise ConfigError(f"{key}.secret_file is required for a webhook (the HMAC key)")
+        if end.timeout_s <= 0:
+            raise ConfigError(f"{key}.timeout_s must be > 0")
+        if end.max_attempts < 1:
+            raise ConfigError(f"{key}.max_attempts must be >= 1")
+        out.append(replace(
+            end, url=end.url.rstrip("/"), events=tuple(events),
+            secret_file=_readable_file(end.secret_file, f"{key}.secret_file", base_dir),
+            bearer_token_file=_readable_file(end.bearer_token_file, f"{key}.bearer_token_file",
+                                             base_dir),
+            ca_file=_readable_file(end.ca_file, f"{key}.ca_file", base_dir)))
+    return tuple(out)
+
+
 def _check_ae(title: str, key: str) -> None:
     if not AE_TITLE_RE.match(title) or title.strip() == "":
         raise ConfigError(f"{key} {title!r} is not a valid AE title (1-16 printable characters)")
@@ -327,7 +408,8 @@ def _check_port(port: int, key: str) -> None:
 def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> NodeConfig:
     """Validate a parsed TOML document into a NodeConfig."""
     known = {"node", "receiver", "series", "selection", "model", "analysis", "outbox",
-             "output", "fusion", "peers", "destinations", "retention", "tls", "metrics"}
+             "output", "fusion", "peers", "destinations", "notifications", "retention", "tls",
+             "metrics"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; allowed: {sorted(known)}")
@@ -455,6 +537,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
             _check_port(dest.port, f"{key}.port")
         destinations.append(dest)
 
+    notifications = _notification_endpoints(raw.get("notifications", []), base_dir)
     metrics: MetricsConfig = _build(MetricsConfig, "metrics", _table(raw, "metrics"))
     _check_port(metrics.port, "metrics.port")
     if metrics.degraded_pending_age_s <= 0:
@@ -464,6 +547,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         data_dir=data_dir, database_url=database_url, receiver=receiver, series=series,
         selection=selection, model=model, analysis=analysis, outbox=outbox, output=output,
         fusion=fusion, retention=retention, peers=tuple(peers), destinations=tuple(destinations),
+        notifications=notifications,
         tls=tls, metrics=metrics, heartbeat_interval_s=float(heartbeat_interval_s),
         source_path=source,
     )

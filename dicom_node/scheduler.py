@@ -7,6 +7,8 @@
 - ``send`` (its own single-thread executor): due outbox entries; woken as soon as a job
   queues outputs (:class:`SendLoop`), so a series' SC slices stream out while its TBR
   analysis still runs.
+- ``notify`` (its own single-thread executor, only with ``[[notifications]]``): messages
+  made from new audit events, then the due ones sent (:mod:`dicom_node.outbox.notifications`).
 
 Each job is a boundary: an exception is logged and written to the audit log, and
 the job runs again at its next interval.
@@ -87,10 +89,11 @@ class SendLoop:
 
 
 def build_scheduler(ctx: NodeContext, sender: Sender,
-                    heartbeat: Callable[[], None] | None = None) -> BackgroundScheduler:
+                    heartbeat: Callable[[], None] | None = None,
+                    notify: Callable[[], object] | None = None) -> BackgroundScheduler:
     scheduler = BackgroundScheduler(
         executors={"default": ThreadPoolExecutor(1), "inference": ThreadPoolExecutor(1),
-                   "send": ThreadPoolExecutor(1)},
+                   "send": ThreadPoolExecutor(1), "notify": ThreadPoolExecutor(1)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
         timezone="UTC",
     )
@@ -120,6 +123,11 @@ def build_scheduler(ctx: NodeContext, sender: Sender,
     scheduler.add_job(_guarded(ctx, "send", send_loop.run), "interval",
                       seconds=ctx.config.outbox.send_interval_s, id="send", executor="send",
                       max_instances=2)
+
+    if notify is not None:  # [[notifications]]: messages made from the audit log, then sent
+        scheduler.add_job(_guarded(ctx, "notify", notify), "interval",
+                          seconds=ctx.config.outbox.send_interval_s, id="notify",
+                          executor="notify")
 
     def retention() -> None:
         with ctx.audit.transaction() as session:

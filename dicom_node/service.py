@@ -25,6 +25,7 @@ from dicom_node.jobs import open_context
 from dicom_node.ops.build_info import package_version
 from dicom_node.ops.heartbeat import HeartbeatWriter, JobStages, NodeIdentity
 from dicom_node.ops.metrics_http import BuildInfo, MetricsServer
+from dicom_node.outbox.notifications import collect, deliver_due, start_cursor
 from dicom_node.outbox.sender import Sender
 from dicom_node.scheduler import build_scheduler
 from dicom_node.series.tracking import recover
@@ -61,6 +62,16 @@ class Node:
         self._receive_processes: list[subprocess.Popen[bytes]] = []
         self._stopped = threading.Event()
 
+    def _notifier(self, version: str, model: str) -> Callable[[], object] | None:
+        """The notify job: messages from new audit events, then the due ones sent."""
+        if not self.config.notifications:
+            return None
+
+        def notify() -> None:
+            collect(self.config, self.audit, version, model)
+            deliver_due(self.config, self.audit, self.sessions)
+        return notify
+
     def start(self, heartbeat: Callable[[], None] | None = None) -> None:
         # highdicom logs a few INFO lines per object it writes: chatter, not operations
         logging.getLogger("highdicom").setLevel(logging.WARNING)
@@ -70,6 +81,8 @@ class Node:
         if self.analysis is not None:
             self.analysis.start()
         warm_up = self._warm_up()
+        if self.config.notifications:  # before anything can happen that they report
+            start_cursor(self.audit)
         try:
             self.receiver.start()
             self._start_receive_processes()
@@ -77,10 +90,11 @@ class Node:
             self._stop_receive_processes()
             self.ctx.analysis.close()
             raise
-        self.scheduler = build_scheduler(self.ctx, self.sender, heartbeat)
-        self.scheduler.start()
         card = self.ctx.predictor.model.card
         version = package_version()
+        self.scheduler = build_scheduler(self.ctx, self.sender, heartbeat,
+                                         self._notifier(version, f"{card.name} {card.version}"))
+        self.scheduler.start()
         if self.config.metrics.enabled:
             self.metrics = MetricsServer(
                 self.sessions, self.config.metrics, self.healthy,

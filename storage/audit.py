@@ -47,6 +47,7 @@ class AuditKind(StrEnum):
     RETENTION = "retention.delete"
     NODE_START = "node.start"
     NODE_STOP = "node.stop"
+    NOTIFY = "notify.send"
 
 
 _BATCHED = "dicom_node.audit.batched"  # session.info key: events awaiting one INSERT

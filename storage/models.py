@@ -231,3 +231,42 @@ class NodeHeartbeat(Base):
     interval_s: Mapped[float] = mapped_column(Float)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     beat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class NotificationState(StrEnum):
+    """``notifications.state``: one message for one notification endpoint."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+class Notification(Base):
+    """A message to a notification endpoint (webhook or FHIR), made from an audit event
+    (:mod:`dicom_node.outbox.notifications`) in the transaction that moves the cursor."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_due", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(32))  # done | skipped | failed | dead_letter
+    audit_event_id: Mapped[int] = mapped_column(Integer)  # the event it reports
+    study_uid: Mapped[str] = mapped_column(String(64), default="")
+    series_uid: Mapped[str] = mapped_column(String(64), default="")
+    body: Mapped[str] = mapped_column(Text)  # exactly the bytes sent (UTF-8 JSON)
+    state: Mapped[str] = mapped_column(String(16), default=NotificationState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class NotificationCursor(Base):
+    """How far the notifier has read the audit log (one row)."""
+
+    __tablename__ = "notification_cursor"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    last_audit_id: Mapped[int] = mapped_column(Integer)

@@ -96,7 +96,7 @@ def make_config(tmp_path: Path, test_weights: Path) -> Callable[..., NodeConfig]
     """Build a NodeConfig for a node on a free loopback port; overrides per section."""
 
     def build(destinations: list[dict[str, Any]] | None = None,
-              peers: list[dict[str, Any]] | None = None, **sections: dict[str, Any]) -> NodeConfig:
+              peers: list[dict[str, Any]] | None = None, **sections: Any) -> NodeConfig:
         raw: dict[str, Any] = {
             "node": {"data_dir": str(tmp_path / "node")},
             "receiver": {"ae_title": "DICOMNODE", "port": free_port(), "min_free_disk_mb": 1.0},
@@ -112,7 +112,10 @@ def make_config(tmp_path: Path, test_weights: Path) -> Callable[..., NodeConfig]
             "destinations": destinations or [],
         }
         for name, values in sections.items():
-            raw.setdefault(name, {}).update(values)
+            if isinstance(values, list):  # an array of tables, e.g. notifications
+                raw[name] = values
+            else:
+                raw.setdefault(name, {}).update(values)
         return parse_config(raw, tmp_path)
 
     return build

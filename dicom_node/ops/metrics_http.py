@@ -15,7 +15,7 @@ pruned), so they never go down, whatever happens to the rows they describe:
 - ``dicom_node_inference_seconds`` (summary over finished jobs' rows, which are never deleted)
 
 Gauges: ``dicom_node_series{state}``, ``dicom_node_queue_depth``, ``dicom_node_jobs_running``,
-``dicom_node_outbox_entries{destination,state}``,
+``dicom_node_outbox_entries{destination,state}``, ``dicom_node_notifications{endpoint,state}``,
 ``dicom_node_outbox_oldest_pending_age_seconds`` (0 when nothing waits) and
 ``dicom_node_build_info{version,model,model_version,model_sha256,device}`` (always 1).
 """
@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import MetricsConfig
 from dicom_node.ops.status import (
     delivery_problem,
+    notification_messages,
     oldest_pending_age_s,
     outbox_entries,
     queue_depth,
@@ -93,6 +94,9 @@ class NodeCollector:
             for destination, state, _attempted, count in outbox_entries(session):
                 outbox[destination, state] = outbox.get((destination, state), 0) + count
             pending_age = oldest_pending_age_s(session, utcnow())
+            messages: dict[tuple[str, str], int] = {}
+            for endpoint, state, _attempted, count in notification_messages(session):
+                messages[endpoint, state] = messages.get((endpoint, state), 0) + count
         yield CounterMetricFamily("dicom_node_instances_received", "Instances received and stored",
                                   value=instances)
         series = GaugeMetricFamily("dicom_node_series", "Series per state", labels=["state"])
@@ -120,6 +124,11 @@ class NodeCollector:
         yield GaugeMetricFamily("dicom_node_outbox_oldest_pending_age_seconds",
                                 "Seconds the oldest result waiting for delivery has waited "
                                 "(0: none waits)", value=pending_age or 0.0)
+        notes = GaugeMetricFamily("dicom_node_notifications", "Notification messages",
+                                  labels=["endpoint", "state"])
+        for (endpoint, state), count in messages.items():
+            notes.add_metric([endpoint, state], count)
+        yield notes
         build = GaugeMetricFamily("dicom_node_build_info", "The running node's version and model",
                                   labels=["version", "model", "model_version", "model_sha256",
                                           "device"])

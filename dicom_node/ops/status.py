@@ -35,6 +35,8 @@ from storage.models import (
     JobState,
     NodeHeartbeat,
     NodeState,
+    Notification,
+    NotificationState,
     OutboxEntry,
     OutboxState,
     Series,
@@ -69,6 +71,15 @@ def series_per_state(session: Session) -> dict[str, int]:
 def queue_depth(series_states: Mapping[str, int]) -> int:
     """Series waiting for a job: ready or queued."""
     return series_states.get(SeriesState.READY, 0) + series_states.get(SeriesState.QUEUED, 0)
+
+
+def notification_messages(session: Session) -> list[tuple[str, str, bool, int]]:
+    """Notification messages counted per (endpoint, state, attempted before)."""
+    rows = session.execute(
+        select(Notification.endpoint, Notification.state, Notification.attempts > 0,
+               func.count())
+        .group_by(Notification.endpoint, Notification.state, Notification.attempts > 0))
+    return [(name, state, bool(attempted), count) for name, state, attempted, count in rows]
 
 
 def outbox_entries(session: Session) -> list[tuple[str, str, bool, int]]:
@@ -225,6 +236,13 @@ def node_status(config: NodeConfig, sessions: sessionmaker[Session],
             key = "retrying" if state == OutboxState.PENDING and attempted else state
             outbox.setdefault(dest, {"pending": 0, "retrying": 0, "dead": 0, "sent": 0})
             outbox[dest][key] = outbox[dest].get(key, 0) + count
+        notifications: dict[str, dict[str, int]] = {
+            n.name: {"pending": 0, "retrying": 0, "dead": 0, "sent": 0}
+            for n in config.notifications}
+        for name, state, attempted, count in notification_messages(session):
+            key = "retrying" if state == NotificationState.PENDING and attempted else state
+            notifications.setdefault(name, {"pending": 0, "retrying": 0, "dead": 0, "sent": 0})
+            notifications[name][key] = notifications[name].get(key, 0) + count
         pending_age = oldest_pending_age_s(session, now)
         delivery = delivery_problem(session, now, config.metrics.degraded_pending_age_s)
         last_errors = uncleared_errors(session)
@@ -251,6 +269,7 @@ def node_status(config: NodeConfig, sessions: sessionmaker[Session],
         "outbox": outbox,
         "outbox_oldest_pending_age_s": None if pending_age is None else round(pending_age, 1),
         "delivery": delivery or "ok",
+        "notifications": notifications,
         "last_error": last_errors,
         "disk_free_mb": round(free / 1024 / 1024),
         "disk_low": free < config.receiver.min_free_disk_mb * 1024 * 1024,
@@ -330,6 +349,11 @@ def format_status(report: Mapping[str, Any]) -> str:
     age = report["outbox_oldest_pending_age_s"]
     lines.append("  oldest waiting result: " + ("none" if age is None else _duration(age)))
     lines.append(f"  delivery: {report['delivery']}")
+    if report.get("notifications"):
+        lines.append("notifications:")
+        lines += _table(("endpoint", "pending", "retrying", "dead", "sent"),
+                        [(name, c["pending"], c["retrying"], c["dead"], c["sent"])
+                         for name, c in report["notifications"].items()])
     errors = [(stage, text) for stage, text in report["last_error"].items() if text]
     lines.append("last errors (a stage that has succeeded since is not listed):")
     lines += _table(("stage", "error"), errors) if errors else ["  none"]
