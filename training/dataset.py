@@ -91,7 +91,8 @@ def build_dataset(studies_dir: Path, out_dir: Path, size: int = 128, split: str 
         "ground_truth": with_truth,
         "fusion_style": style.as_dict(),
         "studies": [{"study_uid": b.study_uid, "patient_id": b.patient_id, "target": b.target,
-                     "pairing": b.pairing, "pairs": len(b.t1c)} for b in built],
+                     "pairing": b.pairing, "pairs": len(b.t1c), "suv": b.suv}
+                    for b in built],
         "skipped_studies": skipped,
         "unpaired_slices": unpaired,
     })
