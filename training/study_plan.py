@@ -79,9 +79,12 @@ class StudyPlan:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A study that will not be built, and why."""
+    """A study that will not be built, and why (with the series it would have paired,
+    where it got that far)."""
 
     reason: str
+    t1c_uid: str = ""
+    target_uid: str = ""
 
 
 def plane_of(s: SliceHeader) -> PlaneGeometry | None:
@@ -103,9 +106,11 @@ def plan_study(study: StudyHeaders, rules: SelectionConfig | None = None,
     if isinstance(chosen, str):
         return Refusal(chosen)
     t1c, target, kind = chosen
-    if kind == "fusion":
-        return _plan_fusion(study, t1c, target)
-    return _plan_pet(study, t1c, target, pairing_rules)
+    plan = (_plan_fusion(study, t1c, target) if kind == "fusion"
+            else _plan_pet(study, t1c, target, pairing_rules))
+    if isinstance(plan, Refusal):
+        return Refusal(plan.reason, t1c_uid=t1c.uid, target_uid=target.uid)
+    return plan
 
 
 def _plan_fusion(study: StudyHeaders, t1c: SeriesHeaders, fusion: SeriesHeaders
@@ -254,7 +259,8 @@ def series_report(study: StudyHeaders, plan: StudyPlan | Refusal,
     ``target``, or why it is not used)."""
     rules = rules or SelectionConfig()
     used = ({plan.t1c.uid: "T1C", plan.target.uid: f"target ({plan.target_kind})"}
-            if isinstance(plan, StudyPlan) else {})
+            if isinstance(plan, StudyPlan) else
+            {plan.t1c_uid: "T1C (study refused)", plan.target_uid: "target (study refused)"})
     rows: list[dict[str, object]] = []
     for series in study.series.values():
         role = used.get(series.uid)

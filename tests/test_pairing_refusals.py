@@ -1,0 +1,128 @@
+"""Pairing that refuses what it cannot trust, and ``dataset --check``, the dry run that says
+so before anything is written. Studies are scanner-layout phantoms, damaged on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from dicom_node.writers.image_source import new_instance
+from training.cli import main as train_main
+from training.dataset import build_dataset, check_studies
+from training.phantom import PhantomGeometry, generate_patient
+from training.phantom_dicom import write_patient
+from training.study_plan import PairingRules
+
+SMALL = PhantomGeometry(rows=96, cols=128, pixel_spacing_mm=2.0, slice_spacing_mm=4.0,
+                        n_slices=30)
+SIZE = 32
+SPATIAL_REGISTRATION = "1.2.840.10008.5.1.4.1.1.66.1"
+
+
+def _edit(folder: Path, **values: object) -> None:
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        for key, value in values.items():
+            setattr(ds, key, value)
+        ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PH0001 good; PH0002 PET in another frame of reference; PH0003 the same plus a REG;
+    PH0004 T1C 2 h after the PET; PH0005 a PET slice missing over the brain; PH0006 a
+    bare fusion export (no PET) with a slice missing; PH0007 a bare fusion renumbered;
+    PH0008 PET without weight."""
+    root = tmp_path_factory.mktemp("refusals")
+    for i in range(8):
+        fusion = "bare" if i in (5, 6) else "none"
+        write_patient(generate_patient(i, 21, SMALL), root, pet_layout="scanner", fusion=fusion)
+    _edit(root / "PH0002" / "DICOM" / "PET", FrameOfReferenceUID=generate_uid())
+    _edit(root / "PH0003" / "DICOM" / "PET", FrameOfReferenceUID=generate_uid())
+    first = pydicom.dcmread(root / "PH0003" / "DICOM" / "T1C" / "IM0001.dcm")
+    reg = new_instance(SPATIAL_REGISTRATION, generate_uid())
+    for key in ("PatientID", "PatientName", "StudyInstanceUID"):
+        setattr(reg, key, first.get(key))
+    reg.Modality, reg.SeriesInstanceUID = "REG", generate_uid()
+    (root / "PH0003" / "DICOM" / "REG").mkdir()
+    reg.save_as(root / "PH0003" / "DICOM" / "REG" / "RE0001.dcm", enforce_file_format=True)
+    _edit(root / "PH0004" / "DICOM" / "T1C", AcquisitionTime="141500")
+    (root / "PH0005" / "DICOM" / "PET" / "IM0030.dcm").unlink()
+    for pid in ("PH0006", "PH0007"):
+        for path in (root / pid / "DICOM" / "PET").iterdir():
+            path.unlink()
+    (root / "PH0006" / "DICOM" / "FUSION" / "IM0012.dcm").unlink()
+    for path in sorted((root / "PH0007" / "DICOM" / "FUSION").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.InstanceNumber = int(ds.InstanceNumber) + 100
+        ds.save_as(path, enforce_file_format=True)
+    _edit(root / "PH0008" / "DICOM" / "PET", PatientWeight=None)
+    return root
+
+
+EXPECTED = {
+    "PH0002": "different frames of reference",
+    "PH0003": "spatial registration is in the study but applying one is not supported",
+    "PH0004": "min outside the PET acquisition (limit 30 min): not simultaneous",
+    "PH0005": "PET slices missing between",
+    "PH0006": "fusion export has 29 slices, the T1C 30",
+    "PH0007": "InstanceNumbers are not the T1C's",
+    "PH0008": "PatientWeight missing",
+}
+
+
+def _tree(root: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in root.rglob("*"))
+
+
+def test_check_lists_found_paired_and_refused_and_writes_nothing(
+        studies: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _tree(studies)
+    rows = {r["patient_id"]: r for r in check_studies(studies)}
+    assert set(rows) == {f"PH{i:04d}" for i in range(1, 9)}
+    good = rows["PH0001"]
+    assert "refused" not in good and good["target"] == "pet" and good["pairs"] == 30
+    assert good["pairing"] == "geometry"
+    series = good["series"]
+    assert isinstance(series, list)
+    roles = {s["modality"]: s["role"] for s in series}
+    assert roles == {"MR": "T1C", "PT": "target (pet)"}
+    refused = rows["PH0004"]["series"]
+    assert isinstance(refused, list)
+    assert {s["role"] for s in refused} == {"T1C (study refused)", "target (study refused)"}
+    for pid, reason in EXPECTED.items():
+        assert reason in str(rows[pid].get("refused")), (pid, rows[pid].get("refused"))
+    rc = train_main(["dataset", "--studies", str(studies), "--check"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "8 studies found: 1 would be used, 7 refused" in out
+    for reason in EXPECTED.values():
+        assert reason in out
+    assert _tree(studies) == before and not any(tmp_path.iterdir())
+
+
+def test_refusals_reach_dataset_json_and_console(studies: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    rc = train_main(["dataset", "--studies", str(studies), "--out", str(tmp_path / "ds"),
+                     "--size", str(SIZE)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    report = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    skipped = {s["patient_id"]: s["reason"] for s in report["skipped_studies"]}
+    assert set(skipped) == set(EXPECTED)
+    for pid, reason in EXPECTED.items():
+        assert reason in skipped[pid]
+        assert f"(patient {pid}): " in out
+    assert report["counts"]["studies_used"] == 1
+
+
+def test_time_limit_is_configurable(studies: Path, tmp_path: Path) -> None:
+    summary = build_dataset(studies, tmp_path / "ds", size=SIZE, progress=False,
+                            pairing_rules=PairingRules(max_pet_mr_gap_min=180.0))
+    assert "PH0004" not in {s["patient_id"] for s in summary.skipped}
+    assert summary.studies_used == 2
