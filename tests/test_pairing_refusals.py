@@ -10,6 +10,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from dicom_node.config import load_config
+from dicom_node.series.selection import select_series
 from dicom_node.writers.image_source import new_instance
 from training.cli import main as train_main
 from training.dataset import build_dataset, check_studies
@@ -126,3 +128,21 @@ def test_time_limit_is_configurable(studies: Path, tmp_path: Path) -> None:
                             pairing_rules=PairingRules(max_pet_mr_gap_min=180.0))
     assert "PH0004" not in {s["patient_id"] for s in summary.skipped}
     assert summary.studies_used == 2
+
+
+def test_check_uses_the_node_config_selection(studies: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The T1C is chosen by the node's own selection module with the node config's rules:
+    a config that excludes MPRAGE descriptions refuses the good study with the node's
+    reason, in the dry run as in the node."""
+    config = tmp_path / "node.toml"
+    config.write_text('[model]\nweights_path = "generator.pt"\n\n'
+                      '[selection]\ndescription_exclude = ["(?i)mprage"]\n')
+    node = select_series(sorted((studies / "PH0001" / "DICOM" / "T1C").glob("*.dcm")),
+                         load_config(config).selection)
+    assert not node.accepted
+    rc = train_main(["dataset", "--studies", str(studies / "PH0001"), "--check",
+                     "--node-config", str(config)])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "REFUSED: no series the node would select" in out and node.reason in out

@@ -37,7 +37,7 @@ from training.scanning import (
     find_ground_truth,
     t1c_order,
 )
-from training.study_plan import PairingRules, Refusal, plan_study, plane_of
+from training.study_plan import PairingRules, Refusal, StudyPlan, plan_study, plane_of
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,11 @@ class Splits:
 
 def _read_pixels(path: Path) -> tuple[NDArray[np.float32], pydicom.Dataset]:
     ds = pydicom.dcmread(path)
-    data = np.asarray(ds.pixel_array)
+    try:
+        data = np.asarray(ds.pixel_array)
+    except Exception as exc:  # pydicom raises many types for undecodable pixel data
+        raise PixelError(f"cannot decode pixel data of {Path(path).name} "
+                         f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from exc
     if data.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
         data = data[0]
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
@@ -132,13 +136,26 @@ def nearest_to_network(volume: NDArray[np.generic], size: int) -> NDArray[np.gen
     return resized.astype(volume.dtype)
 
 
+class PixelError(ValueError):
+    """An instance's pixel data cannot be decoded."""
+
+
 def build_study_pairs(study: StudyHeaders, root: Path, size: int, style: FusionStyle,
                       rules: SelectionConfig | None = None,
                       pairing_rules: PairingRules | None = None) -> StudyPairs | str:
-    """The network-size pairs of one study, or why it was skipped (:func:`plan_study`)."""
+    """The network-size pairs of one study, or why it was skipped (:func:`plan_study`;
+    pixel data that cannot be decoded, as the node's ``load_volume`` would refuse it)."""
     plan = plan_study(study, rules, pairing_rules)
     if isinstance(plan, Refusal):
         return plan.reason
+    try:
+        return _build_planned(study, plan, root, size, style)
+    except PixelError as exc:
+        return str(exc)
+
+
+def _build_planned(study: StudyHeaders, plan: StudyPlan, root: Path, size: int,
+                   style: FusionStyle) -> StudyPairs | str:
     t1c_series, target_series, target_kind = plan.t1c, plan.target, plan.target_kind
     t1c = t1c_series.slices
     target = target_series.slices
