@@ -91,12 +91,12 @@ class Splits:
 
 
 def _read_pixels(path: Path) -> tuple[NDArray[np.float32], pydicom.Dataset]:
-    ds = pydicom.dcmread(path)
     try:
+        ds = pydicom.dcmread(path)
         data = np.asarray(ds.pixel_array)
     except Exception as exc:  # pydicom raises many types for undecodable pixel data
-        raise PixelError(f"cannot decode pixel data of {Path(path).name} "
-                         f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {exc}") from exc
+        raise PixelError(f"cannot decode pixel data of {Path(path).name}: "
+                         f"{type(exc).__name__}: {exc}") from exc
     if data.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
         data = data[0]
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
