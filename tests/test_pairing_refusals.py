@@ -38,9 +38,9 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """PH0001 good; PH0002 PET in another frame of reference; PH0003 the same plus a REG;
     PH0004 T1C 2 h after the PET; PH0005 a PET slice missing over the brain; PH0006 a
     bare fusion export (no PET) with a slice missing; PH0007 a bare fusion renumbered;
-    PH0008 PET without weight."""
+    PH0008 PET without weight; PH0009 T1C without FrameOfReferenceUID."""
     root = tmp_path_factory.mktemp("refusals")
-    for i in range(8):
+    for i in range(9):
         fusion = "bare" if i in (5, 6) else "none"
         write_patient(generate_patient(i, 21, SMALL), root, pet_layout="scanner", fusion=fusion)
     _edit(root / "PH0002" / "DICOM" / "PET", FrameOfReferenceUID=generate_uid())
@@ -63,6 +63,10 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ds.InstanceNumber = int(ds.InstanceNumber) + 100
         ds.save_as(path, enforce_file_format=True)
     _edit(root / "PH0008" / "DICOM" / "PET", PatientWeight=None)
+    for path in sorted((root / "PH0009" / "DICOM" / "T1C").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        del ds.FrameOfReferenceUID
+        ds.save_as(path, enforce_file_format=True)
     return root
 
 
@@ -74,6 +78,7 @@ EXPECTED = {
     "PH0006": "fusion export has 29 slices, the T1C 30",
     "PH0007": "InstanceNumbers are not the T1C's",
     "PH0008": "PatientWeight missing",
+    "PH0009": "FrameOfReferenceUID missing in the T1C series",
 }
 
 
@@ -86,7 +91,7 @@ def test_check_lists_found_paired_and_refused_and_writes_nothing(
         studies: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = _tree(studies)
     rows = {r["patient_id"]: r for r in check_studies(studies)}
-    assert set(rows) == {f"PH{i:04d}" for i in range(1, 9)}
+    assert set(rows) == {f"PH{i:04d}" for i in range(1, 10)}
     good = rows["PH0001"]
     assert "refused" not in good and good["target"] == "pet" and good["pairs"] == 30
     assert good["pairing"] == "geometry"
@@ -102,7 +107,7 @@ def test_check_lists_found_paired_and_refused_and_writes_nothing(
     rc = train_main(["dataset", "--studies", str(studies), "--check"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "8 studies found: 1 would be used, 7 refused" in out
+    assert "9 studies found: 1 would be used, 8 refused" in out
     for reason in EXPECTED.values():
         assert reason in out
     assert _tree(studies) == before and not any(tmp_path.iterdir())

@@ -185,7 +185,13 @@ def _plan_pet(study: StudyHeaders, t1c: SeriesHeaders, pet: SeriesHeaders,
               rules: PairingRules) -> StudyPlan | Refusal:
     t1c_for = {str(s.header.get("FrameOfReferenceUID", "")) for s in t1c.slices}
     pet_for = {str(s.header.get("FrameOfReferenceUID", "")) for s in pet.slices}
-    if t1c_for != pet_for or "" in t1c_for:
+    if "" in t1c_for or "" in pet_for:
+        return Refusal("FrameOfReferenceUID missing in the "
+                       f"{'T1C' if '' in t1c_for else 'PET'} series: cannot tell whether PET "
+                       "and T1C share a frame of reference")
+    if len(t1c_for) != 1 or len(pet_for) != 1:
+        return Refusal("more than one FrameOfReferenceUID within the T1C or PET series")
+    if t1c_for != pet_for:
         registrations = [s for s in study.series.values() if s.modality == "REG"]
         if registrations:
             return Refusal("PET and T1C are in different frames of reference "
