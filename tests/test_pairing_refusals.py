@@ -4,17 +4,23 @@ so before anything is written. Studies are scanner-layout phantoms, damaged on d
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
+from scipy.spatial.transform import Rotation
 
 from dicom_node.config import load_config
 from dicom_node.series.selection import select_series
 from dicom_node.writers.image_source import new_instance
 from training.cli import main as train_main
 from training.dataset import build_dataset, check_studies
+from training.dataset_io import load_pairs
 from training.phantom import PhantomGeometry, generate_patient
 from training.phantom_dicom import write_patient
 from training.study_plan import PairingRules
@@ -72,7 +78,7 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 EXPECTED = {
     "PH0002": "different frames of reference",
-    "PH0003": "spatial registration is in the study but applying one is not supported",
+    "PH0003": "spatial registration cannot be applied: no registration relates",
     "PH0004": "min outside the PET acquisition (limit 30 min): not simultaneous",
     "PH0005": "PET slices missing between",
     "PH0006": "fusion export has 29 slices, the T1C 30",
@@ -151,3 +157,51 @@ def test_check_uses_the_node_config_selection(studies: Path, tmp_path: Path,
     out = capsys.readouterr().out
     assert rc == 1
     assert "REFUSED: no series the node would select" in out and node.reason in out
+
+
+def test_rigid_spatial_registration_is_applied(tmp_path: Path) -> None:
+    """The PET written in a frame of reference of its own (rotated 10/-4/6 deg and shifted
+    (12, -7, 25) mm) plus a Spatial Registration relating it to the T1C's: the dataset's
+    PET SUV equals the one built from the untouched study; without the REG it is refused."""
+    plain, moved = tmp_path / "plain", tmp_path / "moved"
+    write_patient(generate_patient(0, 33, SMALL), plain, pet_layout="scanner")
+    shutil.copytree(plain, moved)
+    rot = Rotation.from_euler("zyx", (10.0, -4.0, 6.0), degrees=True).as_matrix()
+    shift = np.array([12.0, -7.0, 25.0])
+    pet_frame = generate_uid()
+    for path in sorted((moved / "PH0001" / "DICOM" / "PET").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.ImagePositionPatient = [float(v) for v in rot @ np.asarray(
+            ds.ImagePositionPatient, dtype=float) + shift]
+        iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
+        ds.ImageOrientationPatient = [float(v) for v in (*(rot @ iop[:3]), *(rot @ iop[3:]))]
+        ds.FrameOfReferenceUID = pet_frame
+        ds.save_as(path, enforce_file_format=True)
+    t1c = pydicom.dcmread(moved / "PH0001" / "DICOM" / "T1C" / "IM0001.dcm")
+    to_t1c = np.eye(4)  # PET coordinates -> T1C (= the registration's own) coordinates
+    to_t1c[:3, :3], to_t1c[:3, 3] = rot.T, -rot.T @ shift
+    matrix = Dataset()
+    matrix.FrameOfReferenceTransformationMatrixType = "RIGID"
+    matrix.FrameOfReferenceTransformationMatrix = [float(v) for v in to_t1c.ravel()]
+    mreg = Dataset()
+    mreg.MatrixSequence = Sequence([matrix])
+    item = Dataset()
+    item.FrameOfReferenceUID = pet_frame
+    item.MatrixRegistrationSequence = Sequence([mreg])
+    reg = new_instance(SPATIAL_REGISTRATION, generate_uid())
+    for key in ("PatientID", "PatientName", "StudyInstanceUID", "FrameOfReferenceUID"):
+        setattr(reg, key, t1c.get(key))
+    reg.Modality, reg.SeriesInstanceUID = "REG", generate_uid()
+    reg.RegistrationSequence = Sequence([item])
+    reg_path = moved / "PH0001" / "DICOM" / "RE0001.dcm"
+    reg.save_as(reg_path, enforce_file_format=True)
+
+    build_dataset(plain, tmp_path / "ds-plain", size=SIZE, progress=False)
+    build_dataset(moved, tmp_path / "ds-moved", size=SIZE, progress=False)
+    a = load_pairs(tmp_path / "ds-plain")["pet_suv"].astype(np.float32)
+    b = load_pairs(tmp_path / "ds-moved")["pet_suv"].astype(np.float32)
+    assert float(a.max()) > 1.0
+    np.testing.assert_allclose(b, a, atol=2e-3 * float(a.max()))
+    reg_path.unlink()
+    rows = check_studies(moved)
+    assert "no spatial registration" in str(rows[0]["refused"])

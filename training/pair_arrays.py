@@ -190,7 +190,7 @@ def _build_planned(study: StudyHeaders, plan: StudyPlan, root: Path, size: int,
                for j in plan.stack.order]
         planes = [plane_of(t1c[i]) for i in t1c_idx]
         suv, _ = resample_to_planes(np.stack(pet), plan.stack,
-                                    [p for p in planes if p is not None])
+                                    [p for p in planes if p is not None], plan.t1c_to_pet)
         fusion_native = to_uint8(fuse(grey_paired, suv, style))
         suv_net = to_network(suv, size)[0][:, 0].numpy().astype(np.float16)
 

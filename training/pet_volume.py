@@ -136,16 +136,29 @@ def stack_indices(stack: StackGeometry, points: NDArray[np.float64]
     return np.stack([k, row, col]), inside
 
 
+def transform_points(matrix: NDArray[np.float64] | None, points: NDArray[np.float64]
+                     ) -> NDArray[np.float64]:
+    """Points (3, ...) through a 4 x 4 homogeneous matrix (None: unchanged)."""
+    if matrix is None:
+        return points
+    flat = points.reshape(3, -1)
+    moved = matrix[:3, :3] @ flat + matrix[:3, 3:4]
+    return np.asarray(moved.reshape(points.shape), dtype=np.float64)
+
+
 def resample_to_planes(volume: NDArray[np.floating], stack: StackGeometry,
-                       planes: Sequence[PlaneGeometry]
+                       planes: Sequence[PlaneGeometry],
+                       to_stack: NDArray[np.float64] | None = None
                        ) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
     """The volume (slices in ``stack`` order, rows, cols) at the pixel centres of each of
-    ``planes`` (trilinear), and which of those pixels the stack covers (0 elsewhere)."""
+    ``planes`` (trilinear), and which of those pixels the stack covers (0 elsewhere).
+    ``to_stack``: a 4 x 4 matrix from the planes' patient coordinates to the stack's, when
+    they are in different frames of reference (a spatial registration)."""
     values: list[NDArray[np.float32]] = []
     covered: list[NDArray[np.bool_]] = []
     data = np.asarray(volume, dtype=np.float32)
     for plane in planes:
-        coords, inside = stack_indices(stack, plane_points(plane))
+        coords, inside = stack_indices(stack, transform_points(to_stack, plane_points(plane)))
         sampled = ndimage.map_coordinates(data, coords, order=1, mode="nearest")
         values.append(np.where(inside, sampled, 0.0).astype(np.float32))
         covered.append(inside)

@@ -5,8 +5,10 @@
 the node's own selection rules), then refuse what it cannot trust, each with a reason:
 
 - PET and T1C in different frames of reference (FrameOfReferenceUID) without a spatial
-  registration; with one (a REG object in the study) still refused, since applying
-  registrations is not supported yet, and the reason says so.
+  registration (a REG object whose RegistrationSequence relates both frames); with one,
+  its RIGID or RIGID_SCALE matrix maps the T1C's coordinates into the PET's
+  (:func:`registration_matrix`); other matrix types and deformable registrations are
+  refused with the reason.
 - PET and T1C not simultaneous: the T1C's acquisition time more than
   ``max_pet_mr_gap_min`` (default 30) minutes outside the PET's acquisition
   (first AcquisitionDateTime to the last plus ActualFrameDuration); missing times refuse.
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import numpy as np
+from numpy.typing import NDArray
 
 from dicom_node.config import SelectionConfig
 from training.pet_volume import (
@@ -37,6 +40,7 @@ from training.pet_volume import (
     StackGeometry,
     slice_gaps,
     stack_geometry,
+    transform_points,
 )
 from training.scanning import (
     Pairing,
@@ -75,6 +79,8 @@ class StudyPlan:
     unpaired_reasons: dict[int, str] = field(default_factory=dict)
     stack: StackGeometry | None = None
     suv: SuvScale | None = None
+    #: T1C patient coordinates -> PET patient coordinates (a spatial registration), or None.
+    t1c_to_pet: NDArray[np.float64] | None = None
 
 
 @dataclass(frozen=True)
@@ -191,16 +197,19 @@ def _plan_pet(study: StudyHeaders, t1c: SeriesHeaders, pet: SeriesHeaders,
                        "and T1C share a frame of reference")
     if len(t1c_for) != 1 or len(pet_for) != 1:
         return Refusal("more than one FrameOfReferenceUID within the T1C or PET series")
+    to_pet: NDArray[np.float64] | None = None
     if t1c_for != pet_for:
         registrations = [s for s in study.series.values() if s.modality == "REG"]
-        if registrations:
+        if not registrations:
             return Refusal("PET and T1C are in different frames of reference "
-                           f"({'/'.join(sorted(pet_for))} vs {'/'.join(sorted(t1c_for))}); a "
-                           "spatial registration is in the study but applying one is not "
-                           "supported")
-        return Refusal("PET and T1C are in different frames of reference "
-                       f"({'/'.join(sorted(pet_for))} vs {'/'.join(sorted(t1c_for))}) and "
-                       "the study has no spatial registration: not a simultaneous PET/MR pair")
+                           f"({'/'.join(sorted(pet_for))} vs {'/'.join(sorted(t1c_for))}) and "
+                           "the study has no spatial registration: not a simultaneous PET/MR "
+                           "pair")
+        found = registration_matrix(registrations, next(iter(t1c_for)), next(iter(pet_for)))
+        if isinstance(found, str):
+            return Refusal("PET and T1C are in different frames of reference and the study's "
+                           f"spatial registration cannot be applied: {found}")
+        to_pet = found
     gap = time_gap_min(t1c, pet)
     if gap is None:
         return Refusal("PET or T1C acquisition times missing: cannot tell whether they were "
@@ -230,6 +239,7 @@ def _plan_pet(study: StudyHeaders, t1c: SeriesHeaders, pet: SeriesHeaders,
         orient = np.asarray(plane.orientation)
         centre = (np.asarray(plane.position) + orient[:3] * (cols - 1) / 2 * plane.pixel_spacing[1]
                   + orient[3:] * (rows - 1) / 2 * plane.pixel_spacing[0])
+        centre = transform_points(to_pet, centre.reshape(3, 1))[:, 0]
         centres.append(float(np.dot(centre, stack.normal)))
     along = np.asarray(centres)
     for low, high in slice_gaps(stack, rules.gap_factor):
@@ -256,7 +266,45 @@ def _plan_pet(study: StudyHeaders, t1c: SeriesHeaders, pet: SeriesHeaders,
     unpaired.sort(key=lambda i: rank[i])
     pairing = Pairing(pairs=tuple(pairs), unpaired=tuple(unpaired), method="geometry")
     return StudyPlan(study=study, t1c=t1c, target=pet, target_kind="pet", pairing=pairing,
-                     unpaired_reasons=reasons, stack=stack, suv=suv)
+                     unpaired_reasons=reasons, stack=stack, suv=suv, t1c_to_pet=to_pet)
+
+
+RIGID_TYPES = ("RIGID", "RIGID_SCALE")
+
+
+def registration_matrix(registrations: list[SeriesHeaders], t1c_for: str, pet_for: str
+                        ) -> NDArray[np.float64] | str:
+    """The 4 x 4 matrix from T1C patient coordinates to PET patient coordinates from a
+    Spatial Registration (PS3.3 C.20.2): each RegistrationSequence item's matrix maps its
+    FrameOfReferenceUID into the registration's own, so T1C -> PET is
+    ``inv(M_pet) @ M_t1c`` (identity for the registration's own frame). Only RIGID and
+    RIGID_SCALE matrices are applied; otherwise the reason as a string."""
+    for series in registrations:
+        for s in series.slices:
+            reg = s.header
+            own = str(reg.get("FrameOfReferenceUID", ""))
+            matrices: dict[str, NDArray[np.float64]] = {}
+            if own:
+                matrices[own] = np.eye(4)
+            for item in reg.get("RegistrationSequence", []) or []:
+                frame = str(item.get("FrameOfReferenceUID", ""))
+                for mreg in item.get("MatrixRegistrationSequence", []) or []:
+                    for m in mreg.get("MatrixSequence", []) or []:
+                        kind = str(m.get("FrameOfReferenceTransformationMatrixType", ""))
+                        values = m.get("FrameOfReferenceTransformationMatrix")
+                        if kind not in RIGID_TYPES:
+                            return f"matrix type {kind or '(empty)'} is not RIGID/RIGID_SCALE"
+                        if values is None or len(values) != 16:
+                            return "transformation matrix missing or not 16 values"
+                        matrix = np.asarray([float(v) for v in values]).reshape(4, 4)
+                        matrices[frame] = matrix @ matrices.get(frame, np.eye(4))
+            if t1c_for in matrices and pet_for in matrices:
+                pet = matrices[pet_for]
+                if abs(float(np.linalg.det(pet[:3, :3]))) < 1e-6:
+                    return "singular transformation matrix"
+                result: NDArray[np.float64] = np.linalg.inv(pet) @ matrices[t1c_for]
+                return result
+    return "no registration relates the T1C's and the PET's frames of reference"
 
 
 def series_report(study: StudyHeaders, plan: StudyPlan | Refusal,
