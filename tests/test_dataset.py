@@ -98,15 +98,21 @@ def test_pet_series_is_used_when_there_is_no_fusion(
     root, patients = cohort
     folder = _copy(root, "PH0003", tmp_path / "studies")
     shutil.rmtree(folder / "DICOM" / "FUSION")
-    (folder / "DICOM" / "PET" / "IM0007.dcm").unlink()
     summary = build_dataset(tmp_path / "studies", tmp_path / "ds", size=SIZE, progress=False)
-    assert summary.pairs == SMALL.slices - 1
+    assert summary.pairs == SMALL.slices
     report = json.loads((tmp_path / "ds" / "dataset.json").read_text())
     assert report["studies"][0]["target"] == "pet"
-    kept = [k for k in range(SMALL.slices) if k != 6]
-    expected = rgb_to_network(patients[2].fusion[kept], SIZE)
-    got = load_pairs(tmp_path / "ds")["fusion"]
-    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    assert report["studies"][0]["pairing"] == "geometry"
+    assert report["studies"][0]["suv"]["units"] == "GML"
+    expected = rgb_to_network(patients[2].fusion, SIZE)
+    pairs = load_pairs(tmp_path / "ds")
+    assert np.abs(pairs["fusion"].astype(int) - expected.astype(int)).max() <= 1
+    np.testing.assert_allclose(pairs["pet_suv"].astype(np.float32),
+                               pairs["uptake"].astype(np.float32), atol=2e-3)
+    # A PET slice missing over the brain refuses the study (issue 21: no silent holes).
+    (folder / "DICOM" / "PET" / "IM0007.dcm").unlink()
+    with pytest.raises(ValueError, match="PET slices missing between"):
+        build_dataset(tmp_path / "studies", tmp_path / "ds2", size=SIZE, progress=False)
 
 
 def test_dataset_round_trips(cohort: tuple[Path, list[PhantomPatient]], tmp_path: Path) -> None:

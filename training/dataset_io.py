@@ -13,6 +13,10 @@ On-disk format (the training code reads exactly this)::
         study_uid         str     (N,)          StudyInstanceUID
         slice_position_mm float32 (N,)          ImagePositionPatient . T1C slice normal
         has_tumour        bool    (N,)          tumour on the slice (ground truth; else False)
+      only when every study's target is a PET series:
+        pet_suv           float16 (N, S, S)     the PET's SUVbw (training/suv.py) resampled
+                                                into the T1C plane (training/pet_volume.py),
+                                                then to the network size like ``uptake``
       only when every study has ground truth:
         uptake            float16 (N, S, S)     noisy PET uptake (SUV-like)
         oracle_fusion     uint8   (N, S, S, 3)  fusion of the oracle uptake, rendered at the
@@ -28,7 +32,9 @@ On-disk format (the training code reads exactly this)::
          "train": [indices], "val": [...], "test": [...],
          "patients": {"train": [ids], "val": [...], "test": [...]}}
     DSDIR/dataset.json
-        size, source dir, counts, fusion style, skipped studies and unpaired slices.
+        size, pairing rules, source dir, counts, fusion style, per study its target,
+        pairing method and SUV derivation, refused studies with their reasons and
+        unpaired slices with theirs (docs/datasets.md).
 """
 
 from __future__ import annotations

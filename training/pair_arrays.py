@@ -25,20 +25,19 @@ import pydicom
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
-from scipy import ndimage
 
 from dicom_node.config import SelectionConfig
 from dicom_node.inference.fusion import fuse, to_uint8, window_t1c
 from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.resampling import padding_for, to_network
+from training.pet_volume import resample_to_planes
 from training.scanning import (
     SliceHeader,
     StudyHeaders,
-    choose_series,
     find_ground_truth,
-    pair_slices,
     t1c_order,
 )
+from training.study_plan import PairingRules, Refusal, StudyPlan, plan_study, plane_of
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +65,10 @@ class StudyPairs:
     unpaired: list[dict[str, object]]
     target: str
     pairing: str
+    #: The PET's SUVbw resampled into the T1C plane, network size (PET targets only).
+    pet_suv: NDArray[np.float16] | None = None
+    #: How the SUV was derived (:meth:`training.suv.SuvScale.as_dict`; PET targets only).
+    suv: dict[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,12 @@ class Splits:
 
 
 def _read_pixels(path: Path) -> tuple[NDArray[np.float32], pydicom.Dataset]:
-    ds = pydicom.dcmread(path)
-    data = np.asarray(ds.pixel_array)
+    try:
+        ds = pydicom.dcmread(path)
+        data = np.asarray(ds.pixel_array)
+    except Exception as exc:  # pydicom raises many types for undecodable pixel data
+        raise PixelError(f"cannot decode pixel data of {Path(path).name}: "
+                         f"{type(exc).__name__}: {exc}") from exc
     if data.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
         data = data[0]
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
@@ -98,24 +105,6 @@ def _read_pixels(path: Path) -> tuple[NDArray[np.float32], pydicom.Dataset]:
     if data.ndim == 2 and (slope != 1.0 or intercept != 0.0):
         values = values * np.float32(slope) + np.float32(intercept)
     return values, ds
-
-
-def _resample_into(pet: NDArray[np.float32], pet_header: SliceHeader, t1c_header: SliceHeader,
-                   shape: tuple[int, int]) -> NDArray[np.float32]:
-    """PET slice values at the T1C slice's pixel centres (in-plane, bilinear)."""
-    assert t1c_header.orientation and t1c_header.position and t1c_header.pixel_spacing
-    assert pet_header.orientation and pet_header.position and pet_header.pixel_spacing
-    t_row, t_col = (np.asarray(t1c_header.orientation[:3]), np.asarray(t1c_header.orientation[3:]))
-    p_row, p_col = (np.asarray(pet_header.orientation[:3]), np.asarray(pet_header.orientation[3:]))
-    rows, cols = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
-    points = (np.asarray(t1c_header.position)[:, None, None]
-              + t_row[:, None, None] * cols * t1c_header.pixel_spacing[1]
-              + t_col[:, None, None] * rows * t1c_header.pixel_spacing[0])
-    offset = points - np.asarray(pet_header.position)[:, None, None]
-    pet_c = np.tensordot(p_row, offset, axes=1) / pet_header.pixel_spacing[1]
-    pet_r = np.tensordot(p_col, offset, axes=1) / pet_header.pixel_spacing[0]
-    return np.asarray(ndimage.map_coordinates(pet, [pet_r, pet_c], order=1, cval=0.0),
-                      dtype=np.float32)
 
 
 def rgb_to_network(rgb: NDArray[np.uint8], size: int) -> NDArray[np.uint8]:
@@ -147,25 +136,37 @@ def nearest_to_network(volume: NDArray[np.generic], size: int) -> NDArray[np.gen
     return resized.astype(volume.dtype)
 
 
+class PixelError(ValueError):
+    """An instance's pixel data cannot be decoded."""
+
+
 def build_study_pairs(study: StudyHeaders, root: Path, size: int, style: FusionStyle,
-                      rules: SelectionConfig | None = None) -> StudyPairs | str:
-    """The network-size pairs of one study, or why it was skipped."""
-    chosen = choose_series(study, rules)
-    if isinstance(chosen, str):
-        return chosen
-    t1c_series, target_series, target_kind = chosen
+                      rules: SelectionConfig | None = None,
+                      pairing_rules: PairingRules | None = None) -> StudyPairs | str:
+    """The network-size pairs of one study, or why it was skipped (:func:`plan_study`;
+    pixel data that cannot be decoded, as the node's ``load_volume`` would refuse it)."""
+    plan = plan_study(study, rules, pairing_rules)
+    if isinstance(plan, Refusal):
+        return plan.reason
+    try:
+        return _build_planned(study, plan, root, size, style)
+    except PixelError as exc:
+        return str(exc)
+
+
+def _build_planned(study: StudyHeaders, plan: StudyPlan, root: Path, size: int,
+                   style: FusionStyle) -> StudyPairs | str:
+    t1c_series, target_series, target_kind = plan.t1c, plan.target, plan.target_kind
     t1c = t1c_series.slices
     target = target_series.slices
-    pairing = pair_slices(t1c, target)
+    pairing = plan.pairing
     positions, _ = t1c_order(t1c)
     unpaired = [{"study_uid": study.uid, "patient_id": study.patient_id,
                  "series_uid": t1c_series.uid, "sop_instance_uid": t1c[i].sop_instance_uid,
                  "instance_number": t1c[i].instance_number,
                  "position_mm": round(float(positions[i]), 3),
-                 "reason": f"no {target_kind} slice ({pairing.method})"}
+                 "reason": plan.unpaired_reasons.get(i, f"no {target_kind} slice")}
                 for i in pairing.unpaired]
-    if not pairing.pairs:
-        return f"no slice of the {target_kind} series pairs with the T1C series"
 
     read = [_read_pixels(s.path) for s in t1c]
     shapes = {v.shape for v, _ in read}
@@ -177,16 +178,21 @@ def build_study_pairs(study: StudyHeaders, root: Path, size: int, style: FusionS
     grey_paired = grey[t1c_idx]
 
     fusion_native: NDArray[np.uint8]
+    suv_net: NDArray[np.float16] | None = None
     if target_kind == "fusion":
         raw = np.stack([_read_pixels(target[j].path)[0] for _, j in pairing.pairs])
         fusion_native = np.clip(raw, 0, 255).astype(np.uint8)
         if fusion_native.ndim != 4 or fusion_native.shape[-1] != 3:
             return f"fusion pixels have shape {fusion_native.shape}, expected (H, W, 3)"
     else:
-        uptake = np.stack([
-            _resample_into(_read_pixels(target[j].path)[0], target[j], t1c[i], grey.shape[1:])
-            for i, j in pairing.pairs])
-        fusion_native = to_uint8(fuse(grey_paired, uptake, style))
+        assert plan.stack is not None and plan.suv is not None
+        pet = [_read_pixels(target[j].path)[0] * np.float32(plan.suv.factors[j])
+               for j in plan.stack.order]
+        planes = [plane_of(t1c[i]) for i in t1c_idx]
+        suv, _ = resample_to_planes(np.stack(pet), plan.stack,
+                                    [p for p in planes if p is not None], plan.t1c_to_pet)
+        fusion_native = to_uint8(fuse(grey_paired, suv, style))
+        suv_net = to_network(suv, size)[0][:, 0].numpy().astype(np.float16)
 
     t1c_net = to_network(grey_paired, size)[0][:, 0].numpy()
     ground_truth = None
@@ -202,7 +208,8 @@ def build_study_pairs(study: StudyHeaders, root: Path, size: int, style: FusionS
         fusion=rgb_to_network(fusion_native, size),
         slice_position_mm=positions[t1c_idx].astype(np.float32),
         has_tumour=has_tumour, ground_truth=ground_truth, unpaired=unpaired,
-        target=target_kind, pairing=pairing.method)
+        target=target_kind, pairing=pairing.method, pet_suv=suv_net,
+        suv=plan.suv.as_dict() if plan.suv is not None else None)
 
 
 def _ground_truth_arrays(npz_path: Path, t1c: Sequence[SliceHeader], t1c_idx: list[int],
@@ -296,6 +303,9 @@ def concatenate_pairs(built: Sequence[StudyPairs]) -> tuple[dict[str, NDArray[np
         "slice_position_mm": np.concatenate([b.slice_position_mm for b in built]),
         "has_tumour": np.concatenate([b.has_tumour for b in built]),
     }
+    if all(b.pet_suv is not None for b in built):
+        arrays["pet_suv"] = np.concatenate([b.pet_suv for b in built
+                                            ])
     with_truth = [b.ground_truth is not None for b in built]
     if all(with_truth):
         for key in GROUND_TRUTH_ARRAYS:

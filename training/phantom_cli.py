@@ -1,9 +1,14 @@
 """``dicom-node-train phantom``: write a seeded cohort of phantom PET/MR studies.
 
     dicom-node-train phantom --patients 30 --seed 0 --out var/phantoms
+        [--pet-layout scanner|same-grid] [--fusion none|t1c-refs|bare]
+        [--pet-matrix 172] [--pet-pixel-spacing-mm 2.09] [--pet-slice-spacing-mm 2.03]
 
-One folder per patient (``<out>/PH0001/DICOM/{T1C,PET,FUSION}`` plus
-``ground_truth.json`` / ``ground_truth.npz``); patient ``i`` depends only on
+One folder per patient (``<out>/PH0001/DICOM/{T1C,PET[,FUSION]}`` plus
+``ground_truth.json`` / ``ground_truth.npz``). The PET is written as a PET/MR scanner
+writes it (``--pet-layout scanner``, the default: its own grid, Bq/mL, no fusion unless
+``--fusion`` asks) or on the T1C's grid in SUV-like units with a fusion series
+(``--pet-layout same-grid``, the layout the shipped model was trained on); patient ``i`` depends only on
 ``(seed, i, geometry)``, so a larger cohort with the same seed extends a smaller one.
 """
 
@@ -20,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from training.phantom import PhantomGeometry, generate_patient
-from training.phantom_dicom import write_patient
+from training.phantom_dicom import FUSION_EXPORTS, PET_LAYOUTS, ScannerPet, write_patient
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--matrix", type=int, default=256, help="rows = columns (default 256)")
     parser.add_argument("--pixel-spacing-mm", type=float, default=None,
                         help="in-plane pixel spacing (default 256 mm / matrix)")
+    parser.add_argument("--pet-layout", choices=PET_LAYOUTS, default="scanner",
+                        help="scanner (default): PET on its own grid in Bq/mL; same-grid: "
+                             "PET on the T1C grid in SUV-like units plus a fusion series")
+    parser.add_argument("--fusion", choices=FUSION_EXPORTS, default=None,
+                        help="fusion export: none, t1c-refs (RGB SC referencing the T1C) or "
+                             "bare (no references); default none for scanner, the T1C+PET "
+                             "referencing fusion for same-grid")
+    parser.add_argument("--pet-matrix", type=int, default=172,
+                        help="scanner layout: PET rows = columns (default 172)")
+    parser.add_argument("--pet-pixel-spacing-mm", type=float, default=2.09,
+                        help="scanner layout: PET pixel spacing (default 2.09)")
+    parser.add_argument("--pet-slice-spacing-mm", type=float, default=2.03,
+                        help="scanner layout: PET slice spacing (default 2.03)")
     parser.add_argument("--workers", type=int, default=1,
                         help="patients generated at once in worker processes (default 1); "
                              "the output is the same with any number")
@@ -46,11 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 Row = tuple[str, int, str, str, str, float]
 
 
-def make_patient(index: int, seed: int, geometry: PhantomGeometry, out: Path) -> Row:
+def make_patient(index: int, seed: int, geometry: PhantomGeometry, out: Path,
+                 pet_layout: str = "same-grid", scanner: ScannerPet | None = None,
+                 fusion: str | None = None) -> Row:
     """Generate and write patient ``index``; its summary row."""
     tick = time.perf_counter()
     patient = generate_patient(index, seed, geometry)
-    write_patient(patient, out)
+    write_patient(patient, out, pet_layout=pet_layout, scanner=scanner, fusion=fusion)
     kinds = ",".join(t.kind.value.split("_")[0] for t in patient.tumours) or "-"
     tbr_max = ",".join(f"{t.tbr_max:.2f}" for t in patient.tumours) or "-"
     tbr_mean = ",".join(f"{t.tbr_mean:.2f}" for t in patient.tumours) or "-"
@@ -69,7 +89,14 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     indices = range(args.first_index, args.first_index + args.patients)
-    make = partial(make_patient, seed=args.seed, geometry=geometry, out=out)
+    try:
+        scanner = ScannerPet(matrix=args.pet_matrix, pixel_spacing_mm=args.pet_pixel_spacing_mm,
+                             slice_spacing_mm=args.pet_slice_spacing_mm)
+    except ValueError as exc:
+        print(f"phantom: {exc}")
+        return 2
+    make = partial(make_patient, seed=args.seed, geometry=geometry, out=out,
+                   pet_layout=args.pet_layout, scanner=scanner, fusion=args.fusion)
     if args.workers > 1:
         with ProcessPoolExecutor(args.workers,
                                  mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -84,5 +111,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{pid:<8} {n:>7}  {kinds:<22} {tmax:<12} {tmean:<12} {seconds:>5.1f}")
     with_tumour = sum(1 for r in rows if r[1] > 0)
     print(f"{len(rows)} patients ({with_tumour} with tumour), {geometry.slices} slices of "
-          f"{geometry.rows}x{geometry.cols} each, {elapsed:.1f} s, written to {out}")
+          f"{geometry.rows}x{geometry.cols} each, PET layout {args.pet_layout}, "
+          f"{elapsed:.1f} s, written to {out}")
     return 0

@@ -12,8 +12,25 @@ Layout per patient (``out_dir/<PatientID>/``)::
                            tumour_labels (uint8), oedema, brain_mask, striatum_mask,
                            background_mask (bool); all (slices, rows, cols) at T1C geometry
 
-Slice k of every series has the same position (instance number k + 1, slices ordered
-inferior -> superior). All UIDs are derived from (seed, patient index, geometry,
+Two PET layouts (``pet_layout``):
+
+- ``same-grid`` (the default of :func:`write_patient`, the layout the shipped model was
+  trained on): the PET on the T1C's grid, slice k at T1C slice k, ``Units GML`` (the
+  SUV-like uptake itself, one RescaleSlope for the series, DecayFactor 1).
+- ``scanner`` (:class:`ScannerPet`; the default of ``dicom-node-train phantom``): the PET as a
+  PET/MR scanner writes it, on its own grid (default 172 x 172 at 2.09 mm, 2.03 mm slices,
+  its own in-plane centre, first slice and axial extent), in Bq/mL (``Units BQML``,
+  ``DecayCorrection START``, one RescaleSlope per slice), with the dose, half-life, weight,
+  injection and series/acquisition times that SUVbw needs
+  (:func:`training.suv.suv_scale` gives back the phantom's uptake); the values are the
+  T1C-grid uptake interpolated at the PET's voxel centres (cubic B-spline, clipped at 0;
+  0 outside the T1C's extent). Same FrameOfReferenceUID as the T1C (simultaneous PET/MR). The fusion
+  export is optional (``fusion``): ``none`` (default), ``t1c-refs`` (the vendor style: RGB
+  Secondary Capture without geometry, SourceImageSequence -> the T1C instance) or
+  ``bare`` (no references at all).
+
+In the same-grid layout slice k of every series has the same position (instance number
+k + 1, slices ordered inferior -> superior). All UIDs are derived from (seed, patient index, geometry,
 object kind, slice) with :func:`pydicom.uid.generate_uid`, so a re-run reproduces them.
 The oracle fusion is ground truth only and is never written as DICOM.
 """
@@ -34,6 +51,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
+from scipy import ndimage
 
 from dicom_node.writers.image_source import new_instance, set_grey_pixels, set_plane
 from storage.file_store import atomic_write, atomic_writer
@@ -53,6 +71,80 @@ F18_POSITRON_FRACTION = 0.9673
 INJECTED_DOSE_BQ = 185e6
 PATIENT_WEIGHT_KG = 70.0
 AXIAL_ORIENTATION = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+INJECTION_TIME = "113000"
+PET_SERIES_TIME = "120000"
+T1C_ACQUISITION_TIME = "121500"
+PET_LAYOUTS = ("scanner", "same-grid")
+FUSION_EXPORTS = ("none", "t1c-refs", "bare")
+
+
+@dataclass(frozen=True)
+class ScannerPet:
+    """The PET grid of the ``scanner`` layout: a PET/MR scanner's own reconstruction grid
+    (defaults: a 3 T PET/MR's 172 x 172 brain matrix, 2.09 mm pixels, 2.03 mm slices),
+    centred ``centre_offset_mm`` (LPS x, y) from the T1C's centre, axially covering the
+    T1C's extent plus ``margin_mm`` on each side, starting ``first_offset_mm`` lower still."""
+
+    matrix: int = 172
+    pixel_spacing_mm: float = 2.09
+    slice_spacing_mm: float = 2.03
+    centre_offset_mm: tuple[float, float] = (0.7, -1.1)
+    margin_mm: float = 3.0
+    first_offset_mm: float = 0.61
+    frame_duration_s: float = 1200.0
+
+    def __post_init__(self) -> None:
+        if self.matrix < 16 or self.pixel_spacing_mm <= 0 or self.slice_spacing_mm <= 0:
+            raise ValueError("PET matrix must be at least 16 and spacings positive")
+
+    def positions(self, geometry: phantom.PhantomGeometry) -> list[tuple[float, float, float]]:
+        """ImagePositionPatient of every PET slice, inferior -> superior."""
+        z = geometry.axis_mm(0)
+        first = float(z[0]) - self.margin_mm - self.first_offset_mm
+        n = int(np.floor((float(z[-1]) + self.margin_mm - first) / self.slice_spacing_mm)) + 1
+        half = (self.matrix - 1) / 2.0 * self.pixel_spacing_mm
+        x0 = self.centre_offset_mm[0] - half
+        y0 = self.centre_offset_mm[1] - half
+        return [(round(x0, 4), round(y0, 4), round(first + k * self.slice_spacing_mm, 4))
+                for k in range(n)]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"matrix": self.matrix, "pixel_spacing_mm": self.pixel_spacing_mm,
+                "slice_spacing_mm": self.slice_spacing_mm,
+                "centre_offset_mm": list(self.centre_offset_mm), "margin_mm": self.margin_mm,
+                "first_offset_mm": self.first_offset_mm,
+                "frame_duration_s": self.frame_duration_s}
+
+
+def f18_decay(seconds: float) -> float:
+    """Fraction of F-18 left after ``seconds``."""
+    return float(2.0 ** (-seconds / F18_HALF_LIFE_S))
+
+
+#: Bq/mL per unit of SUVbw in the scanner layout: the dose decayed from injection (11:30)
+#: to the PET series start (12:00) over the patient's weight in grams.
+BQML_PER_SUV = INJECTED_DOSE_BQ * f18_decay(1800.0) / (PATIENT_WEIGHT_KG * 1000.0)
+
+
+def scanner_pet_volume(patient: PhantomPatient, grid: ScannerPet
+                       ) -> tuple[list[tuple[float, float, float]], NDArray[np.float32]]:
+    """The PET slice positions and the SUV-like uptake at the PET's voxel centres
+    (cubic B-spline from the T1C grid, clipped at 0; 0 outside the T1C's extent: cubic
+    rather than trilinear so that the builder's own trilinear resampling back is most of
+    the smoothing the two layouts differ by)."""
+    g = patient.geometry
+    positions = grid.positions(g)
+    x = positions[0][0] + np.arange(grid.matrix) * grid.pixel_spacing_mm
+    y = positions[0][1] + np.arange(grid.matrix) * grid.pixel_spacing_mm
+    z = np.array([p[2] for p in positions])
+    ax_z, ax_y, ax_x = g.axis_mm(0), g.axis_mm(1), g.axis_mm(2)
+    kz = (z - ax_z[0]) / g.slice_spacing_mm
+    ky = (y - ax_y[0]) / g.pixel_spacing_mm
+    kx = (x - ax_x[0]) / g.pixel_spacing_mm
+    coords = np.meshgrid(kz, ky, kx, indexing="ij")
+    values = ndimage.map_coordinates(patient.uptake.astype(np.float32), coords, order=3,
+                                     mode="constant", cval=0.0)
+    return positions, np.clip(values, 0.0, None).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -80,14 +172,20 @@ class PatientUids:
     fusion: tuple[str, ...]
 
 
-def patient_uids(patient: PhantomPatient) -> PatientUids:
-    """Deterministic UIDs of one phantom patient's study, series and instances."""
+def _uid(patient: PhantomPatient, *parts: str) -> str:
     g = patient.geometry
     base = ["dicom-node-phantom", str(patient.seed), str(patient.index),
             f"{g.rows}x{g.cols}x{g.slices}", f"{g.pixel_spacing_mm:g}", f"{g.slice_spacing_mm:g}"]
+    return str(generate_uid(entropy_srcs=[*base, *parts]))
+
+
+def patient_uids(patient: PhantomPatient) -> PatientUids:
+    """Deterministic UIDs of one phantom patient's study, series and instances."""
 
     def uid(*parts: str) -> str:
-        return str(generate_uid(entropy_srcs=[*base, *parts]))
+        return _uid(patient, *parts)
+
+    g = patient.geometry
 
     n = g.slices
     return PatientUids(
@@ -102,12 +200,25 @@ def patient_uids(patient: PhantomPatient) -> PatientUids:
     )
 
 
-def write_patient(patient: PhantomPatient, out_dir: Path) -> PatientPaths:
-    """Write the patient's three series and ground truth under ``out_dir/<PatientID>/``."""
+def write_patient(patient: PhantomPatient, out_dir: Path, pet_layout: str = "same-grid",
+                  scanner: ScannerPet | None = None, fusion: str | None = None
+                  ) -> PatientPaths:
+    """Write the patient's series and ground truth under ``out_dir/<PatientID>/``.
+
+    ``pet_layout``: ``same-grid`` or ``scanner`` (see the module docstring; ``scanner``
+    the grid, default :class:`ScannerPet`). ``fusion``: ``none``, ``t1c-refs`` or ``bare``;
+    default: the same-grid fusion referencing the T1C and PET slice, or none for the
+    scanner layout."""
+    if pet_layout not in PET_LAYOUTS:
+        raise ValueError(f"pet_layout must be one of {PET_LAYOUTS}, got {pet_layout!r}")
+    if fusion is not None and fusion not in FUSION_EXPORTS:
+        raise ValueError(f"fusion must be one of {FUSION_EXPORTS}, got {fusion!r}")
+    fusion_refs = fusion or ("t1c-pet-refs" if pet_layout == "same-grid" else "none")
+    grid = (scanner or ScannerPet()) if pet_layout == "scanner" else None
     uids = patient_uids(patient)
     folder = Path(out_dir) / patient.patient_id
     dicom = folder / "DICOM"
-    for sub in ("T1C", "PET", "FUSION"):
+    for sub in ("T1C", "PET") + (("FUSION",) if fusion_refs != "none" else ()):
         (dicom / sub).mkdir(parents=True, exist_ok=True)
     t1c_paths, pet_paths, fusion_paths = [], [], []
     t1c_window = t1c_display_window(patient.t1c)
@@ -115,10 +226,30 @@ def write_patient(patient: PhantomPatient, out_dir: Path) -> PatientPaths:
         name = f"IM{k + 1:04d}.dcm"
         t1c = _t1c_slice(patient, uids, k, t1c_window)
         t1c_paths.append(_write(t1c, dicom / "T1C" / name))
-        pet_paths.append(_write(_pet_slice(patient, uids, k), dicom / "PET" / name))
-        fusion_paths.append(_write(_fusion_slice(patient, uids, k), dicom / "FUSION" / name))
+        if grid is None:
+            pet_paths.append(_write(_pet_slice(patient, uids, k), dicom / "PET" / name))
+        if fusion_refs != "none":
+            fusion_paths.append(_write(_fusion_slice(patient, uids, k, fusion_refs),
+                                       dicom / "FUSION" / name))
+    scanner_uids: dict[str, object] = {}
+    if grid is not None:
+        positions, volume = scanner_pet_volume(patient, grid)
+        series_uid = _uid(patient, "series", "pet-scanner", *map(str, grid.as_dict().values()))
+        scanner_uids = {"series": series_uid, "slices": len(positions)}
+        for k, position in enumerate(positions):
+            sop_uid = _uid(patient, "instance", "pet-scanner", series_uid, str(k))
+            ds = _scanner_pet_slice(patient, uids, grid, series_uid, sop_uid, k,
+                                    len(positions), position, volume[k])
+            pet_paths.append(_write(ds, dicom / "PET" / f"IM{k + 1:04d}.dcm"))
+    document = ground_truth_document(patient, uids)
+    document["pet_layout"] = ({"layout": "same-grid", "units": "GML"} if grid is None else
+                              {"layout": "scanner", "units": "BQML",
+                               "bqml_per_suv": BQML_PER_SUV, "grid": grid.as_dict(),
+                               "series_instance_uid": scanner_uids["series"],
+                               "slices": scanner_uids["slices"]})
+    document["fusion_export"] = fusion_refs
     json_path = folder / "ground_truth.json"
-    _write_bytes(json.dumps(ground_truth_document(patient, uids), indent=2).encode(), json_path)
+    _write_bytes(json.dumps(document, indent=2).encode(), json_path)
     npz_path = folder / "ground_truth.npz"
     _write_npz(patient, npz_path)
     return PatientPaths(folder=folder, dicom=dicom, t1c=tuple(t1c_paths), pet=tuple(pet_paths),
@@ -254,7 +385,7 @@ def _t1c_slice(patient: PhantomPatient, uids: PatientUids, k: int,
     ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
     ds.AcquisitionNumber = 1
     ds.AcquisitionDate = STUDY_DATE
-    ds.AcquisitionTime = "121500"
+    ds.AcquisitionTime = T1C_ACQUISITION_TIME
     ds.ScanningSequence = ["GR", "IR"]
     ds.SequenceVariant = ["SP", "MP"]
     ds.ScanOptions = ""
@@ -282,13 +413,54 @@ def _pet_slice(patient: PhantomPatient, uids: PatientUids, k: int) -> Dataset:
     ds = _common(patient, uids, PositronEmissionTomographyImageStorage, uids.pet[k], "PT",
                  uids.pet_series, 2, PET_DESCRIPTION, k)
     _plane(ds, patient, uids, k)
-    g = patient.geometry
     slope = patient.pet_rescale_slope
+    _pet_modules(ds, k, patient.geometry.slices, units="GML", frame_s=600.0,
+                 decay_factor=1.0, frame_reference_ms=0.0)
+    ds.RescaleSlope = f"{slope:.6g}"
+    stored = np.rint(patient.uptake[k] / np.float32(slope)).astype(np.uint16)
+    set_grey_pixels(ds, stored)
+    ds.WindowCenter = 2.0
+    ds.WindowWidth = 4.0
+    return ds
+
+
+def _scanner_pet_slice(patient: PhantomPatient, uids: PatientUids, grid: ScannerPet,
+                       series_uid: str, sop_uid: str, k: int, n: int,
+                       position: tuple[float, float, float], suv: NDArray[np.float32]
+                       ) -> Dataset:
+    """Slice k of the scanner-layout PET: Bq/mL, per-slice RescaleSlope (uint16 up to
+    65000), decayed to the series start over a frame of ``grid.frame_duration_s``."""
+    ds = _common(patient, uids, PositronEmissionTomographyImageStorage, sop_uid, "PT",
+                 series_uid, 2, PET_DESCRIPTION, k)
+    ds.SeriesTime = PET_SERIES_TIME
+    set_plane(ds, frame_of_reference_uid=uids.frame_of_reference, position=list(position),
+              orientation=AXIAL_ORIENTATION, pixel_spacing_mm=grid.pixel_spacing_mm,
+              slice_thickness_mm=grid.slice_spacing_mm,
+              spacing_between_slices_mm=grid.slice_spacing_mm, slice_location=position[2])
+    lam = np.log(2.0) / F18_HALF_LIFE_S
+    x = lam * grid.frame_duration_s
+    decay_factor = x / (1.0 - np.exp(-x))  # frame average -> frame (= series) start
+    _pet_modules(ds, k, n, units="BQML", frame_s=grid.frame_duration_s,
+                 decay_factor=float(decay_factor),
+                 frame_reference_ms=float(np.log(decay_factor) / lam * 1000.0))
+    bqml = suv.astype(np.float64) * BQML_PER_SUV
+    top = float(bqml.max())
+    slope = float(f"{top / 65000.0:.6g}") if top > 0 else 1.0
+    ds.RescaleSlope = f"{slope:.6g}"
+    set_grey_pixels(ds, np.clip(np.rint(bqml / slope), 0, 65535).astype(np.uint16))
+    ds.WindowCenter = round(2.0 * BQML_PER_SUV, 1)
+    ds.WindowWidth = round(4.0 * BQML_PER_SUV, 1)
+    return ds
+
+
+def _pet_modules(ds: Dataset, k: int, n: int, *, units: str, frame_s: float,
+                 decay_factor: float, frame_reference_ms: float) -> None:
+    """PET Series, PET Isotope, NM/PET Patient Orientation and PET Image attributes."""
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.AcquisitionDate = STUDY_DATE
-    ds.AcquisitionTime = "120000"
+    ds.AcquisitionTime = PET_SERIES_TIME
     # PET Series
-    ds.Units = "GML"
+    ds.Units = units
     ds.SUVType = "BW"
     ds.CountsSource = "EMISSION"
     ds.SeriesType = ["STATIC", "IMAGE"]
@@ -297,7 +469,7 @@ def _pet_slice(patient: PhantomPatient, uids: PatientUids, k: int) -> Dataset:
     ds.AttenuationCorrectionMethod = "MR-based"
     ds.ReconstructionMethod = "OSEM"
     ds.DecayCorrection = "START"
-    ds.NumberOfSlices = g.slices
+    ds.NumberOfSlices = n
     ds.CollimatorType = "NONE"
     ds.AxialAcceptance = 0
     # PET Isotope
@@ -314,8 +486,8 @@ def _pet_slice(patient: PhantomPatient, uids: PatientUids, k: int) -> Dataset:
     drug.CodeMeaning = "Fluorodopa F^18^"
     info.RadiopharmaceuticalCodeSequence = Sequence([drug])
     info.RadiopharmaceuticalRoute = "IV"
-    info.RadiopharmaceuticalStartTime = "113000"
-    info.RadiopharmaceuticalStartDateTime = f"{STUDY_DATE}113000"
+    info.RadiopharmaceuticalStartTime = INJECTION_TIME
+    info.RadiopharmaceuticalStartDateTime = f"{STUDY_DATE}{INJECTION_TIME}"
     info.RadionuclideTotalDose = INJECTED_DOSE_BQ
     info.RadionuclideHalfLife = F18_HALF_LIFE_S
     info.RadionuclidePositronFraction = F18_POSITRON_FRACTION
@@ -332,21 +504,16 @@ def _pet_slice(patient: PhantomPatient, uids: PatientUids, k: int) -> Dataset:
     ds.PatientOrientationCodeSequence = Sequence([orientation])
     ds.PatientGantryRelationshipCodeSequence = Sequence([gantry])
     # PET Image
-    ds.FrameReferenceTime = 0.0
+    ds.FrameReferenceTime = round(frame_reference_ms, 1)
     ds.ImageIndex = k + 1
-    ds.ActualFrameDuration = 600000
-    ds.DecayFactor = 1.0
+    ds.ActualFrameDuration = round(frame_s * 1000.0)
+    ds.DecayFactor = f"{decay_factor:.6g}"
     ds.DoseCalibrationFactor = 1.0
     ds.RescaleIntercept = 0
-    ds.RescaleSlope = f"{slope:.6g}"
-    stored = np.rint(patient.uptake[k] / np.float32(slope)).astype(np.uint16)
-    set_grey_pixels(ds, stored)
-    ds.WindowCenter = 2.0
-    ds.WindowWidth = 4.0
-    return ds
 
 
-def _fusion_slice(patient: PhantomPatient, uids: PatientUids, k: int) -> Dataset:
+def _fusion_slice(patient: PhantomPatient, uids: PatientUids, k: int,
+                  references: str = "t1c-pet-refs") -> Dataset:
     ds = _common(patient, uids, SecondaryCaptureImageStorage, uids.fusion[k], "OT",
                  uids.fusion_series, 3, FUSION_DESCRIPTION, k)
     ds.ImageType = ["DERIVED", "SECONDARY", "FUSION"]
@@ -356,14 +523,17 @@ def _fusion_slice(patient: PhantomPatient, uids: PatientUids, k: int) -> Dataset
     ds.DerivationDescription = (
         "T1C windowed 0.5-99.5 percentile, FDOPA uptake overlaid with "
         + ", ".join(f"{key}={value}" for key, value in patient.fusion_style.as_dict().items()))
+    refs = [(MRImageStorage, uids.t1c[k])]
+    if references == "t1c-pet-refs":
+        refs.append((PositronEmissionTomographyImageStorage, uids.pet[k]))
     sources = []
-    for sop_class, sop_uid in ((MRImageStorage, uids.t1c[k]),
-                               (PositronEmissionTomographyImageStorage, uids.pet[k])):
+    for sop_class, sop_uid in refs if references != "bare" else []:
         item = Dataset()
         item.ReferencedSOPClassUID = sop_class
         item.ReferencedSOPInstanceUID = sop_uid
         sources.append(item)
-    ds.SourceImageSequence = Sequence(sources)
+    if sources:
+        ds.SourceImageSequence = Sequence(sources)
     rgb = patient.fusion[k]
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = "RGB"
