@@ -5,6 +5,7 @@ that did arrive."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
+from dicom_node.config import NodeConfig
 from dicom_node.net.ae import keep_responses
-from tests.conftest import DcmtkStorescp
+from dicom_node.service import Node
+from tests.conftest import DcmtkStorescp, free_port, pynetdicom_send, wait_for
 from tests.dicom_factory import SeriesSpec, write_series
 
 MR_CLASS = "1.2.840.10008.5.1.4.1.1.4"
@@ -68,3 +71,27 @@ def test_without_it_pynetdicom_drops_the_response(
         assert assoc.dimse.get_msg(block=True) == (None, None)  # waited out the timeout
     finally:
         assoc.release()
+
+
+def test_a_failed_send_is_one_named_line_not_pynetdicom_s_anonymous_errors(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node], caplog: pytest.LogCaptureFixture) -> None:
+    """The operator's console: a destination that refuses connections gives the sender's
+    line, with the destination and the real reason, and none of pynetdicom's
+    'Association request failed' / 'TCP Initialisation Error' lines that name nobody."""
+    caplog.set_level(logging.INFO)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # as `dicom-node serve` sets it
+    node = start_node(make_config(destinations=[{
+        "name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": free_port()}]))
+    source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=12)
+    assert set(pynetdicom_send(source, node.receiver.port)) == {0}
+
+    def warned() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "dicom_node.outbox.sender"
+                and r.levelno == logging.WARNING and "archive" in r.getMessage()]
+
+    assert wait_for(lambda: bool(warned()), 120)
+    assert "connection refused" in warned()[0].getMessage().lower()
+    anonymous = [r for r in caplog.records if r.name.startswith("pynetdicom")
+                 and r.levelno >= logging.ERROR]
+    assert anonymous == [], [r.getMessage() for r in anonymous]

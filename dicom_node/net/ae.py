@@ -4,6 +4,7 @@ reaches into pynetdicom's internals (:func:`keep_responses`)."""
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import Any
 
@@ -93,3 +94,26 @@ def keep_responses(assoc: Association) -> None:
         serve(msg, context_id)
 
     assoc._serve_request = serve_or_requeue  # type: ignore[method-assign]
+
+
+#: pynetdicom's own ERROR lines for a connection that could not be made: the sender logs
+#: one line per destination and pass with the real reason instead ("connection refused",
+#: "does not resolve", ...; :meth:`dicom_node.outbox.sender.Sender._association_failure`).
+_CONNECT_ERRORS = ("Association request failed", "TCP Initialisation Error")
+
+
+class _UnnamedConnectErrors(logging.Filter):
+    """Drops pynetdicom's anonymous connection-failure ERRORs unless pynetdicom logs at
+    DEBUG (``dicom-node -v``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            return True
+        return not str(record.msg).startswith(_CONNECT_ERRORS)
+
+
+def quiet_unnamed_connect_errors() -> None:
+    """Install the filter on pynetdicom's transport logger (idempotent)."""
+    transport = logging.getLogger("pynetdicom.transport")
+    if not any(isinstance(f, _UnnamedConnectErrors) for f in transport.filters):
+        transport.addFilter(_UnnamedConnectErrors())

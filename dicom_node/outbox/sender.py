@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.errors import ConfigError
 from dicom_node.net import dimse_status
-from dicom_node.net.ae import keep_responses, new_ae, set_nodelay
+from dicom_node.net.ae import keep_responses, new_ae, quiet_unnamed_connect_errors, set_nodelay
 from dicom_node.net.host_checks import connect_failure
 from dicom_node.net.tls import TlsConfig, client_tls_args
 from dicom_node.outbox.stow import StowUnavailable, store_instances
@@ -72,6 +72,9 @@ class Sender:
         # again (that was about a third of the sender's CPU time per instance). The
         # sender is the only part of the node that sends C-STOREs.
         _config.STORE_SEND_CHUNKED_DATASET = True
+        quiet_unnamed_connect_errors()
+        # the last reason a destination's pass could not send, for its log line
+        self._last_failure: dict[str, str] = {}
 
     def backoff_s(self, attempts: int) -> float:
         cfg = self.config.outbox
@@ -134,9 +137,10 @@ class Sender:
             log.info("sent %d outputs to %s (%s@%s:%d)", stored, destination, ae_title, host,
                      port)
         else:
-            log.warning("sent %d of %d outputs to %s (%s@%s:%d); the rest wait for a retry "
-                        "or are dead letters (dicom-node outbox)", stored, len(work),
-                        destination, ae_title, host, port)
+            log.warning("sent %d of %d outputs to %s (%s@%s:%d): %s; the rest wait for a "
+                        "retry or are dead letters (dicom-node outbox)", stored, len(work),
+                        destination, ae_title, host, port,
+                        self._last_failure.pop(destination, "see dicom-node outbox"))
         return stored
 
     def _send_dicomweb(self, work: list[_Work], dest: Destination) -> int:
@@ -164,6 +168,7 @@ class Sender:
                         answers = store_instances(http, dest, [(item[3], Path(item[1]))
                                                                for item in present])
                     except StowUnavailable as exc:
+                        self._last_failure[dest.name] = str(exc)
                         self._retry_all([item[0] for item in present], str(exc))
                         continue
                     except OSError as exc:  # a credential file gone or unreadable
@@ -187,9 +192,10 @@ class Sender:
         if stored == len(work):
             log.info("sent %d outputs to %s (STOW-RS %s)", stored, dest.name, dest.url)
         else:
-            log.warning("sent %d of %d outputs to %s (STOW-RS %s); the rest wait for a retry "
-                        "or are dead letters (dicom-node outbox)", stored, len(work), dest.name,
-                        dest.url)
+            log.warning("sent %d of %d outputs to %s (STOW-RS %s): %s; the rest wait for a "
+                        "retry or are dead letters (dicom-node outbox)", stored, len(work),
+                        dest.name, dest.url,
+                        self._last_failure.pop(dest.name, "see dicom-node outbox"))
         return stored
 
     def _shares(self, work: list[_Work]) -> list[list[_Work]]:
@@ -215,6 +221,7 @@ class Sender:
         assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
         if not assoc.is_established:
             reason = self._association_failure(assoc, host, port, tls_enabled)
+            self._last_failure[destination] = reason
             self._retry_all([item[0] for item in work], f"{reason} ({ae_title}@{host}:{port})")
             return 0
         set_nodelay(assoc)
