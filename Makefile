@@ -1,24 +1,30 @@
 # dicom-node: install, test, serve.
 # `make install` creates .venv, installs the project with its test extras and the
-# Debian packages the tests use (DCMTK, dicom3tools, pixelmed, Orthanc).
+# Debian packages the tests use (DCMTK, dicom3tools, pixelmed, Orthanc with its DICOMweb
+# plugin, Chromium), and OHIF's prebuilt viewer for the browser test.
 
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dcmtk dicom3tools pixelmed-apps orthanc orthanc-dicomweb systemd
+APT_PACKAGES := dcmtk dicom3tools pixelmed-apps orthanc orthanc-dicomweb chromium systemd
+# OHIF's prebuilt viewer (tests/test_browser_ohif.py): `npm pack` of @ohif/app, unpacked
+# under build/ohif. Its dist/ is all the test serves; `npm install` of the package would
+# not resolve (3.13.2 depends on an @ohif/i18n release that is not on the registry).
+OHIF_VERSION ?= 3.13.2
+OHIF_DIST := build/ohif/package/dist
 CONFIG ?= config.toml
 
-.PHONY: install system-packages test lint serve demo demo-model clean
+.PHONY: install system-packages browser-test-deps test lint serve demo demo-model clean
 
-install: system-packages $(VENV)/.installed
+install: system-packages $(VENV)/.installed browser-test-deps
 
 system-packages:
 	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null \
 	    || ! command -v DicomSRValidator >/dev/null || ! command -v Orthanc >/dev/null \
-	    || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
-	    || ! command -v systemd-analyze >/dev/null; then \
+	    || ! command -v systemd-analyze >/dev/null || ! command -v chromium >/dev/null \
+	    || ! test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so; then \
 	  echo "installing Debian packages: $(APT_PACKAGES)"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
@@ -29,6 +35,20 @@ $(VENV)/.installed: pyproject.toml
 	set -o pipefail; $(PIP) install -q -e '.[test]' 2>&1 | sed '/^WARNING: Location/d'
 	$(PY) -c "import dicom_node, torch, pynetdicom, highdicom"
 	touch $@
+
+# The browser test's viewer; Chromium and Orthanc's DICOMweb plugin come with
+# system-packages, Playwright (driving the system Chromium) with the test extras.
+browser-test-deps: $(OHIF_DIST)/index.html
+
+$(OHIF_DIST)/index.html:
+	@if ! command -v npm >/dev/null; then \
+	  echo "browser-test-deps: no npm (Debian package 'npm'): the browser test will skip"; \
+	else \
+	  mkdir -p build/ohif && cd build/ohif \
+	  && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null \
+	  && tar xzf ohif-app-$(OHIF_VERSION).tgz && rm ohif-app-$(OHIF_VERSION).tgz \
+	  && test -f package/dist/index.html && touch package/dist/index.html; \
+	fi
 
 lint: install
 	$(VENV)/bin/ruff check dicom_node storage training tests benchmarks

@@ -241,6 +241,7 @@ class OutputConfig:
     series_number_sc: int = 9901
     series_number_sr: int = 9902
     series_number_seg: int = 9903
+    series_number_sr_image: int = 9904  # the image-anchored TBR SR (lesion outlines)
 
 
 @dataclass(frozen=True)

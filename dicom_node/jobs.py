@@ -42,7 +42,7 @@ from dicom_node.series.volume import VolumeError, load_volume
 from dicom_node.writers.provenance import Provenance, VersionLabels
 from dicom_node.writers.sc import ScSeries, encode, summary_lines
 from dicom_node.writers.seg import make_seg
-from dicom_node.writers.sr import make_sr
+from dicom_node.writers.sr import make_image_sr, make_sr
 from dicom_node.writers.uids import derive_uid, source_fingerprint
 from storage.audit import AuditKind, AuditLog
 from storage.database import make_engine, make_session_factory
@@ -168,7 +168,7 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
 
     The TBR analysis runs in the analysis process (:mod:`dicom_node.analysis.process`) while this
     thread writes SC slices 2..N and draws the uncertainty passes. Nothing is queued for
-    sending until the whole set (SC, SEG, SR) is written: a job that fails anywhere
+    sending until the whole set (SC, SEG, SR, image-anchored SR) is written: a job that fails anywhere
     sends nothing of its version, and the files it wrote are removed.
     """
     with ctx.sessions() as session:
@@ -250,6 +250,20 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
                                           else ""),
                          description_suffix=labels.description_suffix)
             written.append(("sr", sr, write_output(ctx, study_uid, sr, encode(sr))))
+            # The same lesions anchored on their TBRmax slices, for viewers that list
+            # only image-region measurements (writers/sr.py); none without a lesion.
+            image_sr = make_image_sr(
+                volume.datasets, result, uid("sr-image-series"), uid("sr-image"),
+                labels.series_number_sr_image, provenance,
+                supersedes=previous_reports(ctx.sessions, series_id, version, "sr-image"),
+                intervals=intervals,
+                interval_method=(calibration.method_text(samples) if draws is not None
+                                 else ""),
+                description_suffix=labels.description_suffix,
+                volumetric_sop_uid=str(sr.SOPInstanceUID))
+            if image_sr is not None:
+                written.append(("sr-image", image_sr,
+                                write_output(ctx, study_uid, image_sr, encode(image_sr))))
     except BaseException:
         discard_unrecorded(ctx, [path for _, _, path in written])
         raise

@@ -27,8 +27,8 @@ from sqlalchemy import select
 
 from dicom_node.config import NodeConfig
 from dicom_node.service import Node
-from storage.models import OutboxEntry, Series
-from tests.conftest import free_port, wait_for
+from storage.models import OutboxEntry, OutputInstance, Series
+from tests.conftest import free_port, wait_for, written_outputs
 from tests.dicom_factory import SeriesSpec, write_series
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -174,23 +174,30 @@ def test_orthanc_sends_a_study_and_gets_sc_sr_seg_back(
     assert stored["FailedInstancesCount"] == 0, stored
     assert stored["InstancesCount"] == len(source), stored
 
-    # 3. the node's results land in the same study in the PACS
-    expected = len(source) + len(source) + 2  # source + SC per slice + SR + SEG
+    # 3. the node's results land in the same study in the PACS: source + SC per slice +
+    # SEG + SR, and the image-anchored SR when the model drew a lesion
+    def expected() -> int:
+        with node.sessions() as session:
+            return len(source) + max(len(source) + 2, written_outputs(session))
 
     def instance_count() -> int:
         return len(orthanc.get_json(f"/studies/{study_id}/instances"))
 
-    assert wait_for(lambda: instance_count() >= expected, 60), (
-        f"{instance_count()} of {expected} instances in Orthanc\n"
+    assert wait_for(lambda: instance_count() >= expected(), 60), (
+        f"{instance_count()} of {expected()} instances in Orthanc\n"
         + orthanc.log_path.read_text()[-3000:])
+    with node.sessions() as session:
+        image_reports = len(session.scalars(select(OutputInstance).where(
+            OutputInstance.kind == "sr-image")).all())
     by_class = _series_by_sop_class(orthanc, study_id)
     assert len(by_class[SecondaryCaptureImageStorage]) == len(source)
-    assert len(by_class[COMPREHENSIVE_3D_SR]) == 1
+    assert len(by_class[COMPREHENSIVE_3D_SR]) == 1 + image_reports
     assert len(by_class[SegmentationStorage]) == 1
-    assert instance_count() == expected  # nothing duplicated
-    # one study, four series (source, SC, SR, SEG), all under the source StudyInstanceUID
+    assert instance_count() == expected()  # nothing duplicated
+    # one study, four series (source, SC, SR, SEG) and the image SR's, all under the
+    # source StudyInstanceUID
     assert len(orthanc.get_json("/studies")) == 1
-    assert len(orthanc.get_json(f"/studies/{study_id}")["Series"]) == 4
+    assert len(orthanc.get_json(f"/studies/{study_id}")["Series"]) == 4 + image_reports
 
     # 4. the PACS renders a fusion image: a PNG with real content, in colour
     sc_id = by_class[SecondaryCaptureImageStorage][len(source) // 2]
@@ -209,12 +216,12 @@ def test_orthanc_sends_a_study_and_gets_sc_sr_seg_back(
     again = orthanc.post_json(f"/modalities/{MODALITY}/store",
                               {"Resources": [study_id], "Synchronous": True})
     assert again["FailedInstancesCount"] == 0, again
-    assert again["InstancesCount"] == expected, again
+    assert again["InstancesCount"] == expected(), again
     with node.sessions() as session:
         series_rows = {row.series_uid: row for row in session.scalars(select(Series))}
         outbox_before = len(session.scalars(select(OutboxEntry)).all())
     source_series = str(dcmread(source[0], stop_before_pixels=True).SeriesInstanceUID)
-    assert len(series_rows) == 4
+    assert len(series_rows) == 4 + image_reports
     assert series_rows[source_series].version == 1
 
     def returned_series_skipped() -> bool:
@@ -228,4 +235,4 @@ def test_orthanc_sends_a_study_and_gets_sc_sr_seg_back(
             Series.series_uid == source_series)).one()
         assert (source_row.state, source_row.version) == ("done", 1)
         assert len(session.scalars(select(OutboxEntry)).all()) == outbox_before
-    assert instance_count() == expected
+    assert instance_count() == expected()

@@ -3,7 +3,9 @@ and every reference resolves to the SEG and the source instances."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from matplotlib.path import Path
 from pydicom import dcmread
 
 from dicom_node.analysis.tbr import measure_tbr
@@ -129,3 +131,89 @@ def test_sr_with_intervals_validates_and_reads_back(analysed, tmp_path) -> None:
     plain = read_tbr_report(dcmread(analysed[2] / "sr.dcm"))
     assert all("tbr_max_low" not in lesion and lesion["equivocal"] == 0.0
                for lesion in plain.lesions)
+
+
+def _groups(sr) -> list:
+    """The measurement groups under Imaging Measurements."""
+    measurements = next(item for item in sr.ContentSequence
+                        if item.ConceptNameCodeSequence[0].CodeValue == "126010")
+    return [item for item in measurements.ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeValue == "125007"]
+
+
+def test_image_sr_outlines_each_lesion_on_its_tbrmax_slice(analysed, tmp_path) -> None:
+    """The second SR (for viewers that show only image-region measurements, e.g. OHIF):
+    per lesion a TID 1410 group whose closed POLYLINE follows the lesion's edge on the
+    slice of its TBRmax, selected from that source instance, with TBRmax, TBRmean and
+    volume equal to the analysis; it validates, and shares the lesion's tracking UID
+    with the volumetric SR."""
+    from dicom_node.writers.sr import (
+        IMAGE_SERIES_DESCRIPTION,
+        SERIES_DESCRIPTION,
+        make_image_sr,
+        tbr_max_slice,
+    )
+
+    volume, result, out = analysed
+    sr = make_image_sr(volume.datasets, result, "2.25.13", "2.25.13.1", 9904, PROVENANCE,
+                       volumetric_sop_uid="2.25.12.1")
+    assert sr is not None
+    (tmp_path / "image-sr.dcm").write_bytes(encode(sr))
+    checked = validate_dicom(tmp_path / "image-sr.dcm")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    sr = dcmread(tmp_path / "image-sr.dcm")
+    assert sr.SeriesNumber == 9904 and sr.SeriesDescription == IMAGE_SERIES_DESCRIPTION
+    assert sr.SeriesDescription[:20] != SERIES_DESCRIPTION[:20]
+    groups = _groups(sr)
+    assert len(groups) == len(result.lesions)
+    volumetric = {str(item.UID) for group in _groups(dcmread(out / "sr.dcm"))
+                  for item in group.ContentSequence if item.ValueType == "UIDREF"}
+    for group, lesion in zip(groups, result.lesions, strict=True):
+        items = list(group.ContentSequence)
+        label = next(i.TextValue for i in items if i.ValueType == "TEXT")
+        assert label == f"Lesion {lesion.number}"
+        assert next(str(i.UID) for i in items if i.ValueType == "UIDREF") in volumetric
+        scoord = next(i for i in items if i.ValueType == "SCOORD")
+        assert scoord.GraphicType == "POLYLINE"
+        points = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)
+        assert len(points) >= 7 and np.array_equal(points[0], points[-1])  # closed
+        z = tbr_max_slice(lesion)
+        assert lesion.mask[z].any() and lesion.mask[lesion.peak_index] and z == lesion.peak_index[0]
+        ref = scoord.ContentSequence[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == volume.datasets[z].SOPInstanceUID
+        assert ref.ReferencedSOPClassUID == volume.datasets[z].SOPClassUID
+        # the polygon encloses the lesion's pixels on that slice and little else
+        rows, cols = lesion.mask[z].shape
+        centres = np.stack(np.meshgrid(np.arange(cols) + 0.5, np.arange(rows) + 0.5),
+                           axis=-1).reshape(-1, 2)
+        inside = Path(points).contains_points(centres).reshape(rows, cols)
+        overlap = (inside & lesion.mask[z]).sum()
+        assert overlap >= 0.9 * lesion.mask[z].sum()
+        assert inside.sum() <= 1.5 * lesion.mask[z].sum() + 8
+    report = read_tbr_report(sr)
+    for read, lesion in zip(report.lesions, result.lesions, strict=True):
+        assert read["tbr_max"] == pytest.approx(lesion.tbr_max, abs=1e-4)
+        assert read["tbr_mean"] == pytest.approx(lesion.tbr_mean, abs=1e-4)
+        assert read["volume_ml"] == pytest.approx(lesion.volume_ml, abs=1e-4)
+    # a viewer labels each value with its concept's meaning: the two ratios differ
+    names = {str(i.ConceptNameCodeSequence[0].CodeMeaning) for i in groups[0].ContentSequence
+             if i.ValueType == "NUM"}
+    assert {"TBRmax", "TBRmean", "Volume"} <= names
+
+
+def test_lesion_outline_of_small_regions_is_a_closed_polygon() -> None:
+    """A one-pixel lesion still gets a closed outline of at least 7 points (OHIF reads a
+    4- or 5-point POLYLINE as a rectangle) around that pixel's centre."""
+    from dicom_node.writers.sr import lesion_outline
+
+    mask = np.zeros((6, 6), bool)
+    mask[2, 3] = True
+    points = lesion_outline(mask)
+    assert len(points) >= 7 and np.array_equal(points[0], points[-1])
+    assert Path(points).contains_point((3.5, 2.5))
+    assert np.all(np.abs(points - (3.5, 2.5)) <= 0.5 + 1e-6)
+    block = np.zeros((8, 8), bool)
+    block[2:5, 1:7] = True  # a 6 x 3 block: its outline spans columns 1..7, rows 2..5
+    points = lesion_outline(block)
+    assert points[:, 0].min() == pytest.approx(1.0) and points[:, 0].max() == pytest.approx(7.0)
+    assert points[:, 1].min() == pytest.approx(2.0) and points[:, 1].max() == pytest.approx(5.0)

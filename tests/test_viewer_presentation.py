@@ -70,3 +70,43 @@ def test_the_phantom_t1c_window_fits_the_brain(written) -> None:
     inside = np.mean((brain > low) & (brain < high))
     assert inside > 0.95, (centre, width, np.percentile(brain, [1, 50, 99]))
     assert high > np.percentile(brain, 50) > low
+
+
+def test_summary_slice_text_stays_clear_of_the_viewers_corner_overlays() -> None:
+    """Viewers draw their own text in the four corners of the viewport. On the first SC
+    slice the banner sits in a band at the top centre and the TBR summary in one at the
+    bottom centre; every burned-in (yellow) pixel lies in the central 80 % of the width,
+    and the middle of the image is left as it was."""
+    from dicom_node.analysis.tbr import Lesion, TbrResult
+    from dicom_node.analysis.uncertainty import TbrInterval
+    from dicom_node.writers.provenance import BANNER
+    from dicom_node.writers.sc import burn_in, summary_lines
+
+    mask = np.zeros((2, 4, 4), bool)
+    lesions = [Lesion(number=n, tbr_max=2.0 + n, tbr_mean=1.8, volume_ml=12.4, max_uptake=1.0,
+                      mean_uptake=1.0, mask=mask) for n in (1, 2, 3, 4)]
+    result = TbrResult(background_mean=0.95, background_mask=mask, threshold=1.6,
+                       lesions=lesions)
+    intervals = [TbrInterval(1, 1.41, 4.27, 1.4, 2.2, 0.1, 0.1, 8, 0.9, True)]
+    lines = summary_lines(result, intervals, 0.9)
+    for size in (256, 512):
+        grey = np.full((size, size, 3), 60, np.uint8)  # no yellow in the image itself
+        out = burn_in(grey, [BANNER], lines)
+        yellow = (out[..., 0] > 128) & (out[..., 1] > 128) & (out[..., 2] < 100)
+        rows, cols = np.nonzero(yellow)
+        assert len(rows) > 200
+        assert cols.min() >= 0.1 * size and cols.max() < 0.9 * size
+        # left and right halves hold about as much text: each line is centred
+        left, right = (cols < size / 2).sum(), (cols >= size / 2).sum()
+        assert abs(left - right) < 0.25 * (left + right)
+        top = rows[rows < size / 2]
+        bottom = rows[rows >= size / 2]
+        assert top.max() < 0.1 * size  # the banner: one line at the top
+        assert bottom.min() > size / 2 and bottom.max() < size  # the summary at the bottom
+        band_rows = np.nonzero((out != grey).any(axis=(1, 2)))[0]
+        middle = out[int(top.max()) + 8: int(bottom.min()) - 8]
+        assert np.array_equal(middle, grey[: len(middle)])  # the anatomy is untouched
+        assert band_rows.max() == size - 1 or band_rows.max() >= bottom.max()
+    # without a summary only the banner band is drawn
+    plain = burn_in(np.full((256, 256, 3), 60, np.uint8), [BANNER])
+    assert (plain[128:] == 60).all()

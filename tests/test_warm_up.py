@@ -29,14 +29,15 @@ PROVENANCE = Provenance("dicom-node", "fdopa-demo", "2.1.1", "0" * 64)
 
 def test_warm_up_builds_valid_outputs_of_each_kind(tmp_path: Path) -> None:
     """The warm-up goes through the real writers: an SC from the series template, the
-    summary slice, a SEG and an SR; each is a valid object (written here only to be
-    validated; the node never writes them)."""
+    summary slice, a SEG and both SRs (volumetric, image-anchored); each is a valid
+    object (written here only to be validated; the node never writes them)."""
     outputs = warm_up_outputs(PROVENANCE)
     for k, (ds, data) in enumerate(outputs):
         path = tmp_path / f"{k}.dcm"
         path.write_bytes(data)
         assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
-    assert [str(ds.SOPClassUID) for ds, _ in outputs] == [SC, SC, SEG, COMPREHENSIVE_3D_SR]
+    assert [str(ds.SOPClassUID) for ds, _ in outputs] == [SC, SC, SEG, COMPREHENSIVE_3D_SR,
+                                                           COMPREHENSIVE_3D_SR]
     result = validate_dicom(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 

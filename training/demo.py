@@ -30,6 +30,7 @@ from dicom_node.cli import stop_child_node
 from dicom_node.config import NodeConfig, load_config
 from dicom_node.inference.fusion import window_t1c
 from dicom_node.writers.seg import BACKGROUND_SEGMENT, lesion_segment_number
+from dicom_node.writers.sr import SERIES_DESCRIPTION as SR_DESCRIPTION
 from dicom_node.writers.sr import TbrReport, read_tbr_report
 from training.lesion_truth import TruthLesion, match_lesions, measure_and_match, segment_masks
 from training.phantom import PhantomGeometry, PhantomPatient, generate_patient
@@ -249,7 +250,9 @@ def run(args: argparse.Namespace) -> int:
         stop_child_node(node)
         inbox.stop()
 
-    sr = next(ds for ds in inbox.datasets if ds.SOPClassUID == SR_CLASS)
+    # the volumetric report (with the background), not the image-anchored one
+    sr = next(ds for ds in inbox.datasets if ds.SOPClassUID == SR_CLASS
+              and str(ds.SeriesDescription).startswith(SR_DESCRIPTION[:20]))
     seg = next(ds for ds in inbox.datasets if ds.SOPClassUID == SEG_CLASS)
     report = read_tbr_report(sr)
     print(f"\nResults back in PACS {elapsed:.1f} s after the last instance was sent "

@@ -1,6 +1,7 @@
 """Recording a job's outputs and routing them: one outbox row per output and destination.
 
-A job hands over its whole written set (SC, SEG, SR) at once; nothing of it is queued
+A job hands over its whole written set (SC, SEG, SR, and the image-anchored SR when
+there is a lesion) at once; nothing of it is queued
 before that (a failed job sends nothing). Routing resolves each configured destination,
 ``return_to_sender`` through the peer the series came from.
 """
@@ -46,14 +47,16 @@ def resolve_destination(config: NodeConfig, dest: Destination,
 
 
 def previous_reports(sessions: sessionmaker[Session], series_id: int,
-                     version: int) -> list[Dataset]:
-    """The SR of the newest earlier version of this series, which a new report supersedes."""
+                     version: int, kind: str = "sr") -> list[Dataset]:
+    """The SR of the given kind ("sr": the volumetric report, "sr-image": the
+    image-anchored one) of the newest earlier version of this series that has one, which
+    a new report of that kind supersedes."""
     if version <= 1:
         return []
     with sessions() as session:
         path = session.scalars(
             select(OutputInstance.path).where(OutputInstance.source_series_id == series_id,
-                                              OutputInstance.kind == "sr",
+                                              OutputInstance.kind == kind,
                                               OutputInstance.series_version < version)
             .order_by(OutputInstance.series_version.desc()).limit(1)).first()
     if path is None or not Path(path).is_file():

@@ -3,7 +3,9 @@
 Each image carries the "SYNTHETIC - NOT FOR DIAGNOSTIC USE" banner burned into its
 pixels (BurnedInAnnotation YES), points at its source slice (SourceImageSequence),
 and names the model and weights in its Contributing Equipment. The first image also
-shows the TBR summary, for viewers that do not display SR.
+shows the TBR summary, for viewers that do not display SR. Both are centred, the banner
+at the top and the summary at the bottom, clear of the corners where viewers draw their
+own overlay text.
 """
 
 from __future__ import annotations
@@ -62,17 +64,39 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def burn_in(rgb: NDArray[np.uint8], lines: Sequence[str]) -> NDArray[np.uint8]:
-    """Draw text lines on a dark band at the top of the image.
+#: The share of the image width, centred, that burned-in text keeps to: viewers put their
+#: own overlay text in the four corners (OHIF, Orthanc's viewers), over the ends of
+#: full-width lines. The font shrinks (to 8 pixels at the least) until the widest line fits.
+TEXT_WIDTH_FRACTION = 0.8
+_MIN_FONT = 8
 
-    The band is opaque and the text lies inside it, so the band does not depend on the
-    image: it is drawn once per width and text (:func:`_band`) and copied over the top
-    rows of each slice, which gives the same pixels as drawing on every slice."""
+
+def _font_size(width: int, lines: Sequence[str]) -> int:
+    size = max(_MIN_FONT, min(18, width // 28))
+    limit = TEXT_WIDTH_FRACTION * width
+    while size > _MIN_FONT and max((_font(size).getlength(line) for line in lines),
+                                   default=0.0) > limit:
+        size -= 1
+    return size
+
+
+def burn_in(rgb: NDArray[np.uint8], lines: Sequence[str],
+            bottom_lines: Sequence[str] = ()) -> NDArray[np.uint8]:
+    """Draw text lines, each centred, on a dark band at the top of the image, and
+    ``bottom_lines`` (the TBR summary) on one at the bottom: the top and bottom centre are
+    where viewers' corner overlays leave the image uncovered.
+
+    The top band is opaque and the text lies inside it, so the band does not depend on
+    the image: it is drawn once per width and text (:func:`_band`) and copied over the
+    top rows of each slice, which gives the same pixels as drawing on every slice."""
     band = _band(rgb.shape[1], tuple(lines))
     if band is None or rgb.ndim != 3 or rgb.shape[0] < len(band):
-        return _draw_band(rgb, lines)
-    out = np.array(rgb, dtype=np.uint8, copy=True)
-    out[: len(band)] = band
+        out = _draw_band(rgb, lines)
+    else:
+        out = np.array(rgb, dtype=np.uint8, copy=True)
+        out[: len(band)] = band
+    if bottom_lines:
+        out = _draw_band(out, bottom_lines, at_bottom=True)
     return out
 
 
@@ -80,7 +104,7 @@ def burn_in(rgb: NDArray[np.uint8], lines: Sequence[str]) -> NDArray[np.uint8]:
 def _band(width: int, lines: tuple[str, ...]) -> NDArray[np.uint8] | None:
     """The top rows :func:`_draw_band` writes on an image of this width; None if its
     text would reach below the band (and mix with the image)."""
-    size = max(8, min(18, width // 28))
+    size = _font_size(width, lines)
     rows = (size + 3) * len(lines) + 4 + 1  # the rectangle's last row is inclusive
     probe = _draw_band(np.zeros((rows + 64, width, 3), np.uint8), lines)
     if probe[rows:].any():
@@ -90,17 +114,20 @@ def _band(width: int, lines: tuple[str, ...]) -> NDArray[np.uint8] | None:
     return band
 
 
-def _draw_band(rgb: NDArray[np.uint8], lines: Sequence[str]) -> NDArray[np.uint8]:
+def _draw_band(rgb: NDArray[np.uint8], lines: Sequence[str],
+               at_bottom: bool = False) -> NDArray[np.uint8]:
     image = Image.fromarray(rgb, mode="RGB")
-    width = rgb.shape[1]
-    size = max(8, min(18, width // 28))
+    height, width = rgb.shape[:2]
+    size = _font_size(width, lines)
     font = _font(size)
     draw = ImageDraw.Draw(image)
     line_height = size + 3
     band = line_height * len(lines) + 4
-    draw.rectangle((0, 0, width, band), fill=(0, 0, 0))
+    top = max(0, height - 1 - band) if at_bottom else 0
+    draw.rectangle((0, top, width, top + band), fill=(0, 0, 0))
     for i, line in enumerate(lines):
-        draw.text((3, 2 + i * line_height), line, fill=(255, 255, 0), font=font)
+        draw.text((width / 2, top + 2 + i * line_height), line, fill=(255, 255, 0), font=font,
+                  anchor="ma")  # "ma": the point is the middle of the line's top
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -193,9 +220,10 @@ def make_sc_instance(
     summary_lines: Sequence[str] = (),
     description_suffix: str = "",
 ) -> Dataset:
-    """One SC instance for one slice; ``summary_lines`` are burned in below the banner;
-    ``description_suffix`` marks a re-run's version in the series description."""
-    pixels = burn_in(fusion_rgb, [BANNER, *summary_lines])
+    """One SC instance for one slice; ``summary_lines`` are burned in at the bottom centre
+    (the banner at the top centre); ``description_suffix`` marks a re-run's version in
+    the series description."""
+    pixels = burn_in(fusion_rgb, [BANNER], summary_lines)
     row, col = slice_info.orientation[:3], slice_info.orientation[3:]
     sc = hd.sc.SCImage(
         pixel_array=pixels,
@@ -262,7 +290,7 @@ class ScSeries:
 
     def instance(self, index: int, summary_lines: Sequence[str] = (),
                  sop_uid: str | None = None) -> Dataset:
-        """Slice ``index`` (0-based); ``summary_lines`` are burned in below the banner.
+        """Slice ``index`` (0-based); ``summary_lines`` are burned in at the bottom centre.
         ``sop_uid`` replaces the slice's own UID (for a variant with other pixels)."""
         template, info = self.template, self._slices[index]
         uid = sop_uid or self._sop_uids[index]
@@ -274,7 +302,7 @@ class ScSeries:
         ds.file_meta = meta
         ds.add_new(0x00080018, "UI", uid)  # SOPInstanceUID
         ds.add_new(0x00200013, "IS", index + 1)  # InstanceNumber
-        pixels = burn_in(self._fusion[index], [BANNER, *summary_lines])
+        pixels = burn_in(self._fusion[index], [BANNER], summary_lines)
         ds.add_new(0x7FE00010, "OB", pixels.tobytes())
         ref = Dataset()
         ref.ReferencedSOPClassUID = info.sop_class_uid
@@ -311,10 +339,11 @@ def make_sc_series(
 def summary_lines(result: TbrResult, intervals: Sequence[TbrInterval] = (),
                   level: float = 0.0) -> list[str]:
     """The text on the first SC slice: the ratios, with their intervals when measured
-    (then two short lines per lesion, so that a 256-pixel-wide slice holds them)."""
+    (then two short lines per lesion, so that the central 80 % of a 256-pixel-wide slice
+    holds them in an 8-pixel font)."""
     by_lesion = {interval.lesion: interval for interval in intervals}
-    lines = [f"TBR (synthetic uptake), threshold {result.threshold:g} x bg; "
-             f"bg mean {result.background_mean:.2f}"]
+    lines = [f"TBR, synthetic uptake: threshold {result.threshold:g} x bg, "
+             f"bg {result.background_mean:.2f}"]
     if not result.lesions:
         lines.append(result.finding[:1].upper() + result.finding[1:])
     for lesion in result.lesions[:3]:

@@ -20,6 +20,20 @@ Layout (see docs/conformance-statement.md for the full tree):
 
 Concepts without a standard code use the private scheme 99DCMNODE, declared in
 CodingSchemeIdentificationSequence.
+
+A second SR (:func:`make_image_sr`, its own series) carries the same numbers anchored on
+images, for viewers that show only image-region measurements (OHIF 3.13 lists TID 1500
+groups only when they have an SCOORD on a referenced image; pixelmed's validator does
+not accept TID 1410 and TID 1411 groups in one report, hence two objects):
+
+- Per lesion a planar ROI measurement group (TID 1410): the lesion's outline on the
+  slice of its TBRmax as a closed POLYLINE (SCOORD in image pixel coordinates, column
+  then row, pixel centres at +0.5) selected from that source T1C instance; TBRmax and
+  TBRmean as concepts of their own ("TBRmax", "TBRmean": a viewer labels a value with
+  the concept's meaning only) with their derivations, the lesion volume (whole VOI) and,
+  when measured, the interval limits; the same tracking identifier and UID as the
+  lesion's group in the volumetric SR.
+- The background mean uptake is not repeated there (it has no single slice).
 """
 
 from __future__ import annotations
@@ -28,6 +42,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
+import numpy as np
+from numpy.typing import NDArray
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -48,8 +64,10 @@ from dicom_node.writers.provenance import (
 from dicom_node.writers.seg import BACKGROUND_SEGMENT, lesion_segment_number
 from dicom_node.writers.uids import hashed_uid
 
-# Distinct in their first 20 characters from the SEG's (viewers truncate them).
+# Distinct in their first 20 characters from the SEG's and each other's (viewers
+# truncate them).
 SERIES_DESCRIPTION = "TBR REPORT (SR) - SYNTHETIC PET, NOT FOR DIAGNOSTIC USE"
+IMAGE_SERIES_DESCRIPTION = "TBR ON T1C SLICES (SR) - SYNTHETIC PET, NOT FOR DIAGNOSTIC USE"
 SYNTHETIC_STATEMENT = "Values measured on synthetic (AI-generated) PET uptake"
 
 TBR = hd.sr.CodedConcept("TBR", PRIVATE_SCHEME, "Tumor-to-background ratio")
@@ -57,6 +75,10 @@ BACKGROUND_UPTAKE = hd.sr.CodedConcept("BGUPTAKE", PRIVATE_SCHEME,
                                        "Background mean synthetic uptake")
 SYNTHETIC_METHOD = hd.sr.CodedConcept("SYNTHPET", PRIVATE_SCHEME,
                                       "Measured on synthetic PET uptake from Pix2Pix")
+#: The image-anchored SR's names for the two ratios (a viewer shows the concept's meaning
+#: and not its derivation, so "Tumor-to-background ratio" twice would not tell them apart).
+TBR_MAX = hd.sr.CodedConcept("TBRMAX", PRIVATE_SCHEME, "TBRmax")
+TBR_MEAN = hd.sr.CodedConcept("TBRMEAN", PRIVATE_SCHEME, "TBRmean")
 UNIT_RATIO = hd.sr.CodedConcept("1", "UCUM", "no units")
 UNIT_ML = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
 #: Each lesion's interval (dicom_node/analysis/uncertainty.py), as measurements of their own,
@@ -106,15 +128,17 @@ def _segment_ref(seg: Dataset, number: int) -> hd.sr.ReferencedSegment:
 
 
 def _tbr_measurements(lesion: Lesion, interval: TbrInterval | None,
-                      algorithm: hd.sr.AlgorithmIdentification) -> list[hd.sr.Measurement]:
+                      algorithm: hd.sr.AlgorithmIdentification,
+                      names: tuple[hd.sr.CodedConcept, hd.sr.CodedConcept] = (TBR, TBR)
+                      ) -> list[hd.sr.Measurement]:
     def num(concept: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept = UNIT_RATIO,
             derivation: Code | None = None) -> hd.sr.Measurement:
         return hd.sr.Measurement(name=concept, value=round(value, 4), unit=unit,
                                  derivation=derivation, method=SYNTHETIC_METHOD,
                                  algorithm_id=algorithm)
 
-    items = [num(TBR, lesion.tbr_max, derivation=codes.SCT.Maximum),
-             num(TBR, lesion.tbr_mean, derivation=codes.SCT.Mean),
+    items = [num(names[0], lesion.tbr_max, derivation=codes.SCT.Maximum),
+             num(names[1], lesion.tbr_mean, derivation=codes.SCT.Mean),
              num(codes.SCT.Volume, lesion.volume_ml, UNIT_ML)]
     if interval is not None:
         # the concepts' keys are TbrInterval's field names
@@ -162,6 +186,17 @@ def make_sr(
                                         unit=UNIT_RATIO, derivation=codes.SCT.Mean,
                                         method=SYNTHETIC_METHOD, algorithm_id=algorithm)],
     ))
+    return _report([*source_datasets, seg], groups, series_uid, sop_uid, series_number,
+                   provenance, supersedes, series_description(SERIES_DESCRIPTION,
+                                                              description_suffix))
+
+
+def _report(evidence: list[Dataset],
+            groups: Sequence[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+                             | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations],
+            series_uid: str, sop_uid: str, series_number: int, provenance: Provenance,
+            supersedes: list[Dataset] | None, description: str) -> Dataset:
+    """The TID 1500 document around the measurement groups, with the node as observer."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -170,10 +205,10 @@ def make_sr(
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=hd.sr.CodedConcept("44139-4", "LN", "PET scan"),
-        imaging_measurements=groups,
+        imaging_measurements=list(groups),
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*source_datasets, seg],
+        evidence=evidence,
         content=report,
         series_instance_uid=series_uid,
         series_number=series_number,
@@ -185,7 +220,7 @@ def make_sr(
         contributing_equipment=[provenance.contributing_equipment()],
         specific_character_set=OUTPUT_CHARACTER_SET,
     )
-    sr.SeriesDescription = series_description(SERIES_DESCRIPTION, description_suffix)
+    sr.SeriesDescription = description
     stamp_series_date(sr)
     scheme = Dataset()
     scheme.CodingSchemeDesignator = PRIVATE_SCHEME
@@ -193,6 +228,87 @@ def make_sr(
     scheme.CodingSchemeResponsibleOrganization = PRIVATE_SCHEME_ORG
     sr.CodingSchemeIdentificationSequence = [scheme]
     return sr
+
+
+#: Fewest points of an outline (closing point included): OHIF 3.13 takes a closed
+#: POLYLINE of 4 or 5 points for a rectangle, so smaller outlines are densified.
+MIN_OUTLINE_POINTS = 7
+
+
+def tbr_max_slice(lesion: Lesion) -> int:
+    """The slice (index into the volume) of the lesion's TBRmax; the slice of its largest
+    cross-section if the peak is not recorded inside the lesion."""
+    z, y, x = lesion.peak_index
+    if 0 <= z < lesion.mask.shape[0] and lesion.mask[z, y, x]:
+        return int(z)
+    return int(np.argmax(lesion.mask.sum(axis=(1, 2))))
+
+
+def lesion_outline(mask: NDArray[np.bool_]) -> NDArray[np.float32]:
+    """The outline of a 2-D region as a closed polygon of (column, row) image coordinates
+    (PS3.3 C.18.6.1.1: the top left corner of the first pixel is 0,0, its centre 0.5,0.5):
+    the longest boundary of the region, running between the centres of its edge pixels
+    and their outside neighbours."""
+    from skimage.measure import approximate_polygon, find_contours
+
+    contours = find_contours(np.pad(mask, 1).astype(np.float32), 0.5)
+    if not contours:
+        raise ValueError("the lesion has no voxel on its TBRmax slice")
+    contour = approximate_polygon(max(contours, key=len), tolerance=0.25)
+    points = contour[:, ::-1] - 1.0 + 0.5  # (row, col) -> (col, row); undo the padding
+    if not np.array_equal(points[0], points[-1]):
+        points = np.vstack([points, points[:1]])
+    while len(points) < MIN_OUTLINE_POINTS:  # edge midpoints between the vertices
+        mids = (points[:-1] + points[1:]) / 2
+        dense = np.empty((2 * len(points) - 1, 2))
+        dense[0::2], dense[1::2] = points, mids
+        points = dense
+    outline: NDArray[np.float32] = points.astype(np.float32)
+    return outline
+
+
+def make_image_sr(
+    source_datasets: list[Dataset],
+    result: TbrResult,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    provenance: Provenance,
+    supersedes: list[Dataset] | None = None,
+    intervals: Sequence[TbrInterval] = (),
+    interval_method: str = "",
+    description_suffix: str = "",
+    volumetric_sop_uid: str = "",
+) -> Dataset | None:
+    """The image-anchored TBR report: per lesion its outline on its TBRmax slice with
+    TBRmax, TBRmean and volume (TID 1410). None when there is no lesion to show.
+
+    ``volumetric_sop_uid``, the volumetric SR's SOP Instance UID, gives each lesion the
+    tracking UID it has there (and in the SEG), so a viewer can tie the two together."""
+    if not result.lesions:
+        return None
+    algorithm = _algorithm(provenance, result, interval_method)
+    by_lesion = {interval.lesion: interval for interval in intervals}
+    groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    for lesion in result.lesions:
+        interval = by_lesion.get(lesion.number)
+        equivocal = interval is not None and interval.equivocal
+        z = tbr_max_slice(lesion)
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=lesion_outline(lesion.mask[z]),
+            source_image=hd.sr.SourceImageForRegion.from_source_image(source_datasets[z]))
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=_content_uid(volumetric_sop_uid or sop_uid, f"lesion-{lesion.number}"),
+                identifier=f"Lesion {lesion.number}" + (EQUIVOCAL_MARK if equivocal else "")),
+            referenced_region=region,
+            finding_type=codes.SCT.Neoplasm,
+            measurements=_tbr_measurements(lesion, interval, algorithm, (TBR_MAX, TBR_MEAN)),
+        ))
+    return _report(list(source_datasets), groups, series_uid, sop_uid, series_number,
+                   provenance, supersedes, series_description(IMAGE_SERIES_DESCRIPTION,
+                                                              description_suffix))
 
 
 @dataclass(frozen=True)
@@ -216,7 +332,8 @@ def _concept(item: Dataset) -> str:
 
 
 def read_tbr_report(sr: Dataset) -> TbrReport:
-    """Walk the TID 1500 tree: per measurement group its TBRmax, TBRmean, volume."""
+    """Walk the TID 1500 tree: per measurement group its TBRmax, TBRmean, volume (either
+    report: the volumetric one or the image-anchored one)."""
     background = float("nan")
     lesions: list[dict[str, float]] = []
 
@@ -237,7 +354,7 @@ def read_tbr_report(sr: Dataset) -> TbrReport:
                     concept = _concept(child)
                     key = ("tbr_max" if derivation == codes.SCT.Maximum.value else
                            "tbr_mean" if derivation == codes.SCT.Mean.value else "")
-                    if concept == TBR.value and key:
+                    if concept in (TBR.value, TBR_MAX.value, TBR_MEAN.value) and key:
                         group[key] = value
                     elif concept in INTERVAL_KEYS:
                         group[INTERVAL_KEYS[concept]] = value

@@ -24,7 +24,7 @@ from dicom_node.writers.image_source import new_instance, set_grey_pixels, set_p
 from dicom_node.writers.provenance import Provenance
 from dicom_node.writers.sc import ScSeries, encode
 from dicom_node.writers.seg import make_seg
-from dicom_node.writers.sr import make_sr
+from dicom_node.writers.sr import make_image_sr, make_sr
 
 _SIZE = 8
 _ROOT = "2.25.1208152042011"  # a fixed UID root: nothing built here leaves the process
@@ -58,8 +58,8 @@ def _source(index: int) -> Dataset:
 
 
 def warm_up_outputs(provenance: Provenance) -> list[tuple[Dataset, bytes]]:
-    """One SC (twice: from the series template and with a summary), a SEG and an SR of
-    the tiny synthetic source, each with its encoded bytes."""
+    """One SC (twice: from the series template and with a summary), a SEG and both SRs
+    of the tiny synthetic source, each with its encoded bytes."""
     sources = [_source(0), _source(1)]
     slices = [SliceInfo(path=Path(f"warm-up-{k}"), frame_index=None,
                         sop_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
@@ -80,8 +80,11 @@ def warm_up_outputs(provenance: Provenance) -> list[tuple[Dataset, bytes]]:
         background_side="right", background_slices=(0, 1))
     seg = make_seg(sources, result, _uid(7), _uid(8), 2, provenance)
     sr = make_sr(sources, seg, result, _uid(9), _uid(20), 3, provenance)
+    image_sr = make_image_sr(sources, result, _uid(21), _uid(22), 4, provenance,
+                             volumetric_sop_uid=str(sr.SOPInstanceUID))
+    assert image_sr is not None  # the warm-up result has a lesion
     return [(first, encode(first)), (second, sc.encode(second)), (seg, encode(seg)),
-            (sr, encode(sr))]
+            (sr, encode(sr)), (image_sr, encode(image_sr))]
 
 
 def warm_up_writers(provenance: Provenance) -> float:
