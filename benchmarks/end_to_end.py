@@ -112,6 +112,18 @@ def child_pids(pid: int) -> set[int]:
     return found
 
 
+def queued_outputs(database: Path) -> int:
+    """How many outputs the node has queued for its one destination (0 if unreadable)."""
+    try:
+        db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1.0)
+        try:
+            return int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0
+
+
 def one_run(root: Path, source: list[Path], args: argparse.Namespace) -> dict[str, float]:
     scp = Storescp(root / "storescp").start()
     port = free_port()
@@ -139,7 +151,11 @@ def one_run(root: Path, source: list[Path], args: argparse.Namespace) -> dict[st
             count = scp.count()
             if count and not first:
                 first.append(time.time())
-            return count >= expected
+            if count < expected:
+                return False
+            # N + 2 at least (SC per slice, SEG, SR); N + 3 when a lesion was found (the
+            # image-anchored SR): the whole set is queued at once, so the outbox holds it
+            return count >= max(expected, queued_outputs(data_dir / "dicom-node.db"))
 
         done = wait_for(all_stored, args.timeout, 0.02)
         stored = time.time()
