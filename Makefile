@@ -1,13 +1,14 @@
 # dicom-node: install, test, serve.
 # `make install` creates .venv, installs the project with its test extras and the
-# Debian packages the tests use (DCMTK, dicom3tools, pixelmed, Orthanc).
+# Debian packages the tests use (DCMTK, dicom3tools, pixelmed, Orthanc, PostgreSQL for
+# the tests' PostgreSQL leg: a throw-away cluster, see tests/postgres.py).
 
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dcmtk dicom3tools pixelmed-apps orthanc orthanc-dicomweb systemd
+APT_PACKAGES := dcmtk dicom3tools pixelmed-apps orthanc orthanc-dicomweb systemd postgresql
 CONFIG ?= config.toml
 
 .PHONY: install system-packages test lint serve demo demo-model clean
@@ -18,7 +19,8 @@ system-packages:
 	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null \
 	    || ! command -v DicomSRValidator >/dev/null || ! command -v Orthanc >/dev/null \
 	    || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
-	    || ! command -v systemd-analyze >/dev/null; then \
+	    || ! command -v systemd-analyze >/dev/null \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  echo "installing Debian packages: $(APT_PACKAGES)"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
