@@ -34,8 +34,9 @@ def utcnow() -> datetime:
 
 
 def as_utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; they were stored as UTC."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    """The UTC datetime stored: SQLite hands back naive datetimes (they were stored as
+    UTC), PostgreSQL aware ones in the session's time zone (the server's ``timezone``)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):

@@ -73,7 +73,9 @@ class PostgresCluster:
                   "-E", "UTF8", "--locale=C", "--no-sync")
         options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                   "-c max_connections=300 -c shared_buffers=32MB")
+                   "-c max_connections=300 -c shared_buffers=32MB "
+                   # a hospital's server is rarely on UTC: aware datetimes come back in it
+                   "-c timezone=Europe/Zurich")
         self._run(self.pg_ctl, "-D", str(self.data), "-o", options, "-l",
                   str(self.folder / "server.log"), "-w", "-t", "60", "start")
         self._admin = sa.create_engine(self.url("postgres"), isolation_level="AUTOCOMMIT",
