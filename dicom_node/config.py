@@ -243,6 +243,12 @@ class OutputConfig:
     series_number_seg: int = 9903
 
 
+#: ``dicom-node serve --role``: ``receiver`` stores and records what it receives (no
+#: model); ``worker`` completes, triages and processes series (the model); ``sender``
+#: drains the outbox and sends notifications (no model); ``all`` is the three in one.
+ROLES = ("all", "receiver", "worker", "sender")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """The whole configuration, immutable once loaded."""
@@ -266,6 +272,9 @@ class NodeConfig:
     #: How often the running node writes its heartbeat row (``dicom-node status`` calls
     #: a node whose last beat is older than 3 intervals + 2 s not running).
     heartbeat_interval_s: float = 5.0
+    #: What ``dicom-node serve`` runs (``[node] role``, ``serve --role``): ``all``, or one
+    #: part of it for several nodes on one PostgreSQL (see :data:`ROLES`).
+    role: str = "all"
     source_path: Path | None = field(default=None, compare=False)
 
     @property
@@ -415,7 +424,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         raise ConfigError(f"unknown section(s) {unknown}; allowed: {sorted(known)}")
 
     node = _table(raw, "node")
-    node_keys = ["data_dir", "database_url", "heartbeat_interval_s"]
+    node_keys = ["data_dir", "database_url", "heartbeat_interval_s", "role"]
     bad = sorted(set(node) - set(node_keys))
     if bad:
         raise ConfigError(f"[node] unknown key(s) {bad}; allowed: {node_keys}")
@@ -423,6 +432,9 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     if (isinstance(heartbeat_interval_s, bool) or not isinstance(heartbeat_interval_s, int | float)
             or not 0 < heartbeat_interval_s <= 300):
         raise ConfigError("node.heartbeat_interval_s must be a number of seconds in (0, 300]")
+    role = node.get("role", "all")
+    if role not in ROLES:
+        raise ConfigError(f"node.role must be one of {list(ROLES)}, got {role!r}")
     data_dir = Path(str(node.get("data_dir", "var")))
     if not data_dir.is_absolute():
         data_dir = (base_dir / data_dir).resolve()
@@ -549,7 +561,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         fusion=fusion, retention=retention, peers=tuple(peers), destinations=tuple(destinations),
         notifications=notifications,
         tls=tls, metrics=metrics, heartbeat_interval_s=float(heartbeat_interval_s),
-        source_path=source,
+        role=str(role), source_path=source,
     )
 
 

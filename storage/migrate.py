@@ -8,19 +8,26 @@ stamped with the baseline. A database already at the head costs one query.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine
+# Alembic says at INFO what it sets up, from its import on (plugins, the DDL mode):
+# chatter on the console of every command; an upgrade that happened is logged below, once.
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
+from alembic.runtime.migration import MigrationContext  # noqa: E402
+from alembic.script import ScriptDirectory  # noqa: E402
+from sqlalchemy import Connection, Engine  # noqa: E402
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: Alembic runs env.py through module globals (alembic.context): one run per process at
 #: a time; the database lock in env.py orders the processes.
 _RUNNING = threading.Lock()
+
+log = logging.getLogger(__name__)
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -45,8 +52,12 @@ def current_revision(engine: Engine) -> str | None:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """``alembic upgrade <revision>`` on this engine's database (serialised across
     processes: see migrations/env.py)."""
-    if revision == "head" and current_revision(engine) == head_revision():
+    before = current_revision(engine)
+    if revision == "head" and before == head_revision():
         return
     with _RUNNING, engine.connect() as connection:
         command.upgrade(alembic_config(connection), revision)
         connection.commit()
+    after = current_revision(engine)
+    if after != before:
+        log.info("database schema at %s (was %s)", after, before or "empty or made by create_all")

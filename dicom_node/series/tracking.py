@@ -279,13 +279,14 @@ def refused_instances(session: Session, series: Series) -> list[tuple[str, str]]
     return list(refused.items())
 
 
-def recover(audit: AuditLog) -> int:
+def recover(audit: AuditLog, associations: bool = True) -> int:
     """At start-up: series left running by a crash go back to the queue, and
     associations the node died in are marked interrupted (their series wait for a
-    resend: ``series.interrupted_wait_s``)."""
+    resend: ``series.interrupted_wait_s``). ``associations=False`` for a worker, which
+    receives nothing: the associations open in the database are other nodes'."""
     with audit.transaction() as session:
-        for row in session.scalars(select(AssociationRow).where(
-                AssociationRow.state == "accepted")).all():
+        for row in (session.scalars(select(AssociationRow).where(
+                AssociationRow.state == "accepted")).all() if associations else ()):
             row.state = "interrupted"
         for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING)).all():
             job.state = JobState.ABANDONED
