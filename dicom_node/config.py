@@ -211,6 +211,9 @@ class OutboxConfig:
     #: ``2 * min_instances_per_association`` instances; each sends a contiguous share.
     associations_per_destination: int = 2
     min_instances_per_association: int = 32
+    #: How long a sender holds the entries it claimed (several senders on one database):
+    #: longer than a batch can take to send, or a slow batch is sent twice.
+    lease_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,9 @@ class NodeConfig:
     #: What ``dicom-node serve`` runs (``[node] role``, ``serve --role``): ``all``, or one
     #: part of it for several nodes on one PostgreSQL (see :data:`ROLES`).
     role: str = "all"
+    #: How long a worker holds a job without renewing it (renewed at every sweep): a
+    #: worker that dies loses its job to another after this.
+    lease_s: float = 30.0
     source_path: Path | None = field(default=None, compare=False)
 
     @property
@@ -424,7 +430,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         raise ConfigError(f"unknown section(s) {unknown}; allowed: {sorted(known)}")
 
     node = _table(raw, "node")
-    node_keys = ["data_dir", "database_url", "heartbeat_interval_s", "role"]
+    node_keys = ["data_dir", "database_url", "heartbeat_interval_s", "role", "lease_s"]
     bad = sorted(set(node) - set(node_keys))
     if bad:
         raise ConfigError(f"[node] unknown key(s) {bad}; allowed: {node_keys}")
@@ -432,6 +438,9 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     if (isinstance(heartbeat_interval_s, bool) or not isinstance(heartbeat_interval_s, int | float)
             or not 0 < heartbeat_interval_s <= 300):
         raise ConfigError("node.heartbeat_interval_s must be a number of seconds in (0, 300]")
+    lease_s = node.get("lease_s", 30.0)
+    if isinstance(lease_s, bool) or not isinstance(lease_s, int | float) or lease_s <= 0:
+        raise ConfigError("node.lease_s must be a number of seconds > 0")
     role = node.get("role", "all")
     if role not in ROLES:
         raise ConfigError(f"node.role must be one of {list(ROLES)}, got {role!r}")
@@ -456,6 +465,10 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     series: SeriesConfig = _build(SeriesConfig, "series", _table(raw, "series"))
     if series.stable_after_s < 0 or series.sweep_interval_s <= 0:
         raise ConfigError("series.stable_after_s must be >= 0 and series.sweep_interval_s > 0")
+    if lease_s <= 2 * series.sweep_interval_s:
+        raise ConfigError(f"node.lease_s ({lease_s:g}) must be more than twice "
+                          f"series.sweep_interval_s ({series.sweep_interval_s:g}): the sweep "
+                          "renews the running job's lease")
     selection: SelectionConfig = _build(SelectionConfig, "selection", _table(raw, "selection"))
     for pattern in (*selection.description_include, *selection.description_exclude,
                     selection.contrast_description_regex):
@@ -561,7 +574,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         fusion=fusion, retention=retention, peers=tuple(peers), destinations=tuple(destinations),
         notifications=notifications,
         tls=tls, metrics=metrics, heartbeat_interval_s=float(heartbeat_interval_s),
-        role=str(role), source_path=source,
+        role=str(role), lease_s=float(lease_s), source_path=source,
     )
 
 

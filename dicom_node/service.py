@@ -27,7 +27,7 @@ from dicom_node.errors import ConfigError
 from dicom_node.ingest.receiver import Receiver
 from dicom_node.jobs import open_context
 from dicom_node.ops.build_info import package_version
-from dicom_node.ops.heartbeat import HeartbeatWriter, JobStages, NodeIdentity
+from dicom_node.ops.heartbeat import HeartbeatWriter, JobStages, NodeIdentity, node_name
 from dicom_node.ops.metrics_http import BuildInfo, MetricsServer
 from dicom_node.outbox.notifications import collect, deliver_due, start_cursor
 from dicom_node.outbox.sender import Sender
@@ -56,6 +56,7 @@ class Node:
             raise ConfigError(f"Node runs the roles 'all' and 'worker', not {config.role!r}")
         self.config = config
         self.receives = config.role == "all"
+        self.node_id = node_name(node_host(config.role), config.receiver.port)
         # The model first: a node with missing or bad weights never starts.
         self.ctx = open_context(config)
         assert self.ctx.engine is not None
@@ -70,8 +71,9 @@ class Node:
         # the running job's stage, for the heartbeat (dicom-node status)
         self.job_stages = JobStages()
         self.ctx.timing = self.job_stages
+        self.ctx.node_id = self.node_id  # the owner of the jobs it claims
         self.receiver = Receiver(config, self.sessions, self.audit, self.store)
-        self.sender = Sender(config, self.sessions, self.audit)
+        self.sender = Sender(config, self.sessions, self.audit, self.node_id)
         self.scheduler: BackgroundScheduler | None = None
         self.metrics: MetricsServer | None = None
         self.heartbeat: HeartbeatWriter | None = None
@@ -95,7 +97,9 @@ class Node:
         # receiver's, mid-write on the shared store.
         partials = self.store.remove_partials() if self.receives else 0
         unrecorded = self.receiver.record_unrecorded_files() if self.receives else 0
-        resumed = recover(self.audit, associations=self.receives)
+        resumed = recover(self.audit, associations=self.receives, owner=self.node_id)
+        if self.receives:  # role all: it sends too
+            self.sender.release_own_claims()
         if self.analysis is not None:
             self.analysis.start()
         warm_up = self._warm_up()
@@ -234,7 +238,8 @@ class SendOnlyNode:
         self.engine = make_engine(config.database_url)
         self.sessions = make_session_factory(self.engine)
         self.audit = AuditLog(self.sessions)
-        self.sender = Sender(config, self.sessions, self.audit)
+        self.node_id = node_name(node_host("sender"), config.receiver.port)
+        self.sender = Sender(config, self.sessions, self.audit, self.node_id)
         self.scheduler: BackgroundScheduler | None = None
         self.heartbeat: HeartbeatWriter | None = None
 
@@ -243,6 +248,7 @@ class SendOnlyNode:
 
     def start(self, heartbeat: Callable[[], None] | None = None) -> None:
         version = package_version()
+        self.sender.release_own_claims()
         notify: Callable[[], object] | None = None
         if self.config.notifications:
             start_cursor(self.audit)
