@@ -211,9 +211,9 @@ class OutboxConfig:
     #: ``2 * min_instances_per_association`` instances; each sends a contiguous share.
     associations_per_destination: int = 2
     min_instances_per_association: int = 32
-    #: How long a sender holds the entries it claimed (several senders on one database):
-    #: longer than a batch can take to send, or a slow batch is sent twice.
-    lease_s: float = 300.0
+    #: How long a sender holds the entries it claimed (several senders on one database),
+    #: renewed at every heartbeat: a dead sender's batch is claimed again after this.
+    lease_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,7 @@ class NodeConfig:
     #: What ``dicom-node serve`` runs (``[node] role``, ``serve --role``): ``all``, or one
     #: part of it for several nodes on one PostgreSQL (see :data:`ROLES`).
     role: str = "all"
-    #: How long a worker holds a job without renewing it (renewed at every sweep): a
+    #: How long a worker holds a job without renewing it (renewed at every heartbeat): a
     #: worker that dies loses its job to another after this.
     lease_s: float = 30.0
     source_path: Path | None = field(default=None, compare=False)
@@ -465,10 +465,10 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     series: SeriesConfig = _build(SeriesConfig, "series", _table(raw, "series"))
     if series.stable_after_s < 0 or series.sweep_interval_s <= 0:
         raise ConfigError("series.stable_after_s must be >= 0 and series.sweep_interval_s > 0")
-    if lease_s <= 2 * series.sweep_interval_s:
+    if lease_s <= 2 * heartbeat_interval_s:
         raise ConfigError(f"node.lease_s ({lease_s:g}) must be more than twice "
-                          f"series.sweep_interval_s ({series.sweep_interval_s:g}): the sweep "
-                          "renews the running job's lease")
+                          f"node.heartbeat_interval_s ({heartbeat_interval_s:g}): the heartbeat "
+                          "renews the leases of the work the node holds")
     selection: SelectionConfig = _build(SelectionConfig, "selection", _table(raw, "selection"))
     for pattern in (*selection.description_include, *selection.description_exclude,
                     selection.contrast_description_regex):

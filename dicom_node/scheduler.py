@@ -31,7 +31,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicom_node.jobs import NodeContext, process_next
 from dicom_node.outbox.retention import apply_retention
 from dicom_node.outbox.sender import Sender
-from dicom_node.series.tracking import renew_leases, sweep, take_over_expired, triage
+from dicom_node.series.tracking import sweep, take_over_expired, triage
 from storage.audit import AuditKind, AuditLog
 
 log = logging.getLogger(__name__)
@@ -147,9 +147,8 @@ def build_scheduler(ctx: NodeContext, sender: Sender,
     wake = _waker(scheduler)
 
     def sweep_and_triage() -> None:
-        # Leases first: this worker's running job is held longer, other workers' expired
-        # jobs are taken over (their series queued again).
-        renew_leases(ctx.sessions, ctx.node_id, ctx.config.lease_s)
+        # Other workers' expired jobs are taken over first (their series queued again);
+        # this node's own leases are renewed by its heartbeat.
         if take_over_expired(ctx.audit, ctx.node_id):
             wake("inference")
         sweep(ctx.config, ctx.audit)

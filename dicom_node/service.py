@@ -32,7 +32,7 @@ from dicom_node.ops.metrics_http import BuildInfo, MetricsServer
 from dicom_node.outbox.notifications import collect, deliver_due, start_cursor
 from dicom_node.outbox.sender import Sender
 from dicom_node.scheduler import build_scheduler, build_send_scheduler
-from dicom_node.series.tracking import recover
+from dicom_node.series.tracking import recover, renew_leases
 from dicom_node.writers.warm_up import warm_up_writers
 from storage.audit import AuditKind, AuditLog
 from storage.database import make_engine, make_session_factory
@@ -136,7 +136,8 @@ class Node:
                          pid=os.getpid(), version=version, model=f"{card.name} {card.version}",
                          model_sha256=self.ctx.predictor.model.sha256,
                          device=str(self.ctx.predictor.device), listening=listening),
-            self.config.heartbeat_interval_s, self.healthy, lambda: self.job_stages.current)
+            self.config.heartbeat_interval_s, self.healthy, lambda: self.job_stages.current,
+            self._renew_leases)
         self.heartbeat.start()
         self.audit.record(AuditKind.NODE_START, ae_title=self.config.receiver.ae_title,
                           port=self.receiver.port, role=self.config.role,
@@ -149,6 +150,13 @@ class Node:
         log.info("node started: model %s %s on %s (warm-up: %s)", card.name, card.version,
                  self.ctx.predictor.device,
                  ", ".join(f"{k} {v}" for k, v in warm_up.items()))
+
+    def _renew_leases(self) -> None:
+        """At each heartbeat: the running job this node holds, and (role all) the outbox
+        entries its sender claimed, are held longer."""
+        renew_leases(self.sessions, self.node_id, self.config.lease_s)
+        if self.receives:
+            self.sender.renew_claims()
 
     def _warm_up(self) -> dict[str, Any]:
         """One blank batch through the model and one SC/SEG/SR built in memory, before the
@@ -265,7 +273,8 @@ class SendOnlyNode:
             NodeIdentity(host=node_host("sender"), port=self.config.receiver.port,
                          pid=os.getpid(), version=version, model="", model_sha256="",
                          device="", listening=""),
-            self.config.heartbeat_interval_s, self.healthy, lambda: "")
+            self.config.heartbeat_interval_s, self.healthy, lambda: "",
+            self.sender.renew_claims)
         self.heartbeat.start()
         self.audit.record(AuditKind.NODE_START, role="sender")
         log.info("sender started")

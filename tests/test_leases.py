@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 
 from dicom_node.config import NodeConfig
 from dicom_node.errors import LeaseLost
+from dicom_node.ops.heartbeat import HeartbeatWriter, NodeIdentity
 from dicom_node.outbox.enqueue import enqueue_outputs
 from dicom_node.outbox.sender import Sender
 from dicom_node.series.tracking import recover, renew_leases, take_over_expired
@@ -27,8 +28,10 @@ from storage.models import (
     OutputInstance,
     Series,
     SeriesState,
+    as_utc,
     utcnow,
 )
+from tests.conftest import wait_for
 
 
 def _outputs(audit: AuditLog, count: int) -> None:
@@ -76,6 +79,7 @@ def test_senders_claim_disjoint_batches_and_a_dead_senders_batch_after_its_lease
             OutboxEntry.claimed_by == senders[0].node_id)).all())
     assert len(dead) == 5
     assert sorted(row[0] for row in senders[1].claim("pacs")) == dead
+    assert senders[1].renew_claims() == 10  # its heartbeat: its own and the retaken batch
     # A restarted sender releases its own claims at once (no wait for the lease).
     assert senders[2].release_own_claims() == 5
     assert len(senders[3].claim("pacs")) == 5
@@ -123,3 +127,29 @@ def test_a_dead_workers_job_is_taken_over_and_the_late_worker_cannot_commit(
     with sessions() as session:
         assert session.scalars(select(OutputInstance.job_id)).all() == [live_job]
         assert verify_chain(session).ok
+
+
+def test_the_heartbeat_renews_what_the_node_holds_while_it_runs_and_stops(
+        database_url: str, make_config: Callable[..., NodeConfig]) -> None:
+    config = make_config()
+    sessions = make_session_factory(make_engine(config.database_url))
+    audit = AuditLog(sessions)
+    _series, job = _running(audit, "me/worker:1", 0.5)
+    identity = NodeIdentity(host="me/worker", port=1, pid=1, version="", model="",
+                            model_sha256="", device="", listening="")
+    writer = HeartbeatWriter(sessions, identity, 0.1, lambda: True, lambda: "",
+                             lambda: renew_leases(sessions, "me/worker:1", 5.0))
+    writer.start()
+    try:
+        assert wait_for(lambda: take_over_expired(audit, "other") == 0 and _lease_left(
+            sessions, job) > 2.0, 10, 0.1)
+        writer.stopping()  # finishing the running job: still renewed
+    finally:
+        writer.stop()
+    assert take_over_expired(audit, "other") == 0
+
+
+def _lease_left(sessions, job_id: int) -> float:
+    with sessions() as session:
+        until = session.get(Job, job_id).lease_until
+    return (as_utc(until) - utcnow()).total_seconds() if until else 0.0

@@ -31,7 +31,8 @@ def _config(tmp_path: Path, name: str, port: int, weights: Path, url: str,
             pacs: PynetdicomPacs) -> Path:
     toml = subprocess_node_toml(tmp_path / "shared", port, weights, "STORESCU", pacs.ae_title,
                                 pacs.port)
-    toml = toml.replace("[node]\n", f'[node]\ndatabase_url = "{url}"\nlease_s = 3.0\n', 1)
+    toml = toml.replace("[node]\n", f'[node]\ndatabase_url = "{url}"\nlease_s = 3.0\n'
+                        "heartbeat_interval_s = 0.5\n", 1)
     toml = toml.replace("[outbox]\n", "[outbox]\nlease_s = 10.0\n", 1)
     path = tmp_path / f"{name}.toml"
     path.write_text(toml)

@@ -125,6 +125,17 @@ class Sender:
             session.commit()
         return list(rows)
 
+    def renew_claims(self) -> int:
+        """The entries this sender holds are held ``outbox.lease_s`` longer (from its
+        heartbeat): a long batch keeps its claim while the sender lives."""
+        with self._sessions() as session:
+            result = session.execute(update(OutboxEntry).where(
+                OutboxEntry.claimed_by == self.node_id, OutboxEntry.lease_until.is_not(None),
+                OutboxEntry.state == OutboxState.PENDING).values(
+                lease_until=utcnow() + timedelta(seconds=self.config.outbox.lease_s)))
+            session.commit()
+            return int(getattr(result, "rowcount", 0) or 0)
+
     def release_own_claims(self) -> int:
         """At start: the entries this sender (by name) claimed before it stopped or died
         are due again at once, not after their lease."""
