@@ -87,7 +87,7 @@ class Node:
 
         def notify() -> None:
             collect(self.config, self.audit, version, model)
-            deliver_due(self.config, self.audit, self.sessions)
+            deliver_due(self.config, self.audit, self.sessions, self.node_id)
         return notify
 
     def start(self, heartbeat: Callable[[], None] | None = None) -> None:
@@ -263,7 +263,7 @@ class SendOnlyNode:
 
             def notify() -> None:
                 collect(self.config, self.audit, version, "")
-                deliver_due(self.config, self.audit, self.sessions)
+                deliver_due(self.config, self.audit, self.sessions, self.node_id)
         self.scheduler = build_send_scheduler(self.audit, self.sender,
                                               self.config.outbox.send_interval_s, heartbeat,
                                               notify)

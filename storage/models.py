@@ -272,6 +272,9 @@ class Notification(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The sender posting it (claimed with FOR UPDATE SKIP LOCKED) until lease_until.
+    claimed_by: Mapped[str] = mapped_column(String(300), default="", server_default="")
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class NotificationCursor(Base):

@@ -17,6 +17,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.errors import LeaseLost
 from dicom_node.ops.heartbeat import HeartbeatWriter, NodeIdentity
 from dicom_node.outbox.enqueue import enqueue_outputs
+from dicom_node.outbox.notifications import claim_next
 from dicom_node.outbox.sender import Sender
 from dicom_node.series.tracking import recover, renew_leases, take_over_expired
 from storage.audit import AuditLog, verify_chain
@@ -24,6 +25,7 @@ from storage.database import make_engine, make_session_factory
 from storage.models import (
     Job,
     JobState,
+    Notification,
     OutboxEntry,
     OutputInstance,
     Series,
@@ -153,3 +155,26 @@ def _lease_left(sessions, job_id: int) -> float:
     with sessions() as session:
         until = session.get(Job, job_id).lease_until
     return (as_utc(until) - utcnow()).total_seconds() if until else 0.0
+
+
+def test_notification_messages_are_claimed_by_one_sender_each(
+        database_url: str, make_config: Callable[..., NodeConfig]) -> None:
+    config = make_config()
+    sessions = make_session_factory(make_engine(config.database_url))
+    with sessions() as session:
+        for n in range(12):
+            session.add(Notification(endpoint="hook", event="done", audit_event_id=n,
+                                     body="{}"))
+        session.commit()
+    claimed: list[int] = []
+
+    def drain(name: str) -> None:
+        while (note := claim_next(config, sessions, name)) is not None:
+            claimed.append(note[0])
+
+    threads = [threading.Thread(target=drain, args=(f"s{n}",)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 12
