@@ -1,14 +1,15 @@
 # dicom-node: install, test, serve.
 # `make install` creates .venv, installs the project with its test extras and the
 # Debian packages the tests use (DCMTK, dicom3tools, pixelmed, Orthanc with its DICOMweb
-# plugin, Chromium), and OHIF's prebuilt viewer for the browser test.
+# plugin, Chromium, PostgreSQL for the tests' PostgreSQL leg: a throw-away cluster, see
+# tests/postgres.py), and OHIF's prebuilt viewer for the browser test.
 
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dcmtk dicom3tools pixelmed-apps orthanc orthanc-dicomweb chromium systemd
+APT_PACKAGES := dcmtk dicom3tools pixelmed-apps orthanc orthanc-dicomweb chromium systemd postgresql
 # OHIF's prebuilt viewer (tests/test_browser_ohif.py): `npm pack` of @ohif/app, unpacked
 # under build/ohif. Its dist/ is all the test serves; `npm install` of the package would
 # not resolve (3.13.2 depends on an @ohif/i18n release that is not on the registry).
@@ -24,7 +25,8 @@ system-packages:
 	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null \
 	    || ! command -v DicomSRValidator >/dev/null || ! command -v Orthanc >/dev/null \
 	    || ! command -v systemd-analyze >/dev/null || ! command -v chromium >/dev/null \
-	    || ! test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so; then \
+	    || ! test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  echo "installing Debian packages: $(APT_PACKAGES)"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from dicom_node.config import NodeConfig, default_config_path, load_config, with_data_dir
+from dicom_node.config import ROLES, NodeConfig, default_config_path, load_config, with_data_dir
 from dicom_node.errors import ConfigError, RequestRefused, WeightsError
 from dicom_node.net.host_checks import bind_problem, connect_failure, is_ip_address, resolve
 from dicom_node.net.tls import TlsConfig
@@ -84,17 +86,73 @@ def cmd_receive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_receiver(config: NodeConfig) -> int:
+    """``serve --role receiver``: the Storage SCP and its recorder on receiver.port, with
+    a heartbeat; no model, no torch."""
+    from dicom_node.ingest.receive_process import ReceiveOnlyNode
+    from dicom_node.ops.build_info import package_version
+    from dicom_node.ops.heartbeat import HeartbeatWriter, NodeIdentity
+    from dicom_node.ops.systemd_notify import Notifier
+
+    node = ReceiveOnlyNode(config, config.receiver.port, role="receiver")
+    stop = _stop_on_signals()
+    notifier = Notifier.from_environment()
+    node.start()
+    listening = (f"{config.receiver.ae_title}@{config.receiver.bind_address}:"
+                 f"{node.receiver.port}")
+    heartbeat = HeartbeatWriter(
+        node.sessions,
+        NodeIdentity(host=f"{socket.gethostname()}/receiver", port=config.receiver.port,
+                     pid=os.getpid(), version=package_version(), model="", model_sha256="",
+                     device="", listening=listening),
+        config.heartbeat_interval_s, lambda: node.receiver.is_listening, lambda: "")
+    heartbeat.start()
+    notifier.ready(f"receiver, listening as {listening}")
+    print(f"dicom-node receiver listening as {listening}", flush=True)
+    while not stop.wait(timeout=0.5):  # wake now and then: see cmd_serve
+        notifier.watchdog()
+    notifier.stopping("stopping: recording what was received")
+    heartbeat.stopping()
+    node.stop()
+    heartbeat.stop()
+    return 0
+
+
+def _serve_sender(config: NodeConfig) -> int:
+    """``serve --role sender``: the outbox and the notifications; no receiver, no model."""
+    from dicom_node.ops.systemd_notify import Notifier
+    from dicom_node.service import SendOnlyNode
+
+    node = SendOnlyNode(config)
+    stop = _stop_on_signals()
+    notifier = Notifier.from_environment()
+    node.start(heartbeat=notifier.watchdog)
+    notifier.ready("sender: draining the outbox")
+    print("dicom-node sender: draining the outbox", flush=True)
+    while not stop.wait(timeout=0.5):
+        pass
+    notifier.stopping("stopping: finishing the sends in flight")
+    node.stop()
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.analysis.process import AnalysisProcessError
     from dicom_node.ops.systemd_notify import Notifier
     from dicom_node.service import Node
 
     config = resolve_peer_addresses(_load(args))
+    if args.role is not None:
+        config = replace(config, role=args.role)
     problems = listen_problems(config)
     if problems:
         for problem in problems:
             print(f"dicom-node: cannot start: {problem}", file=sys.stderr)
         return 2
+    if config.role == "receiver":
+        return _serve_receiver(config)
+    if config.role == "sender":
+        return _serve_sender(config)
     try:
         node = Node(config)
     except WeightsError as exc:
@@ -304,10 +362,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _listen_checks(config: NodeConfig) -> list[tuple[str, str, int]]:
     """(config keys, address, port) of every socket ``serve`` listens on."""
     rc = config.receiver
-    checks = [("receiver.bind_address/receiver.port", rc.bind_address, rc.port)]
-    checks += [(f"receiver.extra_ports[{i}]", rc.bind_address, port)
-               for i, port in enumerate(rc.extra_ports)]
-    if config.metrics.enabled:
+    checks = []
+    if config.role in ("all", "receiver"):
+        checks.append(("receiver.bind_address/receiver.port", rc.bind_address, rc.port))
+    if config.role == "all":
+        checks += [(f"receiver.extra_ports[{i}]", rc.bind_address, port)
+                   for i, port in enumerate(rc.extra_ports)]
+    if config.metrics.enabled and config.role in ("all", "worker"):
         checks.append(("metrics.bind_address/metrics.port", config.metrics.bind_address,
                        config.metrics.port))
     return checks
@@ -549,7 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
                                           "instead of the config's [node] data_dir")
         return p
 
-    add("serve", "run the node until SIGINT/SIGTERM").set_defaults(func=cmd_serve)
+    serve = add("serve", "run the node until SIGINT/SIGTERM")
+    serve.add_argument("--role", choices=ROLES,
+                       help="what this process runs (default: the config's [node] role, "
+                            "'all'): receiver (store and record), worker (complete, triage, "
+                            "process), sender (outbox, notifications); several nodes on one "
+                            "PostgreSQL: docs/operations.md")
+    serve.set_defaults(func=cmd_serve)
     receive = add("receive", "a second, receive-only Storage SCP process on another port "
                              "(same database and store) for many concurrent senders")
     receive.add_argument("--port", type=int, required=True)

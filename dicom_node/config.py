@@ -211,6 +211,9 @@ class OutboxConfig:
     #: ``2 * min_instances_per_association`` instances; each sends a contiguous share.
     associations_per_destination: int = 2
     min_instances_per_association: int = 32
+    #: How long a sender holds the entries it claimed (several senders on one database),
+    #: renewed at every heartbeat: a dead sender's batch is claimed again after this.
+    lease_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,12 @@ class OutputConfig:
     series_number_sr_image: int = 9904  # the image-anchored TBR SR (lesion outlines)
 
 
+#: ``dicom-node serve --role``: ``receiver`` stores and records what it receives (no
+#: model); ``worker`` completes, triages and processes series (the model); ``sender``
+#: drains the outbox and sends notifications (no model); ``all`` is the three in one.
+ROLES = ("all", "receiver", "worker", "sender")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """The whole configuration, immutable once loaded."""
@@ -267,6 +276,12 @@ class NodeConfig:
     #: How often the running node writes its heartbeat row (``dicom-node status`` calls
     #: a node whose last beat is older than 3 intervals + 2 s not running).
     heartbeat_interval_s: float = 5.0
+    #: What ``dicom-node serve`` runs (``[node] role``, ``serve --role``): ``all``, or one
+    #: part of it for several nodes on one PostgreSQL (see :data:`ROLES`).
+    role: str = "all"
+    #: How long a worker holds a job without renewing it (renewed at every heartbeat): a
+    #: worker that dies loses its job to another after this.
+    lease_s: float = 30.0
     source_path: Path | None = field(default=None, compare=False)
 
     @property
@@ -416,7 +431,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         raise ConfigError(f"unknown section(s) {unknown}; allowed: {sorted(known)}")
 
     node = _table(raw, "node")
-    node_keys = ["data_dir", "database_url", "heartbeat_interval_s"]
+    node_keys = ["data_dir", "database_url", "heartbeat_interval_s", "role", "lease_s"]
     bad = sorted(set(node) - set(node_keys))
     if bad:
         raise ConfigError(f"[node] unknown key(s) {bad}; allowed: {node_keys}")
@@ -424,6 +439,12 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     if (isinstance(heartbeat_interval_s, bool) or not isinstance(heartbeat_interval_s, int | float)
             or not 0 < heartbeat_interval_s <= 300):
         raise ConfigError("node.heartbeat_interval_s must be a number of seconds in (0, 300]")
+    lease_s = node.get("lease_s", 30.0)
+    if isinstance(lease_s, bool) or not isinstance(lease_s, int | float) or lease_s <= 0:
+        raise ConfigError("node.lease_s must be a number of seconds > 0")
+    role = node.get("role", "all")
+    if role not in ROLES:
+        raise ConfigError(f"node.role must be one of {list(ROLES)}, got {role!r}")
     data_dir = Path(str(node.get("data_dir", "var")))
     if not data_dir.is_absolute():
         data_dir = (base_dir / data_dir).resolve()
@@ -445,6 +466,10 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     series: SeriesConfig = _build(SeriesConfig, "series", _table(raw, "series"))
     if series.stable_after_s < 0 or series.sweep_interval_s <= 0:
         raise ConfigError("series.stable_after_s must be >= 0 and series.sweep_interval_s > 0")
+    if lease_s <= 2 * heartbeat_interval_s:
+        raise ConfigError(f"node.lease_s ({lease_s:g}) must be more than twice "
+                          f"node.heartbeat_interval_s ({heartbeat_interval_s:g}): the heartbeat "
+                          "renews the leases of the work the node holds")
     selection: SelectionConfig = _build(SelectionConfig, "selection", _table(raw, "selection"))
     for pattern in (*selection.description_include, *selection.description_exclude,
                     selection.contrast_description_regex):
@@ -550,7 +575,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         fusion=fusion, retention=retention, peers=tuple(peers), destinations=tuple(destinations),
         notifications=notifications,
         tls=tls, metrics=metrics, heartbeat_interval_s=float(heartbeat_interval_s),
-        source_path=source,
+        role=str(role), lease_s=float(lease_s), source_path=source,
     )
 
 

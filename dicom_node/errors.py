@@ -21,3 +21,8 @@ class RequestRefused(Exception):
     """An admin command cannot do what was asked: a UID tail that matches no series or
     several, a series in a state the command does not apply to. The message says why and
     what to do instead."""
+
+
+class LeaseLost(Exception):
+    """A worker's job was taken over by another node (its lease expired): the job may not
+    commit its result (fencing); the node that took it over commits the same outputs."""

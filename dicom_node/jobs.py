@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from dicom_node.analysis.process import (
 )
 from dicom_node.analysis.uncertainty import Calibration, lesion_intervals
 from dicom_node.config import NodeConfig
+from dicom_node.errors import LeaseLost
 from dicom_node.inference.model_weights import load_weights
 from dicom_node.inference.predictor import Prediction, Predictor, pick_device
 from dicom_node.outbox.enqueue import enqueue_outputs, previous_reports
@@ -83,6 +85,8 @@ class NodeContext:
     timing: Timing = field(default=untimed)
     #: triage's accepted selections, so a job does not read every header again
     selections: Selections = field(default_factory=Selections)
+    #: the node's heartbeat name: the owner of the jobs it claims (their leases)
+    node_id: str = ""
 
     @property
     def provenance(self) -> Provenance:
@@ -113,12 +117,17 @@ def process_next(ctx: NodeContext, on_queued: Callable[[], None] | None = None) 
     """Process the oldest queued series, if any. Returns whether one was processed.
     ``on_queued`` is called whenever outputs were queued for sending."""
     with ctx.audit.transaction() as session:
+        # The claim: one queued series, locked (PostgreSQL: rows another worker is claiming
+        # are skipped, not waited for; SQLite: the write lock), and a job holding it under
+        # this node's lease.
         series = session.scalars(select(Series).where(Series.state == SeriesState.QUEUED)
-                                 .order_by(Series.updated_at).limit(1)).first()
+                                 .order_by(Series.updated_at).limit(1)
+                                 .with_for_update(skip_locked=True)).first()
         if series is None:
             return False
         job = Job(series_id=series.id, series_version=series.version, state=JobState.RUNNING,
-                  device=str(ctx.predictor.device))
+                  device=str(ctx.predictor.device), owner=ctx.node_id,
+                  lease_until=utcnow() + timedelta(seconds=ctx.config.lease_s))
         session.add(job)
         session.flush()
         set_state(ctx.audit, session, series, SeriesState.RUNNING, "inference started", job=job.id)
@@ -128,6 +137,8 @@ def process_next(ctx: NodeContext, on_queued: Callable[[], None] | None = None) 
     started = time.monotonic()
     try:
         outputs = run_series(ctx, series_id, job_id, on_queued)
+    except LeaseLost as exc:
+        finish(ctx, series_id, job_id, SeriesState.FAILED, str(exc), started)
     except SeriesSkipped as exc:
         finish(ctx, series_id, job_id, SeriesState.SKIPPED, str(exc), started)
     except VolumeError as exc:
@@ -149,6 +160,16 @@ def finish(ctx: NodeContext, series_id: int, job_id: int, state: SeriesState, re
         series = session.get(Series, series_id)
         job = session.get(Job, job_id)
         assert series is not None and job is not None
+        if job.state != JobState.RUNNING:
+            # Fencing: another node took the job over after its lease expired; what this
+            # node did is not committed (the job's id is the lease's version).
+            log.warning("job %d was taken over (%s): its result is not recorded", job_id,
+                        job.error)
+            ctx.audit.record_in(session, AuditKind.JOB_FAIL, outcome="warning",
+                                study_uid=series.study_uid, series_uid=series.series_uid,
+                                job=job_id, seconds=round(seconds, 3),
+                                reason=f"lease lost, result not recorded: {job.error}")
+            return
         job.state = (JobState.DONE if state in (SeriesState.DONE, SeriesState.SKIPPED)
                      else JobState.FAILED)
         job.finished_at = utcnow()

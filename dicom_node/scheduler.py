@@ -12,6 +12,10 @@
 
 Each job is a boundary: an exception is logged and written to the audit log, and
 the job runs again at its next interval.
+
+Roles (``[node] role``): ``all`` runs every job; a ``worker`` the sweep, inference and
+retention (no send, no notify: the senders poll the outbox); a ``sender`` only send and
+notify (:func:`build_send_scheduler`, no model).
 """
 
 from __future__ import annotations
@@ -27,20 +31,20 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicom_node.jobs import NodeContext, process_next
 from dicom_node.outbox.retention import apply_retention
 from dicom_node.outbox.sender import Sender
-from dicom_node.series.tracking import sweep, triage
-from storage.audit import AuditKind
+from dicom_node.series.tracking import sweep, take_over_expired, triage
+from storage.audit import AuditKind, AuditLog
 
 log = logging.getLogger(__name__)
 
 
-def _guarded(ctx: NodeContext, name: str, work: Callable[[], object]) -> Callable[[], None]:
+def _guarded(audit: AuditLog, name: str, work: Callable[[], object]) -> Callable[[], None]:
     def run() -> None:
         try:
             work()
         except Exception as exc:  # job boundary
             log.exception("%s job failed", name)
-            ctx.audit.record(AuditKind.JOB_FAIL, outcome="error", job_name=name,
-                             reason=f"{type(exc).__name__}: {exc}")
+            audit.record(AuditKind.JOB_FAIL, outcome="error", job_name=name,
+                         reason=f"{type(exc).__name__}: {exc}")
     return run
 
 
@@ -88,51 +92,82 @@ class SendLoop:
             raise
 
 
-def build_scheduler(ctx: NodeContext, sender: Sender,
-                    heartbeat: Callable[[], None] | None = None,
-                    notify: Callable[[], object] | None = None) -> BackgroundScheduler:
-    scheduler = BackgroundScheduler(
+def _scheduler() -> BackgroundScheduler:
+    return BackgroundScheduler(
         executors={"default": ThreadPoolExecutor(1), "inference": ThreadPoolExecutor(1),
                    "send": ThreadPoolExecutor(1), "notify": ThreadPoolExecutor(1)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
         timezone="UTC",
     )
-    interval = ctx.config.series.sweep_interval_s
 
+
+def _waker(scheduler: BackgroundScheduler) -> Callable[[str], None]:
     def wake(job_id: str) -> None:
         """Run a job now instead of at its next interval (work is waiting for it)."""
         job = scheduler.get_job(job_id)
         if job is not None:
             job.modify(next_run_time=datetime.now(UTC))
+    return wake
+
+
+def _add_send_jobs(scheduler: BackgroundScheduler, audit: AuditLog, sender: Sender,
+                   send_interval_s: float, notify: Callable[[], object] | None) -> SendLoop:
+    send_loop = SendLoop(sender.send_due, lambda: _waker(scheduler)("send"))
+    # Two instances: a wake-up in the instant after a pass ended but before the scheduler
+    # counted it finished queues a second pass on the one send thread instead of being
+    # skipped; passes never overlap.
+    scheduler.add_job(_guarded(audit, "send", send_loop.run), "interval",
+                      seconds=send_interval_s, id="send", executor="send", max_instances=2)
+    if notify is not None:  # [[notifications]]: messages made from the audit log, then sent
+        scheduler.add_job(_guarded(audit, "notify", notify), "interval",
+                          seconds=send_interval_s, id="notify", executor="notify")
+    return send_loop
+
+
+def build_send_scheduler(audit: AuditLog, sender: Sender, send_interval_s: float,
+                         heartbeat: Callable[[], None] | None = None,
+                         notify: Callable[[], object] | None = None) -> BackgroundScheduler:
+    """The ``sender`` role's jobs: send and notify (and the systemd watchdog's beat)."""
+    scheduler = _scheduler()
+    _add_send_jobs(scheduler, audit, sender, send_interval_s, notify)
+    if heartbeat is not None:
+        scheduler.add_job(_guarded(audit, "heartbeat", heartbeat), "interval",
+                          seconds=send_interval_s, id="heartbeat", executor="default")
+    return scheduler
+
+
+def build_scheduler(ctx: NodeContext, sender: Sender,
+                    heartbeat: Callable[[], None] | None = None,
+                    notify: Callable[[], object] | None = None,
+                    send: bool = True) -> BackgroundScheduler:
+    """The ``all`` role's jobs, or with ``send=False`` a ``worker``'s (no send, no
+    notify)."""
+    scheduler = _scheduler()
+    interval = ctx.config.series.sweep_interval_s
+    wake = _waker(scheduler)
 
     def sweep_and_triage() -> None:
+        # Other workers' expired jobs are taken over first (their series queued again);
+        # this node's own leases are renewed by its heartbeat.
+        if take_over_expired(ctx.audit, ctx.node_id):
+            wake("inference")
         sweep(ctx.config, ctx.audit)
         if triage(ctx.config, ctx.sessions, ctx.audit, ctx.selections):
             wake("inference")
         if heartbeat is not None:
             heartbeat()
 
-    scheduler.add_job(_guarded(ctx, "sweep", sweep_and_triage), "interval", seconds=interval,
-                      id="sweep", executor="default")
-    send_loop = SendLoop(sender.send_due, lambda: wake("send"))
-    scheduler.add_job(_guarded(ctx, "inference", lambda: drain_queue(ctx, send_loop.wake)),
+    scheduler.add_job(_guarded(ctx.audit, "sweep", sweep_and_triage), "interval",
+                      seconds=interval, id="sweep", executor="default")
+    on_queued = (_add_send_jobs(scheduler, ctx.audit, sender, ctx.config.outbox.send_interval_s,
+                                notify).wake if send else None)
+    scheduler.add_job(_guarded(ctx.audit, "inference", lambda: drain_queue(ctx, on_queued)),
                       "interval", seconds=interval, id="inference", executor="inference")
-    # Two instances: a wake-up in the instant after a pass ended but before the scheduler
-    # counted it finished queues a second pass on the one send thread instead of being
-    # skipped; passes never overlap.
-    scheduler.add_job(_guarded(ctx, "send", send_loop.run), "interval",
-                      seconds=ctx.config.outbox.send_interval_s, id="send", executor="send",
-                      max_instances=2)
-
-    if notify is not None:  # [[notifications]]: messages made from the audit log, then sent
-        scheduler.add_job(_guarded(ctx, "notify", notify), "interval",
-                          seconds=ctx.config.outbox.send_interval_s, id="notify",
-                          executor="notify")
 
     def retention() -> None:
         with ctx.audit.transaction() as session:
             apply_retention(session, ctx.audit, ctx.config.retention)
 
-    scheduler.add_job(_guarded(ctx, "retention", retention), "interval",
+    scheduler.add_job(_guarded(ctx.audit, "retention", retention), "interval",
                       seconds=ctx.config.retention.interval_s, id="retention", executor="default")
     return scheduler

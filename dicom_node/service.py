@@ -1,7 +1,11 @@
 """The running node (``dicom-node serve``): start everything in order, stop it cleanly.
 
-The receive-only process (``dicom-node receive``) is :mod:`dicom_node.ingest.receive_process`:
-it needs none of the model, so it does not import this module (nor torch)."""
+Roles (``[node] role``, ``serve --role``): :class:`Node` runs ``all`` (receiver, worker
+and sender in one process) or ``worker`` (sweep, triage and jobs: no receiver, no
+sending); :class:`SendOnlyNode` the ``sender`` (outbox and notifications, no model).
+The ``receiver`` role and the receive-only process (``dicom-node receive``) are
+:mod:`dicom_node.ingest.receive_process`: they need none of the model, so they do not
+import this module (nor torch)."""
 
 from __future__ import annotations
 
@@ -23,23 +27,36 @@ from dicom_node.errors import ConfigError
 from dicom_node.ingest.receiver import Receiver
 from dicom_node.jobs import open_context
 from dicom_node.ops.build_info import package_version
-from dicom_node.ops.heartbeat import HeartbeatWriter, JobStages, NodeIdentity
+from dicom_node.ops.heartbeat import HeartbeatWriter, JobStages, NodeIdentity, node_name
 from dicom_node.ops.metrics_http import BuildInfo, MetricsServer
 from dicom_node.outbox.notifications import collect, deliver_due, start_cursor
 from dicom_node.outbox.sender import Sender
-from dicom_node.scheduler import build_scheduler
-from dicom_node.series.tracking import recover
+from dicom_node.scheduler import build_scheduler, build_send_scheduler
+from dicom_node.series.tracking import recover, renew_leases
 from dicom_node.writers.warm_up import warm_up_writers
-from storage.audit import AuditKind
+from storage.audit import AuditKind, AuditLog
+from storage.database import make_engine, make_session_factory
 
 log = logging.getLogger(__name__)
 
 
+def node_host(role: str) -> str:
+    """The heartbeat's host: the machine's name, with the role unless it is ``all`` (a
+    worker and a receiver on one machine and config are two rows)."""
+    host = socket.gethostname()
+    return host if role == "all" else f"{host}/{role}"
+
+
 class Node:
-    """Receiver + scheduler + sender over one database and file store."""
+    """Receiver + scheduler + sender over one database and file store (role ``all``), or
+    only the scheduler's sweep, triage and jobs (role ``worker``)."""
 
     def __init__(self, config: NodeConfig) -> None:
+        if config.role not in ("all", "worker"):
+            raise ConfigError(f"Node runs the roles 'all' and 'worker', not {config.role!r}")
         self.config = config
+        self.receives = config.role == "all"
+        self.node_id = node_name(node_host(config.role), config.receiver.port)
         # The model first: a node with missing or bad weights never starts.
         self.ctx = open_context(config)
         assert self.ctx.engine is not None
@@ -54,8 +71,9 @@ class Node:
         # the running job's stage, for the heartbeat (dicom-node status)
         self.job_stages = JobStages()
         self.ctx.timing = self.job_stages
+        self.ctx.node_id = self.node_id  # the owner of the jobs it claims
         self.receiver = Receiver(config, self.sessions, self.audit, self.store)
-        self.sender = Sender(config, self.sessions, self.audit)
+        self.sender = Sender(config, self.sessions, self.audit, self.node_id)
         self.scheduler: BackgroundScheduler | None = None
         self.metrics: MetricsServer | None = None
         self.heartbeat: HeartbeatWriter | None = None
@@ -69,31 +87,38 @@ class Node:
 
         def notify() -> None:
             collect(self.config, self.audit, version, model)
-            deliver_due(self.config, self.audit, self.sessions)
+            deliver_due(self.config, self.audit, self.sessions, self.node_id)
         return notify
 
     def start(self, heartbeat: Callable[[], None] | None = None) -> None:
         # highdicom logs a few INFO lines per object it writes: chatter, not operations
         logging.getLogger("highdicom").setLevel(logging.WARNING)
-        partials = self.store.remove_partials()
-        unrecorded = self.receiver.record_unrecorded_files()
-        resumed = recover(self.audit)
+        # A worker leaves the store's temporary and unrecorded files alone: they may be a
+        # receiver's, mid-write on the shared store.
+        partials = self.store.remove_partials() if self.receives else 0
+        unrecorded = self.receiver.record_unrecorded_files() if self.receives else 0
+        resumed = recover(self.audit, associations=self.receives, owner=self.node_id)
+        if self.receives:  # role all: it sends too
+            self.sender.release_own_claims()
         if self.analysis is not None:
             self.analysis.start()
         warm_up = self._warm_up()
         if self.config.notifications:  # before anything can happen that they report
             start_cursor(self.audit)
         try:
-            self.receiver.start()
-            self._start_receive_processes()
+            if self.receives:
+                self.receiver.start()
+                self._start_receive_processes()
         except BaseException:
             self._stop_receive_processes()
             self.ctx.analysis.close()
             raise
         card = self.ctx.predictor.model.card
         version = package_version()
-        self.scheduler = build_scheduler(self.ctx, self.sender, heartbeat,
-                                         self._notifier(version, f"{card.name} {card.version}"))
+        self.scheduler = build_scheduler(
+            self.ctx, self.sender, heartbeat,
+            self._notifier(version, f"{card.name} {card.version}") if self.receives else None,
+            send=self.receives)
         self.scheduler.start()
         if self.config.metrics.enabled:
             self.metrics = MetricsServer(
@@ -103,17 +128,20 @@ class Node:
                           device=str(self.ctx.predictor.device)))
             self.metrics.start()
         listening = (f"{self.config.receiver.ae_title}@{self.config.receiver.bind_address}:"
-                     f"{self.receiver.port}" + (" (TLS)" if self.config.tls.enabled else ""))
+                     f"{self.receiver.port}" + (" (TLS)" if self.config.tls.enabled else "")
+                     if self.receives else "")
         self.heartbeat = HeartbeatWriter(
             self.sessions,
-            NodeIdentity(host=socket.gethostname(), port=self.config.receiver.port,
+            NodeIdentity(host=node_host(self.config.role), port=self.config.receiver.port,
                          pid=os.getpid(), version=version, model=f"{card.name} {card.version}",
                          model_sha256=self.ctx.predictor.model.sha256,
                          device=str(self.ctx.predictor.device), listening=listening),
-            self.config.heartbeat_interval_s, self.healthy, lambda: self.job_stages.current)
+            self.config.heartbeat_interval_s, self.healthy, lambda: self.job_stages.current,
+            self._renew_leases)
         self.heartbeat.start()
         self.audit.record(AuditKind.NODE_START, ae_title=self.config.receiver.ae_title,
-                          port=self.receiver.port, model=card.name, version=card.version,
+                          port=self.receiver.port, role=self.config.role,
+                          model=card.name, version=card.version,
                           sha256=self.ctx.predictor.model.sha256,
                           device=str(self.ctx.predictor.device), resumed_series=resumed,
                           removed_partial_files=partials, recorded_unrecorded_files=unrecorded,
@@ -122,6 +150,13 @@ class Node:
         log.info("node started: model %s %s on %s (warm-up: %s)", card.name, card.version,
                  self.ctx.predictor.device,
                  ", ".join(f"{k} {v}" for k, v in warm_up.items()))
+
+    def _renew_leases(self) -> None:
+        """At each heartbeat: the running job this node holds, and (role all) the outbox
+        entries its sender claimed, are held longer."""
+        renew_leases(self.sessions, self.node_id, self.config.lease_s)
+        if self.receives:
+            self.sender.renew_claims()
 
     def _warm_up(self) -> dict[str, Any]:
         """One blank batch through the model and one SC/SEG/SR built in memory, before the
@@ -175,7 +210,8 @@ class Node:
 
     def healthy(self) -> bool:
         """Listening, and the scheduler (sweep, inference, send) is running."""
-        return (not self._stopped.is_set() and self.receiver.is_listening
+        return (not self._stopped.is_set()
+                and (self.receiver.is_listening or not self.receives)
                 and self.scheduler is not None and self.scheduler.running
                 and all(proc.poll() is None for proc in self._receive_processes))
 
@@ -199,3 +235,57 @@ class Node:
             self.heartbeat.stop()
         self.engine.dispose()
         log.info("node stopped")
+
+
+class SendOnlyNode:
+    """The ``sender`` role: the outbox drained and notifications sent, over the shared
+    database and store; no receiver, no model."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.engine = make_engine(config.database_url)
+        self.sessions = make_session_factory(self.engine)
+        self.audit = AuditLog(self.sessions)
+        self.node_id = node_name(node_host("sender"), config.receiver.port)
+        self.sender = Sender(config, self.sessions, self.audit, self.node_id)
+        self.scheduler: BackgroundScheduler | None = None
+        self.heartbeat: HeartbeatWriter | None = None
+
+    def healthy(self) -> bool:
+        return self.scheduler is not None and self.scheduler.running
+
+    def start(self, heartbeat: Callable[[], None] | None = None) -> None:
+        version = package_version()
+        self.sender.release_own_claims()
+        notify: Callable[[], object] | None = None
+        if self.config.notifications:
+            start_cursor(self.audit)
+
+            def notify() -> None:
+                collect(self.config, self.audit, version, "")
+                deliver_due(self.config, self.audit, self.sessions, self.node_id)
+        self.scheduler = build_send_scheduler(self.audit, self.sender,
+                                              self.config.outbox.send_interval_s, heartbeat,
+                                              notify)
+        self.scheduler.start()
+        self.heartbeat = HeartbeatWriter(
+            self.sessions,
+            NodeIdentity(host=node_host("sender"), port=self.config.receiver.port,
+                         pid=os.getpid(), version=version, model="", model_sha256="",
+                         device="", listening=""),
+            self.config.heartbeat_interval_s, self.healthy, lambda: "",
+            self.sender.renew_claims)
+        self.heartbeat.start()
+        self.audit.record(AuditKind.NODE_START, role="sender")
+        log.info("sender started")
+
+    def stop(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stopping()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+        self.audit.record(AuditKind.NODE_STOP, role="sender")
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        self.engine.dispose()
+        log.info("sender stopped")

@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import AuditEvent, as_utc, utcnow
@@ -52,6 +52,11 @@ class AuditKind(StrEnum):
 
 _BATCHED = "dicom_node.audit.batched"  # session.info key: events awaiting one INSERT
 
+#: ``pg_advisory_xact_lock`` key of the audit chain ("dcmaudit"): on PostgreSQL every
+#: audited write transaction, of every process and node, holds it from its start to its
+#: commit, as SQLite's BEGIN IMMEDIATE holds the write lock.
+AUDIT_LOCK_KEY = 0x64636D6175646974
+
 
 def _digest(prev: str, at: datetime, kind: str, outcome: str, study: str, series: str,
             sop: str, peer: str, detail: str) -> str:
@@ -73,10 +78,15 @@ class AuditLog:
         self._sessions = sessions
         self._lock = threading.RLock()
         self._last_hash: str | None = None
-        # Other processes (``dicom-node receive``, ``dicom-node outbox retry``) append to
-        # the same chain: every transaction takes the database's write lock first (SQLite:
-        # BEGIN IMMEDIATE) and re-reads the chain's end. ``shared=False`` only for a
-        # database no other process writes to.
+        # Other processes (``dicom-node receive``, ``dicom-node outbox retry``, other
+        # nodes) append to the same chain: every transaction takes the chain's lock first
+        # (SQLite: BEGIN IMMEDIATE, the database's write lock; PostgreSQL: the advisory
+        # transaction lock AUDIT_LOCK_KEY) and re-reads the chain's end. On PostgreSQL the
+        # lock also keeps audit ids in commit order: ids are drawn from the sequence under
+        # the lock and the lock is released only after the commit is visible, so a reader
+        # (the notification cursor, ``id > last_audit_id``) never sees a later id before an
+        # earlier one commits. ``shared=False`` only for a database no other process
+        # writes to.
         self.shared = shared
 
     @contextmanager
@@ -86,8 +96,12 @@ class AuditLog:
         with self._lock, self._sessions() as session:
             try:
                 if self.shared:
-                    if session.get_bind().dialect.name == "sqlite":
+                    dialect = session.get_bind().dialect.name
+                    if dialect == "sqlite":
                         session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+                    elif dialect == "postgresql":
+                        session.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                        {"key": AUDIT_LOCK_KEY})
                     self._last_hash = None
                 yield session
                 self._insert_batched(session)

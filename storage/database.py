@@ -1,4 +1,5 @@
-"""Engine and session factory. SQLite gets WAL mode and a busy timeout."""
+"""Engine and session factory. SQLite gets WAL mode and a busy timeout; the schema is
+brought to the newest migration (:mod:`storage.migrate`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import Base
+from storage.migrate import upgrade
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -21,7 +22,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def make_engine(url: str) -> Engine:
-    """Create the engine and the schema (idempotent)."""
+    """Create the engine, and the schema or its upgrade (``alembic upgrade head``)."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
@@ -29,7 +30,7 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
+    upgrade(engine)
     return engine
 
 

@@ -34,8 +34,9 @@ def utcnow() -> datetime:
 
 
 def as_utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; they were stored as UTC."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    """The UTC datetime stored: SQLite hands back naive datetimes (they were stored as
+    UTC), PostgreSQL aware ones in the session's time zone (the server's ``timezone``)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -145,6 +146,12 @@ class Job(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     device: Mapped[str] = mapped_column(String(32), default="")
     seconds: Mapped[float | None] = mapped_column(Float)
+    # The lease (several workers on one database): the node that claimed the job (its
+    # heartbeat name) holds it until lease_until, renewed while it runs; an expired lease
+    # is taken over (the job abandoned, its series queued again). The job's id is the
+    # fencing token: a node commits a result only while its job is still running.
+    owner: Mapped[str] = mapped_column(String(300), default="", server_default="")
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class OutputInstance(Base):
@@ -182,6 +189,10 @@ class OutboxEntry(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The sender that claimed the entry (SELECT ... FOR UPDATE SKIP LOCKED) until
+    # lease_until; the claim ends with the outcome, or lapses if that sender dies.
+    claimed_by: Mapped[str] = mapped_column(String(300), default="", server_default="")
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class AuditEvent(Base):
@@ -261,6 +272,9 @@ class Notification(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The sender posting it (claimed with FOR UPDATE SKIP LOCKED) until lease_until.
+    claimed_by: Mapped[str] = mapped_column(String(300), default="", server_default="")
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class NotificationCursor(Base):

@@ -1,4 +1,5 @@
-"""Shared fixtures: test weights, node configs, a running node, receiving peers."""
+"""Shared fixtures: test weights, node configs, a running node, receiving peers, and the
+database backends (``database_url``: SQLite, and PostgreSQL marked ``postgres``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from benchmarks._common import free_port, port_open
 from benchmarks._common import wait_for as poll
 from dicom_node.config import NodeConfig, parse_config
 from dicom_node.service import Node
+from tests.postgres import PostgresCluster
 from tests.weights_factory import make_test_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,14 +109,47 @@ def test_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One throw-away PostgreSQL cluster for the session (skipped without the binaries,
+    except under CI)."""
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
-def make_config(tmp_path: Path, test_weights: Path) -> Callable[..., NodeConfig]:
-    """Build a NodeConfig for a node on a free loopback port; overrides per section."""
+def postgres_url(postgres_cluster: PostgresCluster) -> Iterator[str]:
+    """An empty database of its own on the session's cluster, dropped after the test."""
+    name = postgres_cluster.create_database()
+    yield postgres_cluster.url(name)
+    postgres_cluster.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The database a test runs on, once per backend: a test that takes this fixture runs
+    on SQLite and on PostgreSQL (``-m postgres`` runs the PostgreSQL leg alone), and
+    ``make_config`` puts it in ``[node] database_url``."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'node' / 'dicom-node.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def make_config(request: pytest.FixtureRequest, tmp_path: Path,
+                test_weights: Path) -> Callable[..., NodeConfig]:
+    """Build a NodeConfig for a node on a free loopback port; overrides per section. In a
+    test that takes ``database_url``, the node uses that database."""
+    # Resolved now, so the database outlives the nodes the test starts.
+    database_url = (request.getfixturevalue("database_url")
+                    if "database_url" in request.fixturenames else None)
 
     def build(destinations: list[dict[str, Any]] | None = None,
               peers: list[dict[str, Any]] | None = None, **sections: Any) -> NodeConfig:
         raw: dict[str, Any] = {
-            "node": {"data_dir": str(tmp_path / "node")},
+            "node": {"data_dir": str(tmp_path / "node"),
+                     **({"database_url": database_url} if database_url else {})},
             "receiver": {"ae_title": "DICOMNODE", "port": free_port(), "min_free_disk_mb": 1.0},
             "series": {"stable_after_s": 1.0, "sweep_interval_s": 0.25},
             "selection": {"min_slices": 8},

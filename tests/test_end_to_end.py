@@ -86,6 +86,7 @@ def test_dcmtk_storescu_to_node_to_dcmtk_storescp(
 
 
 def test_pynetdicom_sender_and_receiver(
+        database_url: str,
         tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
     config = make_config(destinations=[{"name": "pacs", "ae_title": pynetdicom_pacs.ae_title,
@@ -138,6 +139,7 @@ def test_uptake_model_output_is_fused_over_the_t1c(
 
 
 def test_non_t1c_series_are_stored_and_skipped_with_reason(
+        database_url: str,
         tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node]) -> None:
     node = start_node(make_config())
@@ -215,6 +217,7 @@ def test_destination_down_keeps_results_in_outbox_until_it_is_up(
 
 
 def test_complete_series_goes_early_and_an_incomplete_one_waits(
+        database_url: str,
         tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node]) -> None:
     node = start_node(make_config(series={"stable_after_s": 3600.0, "complete_grace_s": 0.5}))

@@ -38,6 +38,7 @@ def _instances(node: Node, series_uid: str) -> list[Instance]:
 
 
 def test_rows_committed_before_the_release_completes(
+        database_url: str,
         tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node]) -> None:
     """When storescu exits (its release answered), every instance has its row and its
@@ -63,6 +64,7 @@ def test_rows_committed_before_the_release_completes(
 
 
 def test_instances_batch_into_few_transactions(
+        database_url: str,
         tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node]) -> None:
     """Instances that arrive while a batch commits are committed together: recording
@@ -202,10 +204,11 @@ def _item(tmp_path: Path, sop: str, series: str, name: str) -> ReceivedInstance:
         association_id=None, received_at=utcnow())
 
 
-def test_one_batch_with_repeats_and_moves_keeps_counts_and_chain(tmp_path: Path) -> None:
+def test_one_batch_with_repeats_and_moves_keeps_counts_and_chain(
+        database_url: str, tmp_path: Path) -> None:
     """A SOP Instance UID twice in one batch is one row (the later copy); one re-sent in
     another series within the batch moves there; counts, files and audit chain agree."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    engine = make_engine(database_url)
     sessions = make_session_factory(engine)
     recorder = InstanceRecorder(AuditLog(sessions))
     recorder.record([_item(tmp_path, "1.9.1", "1.5.1", "a.dcm"),

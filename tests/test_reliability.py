@@ -26,6 +26,7 @@ def _state(node: Node, series_uid: str) -> tuple[str, int] | None:
 
 
 def test_late_instance_reopens_series_and_new_report_supersedes_the_old(
+        database_url: str,
         tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
     node = start_node(make_config(destinations=[{
@@ -53,6 +54,7 @@ def test_late_instance_reopens_series_and_new_report_supersedes_the_old(
 
 
 def test_refused_instances_go_to_dead_letter_and_can_be_retried(
+        database_url: str,
         tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node]) -> None:
     refusing = PynetdicomPacs(tmp_path / "refusing", ae_title="REFUSER")
@@ -138,6 +140,7 @@ def test_inference_failure_is_retried_with_a_smaller_batch_then_recorded(
 
 
 def test_audit_chain_verifies_and_detects_tampering(
+        database_url: str,
         tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node]) -> None:
     node = start_node(make_config())
@@ -207,6 +210,7 @@ def test_low_disk_refuses_with_out_of_resources_and_writes_nothing(
 
 
 def test_warning_statuses_are_stored_and_transient_failures_retried(
+        database_url: str,
         tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node]) -> None:
     warns = PynetdicomPacs(tmp_path / "warns", ae_title="WARNS")

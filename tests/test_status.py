@@ -155,6 +155,7 @@ def _heartbeat(config: NodeConfig, **values: object) -> NodeHeartbeat:
 
 
 def test_a_heartbeat_older_than_three_intervals_means_not_running(
+        database_url: str,
         make_config: Callable[..., NodeConfig]) -> None:
     """A node that hangs (its process still there) stops beating: after 3 intervals + 2 s
     status calls it not running."""
@@ -172,6 +173,7 @@ def test_a_heartbeat_older_than_three_intervals_means_not_running(
 
 
 def test_running_job_series_and_stage_and_a_port_nobody_listens_on(
+        database_url: str,
         make_config: Callable[..., NodeConfig]) -> None:
     config = make_config()
     sessions = _sessions(config)
@@ -196,6 +198,7 @@ def test_running_job_series_and_stage_and_a_port_nobody_listens_on(
 
 
 def test_a_stage_error_is_cleared_once_the_stage_succeeds(
+        database_url: str,
         make_config: Callable[..., NodeConfig]) -> None:
     config = make_config()
     sessions = _sessions(config)
@@ -233,6 +236,7 @@ def test_job_stages_name_the_innermost_stage_and_count_sc_slices() -> None:
 
 
 def test_delivery_problem_names_dead_letters_and_an_old_pending_result(
+        database_url: str,
         make_config: Callable[..., NodeConfig]) -> None:
     config = make_config()
     sessions = _sessions(config)
@@ -263,6 +267,7 @@ def test_delivery_problem_names_dead_letters_and_an_old_pending_result(
 
 
 def test_heartbeat_writer_says_running_stopping_then_stopped(
+        database_url: str,
         make_config: Callable[..., NodeConfig]) -> None:
     """The writer's own rows: a beat per interval with the health and job stage it is
     given, "stopping" as soon as SIGTERM's stop begins (status: still there, exit 0),

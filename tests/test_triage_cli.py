@@ -160,9 +160,9 @@ def test_triage_reprocess_and_discard_beside_a_running_node(
     assert json.loads(retry["detail"])["requested_by"] == user
 
 
-def test_uid_tails_unique_exact_or_refused_with_the_candidates(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'node' / 'dicom-node.db'}"
-    sessions = make_session_factory(make_engine(url))
+def test_uid_tails_unique_exact_or_refused_with_the_candidates(
+        database_url: str, tmp_path: Path) -> None:
+    sessions = make_session_factory(make_engine(database_url))
     with sessions() as session:
         for uid in ("1.2.3.45", "1.2.3.345", "1.2.9.77"):
             session.add(Series(series_uid=uid, study_uid="1.2.3"))
@@ -177,7 +177,8 @@ def test_uid_tails_unique_exact_or_refused_with_the_candidates(tmp_path: Path) -
         with pytest.raises(RequestRefused, match="not a UID"):
             resolve_series_uid(session, "4%")
     config = tmp_path / "node.toml"
-    config.write_text('[node]\ndata_dir = "node"\n[model]\nweights_path = "w.pt"\n')
+    config.write_text(f'[node]\ndata_dir = "node"\ndatabase_url = "{database_url}"\n'
+                      '[model]\nweights_path = "w.pt"\n')
     result = _cli(config, "audit", "--series", "45")
     assert result.returncode == 2 and "1.2.3.345" in result.stderr
     assert "Traceback" not in result.stderr
@@ -188,6 +189,7 @@ def test_uid_tails_unique_exact_or_refused_with_the_candidates(tmp_path: Path) -
 
 
 def test_a_job_finishing_after_a_discard_queues_nothing(
+        database_url: str,
         tmp_path: Path, make_config: Callable[..., NodeConfig]) -> None:
     """The job that ran while the admin discarded its series records its outputs but
     queues none: enqueue_outputs reads the state in its own write transaction."""

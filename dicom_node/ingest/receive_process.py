@@ -23,7 +23,10 @@ class ReceiveOnlyNode:
     second core (one Python process runs one core's worth of handlers). The full node
     (``dicom-node serve``) still does everything else."""
 
-    def __init__(self, config: NodeConfig, port: int) -> None:
+    def __init__(self, config: NodeConfig, port: int, role: str = "receive-only") -> None:
+        """``role``: what its audit events say it is, ``receive-only`` (beside a full node,
+        ``dicom-node receive``) or ``receiver`` (``serve --role receiver``)."""
+        self.role = role
         self.config = replace(config, receiver=replace(config.receiver, port=port))
         self.engine = make_engine(config.database_url)
         self.sessions = make_session_factory(self.engine)
@@ -33,10 +36,10 @@ class ReceiveOnlyNode:
 
     def start(self) -> None:
         self.receiver.start()
-        self.audit.record(AuditKind.NODE_START, role="receive-only",
+        self.audit.record(AuditKind.NODE_START, role=self.role,
                           ae_title=self.config.receiver.ae_title, port=self.receiver.port)
 
     def stop(self) -> None:
         self.receiver.stop()
-        self.audit.record(AuditKind.NODE_STOP, role="receive-only")
+        self.audit.record(AuditKind.NODE_STOP, role=self.role)
         self.engine.dispose()

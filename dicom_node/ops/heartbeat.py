@@ -88,7 +88,11 @@ class HeartbeatWriter:
     """Writes the node's heartbeat row from a thread of its own."""
 
     def __init__(self, sessions: sessionmaker[Session], identity: NodeIdentity, interval_s: float,
-                 healthy: Callable[[], bool], job_stage: Callable[[], str]) -> None:
+                 healthy: Callable[[], bool], job_stage: Callable[[], str],
+                 on_beat: Callable[[], object] | None = None) -> None:
+        """``on_beat``: run after each beat of a process that still owns its row (the
+        node renews the leases of the work it holds there)."""
+        self._on_beat = on_beat
         self._sessions = sessions
         self._identity = identity
         self._interval_s = interval_s
@@ -156,3 +160,5 @@ class HeartbeatWriter:
             row.healthy = self._healthy()
             row.job_stage = self._job_stage()[:128]
             session.commit()
+        if self._on_beat is not None and self._state != NodeState.STOPPED:
+            self._on_beat()  # also while stopping: the running job is being finished

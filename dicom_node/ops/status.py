@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, literal_column, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
@@ -75,19 +75,21 @@ def queue_depth(series_states: Mapping[str, int]) -> int:
 
 def notification_messages(session: Session) -> list[tuple[str, str, bool, int]]:
     """Notification messages counted per (endpoint, state, attempted before)."""
+    # A literal 0, not a bound parameter: PostgreSQL accepts the grouped expression in the
+    # select list only if both are the same text (two parameters are two expressions).
+    attempted = Notification.attempts > literal_column("0")
     rows = session.execute(
-        select(Notification.endpoint, Notification.state, Notification.attempts > 0,
-               func.count())
-        .group_by(Notification.endpoint, Notification.state, Notification.attempts > 0))
+        select(Notification.endpoint, Notification.state, attempted, func.count())
+        .group_by(Notification.endpoint, Notification.state, attempted))
     return [(name, state, bool(attempted), count) for name, state, attempted, count in rows]
 
 
 def outbox_entries(session: Session) -> list[tuple[str, str, bool, int]]:
     """Outbox entries counted per (destination, state, attempted before)."""
+    attempted = OutboxEntry.attempts > literal_column("0")  # as notification_messages
     rows = session.execute(
-        select(OutboxEntry.destination, OutboxEntry.state, OutboxEntry.attempts > 0,
-               func.count())
-        .group_by(OutboxEntry.destination, OutboxEntry.state, OutboxEntry.attempts > 0))
+        select(OutboxEntry.destination, OutboxEntry.state, attempted, func.count())
+        .group_by(OutboxEntry.destination, OutboxEntry.state, attempted))
     return [(dest, state, bool(attempted), count) for dest, state, attempted, count in rows]
 
 

@@ -17,8 +17,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Destination, NodeConfig
+from dicom_node.errors import LeaseLost
 from storage.audit import AuditKind, AuditLog
 from storage.models import (
+    Job,
+    JobState,
     OutboxEntry,
     OutboxState,
     OutputInstance,
@@ -83,6 +86,11 @@ def enqueue_outputs(config: NodeConfig, audit: AuditLog, series_id: int, job_id:
     with audit.transaction() as session:
         series = session.get(Series, series_id)
         assert series is not None
+        job = session.get(Job, job_id)
+        if job is not None and job.state != JobState.RUNNING:
+            # Fencing, in the transaction that commits the outputs: the job's lease expired
+            # and another node took it over (it records the same UIDs itself).
+            raise LeaseLost(f"job {job_id} was taken over: {job.error}")
         routes = []
         # An admin discarded the series while its job ran (dicom-node discard): the
         # outputs are recorded, nothing is queued. Checked in this write transaction,

@@ -33,7 +33,7 @@ from datetime import timedelta
 from typing import Any
 
 import requests
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from dicom_node.config import NodeConfig, NotificationEndpoint
@@ -171,21 +171,43 @@ def _findings(session: Session, series_uid: str, model: str) -> dict[str, Any]:
             "version": detail.get("version"), "model": model}
 
 
-def deliver_due(config: NodeConfig, audit: AuditLog, sessions: Any) -> int:
-    """POST every due message; returns how many were delivered."""
-    if not config.notifications:
-        return 0
-    endpoints = {e.name: e for e in config.notifications}
+def claim_next(config: NodeConfig, sessions: Any, node_id: str) -> tuple[int, str, str, str] | None:
+    """The next due message, claimed for this sender: ``FOR UPDATE SKIP LOCKED``
+    (PostgreSQL; SQLite: the write lock) and marked with its name until a lease longer
+    than the endpoint's timeout (``outbox.lease_s``); its outcome ends the claim, and a
+    dead sender's message is claimed again once its lease has expired."""
+    now = utcnow()
     with sessions() as session:
-        due = list(session.execute(
+        if session.get_bind().dialect.name == "sqlite":
+            session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+        row = session.execute(
             select(Notification.id, Notification.endpoint, Notification.event,
                    Notification.body)
             .where(Notification.state == NotificationState.PENDING,
-                   Notification.next_attempt_at <= utcnow())
-            .order_by(Notification.id).limit(100)))
+                   Notification.next_attempt_at <= now,
+                   or_(Notification.lease_until.is_(None), Notification.lease_until < now))
+            .order_by(Notification.id).limit(1).with_for_update(skip_locked=True)).first()
+        if row is not None:
+            session.execute(update(Notification).where(Notification.id == row[0]).values(
+                claimed_by=node_id, lease_until=now + timedelta(seconds=config.outbox.lease_s)))
+        session.commit()
+    return (row[0], row[1], row[2], row[3]) if row is not None else None
+
+
+def deliver_due(config: NodeConfig, audit: AuditLog, sessions: Any, node_id: str = "",
+                limit: int = 100) -> int:
+    """POST the due messages (up to ``limit``), each claimed first (several senders post
+    each message once); returns how many were delivered."""
+    if not config.notifications:
+        return 0
+    endpoints = {e.name: e for e in config.notifications}
     delivered = 0
     with requests.Session() as http:
-        for note_id, endpoint_name, event, body in due:
+        for _ in range(limit):
+            claimed = claim_next(config, sessions, node_id)
+            if claimed is None:
+                break
+            note_id, endpoint_name, event, body = claimed
             endpoint = endpoints.get(endpoint_name)
             problem = ("endpoint no longer configured" if endpoint is None
                        else post(http, endpoint, event, note_id, body.encode()))
@@ -235,6 +257,7 @@ def _record(config: NodeConfig, audit: AuditLog, note_id: int, problem: str | No
     with audit.transaction() as session:
         note = session.get(Notification, note_id)
         assert note is not None
+        note.lease_until = None  # the claim ends with the outcome
         note.attempts += 1
         if problem is None:
             note.state = NotificationState.SENT

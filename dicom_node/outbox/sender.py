@@ -28,7 +28,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config
 from pynetdicom.association import Association
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Destination, NodeConfig
@@ -62,10 +62,12 @@ def is_permanent_failure(status: int) -> bool:
 
 class Sender:
     def __init__(self, config: NodeConfig, sessions: sessionmaker[Session],
-                 audit: AuditLog) -> None:
+                 audit: AuditLog, node_id: str = "") -> None:
+        """``node_id``: the name the entries this sender claims carry (its heartbeat's)."""
         self.config = config
         self._sessions = sessions
         self._audit = audit
+        self.node_id = node_id
         self._lock = threading.Lock()
         # Process-wide in pynetdicom: a C-STORE from a file path streams the file's bytes
         # after its meta header instead of decoding the whole data set and encoding it
@@ -95,9 +97,17 @@ class Sender:
             with ThreadPoolExecutor(max_workers=len(due), thread_name_prefix="send") as pool:
                 return sum(pool.map(self._send_destination, due))
 
-    def _send_destination(self, destination: str) -> int:
+    def claim(self, destination: str) -> list[Any]:
+        """Claim a batch of due entries for this sender: locked with ``FOR UPDATE SKIP
+        LOCKED`` (PostgreSQL: entries another sender is claiming are skipped, not waited
+        for; SQLite: the write lock, BEGIN IMMEDIATE) and marked with this sender's name
+        and a lease of ``outbox.lease_s``. An entry claimed by a sender that died is
+        claimed again once its lease has expired; its outcome ends the claim."""
         cfg = self.config.outbox
+        now = utcnow()
         with self._sessions() as session:
+            if session.get_bind().dialect.name == "sqlite":
+                session.connection().exec_driver_sql("BEGIN IMMEDIATE")
             rows = session.execute(
                 select(OutboxEntry.id, OutputInstance.path, OutputInstance.sop_class_uid,
                        OutputInstance.sop_uid, Series.study_uid, OutputInstance.series_uid,
@@ -106,8 +116,41 @@ class Sender:
                 .outerjoin(Series, Series.id == OutputInstance.source_series_id)
                 .where(OutboxEntry.destination == destination,
                        OutboxEntry.state == OutboxState.PENDING,
-                       OutboxEntry.next_attempt_at <= utcnow())
-                .order_by(OutboxEntry.id).limit(cfg.batch_size)).all()
+                       OutboxEntry.next_attempt_at <= now,
+                       or_(OutboxEntry.lease_until.is_(None), OutboxEntry.lease_until < now))
+                .order_by(OutboxEntry.id).limit(cfg.batch_size)
+                .with_for_update(of=OutboxEntry, skip_locked=True)).all()
+            if rows:
+                session.execute(update(OutboxEntry).where(
+                    OutboxEntry.id.in_([r[0] for r in rows])).values(
+                    claimed_by=self.node_id,
+                    lease_until=now + timedelta(seconds=cfg.lease_s)))
+            session.commit()
+        return list(rows)
+
+    def renew_claims(self) -> int:
+        """The entries this sender holds are held ``outbox.lease_s`` longer (from its
+        heartbeat): a long batch keeps its claim while the sender lives."""
+        with self._sessions() as session:
+            result = session.execute(update(OutboxEntry).where(
+                OutboxEntry.claimed_by == self.node_id, OutboxEntry.lease_until.is_not(None),
+                OutboxEntry.state == OutboxState.PENDING).values(
+                lease_until=utcnow() + timedelta(seconds=self.config.outbox.lease_s)))
+            session.commit()
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def release_own_claims(self) -> int:
+        """At start: the entries this sender (by name) claimed before it stopped or died
+        are due again at once, not after their lease."""
+        with self._sessions() as session:
+            result = session.execute(update(OutboxEntry).where(
+                OutboxEntry.claimed_by == self.node_id, OutboxEntry.lease_until.is_not(None))
+                .values(lease_until=None))
+            session.commit()
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def _send_destination(self, destination: str) -> int:
+        rows = self.claim(destination)
         if not rows:
             return 0
         work: list[_Work] = [(r[0], r[1], r[2], r[3], r[4] or "", r[5]) for r in rows]
@@ -289,6 +332,7 @@ class Sender:
             for entry_id in entry_ids:
                 entry = session.get(OutboxEntry, entry_id)
                 assert entry is not None
+                entry.lease_until = None  # the claim ends with the outcome
                 if entry.state != OutboxState.PENDING:
                     continue  # discarded meanwhile (dicom-node discard): it stays so
                 entry.attempts += 1
@@ -375,7 +419,7 @@ class _OutcomeWriter:
                  "state": (OutboxState.SENT if not o.dead else OutboxState.DISCARDED
                            if known.get(o.entry_id, (0, ""))[1] == OutboxState.DISCARDED
                            else OutboxState.DEAD),
-                 "sent_at": None if o.dead else now} for o in batch])
+                 "sent_at": None if o.dead else now, "lease_until": None} for o in batch])
             for o in batch:
                 outcome = ("error" if o.dead else "warning"
                            if o.status is not None and dimse_status.is_warning(o.status)

@@ -28,7 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
@@ -279,20 +279,62 @@ def refused_instances(session: Session, series: Series) -> list[tuple[str, str]]
     return list(refused.items())
 
 
-def recover(audit: AuditLog) -> int:
-    """At start-up: series left running by a crash go back to the queue, and
-    associations the node died in are marked interrupted (their series wait for a
-    resend: ``series.interrupted_wait_s``)."""
+def recover(audit: AuditLog, associations: bool = True, owner: str = "") -> int:
+    """At start-up: this node's jobs left running by a crash (``owner``: its heartbeat
+    name; jobs from before leases have none) are abandoned and their series go back to
+    the queue, with any running series no running job holds; associations the node died
+    in are marked interrupted (their series wait for a resend:
+    ``series.interrupted_wait_s``). ``associations=False`` for a worker, which receives
+    nothing: the associations open in the database are other nodes'. Other nodes' running
+    jobs are left to their leases (:func:`take_over_expired`)."""
     with audit.transaction() as session:
-        for row in session.scalars(select(AssociationRow).where(
-                AssociationRow.state == "accepted")).all():
+        for row in (session.scalars(select(AssociationRow).where(
+                AssociationRow.state == "accepted")).all() if associations else ()):
             row.state = "interrupted"
-        for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING)).all():
+        for job in session.scalars(select(Job).where(
+                Job.state == JobState.RUNNING, Job.owner.in_({owner, ""}))).all():
             job.state = JobState.ABANDONED
             job.finished_at = utcnow()
             job.error = "node stopped while the job ran"
-        stuck = session.scalars(select(Series).where(Series.state == SeriesState.RUNNING)).all()
+        session.flush()
+        held = select(Job.series_id).where(Job.state == JobState.RUNNING)
+        stuck = session.scalars(select(Series).where(Series.state == SeriesState.RUNNING,
+                                                     Series.id.not_in(held))).all()
         for series in stuck:
             set_state(audit, session, series, SeriesState.QUEUED, "resumed after restart")
         session.commit()
         return len(stuck)
+
+
+def renew_leases(sessions: sessionmaker[Session], owner: str, lease_s: float) -> int:
+    """The running jobs ``owner`` holds are held ``lease_s`` longer (each sweep)."""
+    with sessions() as session:
+        result = session.execute(
+            update(Job).where(Job.owner == owner, Job.state == JobState.RUNNING)
+            .values(lease_until=utcnow() + timedelta(seconds=lease_s)))
+        session.commit()
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+def take_over_expired(audit: AuditLog, by: str) -> int:
+    """Jobs whose lease expired (their node died or lost the database) are abandoned and
+    their series queued again, for any worker to claim; the abandoned job can no longer
+    commit (:class:`dicom_node.errors.LeaseLost`). Rows another node is taking over are
+    skipped (``FOR UPDATE SKIP LOCKED`` on PostgreSQL). Returns how many."""
+    now = utcnow()
+    taken = 0
+    with audit.transaction() as session:
+        expired = session.scalars(select(Job).where(
+            Job.state == JobState.RUNNING, Job.lease_until.is_not(None), Job.lease_until < now)
+            .with_for_update(skip_locked=True)).all()
+        for job in expired:
+            job.state = JobState.ABANDONED
+            job.finished_at = now
+            job.error = f"lease of {job.owner} expired; taken over by {by}"
+            series = session.get(Series, job.series_id)
+            if series is not None and series.state == SeriesState.RUNNING:
+                set_state(audit, session, series, SeriesState.QUEUED,
+                          f"taken over: the lease of {job.owner} on job {job.id} expired",
+                          job=job.id, by=by)
+            taken += 1
+    return taken

@@ -1,0 +1,79 @@
+"""Schema by Alembic migrations, on SQLite and PostgreSQL: the migrated schema is the
+models' schema, a database made by the old ``create_all`` is stamped and upgraded with
+its rows, and processes starting together migrate once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from storage.audit import AuditLog, verify_chain
+from storage.database import make_engine, make_session_factory
+from storage.migrate import current_revision, head_revision, upgrade
+from storage.models import Base, Series
+
+BASELINE = "0001_baseline"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _engine(url: str) -> sa.Engine:
+    """An engine that does not migrate (make_engine does)."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return sa.create_engine(url, poolclass=sa.NullPool)
+
+
+def _differences(engine: sa.Engine) -> list[object]:
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return [d for d in compare_metadata(context, Base.metadata)
+                if not (isinstance(d, tuple) and d[0] == "remove_table"
+                        and d[1].name == "alembic_version")]
+
+
+def test_migrated_schema_equals_the_models(database_url: str) -> None:
+    engine = make_engine(database_url)
+    assert current_revision(engine) == head_revision()
+    assert _differences(engine) == []
+    engine.dispose()
+
+
+def test_a_create_all_database_is_stamped_and_upgraded_with_its_rows(database_url: str) -> None:
+    engine = _engine(database_url)
+    # What the node made before Alembic: the baseline's tables, no alembic_version.
+    upgrade(engine, BASELINE)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE alembic_version")
+    sessions = make_session_factory(engine)
+    audit = AuditLog(sessions)
+    with audit.transaction() as session:
+        session.add(Series(series_uid="1.2.3", study_uid="1.2"))
+        audit.record_in(session, "series.state", series_uid="1.2.3", state="receiving")
+    assert current_revision(engine) is None
+
+    engine = make_engine(database_url)  # what a node does at start
+    assert current_revision(engine) == head_revision()
+    assert _differences(engine) == []
+    with make_session_factory(engine)() as session:
+        assert session.scalars(sa.select(Series.series_uid)).all() == ["1.2.3"]
+        assert verify_chain(session).ok
+    engine.dispose()
+
+
+def test_nodes_starting_together_migrate_once(database_url: str) -> None:
+    """Four processes open an empty database at once (a node and its receive processes,
+    or several nodes): one creates the schema, the others wait for its lock."""
+    code = "import sys; from storage.database import make_engine; make_engine(sys.argv[1])"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, database_url], env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=120)[1] for p in procs]
+    failures = [err for p, err in zip(procs, outputs, strict=True) if p.returncode != 0]
+    assert failures == []
+    assert current_revision(_engine(database_url)) == head_revision()
