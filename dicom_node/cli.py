@@ -539,13 +539,13 @@ def cmd_outbox(args: argparse.Namespace) -> int:
           + (f"; the newest {shown} shown (--limit)" if shown < entries else ""))
     if not rows:
         return 0
-    print(f"{'id':>6} {'destination':12} {'state':9} {'kind':4} {'count':>5} {'tries':>5} "
+    print(f"{'id':>6} {'destination':12} {'state':9} {'kind':8} {'count':>5} {'tries':>5} "
           f"{'next retry (UTC)':19} {'accession':16} {'input series (tail)':20} "
           f"{'output (tail)':20} last status / reason")
     for row in rows:
         status = f"0x{row.last_status:04X} " if row.last_status is not None else ""
         output = row.sop_uid if args.all else row.series_uid
-        print(f"{row.id:6} {row.destination:12.12} {row.state:9} {row.kind:4} {row.count:5} "
+        print(f"{row.id:6} {row.destination:12.12} {row.state:9} {row.kind:8} {row.count:5} "
               f"{row.attempts:5} {next_retry_text(row):19} {row.accession_number or '-':16} "
               f"{row.source_series_uid[-20:]:20} {output[-20:]:20} "
               f"{status}{row.last_error or '-'}")
