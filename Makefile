@@ -74,7 +74,7 @@ demo: install
 DEMO_DATA ?= build/m3
 DEMO_SMOOTHING ?= 3.6
 demo-model: install
-	$(VENV)/bin/dicom-node-train phantom-dataset --patients 1200 --seed 100 --out $(DEMO_DATA)/train-s100 \
+	$(VENV)/bin/dicom-node-train phantom-dataset --patients 1200 --seed 100 --out $(DEMO_DATA)/train-s100 --pet-layout same-grid \
 	  --tumour-count-p 0.05,0.4,0.55 --normal-slice-fraction 0.25 --lean --val-patients 40 --workers 2
 	# 3.0: 10 epochs from scratch (64 min on 2 cores)
 	$(VENV)/bin/dicom-node-train train --dataset $(DEMO_DATA)/train-s100 --out $(DEMO_DATA)/run \

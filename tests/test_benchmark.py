@@ -104,11 +104,14 @@ def test_benchmark_reports_lesions_per_uptake(tmp_path: Path) -> None:
 # --- training cohorts ----------------------------------------------------------------------
 
 
-def test_phantom_dataset_equals_the_dicom_path(tmp_path: Path) -> None:
-    """The in-memory cohort stores exactly what `phantom` + `dataset` store."""
-    spec = CohortSpec(seed=5, size=64, slice_spacing_mm=6.0)
+@pytest.mark.parametrize("layout", ["same-grid", "scanner"])
+def test_phantom_dataset_equals_the_dicom_path(tmp_path: Path, layout: str) -> None:
+    """The in-memory cohort stores exactly what `phantom` + `dataset` store, in both PET
+    layouts (scanner: Bq/mL on the PET's own grid, SUV and resampling as `dataset` does)."""
+    spec = CohortSpec(seed=5, size=64, slice_spacing_mm=6.0, pet_layout=layout)
     patient = generate_patient(1, 5, spec.geometry)
-    write_patient(patient, tmp_path / "studies")
+    write_patient(patient, tmp_path / "studies", pet_layout=layout,
+                  fusion="none" if layout == "scanner" else None)
     build_dataset(tmp_path / "studies", tmp_path / "ds", size=64, progress=False)
     reference = load_pairs(tmp_path / "ds")
     mine = patient_arrays(1, spec)

@@ -35,7 +35,7 @@ from dicom_node.inference.slice_context import group_rows
 
 TARGETS = ("fusion", "uptake")
 SPLITS = ("train", "val", "test")
-OPTIONAL_ARRAYS = ("t1c_backdrop", "uptake", "oracle_fusion", "oracle_uptake", "tumour_labels",
+OPTIONAL_ARRAYS = ("t1c_backdrop", "uptake", "pet_suv", "oracle_fusion", "oracle_uptake", "tumour_labels",
                    "brain_mask", "striatum_mask", "oedema")
 
 
@@ -172,6 +172,18 @@ def input_tensor(t1c: NDArray[np.floating]) -> torch.Tensor:
     return x.unsqueeze(1) if x.ndim == 3 else x
 
 
+def uptake_array(data: PairedDataset) -> str:
+    """The array an uptake model learns: ``pet_suv``, the PET series as measured (SUVbw
+    by the book, resampled into the T1C planes: what a site's exports hold, and a
+    scanner-layout phantom's), where the dataset has it; else ``uptake`` (a same-grid
+    phantom's PET, which is the same noisy uptake on the T1C grid)."""
+    if data.has("pet_suv"):
+        return "pet_suv"
+    if data.has("uptake"):
+        return "uptake"
+    raise DatasetError(f"{data.path} has neither a 'pet_suv' nor an 'uptake' array")
+
+
 def target_tensor(data: PairedDataset, idx: NDArray[np.int64], target: str,
                   uptake_scale: float = 4.0) -> torch.Tensor:
     """The network target of slices ``idx``, channels first, in [-1, 1]."""
@@ -179,7 +191,7 @@ def target_tensor(data: PairedDataset, idx: NDArray[np.int64], target: str,
         rgb = torch.from_numpy(data.fusion[idx].astype(np.float32) / 255.0)
         return (rgb * 2.0 - 1.0).permute(0, 3, 1, 2).contiguous()
     if target == "uptake":
-        up = torch.from_numpy(data.get("uptake")[idx].astype(np.float32))
+        up = torch.from_numpy(data.get(uptake_array(data))[idx].astype(np.float32))
         return (up / uptake_scale * 2.0 - 1.0).clamp(-1.0, 1.0).unsqueeze(1)
     raise DatasetError(f"target must be one of {TARGETS}, got {target!r}")
 

@@ -192,6 +192,8 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
     training = {
         "dataset": info["path"],
         "dataset_source": info.get("source"),
+        "pet_layout": info.get("pet_layout", "same-grid"),
+        "uptake_array": info.get("uptake_array"),
         "image_size": info["size"],
         "split_method": info["split_method"],
         "split_seed": info.get("split_seed"),

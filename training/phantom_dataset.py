@@ -20,6 +20,13 @@ Training cohorts may differ from the population on purpose, and ``dataset.json``
   tumour, and a seeded fraction F of the other slices (default 1: every slice).
 - ``--lean``: leave out the RGB arrays (``fusion``, ``oracle_fusion``) and the backdrop,
   which an uptake model does not train on (a fifth of the memory).
+- ``--pet-layout scanner`` (the default, as ``phantom``'s): adds ``pet_suv``, the uptake
+  target an uptake model learns (:func:`training.data.uptake_array`), made the way a
+  site's exports are: the PET series a PET/MR writes (own grid, Bq/mL, per-slice
+  RescaleSlope, :func:`training.phantom_dicom.scanner_pet_series`), SUVbw by the book
+  (:func:`training.suv.suv_scale`) and trilinear resampling into the T1C planes
+  (:func:`training.pet_volume.resample_to_planes`), exactly as ``dataset`` reads those files.
+  ``same-grid``: the PET on the T1C's grid in SUV units (the layout of fdopa-demo <= 3.2).
 
 Splits: the last ``--val-patients`` patients are the validation split (for the training
 curves only; model choices are made with ``benchmark`` on a separate cohort), the rest
@@ -47,8 +54,16 @@ from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.resampling import to_network
 from training.dataset_io import write_atomic, write_json
 from training.pair_arrays import grey_to_network, nearest_to_network, rgb_to_network
-from training.phantom import NUMBER_OF_TUMOURS_P, PhantomGeometry, generate_patient
-from training.phantom_dicom import patient_uids
+from training.pet_volume import PlaneGeometry, resample_to_planes, stack_geometry
+from training.phantom import NUMBER_OF_TUMOURS_P, PhantomGeometry, PhantomPatient, generate_patient
+from training.phantom_dicom import (
+    AXIAL_ORIENTATION,
+    PET_LAYOUTS,
+    ScannerPet,
+    patient_uids,
+    scanner_pet_series,
+)
+from training.suv import suv_scale
 
 LEAN_LEAVES_OUT = ("fusion", "oracle_fusion", "t1c_backdrop")
 
@@ -64,8 +79,11 @@ class CohortSpec:
     normal_slice_fraction: float = 1.0
     tumour_reach_slices: int = 2
     lean: bool = False
+    pet_layout: str = "scanner"
 
     def __post_init__(self) -> None:
+        if self.pet_layout not in PET_LAYOUTS:
+            raise ValueError(f"pet_layout must be one of {PET_LAYOUTS}, got {self.pet_layout!r}")
         p = self.tumour_count_p
         if len(p) != 3 or min(p) < 0 or abs(sum(p) - 1.0) > 1e-6:
             raise ValueError("tumour_count_p must be three probabilities summing to 1")
@@ -90,6 +108,45 @@ def kept_slices(labels: NDArray[np.uint8], spec: CohortSpec, index: int) -> NDAr
     rng = np.random.default_rng([spec.seed, index, 7])
     others = rng.random(len(labels)) < spec.normal_slice_fraction
     return np.flatnonzero(near | others).astype(np.int64)
+
+
+def _float_list(values: object) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)  # type: ignore[attr-defined]
+
+
+def _xyz(values: object) -> tuple[float, float, float]:
+    x, y, z = _float_list(values)
+    return (x, y, z)
+
+
+def scanner_layout_uptake(patient: PhantomPatient, keep: NDArray[np.int64],
+                          grid: ScannerPet | None = None) -> NDArray[np.float32]:
+    """SUVbw on the kept T1C planes, read from the scanner-layout PET series as ``dataset``
+    reads those files: stored values times RescaleSlope, times the series' SUV factors,
+    trilinear into each T1C plane (same frame of reference: no registration)."""
+    series = scanner_pet_series(patient, grid or ScannerPet())
+    scale = suv_scale(series)
+    planes = [PlaneGeometry(position=_xyz(ds.ImagePositionPatient),
+                            orientation=_float_list(ds.ImageOrientationPatient),
+                            pixel_spacing=(float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
+                            shape=(int(ds.Rows), int(ds.Columns))) for ds in series]
+    stack = stack_geometry(planes)
+    pet = []
+    for j in stack.order:
+        ds = series[j]
+        values = np.asarray(ds.pixel_array).astype(np.float32)
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        if slope != 1.0 or intercept != 0.0:
+            values = values * np.float32(slope) + np.float32(intercept)
+        pet.append(values * np.float32(scale.factors[j]))
+    g = patient.geometry
+    t1c_planes = [PlaneGeometry(position=_xyz([round(v, 4) for v in g.image_position(int(k))]),
+                                orientation=tuple(AXIAL_ORIENTATION),
+                                pixel_spacing=(g.pixel_spacing_mm, g.pixel_spacing_mm),
+                                shape=(g.rows, g.cols)) for k in keep]
+    suv, _ = resample_to_planes(np.stack(pet), stack, t1c_planes)
+    return suv
 
 
 def patient_arrays(index: int, spec: CohortSpec) -> dict[str, NDArray[np.generic]]:
@@ -119,10 +176,15 @@ def patient_arrays(index: int, spec: CohortSpec) -> dict[str, NDArray[np.generic
         "striatum_mask": nearest_to_network(patient.striatum_mask[keep], size),
         "oedema": nearest_to_network(patient.oedema[keep], size),
     }
+    measured = scanner_layout_uptake(patient, keep) if spec.pet_layout == "scanner" else None
+    if measured is not None:  # the measured PET, what an uptake model learns
+        out["pet_suv"] = to_network(measured, size)[0][:, 0].numpy().astype(np.float16)
     if not spec.lean:
         style = patient.fusion_style
         out["t1c_backdrop"] = grey_to_network(grey[keep], size)
-        out["fusion"] = rgb_to_network(patient.fusion[keep], size)
+        out["fusion"] = rgb_to_network(
+            patient.fusion[keep] if measured is None
+            else to_uint8(fuse(grey[keep], measured, style)), size)
         out["oracle_fusion"] = rgb_to_network(
             to_uint8(fuse(grey[keep], patient.oracle_uptake[keep], style)), size)
     out["tumours"] = np.array([len(patient.tumours)], dtype=np.int64)
@@ -168,7 +230,7 @@ def build_phantom_dataset(spec: CohortSpec, patients: int, out_dir: Path, val_pa
                            "tumour_count_p": list(spec.tumour_count_p),
                            "normal_slice_fraction": spec.normal_slice_fraction,
                            "tumour_reach_slices": spec.tumour_reach_slices,
-                           "lean": spec.lean,
+                           "lean": spec.lean, "pet_layout": spec.pet_layout,
                            "left_out": list(LEAN_LEAVES_OUT) if spec.lean else []},
         "counts": {"pairs": n, "patients": patients, "tumours": sum(tumours),
                    "tumour_slices": int(np.asarray(arrays["has_tumour"]).sum())},
@@ -192,6 +254,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tumour-reach-slices", type=int, default=2)
     parser.add_argument("--lean", action="store_true",
                         help="leave out the RGB arrays and backdrop (uptake training only)")
+    parser.add_argument("--pet-layout", choices=PET_LAYOUTS, default="scanner",
+                        help="the uptake target read from the PET as a PET/MR scanner writes "
+                             "it (scanner, default) or on the T1C grid (same-grid)")
     parser.add_argument("--val-patients", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
 
@@ -202,7 +267,8 @@ def run(args: argparse.Namespace) -> int:
         spec = CohortSpec(seed=args.seed, size=args.size, slice_spacing_mm=args.slice_spacing_mm,
                           tumour_count_p=p,  # type: ignore[arg-type]
                           normal_slice_fraction=args.normal_slice_fraction,
-                          tumour_reach_slices=args.tumour_reach_slices, lean=args.lean)
+                          tumour_reach_slices=args.tumour_reach_slices, lean=args.lean,
+                          pet_layout=args.pet_layout)
         info = build_phantom_dataset(spec, args.patients, args.out, args.val_patients,
                                      args.workers)
     except ValueError as exc:

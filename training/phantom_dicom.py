@@ -147,6 +147,20 @@ def scanner_pet_volume(patient: PhantomPatient, grid: ScannerPet
     return positions, np.clip(values, 0.0, None).astype(np.float32)
 
 
+def scanner_pet_series(patient: PhantomPatient, grid: ScannerPet,
+                       uids: PatientUids | None = None) -> list[Dataset]:
+    """The scanner-layout PET series of ``patient`` (one dataset per slice, pixel data
+    included), as :func:`write_patient` writes it; also what ``phantom-dataset`` reads in
+    memory for its ``scanner`` layout."""
+    uids = uids or patient_uids(patient)
+    positions, volume = scanner_pet_volume(patient, grid)
+    series_uid = _uid(patient, "series", "pet-scanner", *map(str, grid.as_dict().values()))
+    return [_scanner_pet_slice(patient, uids, grid, series_uid,
+                               _uid(patient, "instance", "pet-scanner", series_uid, str(k)),
+                               k, len(positions), position, volume[k])
+            for k, position in enumerate(positions)]
+
+
 @dataclass(frozen=True)
 class PatientPaths:
     """Where :func:`write_patient` put one patient's files."""
@@ -233,13 +247,9 @@ def write_patient(patient: PhantomPatient, out_dir: Path, pet_layout: str = "sam
                                        dicom / "FUSION" / name))
     scanner_uids: dict[str, object] = {}
     if grid is not None:
-        positions, volume = scanner_pet_volume(patient, grid)
-        series_uid = _uid(patient, "series", "pet-scanner", *map(str, grid.as_dict().values()))
-        scanner_uids = {"series": series_uid, "slices": len(positions)}
-        for k, position in enumerate(positions):
-            sop_uid = _uid(patient, "instance", "pet-scanner", series_uid, str(k))
-            ds = _scanner_pet_slice(patient, uids, grid, series_uid, sop_uid, k,
-                                    len(positions), position, volume[k])
+        series = scanner_pet_series(patient, grid, uids)
+        scanner_uids = {"series": str(series[0].SeriesInstanceUID), "slices": len(series)}
+        for k, ds in enumerate(series):
             pet_paths.append(_write(ds, dicom / "PET" / f"IM{k + 1:04d}.dcm"))
     document = ground_truth_document(patient, uids)
     document["pet_layout"] = ({"layout": "same-grid", "units": "GML"} if grid is None else

@@ -285,6 +285,9 @@ def dataset_info(data: ds.PairedDataset) -> dict[str, Any]:
         "split_seed": data.splits.get("seed"),
         "leaks_patients": bool(data.splits.get("leaks_patients", False)),
         "source": data.info.get("source_dir") or data.info.get("source"),
+        "pet_layout": (data.info.get("phantom_cohort") or {}).get("pet_layout", "same-grid"),
+        "uptake_array": ds.uptake_array(data) if (data.has("pet_suv") or data.has("uptake"))
+        else None,
         "splits": {split: data.summary(split) for split in ds.SPLITS},
     }
 
@@ -385,8 +388,9 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     data = ds.load_dataset(Path(config.dataset))
-    if config.target == "uptake" and not data.has("uptake"):
-        raise ValueError("--target uptake needs a dataset with an 'uptake' array")
+    if config.target == "uptake" and not (data.has("pet_suv") or data.has("uptake")):
+        raise ValueError("--target uptake needs a dataset with a 'pet_suv' (measured PET) "
+                         "or an 'uptake' array")
     if ((config.tumour_l1_weight != 1.0 or config.small_lesion_area_px > 0)
             and not data.has("tumour_labels")):
         raise ValueError("--tumour-l1-weight and --small-lesion-area-px need a dataset with "
