@@ -419,3 +419,31 @@ def test_fine_tuning_records_the_starting_weights(toy_dataset: Path, full_run: P
     training = load_weights(resumed.weights).card.training
     assert training["init_generator_sha256"] == start.sha256
     assert training["init_generator"] == str(full_run / "generator.pt")
+
+
+def test_uptake_models_learn_the_measured_pet_of_a_site_export(toy_dataset: Path,
+                                                               tmp_path: Path) -> None:
+    """A site's exports give `pet_suv` (the PET as measured) and no phantom truth: an uptake
+    model trains on it; where both are present, `pet_suv` is the target, not `uptake`."""
+    with np.load(toy_dataset / "pairs.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    site = tmp_path / "site"
+    site.mkdir()
+    measured = arrays["uptake"] * np.float16(1.1)
+    kept = {k: arrays[k] for k in ("t1c", "fusion", "patient_id", "study_uid",
+                                   "slice_position_mm", "has_tumour")}
+    np.savez(site / "pairs.npz", **kept, pet_suv=measured)
+    for name in ("splits.json", "dataset.json"):
+        shutil.copy(toy_dataset / name, site / name)
+    data = ds.load_dataset(site)
+    assert ds.uptake_array(data) == "pet_suv" and not data.has("uptake")
+    idx = data.indices("train")[:4]
+    expected = (torch.from_numpy(measured[idx].astype(np.float32)) / 4.0 * 2.0 - 1.0).clamp(-1, 1)
+    torch.testing.assert_close(ds.target_tensor(data, idx, "uptake")[:, 0], expected)
+    result = train(_config(site, tmp_path / "run", target="uptake", max_steps=2))
+    assert result.step == 2
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["dataset_info"]["uptake_array"] == "pet_suv"
+    # both arrays: the measured PET wins
+    np.savez(site / "pairs.npz", **kept, pet_suv=measured, uptake=arrays["uptake"])
+    assert ds.uptake_array(ds.load_dataset(site)) == "pet_suv"
