@@ -29,7 +29,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import Destination, NodeConfig, NotificationEndpoint
 from dicom_node.errors import ConfigError
 from dicom_node.outbox.stow import (
     FAILED_SOP_SEQUENCE,
@@ -37,6 +37,7 @@ from dicom_node.outbox.stow import (
     MultipartFiles,
     StowUnavailable,
     outcomes_of,
+    tls_verify,
 )
 from dicom_node.service import Node
 from storage.models import AuditEvent, OutboxEntry, OutputInstance
@@ -330,6 +331,16 @@ def test_outcomes_of_answers_that_fail_the_whole_request() -> None:
         {FAILED_SOP_SEQUENCE: {"vr": "SQ", "Value": [_item("1.2", "00081197", 0xC000)]}}),
         ["1.2"])
     assert not failed.stored and failed.status == 0xC000
+
+
+def test_tls_verify_is_one_rule_for_destinations_and_notification_endpoints() -> None:
+    """The CA file when given, the system's CAs when not, nothing when turned off; the
+    same for a DICOMweb destination and a webhook (one function decides for both)."""
+    ca = Path("/etc/dicom-node/ca.pem")
+    for make in (Destination, NotificationEndpoint):
+        assert tls_verify(make(name="x")) is True
+        assert tls_verify(make(name="x", ca_file=ca)) == str(ca)
+        assert tls_verify(make(name="x", ca_file=ca, verify_tls=False)) is False
 
 
 def test_config_checks_dicomweb_destinations(tmp_path: Path,
