@@ -280,8 +280,7 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
                 intervals=intervals,
                 interval_method=(calibration.method_text(samples) if draws is not None
                                  else ""),
-                description_suffix=labels.description_suffix,
-                volumetric_sop_uid=str(sr.SOPInstanceUID))
+                description_suffix=labels.description_suffix)
             if image_sr is not None:
                 written.append(("sr-image", image_sr,
                                 write_output(ctx, study_uid, image_sr, encode(image_sr))))

@@ -34,3 +34,13 @@ def derive_uid(fingerprint: str, weights_sha256: str, version: int, kind: str,
                index: int = 0) -> UID:
     """The UID of one output, from what it was made from."""
     return hashed_uid(fingerprint, weights_sha256, str(version), kind, str(index))
+
+
+def tracking_uid(study_uid: str, source_series_uid: str, region: str) -> UID:
+    """The Tracking Unique Identifier of a region ("lesion-<n>" or "background") of a
+    source series: from the study, the source series and the region's label only, not
+    the model, its weights or the series version, so a re-run with another model or a
+    later version of the series gives lesion n the same UID. The SEG segment and both
+    SRs carry it. "Same lesion" means same number: lesions are numbered in the order the
+    analysis ranks them (hottest first), so the UID follows the number, not the tissue."""
+    return hashed_uid("tracking", study_uid, source_series_uid, region)

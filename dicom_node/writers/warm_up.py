@@ -80,8 +80,7 @@ def warm_up_outputs(provenance: Provenance) -> list[tuple[Dataset, bytes]]:
         background_side="right", background_slices=(0, 1))
     seg = make_seg(sources, result, _uid(7), _uid(8), 2, provenance)
     sr = make_sr(sources, seg, result, _uid(9), _uid(20), 3, provenance)
-    image_sr = make_image_sr(sources, result, _uid(21), _uid(22), 4, provenance,
-                             volumetric_sop_uid=str(sr.SOPInstanceUID))
+    image_sr = make_image_sr(sources, result, _uid(21), _uid(22), 4, provenance)
     assert image_sr is not None  # the warm-up result has a lesion
     return [(first, encode(first)), (second, sc.encode(second)), (seg, encode(seg)),
             (sr, encode(sr)), (image_sr, encode(image_sr))]
