@@ -37,17 +37,19 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 120.0,
 
 def written_outputs(session: Any) -> int:
     """How many output instances the node wrote (and so sends): per series an SC per
-    slice, the SEG, the SR, and the image-anchored SR when a lesion was found. Read from
-    the node's OutputInstance rows, which a job records (all at once) before it queues
-    any of them; each version has one SEG and one SR, and at most one image SR."""
+    slice, the SEG, the SR, the image-anchored SR when a lesion was found, and the KOS
+    listing them. Read from the node's OutputInstance rows, which a job records (all at
+    once) before it queues any of them; each version has one SEG, one SR and one KOS,
+    and at most one image SR."""
     from sqlalchemy import func, select
 
     from storage.models import OutputInstance
 
     per_kind = dict(session.execute(select(OutputInstance.kind, func.count())
                                     .group_by(OutputInstance.kind)).all())
-    assert set(per_kind) <= {"sc", "seg", "sr", "sr-image"}, per_kind
-    assert per_kind.get("seg", 0) == per_kind.get("sr", 0) >= per_kind.get("sr-image", 0)
+    assert set(per_kind) <= {"sc", "seg", "sr", "sr-image", "kos"}, per_kind
+    assert (per_kind.get("kos", 0) == per_kind.get("seg", 0) == per_kind.get("sr", 0)
+            >= per_kind.get("sr-image", 0)), per_kind
     return int(sum(per_kind.values()))
 
 

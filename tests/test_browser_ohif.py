@@ -277,11 +277,11 @@ def test_ohif_shows_fusion_seg_and_tbr_measurements(
 
     def expected() -> int:
         with node.sessions() as session:
-            return max(len(t1c) + 2, written_outputs(session))
+            return max(len(t1c) + 3, written_outputs(session))
 
     assert wait_for(lambda: outputs_in_orthanc() >= expected(), 300), (
         f"{outputs_in_orthanc()} of {expected()} outputs in Orthanc")
-    assert expected() == len(t1c) + 3, "the demo model found no lesion: no image-anchored SR"
+    assert expected() == len(t1c) + 4, "the demo model found no lesion: no image-anchored SR"
 
     # 2. OHIF, served beside Orthanc's DICOMweb, in headless Chromium
     shots: dict[str, Path] = {}

@@ -143,9 +143,9 @@ def _series_state(data: Path) -> str | None:
 
 
 def _check_exactly_once(data: Path, pacs: SlowPacs, n_slices: int) -> None:
-    def expected() -> int:  # SC per slice, SEG, SR (+ the image SR with a lesion)
+    def expected() -> int:  # SC per slice, SEG, SR, KOS (+ the image SR with a lesion)
         with _db(data) as session:
-            return max(n_slices + 2, written_outputs(session))
+            return max(n_slices + 3, written_outputs(session))
 
     assert wait_for(lambda: pacs.unique() == expected(), 180), pacs.unique()
 

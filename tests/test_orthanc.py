@@ -178,7 +178,7 @@ def test_orthanc_sends_a_study_and_gets_sc_sr_seg_back(
     # SEG + SR, and the image-anchored SR when the model drew a lesion
     def expected() -> int:
         with node.sessions() as session:
-            return len(source) + max(len(source) + 2, written_outputs(session))
+            return len(source) + max(len(source) + 3, written_outputs(session))
 
     def instance_count() -> int:
         return len(orthanc.get_json(f"/studies/{study_id}/instances"))
@@ -194,10 +194,10 @@ def test_orthanc_sends_a_study_and_gets_sc_sr_seg_back(
     assert len(by_class[COMPREHENSIVE_3D_SR]) == 1 + image_reports
     assert len(by_class[SegmentationStorage]) == 1
     assert instance_count() == expected()  # nothing duplicated
-    # one study, four series (source, SC, SR, SEG) and the image SR's, all under the
-    # source StudyInstanceUID
+    # one study, five series (source, SC, SR, SEG, KOS) and the image SR's, all under
+    # the source StudyInstanceUID
     assert len(orthanc.get_json("/studies")) == 1
-    assert len(orthanc.get_json(f"/studies/{study_id}")["Series"]) == 4 + image_reports
+    assert len(orthanc.get_json(f"/studies/{study_id}")["Series"]) == 5 + image_reports
 
     # 4. the PACS renders a fusion image: a PNG with real content, in colour
     sc_id = by_class[SecondaryCaptureImageStorage][len(source) // 2]
@@ -221,7 +221,7 @@ def test_orthanc_sends_a_study_and_gets_sc_sr_seg_back(
         series_rows = {row.series_uid: row for row in session.scalars(select(Series))}
         outbox_before = len(session.scalars(select(OutboxEntry)).all())
     source_series = str(dcmread(source[0], stop_before_pixels=True).SeriesInstanceUID)
-    assert len(series_rows) == 4 + image_reports
+    assert len(series_rows) == 5 + image_reports
     assert series_rows[source_series].version == 1
 
     def returned_series_skipped() -> bool:

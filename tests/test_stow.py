@@ -161,7 +161,7 @@ def test_results_reach_a_dicomweb_server_byte_for_byte(
         outputs = {o.sop_uid: Path(o.path) for o in session.scalars(select(OutputInstance))}
         sends = list(session.scalars(select(AuditEvent).where(
             AuditEvent.kind == "send.attempt", AuditEvent.outcome == "ok")))
-    assert len(outputs) == 10 + 2  # an SC per slice, the SEG and the SR
+    assert len(outputs) == 10 + 3  # an SC per slice, the SEG, the SR and the KOS
     assert len(sends) == len(outputs)
     assert all(dicomweb_orthanc.base_url in e.peer for e in sends)
 
@@ -288,7 +288,7 @@ def test_each_instance_gets_the_outcome_the_server_gave_it(
         server.server_close()
     refused, full, warned, silent, *rest = calls[0]
     entries = by_uid()
-    assert len(calls[0]) == len(entries) == 8 + 2
+    assert len(calls[0]) == len(entries) == 8 + 3
     assert entries[refused].state == "dead" and entries[refused].last_status == 0xA900
     assert "refused by destination" in entries[refused].last_error
     assert entries[warned].state == "sent" and entries[warned].last_status == 0xB000

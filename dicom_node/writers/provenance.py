@@ -137,13 +137,14 @@ class VersionLabels:
     series_number_sr: int
     description_suffix: str
     series_number_sr_image: int = 0
+    series_number_kos: int = 0
 
     @classmethod
     def of(cls, version: int, output: OutputConfig) -> VersionLabels:
         offset = 10 * (version - 1)
         return cls(output.series_number_sc + offset, output.series_number_seg + offset,
                    output.series_number_sr + offset, f" (v{version})" if version > 1 else "",
-                   output.series_number_sr_image + offset)
+                   output.series_number_sr_image + offset, output.series_number_kos + offset)
 
 
 def stamp_series_date(ds: Dataset) -> None:
