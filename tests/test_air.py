@@ -63,6 +63,11 @@ def _algorithm_items(ds: Dataset) -> list[Dataset]:
             if item.PurposeOfReferenceCodeSequence[0].CodeValue == PROCESSING_ALGORITHM.value]
 
 
+def _observer(ds: Dataset) -> list[Dataset]:
+    """The observation context items at the root of an SR or a KOS."""
+    return [item for item in ds.ContentSequence if item.RelationshipType == "HAS OBS CONTEXT"]
+
+
 def _tracking_uids(ds: Dataset) -> dict[str, str]:
     """Tracking identifier -> tracking UID, from a SEG's segments or an SR's groups."""
     if "SegmentSequence" in ds:
@@ -110,6 +115,10 @@ def test_every_output_names_the_algorithm_as_air_asks(analysed) -> None:
         assert "99IHE" in {str(s.CodingSchemeDesignator)
                            for s in ds.CodingSchemeIdentificationSequence}
     assert device_uids == {V1.device_uid} and V1.device_uid != V2.device_uid
+    # the reports' and the KOS's observer device is that algorithm
+    for ds in outputs[3:]:
+        observer = {str(i.ConceptNameCodeSequence[0].CodeValue): i for i in _observer(ds)}
+        assert V1.device_uid == observer["121012"].UID  # Device Observer UID
 
 
 def test_procedure_reported_names_the_mr_procedure(analysed) -> None:

@@ -51,7 +51,6 @@ from pydicom.uid import UID
 
 from dicom_node.analysis.tbr import Lesion, TbrResult
 from dicom_node.analysis.uncertainty import TbrInterval
-from dicom_node.net.identity import IMPLEMENTATION_CLASS_UID
 from dicom_node.writers.provenance import (
     IHE_SCHEME,
     OUTPUT_CHARACTER_SET,
@@ -234,11 +233,13 @@ def make_sr(
 
 
 def device_observer(provenance: Provenance) -> hd.sr.ObserverContext:
-    """The node as the observer device of a report or a KOS (TID 1004)."""
+    """The observer device of a report or a KOS (TID 1004): the algorithm as its
+    Contributing Equipment item names it (the same Device UID, manufacturer and model
+    name), run by the node ("dicom-node")."""
     return hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=IMPLEMENTATION_CLASS_UID, name="dicom-node",
+            uid=provenance.device_uid, name="dicom-node",
             manufacturer_name=provenance.manufacturer, model_name=provenance.model_name[:64]))
 
 
