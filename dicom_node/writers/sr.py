@@ -248,7 +248,8 @@ def _report(evidence: list[Dataset],
                              | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations],
             series_uid: str, sop_uid: str, series_number: int, provenance: Provenance,
             supersedes: list[Dataset] | None, description: str) -> Dataset:
-    """The TID 1500 document around the measurement groups, with the node as observer."""
+    """The TID 1500 document around the measurement groups, observed by the algorithm
+    (:func:`device_observer`)."""
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_device_context=device_observer(provenance)),

@@ -4,7 +4,8 @@ An output's UID is derived from what it was made from: the source instances, the
 model weights' sha256, the series version, the output kind and its index. Running
 the same series through the same model again yields the same UIDs, so a re-run or a
 re-send replaces, never duplicates; a new version (late arrival) or new weights
-yield new UIDs.
+yield new UIDs. Tracking UIDs (:func:`tracking_uid`) are the exception: they name a
+finding, not an object, and stay the same across versions and models.
 """
 
 from __future__ import annotations
