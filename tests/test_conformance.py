@@ -124,7 +124,7 @@ def test_scu_sop_classes_and_identity_match_what_the_node_sends(
 
     pacs = AE(ae_title="PACS")
     for sop_class in (SecondaryCaptureImageStorage, SegmentationStorage, COMPREHENSIVE_3D_SR,
-                      ComprehensiveSRStorage):
+                      ComprehensiveSRStorage, KOS):
         pacs.add_supported_context(sop_class)
     port = free_port()
     server = pacs.start_server(("127.0.0.1", port), block=False, evt_handlers=[

@@ -29,6 +29,7 @@ from tests.conftest import free_port, subprocess_node_toml, wait_for, written_ou
 from tests.dicom_factory import SeriesSpec, write_series
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document Storage
 
 
 class SlowPacs:
@@ -41,7 +42,7 @@ class SlowPacs:
         self._lock = threading.Lock()
         ae = AE(ae_title="PACS")
         for sop in (SecondaryCaptureImageStorage, ComprehensiveSRStorage, SegmentationStorage,
-                    COMPREHENSIVE_3D_SR):
+                    COMPREHENSIVE_3D_SR, KOS):
             ae.add_supported_context(sop)
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
