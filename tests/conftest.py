@@ -21,6 +21,7 @@ from benchmarks._common import free_port, port_open
 from benchmarks._common import wait_for as poll
 from dicom_node.config import NodeConfig, parse_config
 from dicom_node.service import Node
+from tests.orthanc_peer import OrthancProcess, launch_orthanc
 from tests.postgres import PostgresCluster
 from tests.weights_factory import make_test_weights
 
@@ -277,6 +278,24 @@ def dcmtk_storescp(tmp_path: Path) -> Iterator[DcmtkStorescp]:
     scp = DcmtkStorescp(tmp_path / "storescp").start()
     yield scp
     scp.stop()
+
+
+@pytest.fixture
+def orthanc_peer(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], OrthancProcess]]:
+    """``launch(config)``: an Orthanc running with that configuration dict (skipped when
+    Orthanc or a plugin it names is not installed), stopped when the test ends."""
+    started: list[OrthancProcess] = []
+
+    def launch(config: dict[str, Any]) -> OrthancProcess:
+        directory = tmp_path / f"orthanc-{len(started)}"
+        directory.mkdir()
+        orthanc = launch_orthanc(config, directory)
+        started.append(orthanc)
+        return orthanc
+
+    yield launch
+    for orthanc in started:
+        orthanc.stop()
 
 
 def storescu(files: list[Path], port: int, calling_ae: str = "STORESCU",
