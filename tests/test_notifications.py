@@ -195,7 +195,7 @@ def test_webhook_and_fhir_hear_of_done_skipped_and_dead_series(
     from dicom_node.ops.status import format_status, node_status
     report = node_status(node.config, node.sessions)
     assert report["notifications"]["ris-hook"] == {"pending": 0, "retrying": 0, "dead": 0,
-                                                   "sent": 5}
+                                                   "sent": 6}  # done, skipped, 4 dead
     assert report["notifications"]["fhir"]["sent"] == 1
     assert "notifications:" in format_status(report)
 
@@ -203,7 +203,7 @@ def test_webhook_and_fhir_hear_of_done_skipped_and_dead_series(
         audited = list(session.scalars(select(AuditEvent).where(
             AuditEvent.kind == "notify.send")))
     assert sum(e.outcome == "error" for e in audited) == 2
-    assert sum(e.outcome == "ok" for e in audited) == 7
+    assert sum(e.outcome == "ok" for e in audited) == 8
 
 
 def _check_schema(body: dict[str, Any]) -> None:
