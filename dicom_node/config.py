@@ -245,6 +245,7 @@ class OutputConfig:
     series_number_sr: int = 9902
     series_number_seg: int = 9903
     series_number_sr_image: int = 9904  # the image-anchored TBR SR (lesion outlines)
+    series_number_kos: int = 9905  # the KOS that lists the result set (IHE AIR)
 
 
 #: ``dicom-node serve --role``: ``receiver`` stores and records what it receives (no

@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from dicom_node.outbox.enqueue import enqueue_outputs, previous_reports
 from dicom_node.series.selection import select_series
 from dicom_node.series.tracking import Selections, series_paths, set_state
 from dicom_node.series.volume import VolumeError, load_volume
+from dicom_node.writers.kos import make_kos
 from dicom_node.writers.provenance import Provenance, VersionLabels
 from dicom_node.writers.sc import ScSeries, encode, summary_lines
 from dicom_node.writers.seg import make_seg
@@ -189,8 +191,9 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
 
     The TBR analysis runs in the analysis process (:mod:`dicom_node.analysis.process`) while this
     thread writes SC slices 2..N and draws the uncertainty passes. Nothing is queued for
-    sending until the whole set (SC, SEG, SR, image-anchored SR) is written: a job that fails anywhere
-    sends nothing of its version, and the files it wrote are removed.
+    sending until the whole set (SC, SEG, SR, image-anchored SR, and the KOS that lists
+    them) is written: a job that fails anywhere sends nothing of its version, and the
+    files it wrote are removed.
     """
     with ctx.sessions() as session:
         series = session.get(Series, series_id)
@@ -280,11 +283,17 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
                 intervals=intervals,
                 interval_method=(calibration.method_text(samples) if draws is not None
                                  else ""),
-                description_suffix=labels.description_suffix,
-                volumetric_sop_uid=str(sr.SOPInstanceUID))
+                description_suffix=labels.description_suffix)
             if image_sr is not None:
                 written.append(("sr-image", image_sr,
                                 write_output(ctx, study_uid, image_sr, encode(image_sr))))
+        with timed("KOS: make+encode+write"):
+            # The result set as one object (IHE AIR): every instance written above, the
+            # volumetric SR first (the KOS copies patient and study from it).
+            members = [sr, *(cast(Dataset, ds) for kind, ds, _ in written if kind != "sr")]
+            kos = make_kos(members, uid("kos-series"), uid("kos"), labels.series_number_kos,
+                           provenance, labels.description_suffix)
+            written.append(("kos", kos, write_output(ctx, study_uid, kos, encode(kos))))
     except BaseException:
         discard_unrecorded(ctx, [path for _, _, path in written])
         raise

@@ -21,6 +21,7 @@ from benchmarks._common import free_port, port_open
 from benchmarks._common import wait_for as poll
 from dicom_node.config import NodeConfig, parse_config
 from dicom_node.service import Node
+from tests.orthanc_peer import OrthancProcess, launch_orthanc
 from tests.postgres import PostgresCluster
 from tests.weights_factory import make_test_weights
 
@@ -37,17 +38,19 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 120.0,
 
 def written_outputs(session: Any) -> int:
     """How many output instances the node wrote (and so sends): per series an SC per
-    slice, the SEG, the SR, and the image-anchored SR when a lesion was found. Read from
-    the node's OutputInstance rows, which a job records (all at once) before it queues
-    any of them; each version has one SEG and one SR, and at most one image SR."""
+    slice, the SEG, the SR, the image-anchored SR when a lesion was found, and the KOS
+    listing them. Read from the node's OutputInstance rows, which a job records (all at
+    once) before it queues any of them; each version has one SEG, one SR and one KOS,
+    and at most one image SR."""
     from sqlalchemy import func, select
 
     from storage.models import OutputInstance
 
     per_kind = dict(session.execute(select(OutputInstance.kind, func.count())
                                     .group_by(OutputInstance.kind)).all())
-    assert set(per_kind) <= {"sc", "seg", "sr", "sr-image"}, per_kind
-    assert per_kind.get("seg", 0) == per_kind.get("sr", 0) >= per_kind.get("sr-image", 0)
+    assert set(per_kind) <= {"sc", "seg", "sr", "sr-image", "kos"}, per_kind
+    assert (per_kind.get("kos", 0) == per_kind.get("seg", 0) == per_kind.get("sr", 0)
+            >= per_kind.get("sr-image", 0)), per_kind
     return int(sum(per_kind.values()))
 
 
@@ -275,6 +278,24 @@ def dcmtk_storescp(tmp_path: Path) -> Iterator[DcmtkStorescp]:
     scp = DcmtkStorescp(tmp_path / "storescp").start()
     yield scp
     scp.stop()
+
+
+@pytest.fixture
+def orthanc_peer(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], OrthancProcess]]:
+    """``launch(config)``: an Orthanc running with that configuration dict (skipped when
+    Orthanc or a plugin it names is not installed), stopped when the test ends."""
+    started: list[OrthancProcess] = []
+
+    def launch(config: dict[str, Any]) -> OrthancProcess:
+        directory = tmp_path / f"orthanc-{len(started)}"
+        directory.mkdir()
+        orthanc = launch_orthanc(config, directory)
+        started.append(orthanc)
+        return orthanc
+
+    yield launch
+    for orthanc in started:
+        orthanc.stop()
 
 
 def storescu(files: list[Path], port: int, calling_ae: str = "STORESCU",

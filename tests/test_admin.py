@@ -65,16 +65,16 @@ def test_status_check_config_and_metrics(
     node = start_node(config)
     files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=41)
     assert pynetdicom_send(files, node.receiver.port) == [0] * 8
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 10, 120)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 11, 120)
     path = _config_file(tmp_path, config, pynetdicom_pacs.port, dead_port)
 
     status = _cli("status", "--config", str(path), "--json")
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert report["series"] == {"done": 1}
-    assert report["outbox"]["pacs"]["sent"] == 10
+    assert report["outbox"]["pacs"]["sent"] == 11
     assert wait_for(lambda: json.loads(_cli("status", "--config", str(path), "--json").stdout)
-                    ["outbox"]["offline"]["retrying"] == 10, 60)
+                    ["outbox"]["offline"]["retrying"] == 11, 60)
     assert "send.attempt" in json.loads(
         _cli("status", "--config", str(path), "--json").stdout)["last_error"]["send"]
     assert report["disk_free_mb"] > 0 and report["disk_low"] is False
@@ -93,7 +93,7 @@ def test_status_check_config_and_metrics(
         text = response.read().decode()
     assert "dicom_node_instances_received_total 8.0" in text
     assert 'dicom_node_series{state="done"} 1.0' in text
-    assert 'dicom_node_outbox_entries{destination="pacs",state="sent"} 10.0' in text
+    assert 'dicom_node_outbox_entries{destination="pacs",state="sent"} 11.0' in text
     assert "dicom_node_inference_seconds_count 1.0" in text
     assert "dicom_node_send_failures_total" in text
     assert 'dicom_node_jobs_total{outcome="done"} 1.0' in text
@@ -139,10 +139,10 @@ def test_healthz_is_degraded_while_results_are_dead_letters(
             return session.scalar(select(func.count()).select_from(OutboxEntry).where(
                 OutboxEntry.state == OutboxState.DEAD)) or 0
 
-    assert wait_for(lambda: dead_letters() == 10, 120), dead_letters()
+    assert wait_for(lambda: dead_letters() == 11, 120), dead_letters()
     status, body = _get(healthz)
     assert status == 503
-    assert body.startswith("degraded: 10 dead letter(s)"), body
+    assert body.startswith("degraded: 11 dead letter(s)"), body
 
 
 def test_counters_never_go_down_when_rows_go(
@@ -158,7 +158,7 @@ def test_counters_never_go_down_when_rows_go(
     node = start_node(config)
     files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=44)
     assert pynetdicom_send(files, node.receiver.port) == [0] * 8
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 10, 120)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 11, 120)
     metrics = f"http://127.0.0.1:{metrics_port}/metrics"
     before = _get(metrics)[1]
     assert _sample(before, "dicom_node_instances_received_total") == 8
@@ -167,7 +167,7 @@ def test_counters_never_go_down_when_rows_go(
     with node.audit.transaction() as session:
         deleted = apply_retention(session, node.audit,
                                   RetentionConfig(incoming_h=1e-9, outputs_h=1e-9))
-    assert deleted == (8, 10)
+    assert deleted == (8, 11)
     with node.sessions() as session:
         session.execute(delete(Instance))
         session.commit()

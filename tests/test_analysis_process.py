@@ -224,7 +224,7 @@ def test_the_node_runs_its_analysis_in_a_child_and_ends_it_on_stop(
     files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=32)
     assert pynetdicom_send(files, node.receiver.port) == [0] * 8
     series_uid = str(dcmread(files[0]).SeriesInstanceUID)
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 10, 120)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 11, 120)
     assert wait_for(lambda: _series_state(node, series_uid) == "done", 60)
     new_pid = node.analysis.pid
     assert new_pid not in (None, pid)

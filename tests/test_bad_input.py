@@ -517,6 +517,7 @@ NAMES: dict[str, tuple[str | list[str], str]] = {
 SC_CLASSES = ("1.2.840.10008.5.1.4.1.1.7",)  # Secondary Capture and its multi-frame kinds
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASSES = "1.2.840.10008.5.1.4.1.1.88."
+KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 @pytest.mark.parametrize("case", list(NAMES))
@@ -540,12 +541,13 @@ def test_non_ascii_patient_name_kept_in_outputs(
     assert_stored_unchanged(node, files)
     state, reason = finished_reason(node, uid_of(files[0]), 120)
     assert state == "done", reason
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= len(files) + 2, 120)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= len(files) + 3, 120)
     outputs = [dcmread(p) for p in pynetdicom_pacs.received.files()]
     classes = [str(ds.SOPClassUID) for ds in outputs]
     assert sum(c.startswith(SC_CLASSES) for c in classes) == len(files), classes
     assert classes.count(SEG_CLASS) == 1, classes
-    assert sum(c.startswith(SR_CLASSES) for c in classes) == 1, classes
+    assert classes.count(KOS_CLASS) == 1, classes
+    assert sum(c.startswith(SR_CLASSES) and c != KOS_CLASS for c in classes) == 1, classes
     for ds in outputs:
         assert str(ds.PatientName) == name, (ds.SOPClassUID.name, ds.get("SpecificCharacterSet"))
         assert ds.get("SpecificCharacterSet") == "ISO_IR 192", ds.SOPClassUID.name

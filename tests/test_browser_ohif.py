@@ -40,6 +40,7 @@ from dicom_node.service import Node
 from dicom_node.writers.sr import read_tbr_report
 from storage.models import OutputInstance
 from tests.conftest import free_port, wait_for, written_outputs
+from tests.orthanc_peer import DICOMWEB_PLUGIN, OrthancProcess
 from tests.test_orthanc import MODALITY, ORTHANC_AE, Orthanc, orthanc_config
 from training.phantom import PhantomGeometry, generate_patient
 from training.phantom_dicom import write_patient
@@ -47,7 +48,6 @@ from training.phantom_dicom import write_patient
 REPO = Path(__file__).resolve().parents[1]
 #: Where ``make browser-test-deps`` unpacks ``npm pack @ohif/app`` (its prebuilt viewer).
 OHIF_DIST = Path(os.environ.get("OHIF_DIST", REPO / "build" / "ohif" / "package" / "dist"))
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 ARTEFACTS = REPO / "build" / "browser"
 DEMO_WEIGHTS = REPO / "dicom_node" / "models" / "demo-generator.pt"
 #: A phantom patient in which the demo model finds a lesion (checked below).
@@ -186,37 +186,20 @@ def serve_viewer(orthanc_http_port: int) -> Iterator[str]:
 
 
 @pytest.fixture
-def orthanc_with_dicomweb(tmp_path: Path) -> Iterator[Callable[[int], Orthanc]]:
-    import subprocess
-
-    started: list[Orthanc] = []
+def orthanc_with_dicomweb(tmp_path: Path,
+                          orthanc_peer: Callable[[dict[str, Any]], OrthancProcess]
+                          ) -> Callable[[int], Orthanc]:
+    """``start(node_port)``: test_orthanc's Orthanc with the DICOMweb plugin (and WADO-URI)
+    on, for OHIF."""
 
     def start(node_port: int) -> Orthanc:
-        http_port, dicom_port = free_port(), free_port()
-        config: dict[str, Any] = orthanc_config(tmp_path, http_port, dicom_port, node_port)
+        config = orthanc_config(tmp_path, free_port(), free_port(), node_port)
         config["Plugins"] = [str(DICOMWEB_PLUGIN)]
         config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
                               "WadoRoot": "/wado", "Ssl": False}
-        path = tmp_path / "orthanc.json"
-        path.write_text(json.dumps(config, indent=2))
-        log_path = tmp_path / "orthanc.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen([str(shutil.which("Orthanc")), str(path)], stdout=log,
-                                    stderr=subprocess.STDOUT)
-        orthanc = Orthanc(http_port, dicom_port, proc, log_path)
-        started.append(orthanc)
-        assert wait_for(lambda: orthanc.alive() or proc.poll() is not None, 30)
-        assert proc.poll() is None, log_path.read_text()
-        return orthanc
+        return Orthanc.of(orthanc_peer(config))
 
-    yield start
-    for orthanc in started:
-        orthanc.proc.terminate()
-        try:
-            orthanc.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            orthanc.proc.kill()
-            orthanc.proc.wait()
+    return start
 
 
 def _keep(shot: Path) -> Path:
@@ -277,11 +260,11 @@ def test_ohif_shows_fusion_seg_and_tbr_measurements(
 
     def expected() -> int:
         with node.sessions() as session:
-            return max(len(t1c) + 2, written_outputs(session))
+            return max(len(t1c) + 3, written_outputs(session))
 
     assert wait_for(lambda: outputs_in_orthanc() >= expected(), 300), (
         f"{outputs_in_orthanc()} of {expected()} outputs in Orthanc")
-    assert expected() == len(t1c) + 3, "the demo model found no lesion: no image-anchored SR"
+    assert expected() == len(t1c) + 4, "the demo model found no lesion: no image-anchored SR"
 
     # 2. OHIF, served beside Orthanc's DICOMweb, in headless Chromium
     shots: dict[str, Path] = {}

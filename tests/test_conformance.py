@@ -23,6 +23,7 @@ from tests.test_tls import Pki, pki  # noqa: F401  (the test PKI fixture)
 
 STATEMENT = REPO / "docs" / "conformance-statement.md"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document Storage
 UID_IN_BACKTICKS = re.compile(r"`([0-9]+(?:\.[0-9]+)+)`")
 
 
@@ -123,7 +124,7 @@ def test_scu_sop_classes_and_identity_match_what_the_node_sends(
 
     pacs = AE(ae_title="PACS")
     for sop_class in (SecondaryCaptureImageStorage, SegmentationStorage, COMPREHENSIVE_3D_SR,
-                      ComprehensiveSRStorage):
+                      ComprehensiveSRStorage, KOS):
         pacs.add_supported_context(sop_class)
     port = free_port()
     server = pacs.start_server(("127.0.0.1", port), block=False, evt_handlers=[
@@ -133,13 +134,13 @@ def test_scu_sop_classes_and_identity_match_what_the_node_sends(
             {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}]))
         source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=21)
         assert pynetdicom_send(source, node.receiver.port) == [0] * len(source)
-        assert wait_for(lambda: len(stored) >= len(source) + 2, 120)
+        assert wait_for(lambda: len(stored) >= len(source) + 3, 120)
     finally:
         server.shutdown()  # type: ignore[union-attr]
 
     text = _text()
     assert set(proposed) == {SecondaryCaptureImageStorage, SegmentationStorage,
-                             COMPREHENSIVE_3D_SR}
+                             COMPREHENSIVE_3D_SR, KOS}
     for sop_class in proposed:
         assert f"`{sop_class}`" in text
     documented_ts = set(_block_uids("scp-verification-transfer-syntaxes")) | set(

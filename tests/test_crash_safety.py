@@ -29,6 +29,7 @@ from tests.conftest import free_port, subprocess_node_toml, wait_for, written_ou
 from tests.dicom_factory import SeriesSpec, write_series
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document Storage
 
 
 class SlowPacs:
@@ -41,7 +42,7 @@ class SlowPacs:
         self._lock = threading.Lock()
         ae = AE(ae_title="PACS")
         for sop in (SecondaryCaptureImageStorage, ComprehensiveSRStorage, SegmentationStorage,
-                    COMPREHENSIVE_3D_SR):
+                    COMPREHENSIVE_3D_SR, KOS):
             ae.add_supported_context(sop)
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
@@ -143,9 +144,9 @@ def _series_state(data: Path) -> str | None:
 
 
 def _check_exactly_once(data: Path, pacs: SlowPacs, n_slices: int) -> None:
-    def expected() -> int:  # SC per slice, SEG, SR (+ the image SR with a lesion)
+    def expected() -> int:  # SC per slice, SEG, SR, KOS (+ the image SR with a lesion)
         with _db(data) as session:
-            return max(n_slices + 2, written_outputs(session))
+            return max(n_slices + 3, written_outputs(session))
 
     assert wait_for(lambda: pacs.unique() == expected(), 180), pacs.unique()
 

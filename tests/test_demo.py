@@ -41,10 +41,10 @@ def test_demo_runs_the_main_job(tmp_path: Path) -> None:
     received = sorted((out / "received").glob("*.dcm"))
     t1c = list((out / "phantom").rglob("T1C/*.dcm"))
     sc = [p for p in received if dcmread(p, stop_before_pixels=True).SOPClassUID == SC_CLASS]
-    # SC per slice, SEG, SR, and the image-anchored SR when the node found a lesion
+    # SC per slice, SEG, SR, KOS, and the image-anchored SR when the node found a lesion
     image_srs = [p for p in received
                  if dcmread(p, stop_before_pixels=True).get("SeriesNumber") == 9904]
-    assert len(sc) == len(t1c) and len(received) == len(t1c) + 2 + len(image_srs)
+    assert len(sc) == len(t1c) and len(received) == len(t1c) + 3 + len(image_srs)
     assert len(image_srs) <= 1
     assert re.search(r"Results back in PACS [0-9.]+ s", result.stdout)
     check = validate_dicom(out / "received")

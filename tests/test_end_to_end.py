@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from dicom_node.config import NodeConfig
 from dicom_node.service import Node
+from dicom_node.writers.kos import listed_instances
 from storage.models import AuditEvent, OutboxEntry, Series
 from tests.conftest import (
     DcmtkStorescp,
@@ -28,6 +29,7 @@ from tests.dicom_factory import SeriesSpec, write_series
 from tests.weights_factory import make_test_weights
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 def _series_state(node: Node, series_uid: str) -> str | None:
@@ -37,7 +39,8 @@ def _series_state(node: Node, series_uid: str) -> str | None:
 
 
 def _check_outputs(files: list[Path], source: list[Path]) -> None:
-    """One SC per slice, one SR, one SEG, all in the source study, all valid DICOM."""
+    """One SC per slice, one SR, one SEG, one KOS listing them all, all in the source
+    study, all valid DICOM."""
     src = [dcmread(p) for p in source]
     study_uid = src[0].StudyInstanceUID
     outputs = [dcmread(p) for p in files]
@@ -47,6 +50,9 @@ def _check_outputs(files: list[Path], source: list[Path]) -> None:
     assert len(sc) == len(src)
     assert len(sr) == 1
     assert len(seg) == 1
+    (kos,) = [ds for ds in outputs if ds.SOPClassUID == KOS]
+    assert listed_instances(kos) == {str(ds.SOPInstanceUID) for ds in outputs} - {
+        str(kos.SOPInstanceUID)}
     assert {ds.StudyInstanceUID for ds in outputs} == {study_uid}
     # each SC points at its own source slice, is labelled synthetic and carries provenance
     source_uids = {str(ds.SOPInstanceUID) for ds in src}
@@ -73,7 +79,7 @@ def test_dcmtk_storescu_to_node_to_dcmtk_storescp(
     source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=12), seed=1)
     sent = storescu(source, node.receiver.port)
     assert sent.returncode == 0, sent.stderr
-    assert wait_for(lambda: len(dcmtk_storescp.files()) >= len(source) + 2, 180)
+    assert wait_for(lambda: len(dcmtk_storescp.files()) >= len(source) + 3, 180)
     _check_outputs(dcmtk_storescp.files(), source)
     series_uid = str(dcmread(source[0]).SeriesInstanceUID)
     assert _series_state(node, series_uid) == "done"
@@ -94,7 +100,7 @@ def test_pynetdicom_sender_and_receiver(
     node = start_node(config)
     source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=10), seed=2)
     assert pynetdicom_send(source, node.receiver.port) == [0] * len(source)
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= len(source) + 2, 180)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= len(source) + 3, 180)
     _check_outputs(pynetdicom_pacs.received.files(), source)
     # Sent as written (explicit VR): a pynetdicom peer prefers implicit VR, so this holds
     # only when each transfer syntax is proposed in a context of its own.
@@ -116,7 +122,7 @@ def test_uptake_model_output_is_fused_over_the_t1c(
     assert node.ctx.predictor.model.card.output_kind == "uptake"
     source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=10), seed=6)
     assert pynetdicom_send(source, node.receiver.port) == [0] * len(source)
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= len(source) + 2, 180)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= len(source) + 3, 180)
     _check_outputs(pynetdicom_pacs.received.files(), source)
     sc = [ds for ds in pynetdicom_pacs.received.read_all()
           if ds.SOPClassUID == SecondaryCaptureImageStorage]
@@ -197,9 +203,9 @@ def test_destination_down_keeps_results_in_outbox_until_it_is_up(
             return len(session.scalars(select(OutboxEntry).where(
                 OutboxEntry.attempts >= 1, OutboxEntry.state == "pending")).all())
 
-    def expected() -> int:  # SC per slice, SEG, SR (+ the image SR with a lesion)
+    def expected() -> int:  # SC per slice, SEG, SR, KOS (+ the image SR with a lesion)
         with node.sessions() as session:
-            return max(len(source) + 2, written_outputs(session))
+            return max(len(source) + 3, written_outputs(session))
 
     assert wait_for(lambda: failed_attempts() == expected(), 120)
     pacs.start()
@@ -279,7 +285,7 @@ def test_no_patient_names_in_application_logs(
     source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8, patient_name="ZEBRAFINCH^ODETTE"),
                           seed=10)
     assert pynetdicom_send(source, node.receiver.port) == [0] * 8
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 10, 120)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 11, 120)
     assert caplog.records, "the node should have logged something"
     assert "ZEBRAFINCH" not in caplog.text.upper()
     # ...while the outputs do carry the name (it is the same patient)

@@ -161,8 +161,8 @@ def test_receive_only_process_beside_the_node(
         for thread in senders:
             thread.join()
         assert [r.returncode for r in results] == [0, 0, 0], [r.stderr for r in results]
-        # 12 SC + SEG + SR per series, or 12 SC + SR when no lesion is found
-        assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= 3 * 13, 180, 0.5)
+        # 12 SC + SEG + SR + KOS per series (and the image SR when a lesion is found)
+        assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= 3 * 15, 180, 0.5)
     finally:
         for proc in procs:
             proc.terminate()

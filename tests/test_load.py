@@ -58,9 +58,9 @@ def test_eight_concurrent_senders(tmp_path: Path,
                 return set(session.scalars(select(Series.state)).all()) == {"done"}
 
         assert wait_for(all_done, 900, 1.0)
-        def expected() -> int:  # per series SC per slice, SEG, SR (+ image SR with a lesion)
+        def expected() -> int:  # per series SC per slice, SEG, SR, KOS (+ image SR)
             with _db(data) as session:
-                return max(SENDERS * (INSTANCES + 2), written_outputs(session))
+                return max(SENDERS * (INSTANCES + 3), written_outputs(session))
 
         assert wait_for(lambda: pacs.unique() == expected(), 600, 1.0)
         peak = _peak_rss_mb(node.proc.pid)

@@ -126,7 +126,7 @@ def test_webhook_and_fhir_hear_of_done_skipped_and_dead_series(
     def delivered() -> bool:
         with node.sessions() as session:
             notes = list(session.scalars(select(Notification)))
-        return (len(notes) >= 1 + 1 + 3 + 1 + 1
+        return (len(notes) >= 1 + 1 + 4 + 1 + 1
                 and all(n.state == "sent" for n in notes))
 
     def summary() -> list[tuple[str, str, str, int]]:
@@ -156,10 +156,10 @@ def test_webhook_and_fhir_hear_of_done_skipped_and_dead_series(
     for message in (done, skipped, *hook["dead_letter"]):  # the documented schema
         _check_schema(message.json())
 
-    # dead letters: one message per output series (SC, SEG, SR), with the count
+    # dead letters: one message per output series (SC, SEG, SR, KOS), with the count
     dead = {r.headers["X-DicomNode-Delivery"]: r.json() for r in hook["dead_letter"]}
-    assert len(dead) == 3
-    assert sum(d["instances"] for d in dead.values()) == 10 + 2
+    assert len(dead) == 4
+    assert sum(d["instances"] for d in dead.values()) == 10 + 3
     assert {d["destination"] for d in dead.values()} == {"offline-pacs"}
     assert {d["series_instance_uid"] for d in dead.values()} == {t1c_uid}  # the source
 
@@ -195,7 +195,7 @@ def test_webhook_and_fhir_hear_of_done_skipped_and_dead_series(
     from dicom_node.ops.status import format_status, node_status
     report = node_status(node.config, node.sessions)
     assert report["notifications"]["ris-hook"] == {"pending": 0, "retrying": 0, "dead": 0,
-                                                   "sent": 5}
+                                                   "sent": 6}  # done, skipped, 4 dead
     assert report["notifications"]["fhir"]["sent"] == 1
     assert "notifications:" in format_status(report)
 
@@ -203,7 +203,7 @@ def test_webhook_and_fhir_hear_of_done_skipped_and_dead_series(
         audited = list(session.scalars(select(AuditEvent).where(
             AuditEvent.kind == "notify.send")))
     assert sum(e.outcome == "error" for e in audited) == 2
-    assert sum(e.outcome == "ok" for e in audited) == 7
+    assert sum(e.outcome == "ok" for e in audited) == 8
 
 
 def _check_schema(body: dict[str, Any]) -> None:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
-import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from dicom_node.service import Node
 from storage.models import OutboxEntry, OutputInstance, Series
 from tests.conftest import free_port, wait_for, written_outputs
 from tests.dicom_factory import SeriesSpec, write_series
+from tests.orthanc_peer import OrthancProcess, require_orthanc
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 NODE_AE = "DICOMNODE"
@@ -39,10 +38,15 @@ MODALITY = "dicomnode"  # the node's name in Orthanc's DicomModalities
 
 @dataclass
 class Orthanc:
+    """Orthanc's REST API, as an administrator would use it."""
+
     http_port: int
     dicom_port: int
-    proc: subprocess.Popen[bytes]
     log_path: Path
+
+    @classmethod
+    def of(cls, process: OrthancProcess) -> Orthanc:
+        return cls(process.http_port, process.dicom_port, process.log_path)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.http_port}{path}"
@@ -65,13 +69,6 @@ class Orthanc:
 
     def post_json(self, path: str, payload: Any) -> Any:
         return json.loads(self.request("POST", path, json.dumps(payload).encode()))
-
-    def alive(self) -> bool:
-        try:
-            self.get_json("/system")
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
-        return True
 
 
 def orthanc_config(tmp_path: Path, http_port: int, dicom_port: int,
@@ -99,34 +96,16 @@ def orthanc_config(tmp_path: Path, http_port: int, dicom_port: int,
 
 
 @pytest.fixture
-def start_orthanc(tmp_path: Path) -> Iterator[Callable[[int], Orthanc]]:
-    binary = shutil.which("Orthanc")
-    if binary is None:
-        pytest.skip("Orthanc not installed (Debian package 'orthanc'; make system-packages)")
-    started: list[Orthanc] = []
+def start_orthanc(tmp_path: Path, orthanc_peer: Callable[[dict[str, Any]], OrthancProcess]
+                  ) -> Callable[[int], Orthanc]:
+    """``start(node_port)``: Orthanc knowing the node (on that port) as a modality."""
+    require_orthanc()
 
     def start(node_port: int) -> Orthanc:
-        http_port, dicom_port = free_port(), free_port()
-        config = tmp_path / "orthanc.json"
-        config.write_text(json.dumps(orthanc_config(tmp_path, http_port, dicom_port, node_port),
-                                     indent=2))
-        log_path = tmp_path / "orthanc.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen([binary, str(config)], stdout=log, stderr=subprocess.STDOUT)
-        orthanc = Orthanc(http_port, dicom_port, proc, log_path)
-        started.append(orthanc)
-        assert wait_for(lambda: orthanc.alive() or proc.poll() is not None, 30)
-        assert proc.poll() is None, log_path.read_text()
-        return orthanc
+        return Orthanc.of(orthanc_peer(orthanc_config(tmp_path, free_port(), free_port(),
+                                                      node_port)))
 
-    yield start
-    for orthanc in started:
-        orthanc.proc.terminate()
-        try:
-            orthanc.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            orthanc.proc.kill()
-            orthanc.proc.wait()
+    return start
 
 
 def _series_by_sop_class(orthanc: Orthanc, study_id: str) -> dict[str, list[str]]:
@@ -178,7 +157,7 @@ def test_orthanc_sends_a_study_and_gets_sc_sr_seg_back(
     # SEG + SR, and the image-anchored SR when the model drew a lesion
     def expected() -> int:
         with node.sessions() as session:
-            return len(source) + max(len(source) + 2, written_outputs(session))
+            return len(source) + max(len(source) + 3, written_outputs(session))
 
     def instance_count() -> int:
         return len(orthanc.get_json(f"/studies/{study_id}/instances"))
@@ -194,10 +173,10 @@ def test_orthanc_sends_a_study_and_gets_sc_sr_seg_back(
     assert len(by_class[COMPREHENSIVE_3D_SR]) == 1 + image_reports
     assert len(by_class[SegmentationStorage]) == 1
     assert instance_count() == expected()  # nothing duplicated
-    # one study, four series (source, SC, SR, SEG) and the image SR's, all under the
-    # source StudyInstanceUID
+    # one study, five series (source, SC, SR, SEG, KOS) and the image SR's, all under
+    # the source StudyInstanceUID
     assert len(orthanc.get_json("/studies")) == 1
-    assert len(orthanc.get_json(f"/studies/{study_id}")["Series"]) == 4 + image_reports
+    assert len(orthanc.get_json(f"/studies/{study_id}")["Series"]) == 5 + image_reports
 
     # 4. the PACS renders a fusion image: a PNG with real content, in colour
     sc_id = by_class[SecondaryCaptureImageStorage][len(source) // 2]
@@ -221,7 +200,7 @@ def test_orthanc_sends_a_study_and_gets_sc_sr_seg_back(
         series_rows = {row.series_uid: row for row in session.scalars(select(Series))}
         outbox_before = len(session.scalars(select(OutboxEntry)).all())
     source_series = str(dcmread(source[0], stop_before_pixels=True).SeriesInstanceUID)
-    assert len(series_rows) == 4 + image_reports
+    assert len(series_rows) == 5 + image_reports
     assert series_rows[source_series].version == 1
 
     def returned_series_skipped() -> bool:

@@ -36,12 +36,12 @@ def test_late_instance_reopens_series_and_new_report_supersedes_the_old(
     first, late = files[:10], files[10:]
     assert pynetdicom_send(first, node.receiver.port) == [0] * 10
     series_uid = str(dcmread(files[0]).SeriesInstanceUID)
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 12, 120)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 13, 120)
     assert _state(node, series_uid) == ("done", 1)
     old_sr = next(ds for ds in pynetdicom_pacs.received.read_all() if ds.SOPClassUID == SR_CLASS)
 
     assert pynetdicom_send(late, node.receiver.port) == [0]
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 12 + 13, 120)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 13 + 14, 120)
     assert _state(node, series_uid) == ("done", 2)
     received = pynetdicom_pacs.received.read_all()
     reports = [ds for ds in received if ds.SOPClassUID == SR_CLASS]
@@ -68,7 +68,7 @@ def test_refused_instances_go_to_dead_letter_and_can_be_retried(
         files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=22)
         assert pynetdicom_send(files, node.receiver.port) == [0] * 8
         # the refusing PACS does not hold up the good one
-        assert wait_for(lambda: len(good.received.files()) == 10, 120)
+        assert wait_for(lambda: len(good.received.files()) == 11, 120)
 
         def states(name: str) -> set[str]:
             with node.sessions() as session:
@@ -88,8 +88,8 @@ def test_refused_instances_go_to_dead_letter_and_can_be_retried(
             from dicom_node.outbox.admin import retry_dead
 
             with node.audit.transaction() as session:
-                assert retry_dead(session, node.audit, destination="refuser") == 10
-            assert wait_for(lambda: len(fixed.received.files()) == 10, 60)
+                assert retry_dead(session, node.audit, destination="refuser") == 11
+            assert wait_for(lambda: len(fixed.received.files()) == 11, 60)
             assert wait_for(lambda: states("refuser") == {"sent"}, 30)
         finally:
             fixed.stop()
@@ -171,7 +171,7 @@ def test_retention_deletes_only_what_was_delivered(
          "port": pynetdicom_pacs.port}]))
     delivered = write_series(tmp_path / "a", SeriesSpec(n_slices=8), seed=27)
     assert pynetdicom_send(delivered, node.receiver.port) == [0] * 8
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 10, 120)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 11, 120)
     with node.sessions() as session:
         assert wait_for(lambda: {e for e in session.scalars(select(OutboxEntry.state)).all()}
                         == {"sent"}, 30)
@@ -179,7 +179,7 @@ def test_retention_deletes_only_what_was_delivered(
     assert len(list((store / "incoming").rglob("*.dcm"))) == 8
     immediately = RetentionConfig(incoming_h=1e-9, outputs_h=1e-9)
     with node.audit.transaction() as session:
-        assert apply_retention(session, node.audit, immediately) == (8, 10)
+        assert apply_retention(session, node.audit, immediately) == (8, 11)
     assert list((store / "incoming").rglob("*.dcm")) == []
     assert list((store / "outputs").rglob("*.dcm")) == []
 
@@ -233,9 +233,9 @@ def test_warning_statuses_are_stored_and_transient_failures_retried(
                 return list(session.scalars(select(OutboxEntry.state).where(
                     OutboxEntry.destination == name)).all())
 
-        assert wait_for(lambda: states("warns") == ["sent"] * 10, 120)
-        assert wait_for(lambda: states("busy") == ["sent"] * 10, 120)
-        assert len(busy.received.files()) == 10
+        assert wait_for(lambda: states("warns") == ["sent"] * 11, 120)
+        assert wait_for(lambda: states("busy") == ["sent"] * 11, 120)
+        assert len(busy.received.files()) == 11
         with node.sessions() as session:
             attempts = session.scalars(select(AuditEvent).where(
                 AuditEvent.kind == "send.attempt")).all()

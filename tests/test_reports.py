@@ -155,8 +155,7 @@ def test_image_sr_outlines_each_lesion_on_its_tbrmax_slice(analysed, tmp_path) -
     )
 
     volume, result, out = analysed
-    sr = make_image_sr(volume.datasets, result, "2.25.13", "2.25.13.1", 9904, PROVENANCE,
-                       volumetric_sop_uid="2.25.12.1")
+    sr = make_image_sr(volume.datasets, result, "2.25.13", "2.25.13.1", 9904, PROVENANCE)
     assert sr is not None
     (tmp_path / "image-sr.dcm").write_bytes(encode(sr))
     checked = validate_dicom(tmp_path / "image-sr.dcm")

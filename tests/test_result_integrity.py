@@ -107,7 +107,7 @@ def test_a_resend_changes_nothing_and_a_changed_instance_makes_a_labelled_versio
     files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=44)
     series_uid = str(dcmread(files[0]).SeriesInstanceUID)
     assert send(files, node.receiver.port) == [0] * 8
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 10, 120)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 11, 120)
     assert wait_for(lambda: _state(node, series_uid) == "done", 60)
     assert wait_for(lambda: any(r.getMessage().startswith("sent ") and "to pacs (" in
                                 r.getMessage() for r in caplog.records), 60)
@@ -123,7 +123,7 @@ def test_a_resend_changes_nothing_and_a_changed_instance_makes_a_labelled_versio
     changed.PixelData = bytes(len(changed.PixelData))
     changed.save_as(files[3])
     assert send(files[3:4], node.receiver.port) == [0]
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 20, 120)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 22, 120)
     assert wait_for(lambda: _state(node, series_uid) == "done", 60)
     row = _series(node, series_uid)
     assert row is not None and row.version == 2
@@ -132,8 +132,8 @@ def test_a_resend_changes_nothing_and_a_changed_instance_makes_a_labelled_versio
     for ds in received:
         by_series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
     labels = sorted({(int(ds.SeriesNumber), str(ds.SeriesDescription)) for ds in received})
-    assert len(by_series) == 6 and len(labels) == 6  # six series, each told apart
-    assert sum("(v2)" in description for _, description in labels) == 3
+    assert len(by_series) == 8 and len(labels) == 8  # eight series, each told apart
+    assert sum("(v2)" in description for _, description in labels) == 4
     new_sr = [ds for ds in received if ds.Modality == "SR" and "(v2)" in ds.SeriesDescription]
     old_sr = [ds for ds in received if ds.Modality == "SR" and "(v2)" not in
               ds.SeriesDescription]

@@ -56,8 +56,8 @@ def test_receiver_worker_and_sender_processes_share_the_work(
         files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=10), seed=31)
         result = storescu(files, port)
         assert result.returncode == 0, result.stderr
-        # 10 SC + SEG + SR, or 10 SC + SR when no lesion is found
-        assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= 11, 180, 0.5)
+        # 10 SC + SEG + SR + KOS (and the image SR when a lesion is found)
+        assert wait_for(lambda: len(pynetdicom_pacs.received.files()) >= 13, 180, 0.5)
         engine = make_engine(postgres_url)
         sessions = make_session_factory(engine)
         with sessions() as session:

@@ -10,15 +10,12 @@ server of the test's own that answers what Orthanc cannot be made to answer.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
-import shutil
-import subprocess
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,7 +26,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import Destination, NodeConfig, NotificationEndpoint
 from dicom_node.errors import ConfigError
 from dicom_node.outbox.stow import (
     FAILED_SOP_SEQUENCE,
@@ -37,80 +34,54 @@ from dicom_node.outbox.stow import (
     MultipartFiles,
     StowUnavailable,
     outcomes_of,
+    tls_verify,
 )
 from dicom_node.service import Node
 from storage.models import AuditEvent, OutboxEntry, OutputInstance
 from tests.conftest import free_port, pynetdicom_send, wait_for
 from tests.dicom_factory import SeriesSpec, write_series
+from tests.orthanc_peer import DICOMWEB_PLUGIN, OrthancProcess
 
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 USER, PASSWORD = "dicomnode", "s3cret-stow"
 
 
 @dataclass
 class DicomWebServer:
-    http_port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
+    """Orthanc's DICOMweb service, read as the node's user."""
+
+    orthanc: OrthancProcess
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+        return f"http://127.0.0.1:{self.orthanc.http_port}/dicom-web"
 
     def get(self, path: str, accept: str = "application/dicom+json") -> tuple[str, bytes]:
-        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}",
+        request = urllib.request.Request(f"http://127.0.0.1:{self.orthanc.http_port}{path}",
                                          headers={"Accept": accept,
-                                                  "Authorization": f"Basic {token}"})
+                                                  **self.orthanc.auth_headers()})
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.headers.get("Content-Type", ""), response.read()
 
     def get_json(self, path: str) -> Any:
         return json.loads(self.get(path)[1] or b"[]")
 
-    def alive(self) -> bool:
-        try:
-            self.get("/system", "application/json")
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
-        return True
-
 
 @pytest.fixture
-def dicomweb_orthanc(tmp_path: Path) -> Iterator[DicomWebServer]:
-    binary = shutil.which("Orthanc")
-    if binary is None or not PLUGIN.exists():
-        pytest.skip("Orthanc with its DICOMweb plugin not installed (Debian packages "
-                    "'orthanc', 'orthanc-dicomweb'; make system-packages)")
-    http_port = free_port()
-    config = {
+def dicomweb_orthanc(tmp_path: Path,
+                     orthanc_peer: Callable[[dict[str, Any]], OrthancProcess]
+                     ) -> DicomWebServer:
+    """Orthanc with its DICOMweb plugin and HTTP basic authentication (USER), no DICOM."""
+    return DicomWebServer(orthanc_peer({
         "Name": "dicom-node-stow-test",
         "StorageDirectory": str(tmp_path / "orthanc" / "storage"),
         "IndexDirectory": str(tmp_path / "orthanc" / "index"),
-        "HttpPort": http_port, "DicomPort": free_port(), "DicomServerEnabled": False,
+        "HttpPort": free_port(), "DicomPort": free_port(), "DicomServerEnabled": False,
         "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
         "RegisteredUsers": {USER: PASSWORD},
-        "Plugins": [str(PLUGIN)],
+        "Plugins": [str(DICOMWEB_PLUGIN)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         "SaveJobs": False,
-    }
-    (tmp_path / "orthanc.json").write_text(json.dumps(config, indent=2))
-    log_path = tmp_path / "orthanc.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([binary, str(tmp_path / "orthanc.json")], stdout=log,
-                                stderr=subprocess.STDOUT)
-    server = DicomWebServer(http_port, proc, log_path)
-    try:
-        assert wait_for(lambda: server.alive() or proc.poll() is not None, 30)
-        assert proc.poll() is None, log_path.read_text()
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    }))
 
 
 def _dicomweb_destination(url: str, credentials: Path, **extra: Any) -> dict[str, Any]:
@@ -160,7 +131,7 @@ def test_results_reach_a_dicomweb_server_byte_for_byte(
         outputs = {o.sop_uid: Path(o.path) for o in session.scalars(select(OutputInstance))}
         sends = list(session.scalars(select(AuditEvent).where(
             AuditEvent.kind == "send.attempt", AuditEvent.outcome == "ok")))
-    assert len(outputs) == 10 + 2  # an SC per slice, the SEG and the SR
+    assert len(outputs) == 10 + 3  # an SC per slice, the SEG, the SR and the KOS
     assert len(sends) == len(outputs)
     assert all(dicomweb_orthanc.base_url in e.peer for e in sends)
 
@@ -287,7 +258,7 @@ def test_each_instance_gets_the_outcome_the_server_gave_it(
         server.server_close()
     refused, full, warned, silent, *rest = calls[0]
     entries = by_uid()
-    assert len(calls[0]) == len(entries) == 8 + 2
+    assert len(calls[0]) == len(entries) == 8 + 3
     assert entries[refused].state == "dead" and entries[refused].last_status == 0xA900
     assert "refused by destination" in entries[refused].last_error
     assert entries[warned].state == "sent" and entries[warned].last_status == 0xB000
@@ -330,6 +301,16 @@ def test_outcomes_of_answers_that_fail_the_whole_request() -> None:
         {FAILED_SOP_SEQUENCE: {"vr": "SQ", "Value": [_item("1.2", "00081197", 0xC000)]}}),
         ["1.2"])
     assert not failed.stored and failed.status == 0xC000
+
+
+def test_tls_verify_is_one_rule_for_destinations_and_notification_endpoints() -> None:
+    """The CA file when given, the system's CAs when not, nothing when turned off; the
+    same for a DICOMweb destination and a webhook (one function decides for both)."""
+    ca = Path("/etc/dicom-node/ca.pem")
+    for make in (Destination, NotificationEndpoint):
+        assert tls_verify(make(name="x")) is True
+        assert tls_verify(make(name="x", ca_file=ca)) == str(ca)
+        assert tls_verify(make(name="x", ca_file=ca, verify_tls=False)) is False
 
 
 def test_config_checks_dicomweb_destinations(tmp_path: Path,

@@ -389,7 +389,7 @@ def test_node_receives_and_sends_over_tls(
         statuses = tls_store(source, node.receiver.port, client_cfg(pki),
                              called_ae="DICOMNODE")
         assert statuses == [SUCCESS] * len(source)
-        assert wait_for(lambda: len(pacs.stored) >= len(source) + 2, 180)
+        assert wait_for(lambda: len(pacs.stored) >= len(source) + 3, 180)
         assert pacs.subjects[0] is not None and "commonName=DICOMNODE" in pacs.subjects[0]
     finally:
         pacs.stop()

@@ -82,27 +82,27 @@ def test_triage_reprocess_and_discard_beside_a_running_node(
     series_uid = str(dcmread(files[0]).SeriesInstanceUID)
     tail = series_uid[-12:]
     assert pynetdicom_send(files, node.receiver.port) == [0] * 8
-    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 10, 120)
+    assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 11, 120)
 
     # The outbox: a header, the real reason of the failure and when it is tried next.
     assert wait_for(lambda: "connection refused" in _ok(
         path, "outbox", "--destination", "later", "--state", "pending"), 60)
     listing = _ok(path, "outbox", "--series", tail)
-    assert listing.startswith("outbox: 20 entries in 6 line(s)")
+    assert listing.startswith("outbox: 22 entries in 8 line(s)")
     assert "next retry (UTC)" in listing.splitlines()[1]
     study_tail = str(dcmread(files[0]).StudyInstanceUID)[-10:]
     assert _lines(_ok(path, "audit", "--study", study_tail, "--kind", "send.attempt"),
                   "error", "LATER@", "ACC00043", "connection refused")
     refused = _lines(listing, "later", "pending", "connection refused", "ACC00043", tail)
-    assert len(refused) == 3  # SC, SEG and SR series, one line each
+    assert len(refused) == 4  # SC, SEG, SR and KOS series, one line each
     assert _lines(listing, "pacs", "sent", "ACC00043")
     sc_line = _lines(listing, "later", " sc ")[0]
     assert sc_line.split()[4] == "8"  # eight SC entries in one line
     assert re.search(r" pending +sc +8 +\d+ +(now|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ", sc_line)
     every = _ok(path, "outbox", "--series", tail, "--all", "--destination", "later")
-    assert every.startswith("outbox: 10 entries\n") and len(_lines(every, "later")) == 10
+    assert every.startswith("outbox: 11 entries\n") and len(_lines(every, "later")) == 11
     assert _ok(path, "outbox", "--all", "--limit", "4").startswith(
-        "outbox: 20 entries; the newest 4 shown (--limit)\n")
+        "outbox: 22 entries; the newest 4 shown (--limit)\n")
     assert _ok(path, "outbox", "--state", "dead").splitlines() == ["outbox: 0 entries"]
 
     # The audit: the listed tail finds the series; per-instance events collapsed.
@@ -112,7 +112,7 @@ def test_triage_reprocess_and_discard_beside_a_running_node(
     assert _lines(collapsed, "send.attempt", "ok", "pacs")  # the outputs' sends included
     everything = _ok(path, "audit", "--series", tail, "--all", "--limit", "1000")
     assert len(_lines(everything, "instance.stored")) == 8
-    assert len(_lines(everything, "send.attempt", '"destination": "pacs"')) == 10
+    assert len(_lines(everything, "send.attempt", '"destination": "pacs"')) == 11
     assert series_uid[-24:] in stored[0]
 
     # Discard: the waiting entries are dropped, recorded with who did it.
@@ -121,7 +121,7 @@ def test_triage_reprocess_and_discard_beside_a_running_node(
     if sudo and sudo != user:  # as the CLI names an admin working through sudo
         user = f"{user} (sudo by {sudo})"
     discarded = _ok(path, "discard", tail)
-    assert "discarded (was done); 10 outbox entries dropped" in discarded
+    assert "discarded (was done); 11 outbox entries dropped" in discarded
     assert _ok(path, "outbox", "--destination", "later", "--state", "pending"
                ).splitlines() == ["outbox: 0 entries"]
     assert _lines(_ok(path, "outbox", "--destination", "later"), "discarded",
@@ -141,11 +141,11 @@ def test_triage_reprocess_and_discard_beside_a_running_node(
     later = PynetdicomPacs(tmp_path / "later", ae_title="LATER", port=later_port).start()
     try:
         assert "as version 2" in _ok(path, "reprocess", "..." + tail)
-        assert wait_for(lambda: len(later.received.files()) == 10, 120)
-        assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 20, 60)
+        assert wait_for(lambda: len(later.received.files()) == 11, 120)
+        assert wait_for(lambda: len(pynetdicom_pacs.received.files()) == 22, 60)
         numbers = {int(dcmread(p, stop_before_pixels=True).SeriesNumber)
                    for p in later.received.files()}
-        assert numbers == {9911, 9912, 9913}  # version 2 only (9901.. + 10)
+        assert numbers == {9911, 9912, 9913, 9915}  # version 2 only (9901.. + 10)
     finally:
         later.stop()
     events = [json.loads(line) for line in _ok(

@@ -24,12 +24,13 @@ from tests.conftest import validate_dicom
 SC = "1.2.840.10008.5.1.4.1.1.7"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 PROVENANCE = Provenance("dicom-node", "fdopa-demo", "2.1.1", "0" * 64)
 
 
 def test_warm_up_builds_valid_outputs_of_each_kind(tmp_path: Path) -> None:
     """The warm-up goes through the real writers: an SC from the series template, the
-    summary slice, a SEG and both SRs (volumetric, image-anchored); each is a valid
+    summary slice, a SEG, both SRs (volumetric, image-anchored) and the KOS; each is a valid
     object (written here only to be validated; the node never writes them)."""
     outputs = warm_up_outputs(PROVENANCE)
     for k, (ds, data) in enumerate(outputs):
@@ -37,7 +38,7 @@ def test_warm_up_builds_valid_outputs_of_each_kind(tmp_path: Path) -> None:
         path.write_bytes(data)
         assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
     assert [str(ds.SOPClassUID) for ds, _ in outputs] == [SC, SC, SEG, COMPREHENSIVE_3D_SR,
-                                                           COMPREHENSIVE_3D_SR]
+                                                           COMPREHENSIVE_3D_SR, KOS]
     result = validate_dicom(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -29,6 +29,7 @@ from dicom_node.analysis.tbr import Lesion, TbrResult
 from dicom_node.cli import stop_child_node
 from dicom_node.config import NodeConfig, load_config
 from dicom_node.inference.fusion import window_t1c
+from dicom_node.writers.kos import listed_instances
 from dicom_node.writers.seg import BACKGROUND_SEGMENT, lesion_segment_number
 from dicom_node.writers.sr import SERIES_DESCRIPTION as SR_DESCRIPTION
 from dicom_node.writers.sr import TbrReport, read_tbr_report
@@ -39,6 +40,7 @@ from training.phantom_dicom import patient_uids, write_patient
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"  # the KOS that lists the result set
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +74,13 @@ class Inbox:
             ds.save_as(self.folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
             self.datasets.append(ds)
         return 0x0000
+
+    def has_all_listed(self, kos_class: str) -> bool:
+        """Whether every instance the received KOS lists has been received too."""
+        with self._lock:
+            uids = {str(ds.SOPInstanceUID) for ds in self.datasets}
+            kos = [ds for ds in self.datasets if ds.SOPClassUID == kos_class]
+        return bool(kos) and listed_instances(kos[0]) <= uids
 
     def count(self, sop_class: str) -> int:
         with self._lock:
@@ -227,16 +236,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"demo: storescu failed: {sent.stderr}", file=sys.stderr)
             return 1
         t_sent = time.monotonic()
-        print("[5/5] waiting for the fusion SC series, SEG and SR ...", flush=True)
+        print("[5/5] waiting for the fusion SC series, SEG, SR and the KOS ...", flush=True)
         deadline = t_sent + args.timeout_s
         last = -1
         while time.monotonic() < deadline:
-            got = (inbox.count(SC_CLASS), inbox.count(SEG_CLASS), inbox.count(SR_CLASS))
+            got = (inbox.count(SC_CLASS), inbox.count(SEG_CLASS), inbox.count(SR_CLASS),
+                   inbox.count(KOS_CLASS))
             if sum(got) != last:
-                print(f"      received SC {got[0]}/{n}, SEG {got[1]}/1, SR {got[2]}/1 "
-                      f"({time.monotonic() - t_sent:.0f} s)", flush=True)
+                print(f"      received SC {got[0]}/{n}, SEG {got[1]}/1, SR {got[2]}/1, "
+                      f"KOS {got[3]}/1 ({time.monotonic() - t_sent:.0f} s)", flush=True)
                 last = sum(got)
-            if got[0] >= n and got[1] >= 1 and got[2] >= 1:
+            # the KOS lists the whole set: once it and every instance it lists are here,
+            # the set is complete (the image-anchored SR included, when there is one)
+            if got[0] >= n and got[1] >= 1 and got[2] >= 1 and got[3] >= 1 and \
+                    inbox.has_all_listed(KOS_CLASS):
                 break
             if node.poll() is not None:
                 print("demo: the node stopped unexpectedly", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Recording a job's outputs and routing them: one outbox row per output and destination.
 
-A job hands over its whole written set (SC, SEG, SR, and the image-anchored SR when
-there is a lesion) at once; nothing of it is queued
+A job hands over its whole written set (SC, SEG, SR, the image-anchored SR when there
+is a lesion, and the KOS that lists them) at once; nothing of it is queued
 before that (a failed job sends nothing). Routing resolves each configured destination,
 ``return_to_sender`` through the peer the series came from.
 """

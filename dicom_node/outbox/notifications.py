@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import NodeConfig, NotificationEndpoint
 from dicom_node.outbox.notification_messages import fhir_report, webhook_body
+from dicom_node.outbox.stow import tls_verify
 from storage.audit import AuditKind, AuditLog
 from storage.models import (
     AuditEvent,
@@ -240,10 +241,8 @@ def post(http: requests.Session, endpoint: NotificationEndpoint, event: str, not
         if endpoint.bearer_token_file is not None:
             token = endpoint.bearer_token_file.read_text().strip()
             headers["Authorization"] = f"Bearer {token}"
-        verify: bool | str = (str(endpoint.ca_file) if endpoint.ca_file is not None else True) \
-            if endpoint.verify_tls else False
         response = http.post(url, data=body, headers=headers, timeout=endpoint.timeout_s,
-                             verify=verify)
+                             verify=tls_verify(endpoint))
     except (OSError, requests.RequestException) as exc:
         return f"{type(exc).__name__}: {str(exc)[:200]}"
     if 200 <= response.status_code < 300:

@@ -28,7 +28,7 @@ from typing import Any
 
 import requests
 
-from dicom_node.config import Destination
+from dicom_node.config import Destination, NotificationEndpoint
 
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_SEQUENCE = "00081199"
@@ -118,6 +118,15 @@ def authorization(dest: Destination) -> dict[str, str]:
     return {}
 
 
+def tls_verify(peer: Destination | NotificationEndpoint) -> bool | str:
+    """requests' ``verify`` for an https peer (a DICOMweb destination or a notification
+    endpoint): its ``ca_file`` when given, else the system's trusted CAs (True); False
+    when the admin turned verification off (``verify_tls = false``)."""
+    if not peer.verify_tls:
+        return False
+    return str(peer.ca_file) if peer.ca_file is not None else True
+
+
 def store_instances(http: requests.Session, dest: Destination,
                     files: Sequence[tuple[str, Path]]) -> list[StowOutcome]:
     """STOW-RS of ``files`` ((SOP Instance UID, path) each) in one request; an outcome
@@ -129,12 +138,10 @@ def store_instances(http: requests.Session, dest: Destination,
         "Accept": "application/dicom+json",
         **authorization(dest),
     }
-    verify: bool | str = (str(dest.ca_file) if dest.ca_file is not None else True) \
-        if dest.verify_tls else False
     try:
         with body:
             response = http.post(f"{dest.url}/studies", data=body, headers=headers,
-                                 timeout=dest.http_timeout_s, verify=verify)
+                                 timeout=dest.http_timeout_s, verify=tls_verify(dest))
     except requests.exceptions.SSLError as exc:
         raise StowUnavailable(f"TLS failed ({dest.url}): {_short(exc)}") from exc
     except requests.exceptions.ConnectionError as exc:
@@ -152,13 +159,12 @@ def check_service(dest: Destination) -> str | None:
     """Can the node reach and authenticate to the DICOMweb service? A QIDO-RS search
     for one study (``GET {url}/studies?limit=1``) with the destination's credentials and
     TLS settings; None when it answers 200 or 204, else the reason in a few words."""
-    verify: bool | str = (str(dest.ca_file) if dest.ca_file is not None else True) \
-        if dest.verify_tls else False
     try:
         response = requests.get(f"{dest.url}/studies", params={"limit": "1"},
                                 headers={"Accept": "application/dicom+json",
                                          **authorization(dest)},
-                                timeout=min(dest.http_timeout_s, 30.0), verify=verify)
+                                timeout=min(dest.http_timeout_s, 30.0),
+                                verify=tls_verify(dest))
     except OSError as exc:  # requests' errors, and an unreadable credential file
         return _short(exc)
     if response.status_code in (200, 204):

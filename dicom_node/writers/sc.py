@@ -33,8 +33,10 @@ from pydicom.tag import BaseTag
 from dicom_node.series.volume import SliceInfo
 from dicom_node.writers.provenance import (
     BANNER,
+    IHE_SCHEME,
     OUTPUT_CHARACTER_SET,
     Provenance,
+    coding_schemes,
     copy_patient_study,
     series_description,
     stamp_series_date,
@@ -238,7 +240,7 @@ def make_sc_instance(
         manufacturer=provenance.manufacturer,
         pixel_spacing=slice_info.pixel_spacing,
         patient_orientation=(orientation_letters(row), orientation_letters(col)),
-        contributing_equipment=[provenance.contributing_equipment()],
+        contributing_equipment=provenance.contributing_equipment(),
         specific_character_set=OUTPUT_CHARACTER_SET,
         **copy_patient_study(source),  # type: ignore[arg-type]
     )
@@ -249,6 +251,7 @@ def make_sc_instance(
     sc.ManufacturerModelName = provenance.model_name[:64]
     sc.SoftwareVersions = provenance.software_versions
     sc.BodyPartExamined = "BRAIN"
+    sc.CodingSchemeIdentificationSequence = coding_schemes(IHE_SCHEME)
     sc.DerivationDescription = (f"Synthetic 18F-FDOPA PET/T1C fusion by Pix2Pix "
                                 f"({provenance.model_name} {provenance.model_version}) "
                                 f"from the T1C slice. NOT FOR DIAGNOSTIC USE.")[:1024]

@@ -14,12 +14,14 @@ from pydicom.sr.codedict import codes
 
 from dicom_node.analysis.tbr import TbrResult
 from dicom_node.writers.provenance import (
+    IHE_SCHEME,
     OUTPUT_CHARACTER_SET,
     Provenance,
+    coding_schemes,
     series_description,
     stamp_series_date,
 )
-from dicom_node.writers.uids import hashed_uid
+from dicom_node.writers.uids import tracking_uid
 
 # Distinct in their first 20 characters from the SR's (viewers truncate them).
 SERIES_DESCRIPTION = "TBR REGIONS (SEG) - SYNTHETIC PET, NOT FOR DIAGNOSTIC USE"
@@ -62,6 +64,8 @@ def make_seg(
 ) -> Dataset:
     """A BINARY SEG (N slices x segments) over the source single-frame images."""
     algorithm = _algorithm(provenance, result.threshold)
+    study_uid = str(source_datasets[0].StudyInstanceUID)
+    source_series_uid = str(source_datasets[0].SeriesInstanceUID)
     # Label-map style (one segment number per voxel): the regions never overlap (the
     # background keeps a margin from every lesion), and highdicom then avoids a
     # (slices, rows, cols, segments) stack of about 170 MB for 14 lesions.
@@ -75,7 +79,7 @@ def make_seg(
         algorithm_type="AUTOMATIC", algorithm_identification=algorithm,
         tracking_id="TBR background",
         display_color=hd.color.CIELabColor.from_rgb(*BACKGROUND_RGB),
-        tracking_uid=hashed_uid(str(sop_uid), "background"))]
+        tracking_uid=tracking_uid(study_uid, source_series_uid, "background"))]
     for lesion in result.lesions:
         np.copyto(labels, lesion_segment_number(lesion.number), where=lesion.mask)
         descriptions.append(hd.seg.SegmentDescription(
@@ -86,7 +90,8 @@ def make_seg(
             algorithm_type="AUTOMATIC", algorithm_identification=algorithm,
             tracking_id=f"Lesion {lesion.number}",
             display_color=lesion_colour(lesion.number),
-            tracking_uid=hashed_uid(str(sop_uid), f"lesion-{lesion.number}")))
+            tracking_uid=tracking_uid(study_uid, source_series_uid,
+                                      f"lesion-{lesion.number}")))
     regions = [result.background_mask, *(lesion.mask for lesion in result.lesions)]
     if np.count_nonzero(labels) != sum(np.count_nonzero(mask) for mask in regions):
         raise ValueError("TBR regions overlap: cannot write them as one label map")
@@ -105,10 +110,11 @@ def make_seg(
         device_serial_number=provenance.weights_sha256[:16],
         content_label="TBR_REGIONS",
         content_description="Regions of the TBR measurement on synthetic PET",
-        contributing_equipment=[provenance.contributing_equipment()],
+        contributing_equipment=provenance.contributing_equipment(),
         specific_character_set=OUTPUT_CHARACTER_SET,
         omit_empty_frames=True,
     )
     seg.SeriesDescription = series_description(SERIES_DESCRIPTION, description_suffix)
+    seg.CodingSchemeIdentificationSequence = coding_schemes(IHE_SCHEME)
     stamp_series_date(seg)
     return seg

@@ -51,18 +51,17 @@ from pydicom.uid import UID
 
 from dicom_node.analysis.tbr import Lesion, TbrResult
 from dicom_node.analysis.uncertainty import TbrInterval
-from dicom_node.net.identity import IMPLEMENTATION_CLASS_UID
 from dicom_node.writers.provenance import (
+    IHE_SCHEME,
     OUTPUT_CHARACTER_SET,
     PRIVATE_SCHEME,
-    PRIVATE_SCHEME_NAME,
-    PRIVATE_SCHEME_ORG,
     Provenance,
+    coding_schemes,
     series_description,
     stamp_series_date,
 )
 from dicom_node.writers.seg import BACKGROUND_SEGMENT, lesion_segment_number
-from dicom_node.writers.uids import hashed_uid
+from dicom_node.writers.uids import tracking_uid
 
 # Distinct in their first 20 characters from the SEG's and each other's (viewers
 # truncate them).
@@ -98,9 +97,29 @@ INTERVAL_CONCEPTS = {
 EQUIVOCAL_MARK = " (equivocal)"
 
 
-def _content_uid(sop_uid: str, label: str) -> UID:
-    """Deterministic UIDs inside the report, so a re-run writes the same object."""
-    return hashed_uid(sop_uid, label)
+#: Procedure Reported when the source names no procedure code: the CID 100 concept for
+#: the MR the node analysed (the PET is synthetic, no PET procedure took place).
+MRI_PROCEDURE = hd.sr.CodedConcept("25056-3", "LN", "MRI unspecified body region")
+
+
+def procedure_reported(source: Dataset) -> hd.sr.CodedConcept:
+    """The imaging procedure the results are about (IHE AIR: "Procedure Reported" names
+    the imaging procedure): the source's Procedure Code Sequence (0008,1032) or Requested
+    Procedure Code Sequence (0032,1064) when it has a complete code, else
+    :data:`MRI_PROCEDURE`."""
+    for keyword in ("ProcedureCodeSequence", "RequestedProcedureCodeSequence"):
+        for item in source.get(keyword, []):
+            value, scheme = item.get("CodeValue"), item.get("CodingSchemeDesignator")
+            meaning = item.get("CodeMeaning")
+            if value and scheme and meaning:
+                return hd.sr.CodedConcept(str(value), str(scheme), str(meaning)[:64])
+    return MRI_PROCEDURE
+
+
+def region_tracking_uid(source: Dataset, region: str) -> UID:
+    """The tracking UID of a region ("lesion-<n>", "background") of the source series
+    (:func:`dicom_node.writers.uids.tracking_uid`), as the SEG writes it too."""
+    return tracking_uid(str(source.StudyInstanceUID), str(source.SeriesInstanceUID), region)
 
 
 def _algorithm(provenance: Provenance, result: TbrResult, interval_method: str = ""
@@ -147,6 +166,30 @@ def _tbr_measurements(lesion: Lesion, interval: TbrInterval | None,
     return items
 
 
+class _LesionGroups:
+    """What a lesion's measurement group says in either SR (volumetric, TID 1411, and
+    image-anchored, TID 1410): its tracking identifier and UID, and its measurements."""
+
+    def __init__(self, source: Dataset, provenance: Provenance, result: TbrResult,
+                 intervals: Sequence[TbrInterval], interval_method: str) -> None:
+        self.source = source
+        self.algorithm = _algorithm(provenance, result, interval_method)
+        self.by_lesion = {interval.lesion: interval for interval in intervals}
+
+    def tracking(self, lesion: Lesion) -> hd.sr.TrackingIdentifier:
+        interval = self.by_lesion.get(lesion.number)
+        equivocal = interval is not None and interval.equivocal
+        return hd.sr.TrackingIdentifier(
+            uid=region_tracking_uid(self.source, f"lesion-{lesion.number}"),
+            identifier=f"Lesion {lesion.number}" + (EQUIVOCAL_MARK if equivocal else ""))
+
+    def measurements(self, lesion: Lesion, names: tuple[hd.sr.CodedConcept,
+                                                        hd.sr.CodedConcept] = (TBR, TBR)
+                     ) -> list[hd.sr.Measurement]:
+        return _tbr_measurements(lesion, self.by_lesion.get(lesion.number), self.algorithm,
+                                 names)
+
+
 def make_sr(
     source_datasets: list[Dataset],
     seg: Dataset,
@@ -160,25 +203,23 @@ def make_sr(
     interval_method: str = "",
     description_suffix: str = "",
 ) -> Dataset:
-    algorithm = _algorithm(provenance, result, interval_method)
-    by_lesion = {interval.lesion: interval for interval in intervals}
+    lesions = _LesionGroups(source_datasets[0], provenance, result, intervals,
+                            interval_method)
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
     for lesion in result.lesions:
-        interval = by_lesion.get(lesion.number)
-        equivocal = interval is not None and interval.equivocal
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=_content_uid(sop_uid, f"lesion-{lesion.number}"),
-                identifier=f"Lesion {lesion.number}" + (EQUIVOCAL_MARK if equivocal else "")),
+            tracking_identifier=lesions.tracking(lesion),
             referenced_segment=_segment_ref(seg, lesion_segment_number(lesion.number)),
             finding_type=codes.SCT.Neoplasm,
-            measurements=_tbr_measurements(lesion, interval, algorithm),
+            measurements=lesions.measurements(lesion),
         ))
     background_label = ("TBR background" if result.lesions
                         else f"TBR background; {result.finding}")
+    algorithm = lesions.algorithm
     groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=_content_uid(sop_uid, "background"),
-                                                     identifier=background_label),
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=region_tracking_uid(source_datasets[0], "background"),
+            identifier=background_label),
         referenced_segment=_segment_ref(seg, BACKGROUND_SEGMENT),
         finding_type=codes.SCT.Brain,
         measurements=[hd.sr.Measurement(name=BACKGROUND_UPTAKE,
@@ -191,20 +232,28 @@ def make_sr(
                                                               description_suffix))
 
 
+def device_observer(provenance: Provenance) -> hd.sr.ObserverContext:
+    """The observer device of a report or a KOS (TID 1004): the algorithm as its
+    Contributing Equipment item names it (the same Device UID, manufacturer and model
+    name), run by the node ("dicom-node")."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=provenance.device_uid, name="dicom-node",
+            manufacturer_name=provenance.manufacturer, model_name=provenance.model_name[:64]))
+
+
 def _report(evidence: list[Dataset],
             groups: Sequence[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
                              | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations],
             series_uid: str, sop_uid: str, series_number: int, provenance: Provenance,
             supersedes: list[Dataset] | None, description: str) -> Dataset:
-    """The TID 1500 document around the measurement groups, with the node as observer."""
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=IMPLEMENTATION_CLASS_UID, name="dicom-node", manufacturer_name=provenance.manufacturer,
-            model_name=provenance.model_name[:64]))
+    """The TID 1500 document around the measurement groups, observed by the algorithm
+    (:func:`device_observer`)."""
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=hd.sr.CodedConcept("44139-4", "LN", "PET scan"),
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=device_observer(provenance)),
+        procedure_reported=procedure_reported(evidence[0]),
         imaging_measurements=list(groups),
     )
     sr = hd.sr.Comprehensive3DSR(
@@ -217,16 +266,12 @@ def _report(evidence: list[Dataset],
         manufacturer=provenance.manufacturer,
         is_complete=True,
         previous_versions=supersedes or None,
-        contributing_equipment=[provenance.contributing_equipment()],
+        contributing_equipment=provenance.contributing_equipment(),
         specific_character_set=OUTPUT_CHARACTER_SET,
     )
     sr.SeriesDescription = description
     stamp_series_date(sr)
-    scheme = Dataset()
-    scheme.CodingSchemeDesignator = PRIVATE_SCHEME
-    scheme.CodingSchemeName = PRIVATE_SCHEME_NAME
-    scheme.CodingSchemeResponsibleOrganization = PRIVATE_SCHEME_ORG
-    sr.CodingSchemeIdentificationSequence = [scheme]
+    sr.CodingSchemeIdentificationSequence = coding_schemes(PRIVATE_SCHEME, IHE_SCHEME)
     return sr
 
 
@@ -278,33 +323,27 @@ def make_image_sr(
     intervals: Sequence[TbrInterval] = (),
     interval_method: str = "",
     description_suffix: str = "",
-    volumetric_sop_uid: str = "",
 ) -> Dataset | None:
     """The image-anchored TBR report: per lesion its outline on its TBRmax slice with
-    TBRmax, TBRmean and volume (TID 1410). None when there is no lesion to show.
-
-    ``volumetric_sop_uid``, the volumetric SR's SOP Instance UID, gives each lesion the
-    tracking UID it has there (and in the SEG), so a viewer can tie the two together."""
+    TBRmax, TBRmean and volume (TID 1410). None when there is no lesion to show. Each
+    lesion has the tracking identifier and UID it has in the volumetric SR and the SEG,
+    so a viewer can tie the two together."""
     if not result.lesions:
         return None
-    algorithm = _algorithm(provenance, result, interval_method)
-    by_lesion = {interval.lesion: interval for interval in intervals}
+    lesions = _LesionGroups(source_datasets[0], provenance, result, intervals,
+                            interval_method)
     groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     for lesion in result.lesions:
-        interval = by_lesion.get(lesion.number)
-        equivocal = interval is not None and interval.equivocal
         z = tbr_max_slice(lesion)
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
             graphic_data=lesion_outline(lesion.mask[z]),
             source_image=hd.sr.SourceImageForRegion.from_source_image(source_datasets[z]))
         groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=_content_uid(volumetric_sop_uid or sop_uid, f"lesion-{lesion.number}"),
-                identifier=f"Lesion {lesion.number}" + (EQUIVOCAL_MARK if equivocal else "")),
+            tracking_identifier=lesions.tracking(lesion),
             referenced_region=region,
             finding_type=codes.SCT.Neoplasm,
-            measurements=_tbr_measurements(lesion, interval, algorithm, (TBR_MAX, TBR_MEAN)),
+            measurements=lesions.measurements(lesion, (TBR_MAX, TBR_MEAN)),
         ))
     return _report(list(source_datasets), groups, series_uid, sop_uid, series_number,
                    provenance, supersedes, series_description(IMAGE_SERIES_DESCRIPTION,

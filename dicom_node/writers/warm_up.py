@@ -21,6 +21,7 @@ from pydicom.uid import UID, MRImageStorage
 from dicom_node.analysis.tbr import Lesion, TbrResult
 from dicom_node.series.volume import SliceInfo
 from dicom_node.writers.image_source import new_instance, set_grey_pixels, set_plane
+from dicom_node.writers.kos import make_kos
 from dicom_node.writers.provenance import Provenance
 from dicom_node.writers.sc import ScSeries, encode
 from dicom_node.writers.seg import make_seg
@@ -80,11 +81,11 @@ def warm_up_outputs(provenance: Provenance) -> list[tuple[Dataset, bytes]]:
         background_side="right", background_slices=(0, 1))
     seg = make_seg(sources, result, _uid(7), _uid(8), 2, provenance)
     sr = make_sr(sources, seg, result, _uid(9), _uid(20), 3, provenance)
-    image_sr = make_image_sr(sources, result, _uid(21), _uid(22), 4, provenance,
-                             volumetric_sop_uid=str(sr.SOPInstanceUID))
+    image_sr = make_image_sr(sources, result, _uid(21), _uid(22), 4, provenance)
     assert image_sr is not None  # the warm-up result has a lesion
+    kos = make_kos([sr, image_sr, seg, first, second], _uid(23), _uid(24), 5, provenance)
     return [(first, encode(first)), (second, sc.encode(second)), (seg, encode(seg)),
-            (sr, encode(sr)), (image_sr, encode(image_sr))]
+            (sr, encode(sr)), (image_sr, encode(image_sr)), (kos, encode(kos))]
 
 
 def warm_up_writers(provenance: Provenance) -> float:
