@@ -97,20 +97,21 @@ class NodeContext:
                           institution_name=self.config.output.institution_name)
 
 
-def open_context(config: NodeConfig) -> NodeContext:
+def open_context(config: NodeConfig, node_id: str = "") -> NodeContext:
     """A NodeContext for ``config`` (the service's and the benchmarks' one way to build
     it): the model is loaded first, so a node with missing or bad weights never starts;
-    then the database, the audit log and the file store. The TBR analysis is inline
-    until the caller sets ``analysis``."""
+    then the database, the audit log (its events naming ``node_id``) and the file store.
+    The TBR analysis is inline until the caller sets ``analysis``."""
     device = pick_device(config.model.device)
     model = load_weights(config.model.weights_path, device)
     engine = make_engine(config.database_url)
     sessions = make_session_factory(engine)
-    return NodeContext(config=config, sessions=sessions, audit=AuditLog(sessions),
+    return NodeContext(config=config, sessions=sessions,
+                       audit=AuditLog(sessions, node=node_id),
                        store=FileStore(config.store_dir),
                        predictor=Predictor(model, device, config.model.batch_size,
                                            config.fusion),
-                       engine=engine)
+                       engine=engine, node_id=node_id)
 
 
 def process_next(ctx: NodeContext, on_queued: Callable[[], None] | None = None) -> bool:

@@ -211,6 +211,11 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    # The node that wrote the event (its heartbeat name, as leases name their owner:
+    # ``<host>[/<role>]:<port>``, ``<host>/cli`` for admin commands); "" for events
+    # written before migration 0004. No Python-side default: a writer without a node
+    # leaves the column out of its INSERT (see storage.audit).
+    node: Mapped[str] = mapped_column(String(300), server_default="")
 
 
 class NodeState(StrEnum):
