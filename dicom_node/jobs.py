@@ -171,12 +171,25 @@ def finish(ctx: NodeContext, series_id: int, job_id: int, state: SeriesState, re
                                 job=job_id, seconds=round(seconds, 3),
                                 reason=f"lease lost, result not recorded: {job.error}")
             return
+        if job.series_version != series.version:
+            # A late instance reopened the series while the job ran (version + 1): its
+            # result is not recorded, and the series' state is the new version's.
+            job.state = JobState.ABANDONED
+            job.finished_at = utcnow()
+            job.seconds = seconds
+            job.error = (f"superseded: a late instance reopened the series as version "
+                         f"{series.version}; the result of version {job.series_version} "
+                         "is not recorded")
+            ctx.audit.record_in(session, AuditKind.JOB_FAIL, outcome="warning",
+                                study_uid=series.study_uid, series_uid=series.series_uid,
+                                job=job_id, seconds=round(seconds, 3), reason=job.error)
+            return
         job.state = (JobState.DONE if state in (SeriesState.DONE, SeriesState.SKIPPED)
                      else JobState.FAILED)
         job.finished_at = utcnow()
         job.seconds = seconds
         job.error = "" if state == SeriesState.DONE else reason
-        if series.state == SeriesState.RUNNING:  # a late instance may have reopened it
+        if series.state == SeriesState.RUNNING:  # an admin may have discarded it meanwhile
             set_state(ctx.audit, session, series, state, reason, job=job_id)
         kind = AuditKind.JOB_FAIL if state == SeriesState.FAILED else AuditKind.JOB_FINISH
         ctx.audit.record_in(session, kind, outcome="error" if state == SeriesState.FAILED

@@ -6,6 +6,9 @@ Series states (persisted; every change is an audit event)::
         ^                                        |
         +------------- late instance ------------+   (reopens with version + 1)
 
+    A late instance also reopens a series that is ready or queued (same version) or
+    running (version + 1: the running job's result is not recorded, ``Superseded``).
+
     any state -> discarded (``dicom-node discard``); a finished or discarded series ->
     ready with version + 1 (``dicom-node reprocess``)
 """
