@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -59,6 +58,7 @@ def stop_child_node(node: subprocess.Popen[Any], timeout_s: float = 60.0) -> Non
 
 def cmd_receive(args: argparse.Namespace) -> int:
     from dicom_node.ingest.receive_process import ReceiveOnlyNode
+    from dicom_node.ops.heartbeat import node_host, node_name
     from dicom_node.ops.systemd_notify import Notifier
 
     config = resolve_peer_addresses(_load(args))
@@ -71,7 +71,8 @@ def cmd_receive(args: argparse.Namespace) -> int:
         print(f"dicom-node receive: cannot start: --port with receiver.bind_address "
               f"({config.receiver.bind_address}:{args.port}): {problem}", file=sys.stderr)
         return 2
-    node = ReceiveOnlyNode(config, args.port)
+    node = ReceiveOnlyNode(config, args.port,
+                           node_id=node_name(node_host("receive-only"), args.port))
     stop = _stop_on_signals()
     notifier = Notifier.from_environment()
     node.start()
@@ -91,10 +92,11 @@ def _serve_receiver(config: NodeConfig) -> int:
     a heartbeat; no model, no torch."""
     from dicom_node.ingest.receive_process import ReceiveOnlyNode
     from dicom_node.ops.build_info import package_version
-    from dicom_node.ops.heartbeat import HeartbeatWriter, NodeIdentity
+    from dicom_node.ops.heartbeat import HeartbeatWriter, NodeIdentity, node_host, node_name
     from dicom_node.ops.systemd_notify import Notifier
 
-    node = ReceiveOnlyNode(config, config.receiver.port, role="receiver")
+    node = ReceiveOnlyNode(config, config.receiver.port, role="receiver",
+                           node_id=node_name(node_host("receiver"), config.receiver.port))
     stop = _stop_on_signals()
     notifier = Notifier.from_environment()
     node.start()
@@ -102,7 +104,7 @@ def _serve_receiver(config: NodeConfig) -> int:
                  f"{node.receiver.port}")
     heartbeat = HeartbeatWriter(
         node.sessions,
-        NodeIdentity(host=f"{socket.gethostname()}/receiver", port=config.receiver.port,
+        NodeIdentity(host=node_host("receiver"), port=config.receiver.port,
                      pid=os.getpid(), version=package_version(), model="", model_sha256="",
                      device="", listening=listening),
         config.heartbeat_interval_s, lambda: node.receiver.is_listening, lambda: "")
@@ -121,7 +123,7 @@ def _serve_receiver(config: NodeConfig) -> int:
 def _serve_sender(config: NodeConfig) -> int:
     """``serve --role sender``: the outbox and the notifications; no receiver, no model."""
     from dicom_node.ops.systemd_notify import Notifier
-    from dicom_node.service import SendOnlyNode
+    from dicom_node.send_service import SendOnlyNode
 
     node = SendOnlyNode(config)
     stop = _stop_on_signals()
@@ -137,10 +139,6 @@ def _serve_sender(config: NodeConfig) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dicom_node.analysis.process import AnalysisProcessError
-    from dicom_node.ops.systemd_notify import Notifier
-    from dicom_node.service import Node
-
     config = resolve_peer_addresses(_load(args))
     if args.role is not None:
         config = replace(config, role=args.role)
@@ -153,6 +151,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _serve_receiver(config)
     if config.role == "sender":
         return _serve_sender(config)
+    # Only now: the model's modules import torch, which the two roles above never load.
+    from dicom_node.analysis.process import AnalysisProcessError
+    from dicom_node.ops.systemd_notify import Notifier
+    from dicom_node.service import Node
+
     try:
         node = Node(config)
     except WeightsError as exc:
@@ -321,6 +324,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                   "kind": event.kind, "outcome": event.outcome,
                                   "study_uid": event.study_uid, "series_uid": event.series_uid,
                                   "sop_uid": event.sop_uid, "peer": event.peer,
+                                  "node": event.node,
                                   "accession_number": accession.get(event.series_uid, ""),
                                   "detail": event.detail}))
             return 0
@@ -329,16 +333,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if not groups:
         print("0 events")
         return 0
-    print(f"{'time (UTC)':19} {'outcome':7} {'kind':20} {'peer':28} {'accession':16} "
-          f"{'series (UID tail)':24} detail")
+    print(f"{'time (UTC)':19} {'outcome':7} {'kind':20} {'node (tail)':24} {'peer':28} "
+          f"{'accession':16} {'series (UID tail)':24} detail")
     for group in groups:
         event = group.first
         where = event.series_uid or event.study_uid or ""
         times = ""
         if group.count > 1:
             times = f"[{group.count} events to {_when(group.last_at)[11:]}] "
-        print(f"{_when(event.at)} {event.outcome:7} {event.kind:20} {event.peer:28.28} "
-              f"{accession.get(event.series_uid, '-'):16} {where[-24:]:24} {times}{group.detail}")
+        # the node's tail: its role and port tell apart nodes on one machine
+        node = event.node[-24:] or "-"  # "-": written before events named their node
+        print(f"{_when(event.at)} {event.outcome:7} {event.kind:20} {node:24} "
+              f"{event.peer:28.28} {accession.get(event.series_uid, '-'):16} "
+              f"{where[-24:]:24} {times}{group.detail}")
     return 0
 
 
@@ -505,6 +512,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
+    from dicom_node.ops.heartbeat import admin_node
     from dicom_node.outbox.admin import (
         count_entries,
         list_entries,
@@ -517,7 +525,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
     sessions = _engine(_load(args))
     if args.action == "retry":
-        audit = AuditLog(sessions)
+        audit = AuditLog(sessions, node=admin_node())
         with audit.transaction() as session:
             count = retry_dead(session, audit, destination=args.destination,
                                requested_by=_operator())
@@ -556,12 +564,13 @@ def _series_command(args: argparse.Namespace, verb: str) -> int:
     """reprocess / discard: one series named by its UID tail, changed in one audited
     transaction of the database the running node reads (it picks the change up at its
     next sweep or send pass)."""
+    from dicom_node.ops.heartbeat import admin_node
     from dicom_node.outbox.admin import discard_entries
     from dicom_node.series.lookup import find_series
     from dicom_node.series.tracking import discard, reprocess
     from storage.audit import AuditLog
 
-    audit = AuditLog(_engine(_load(args)))
+    audit = AuditLog(_engine(_load(args)), node=admin_node())
     user = _operator()
     with audit.transaction() as session:
         series = find_series(session, args.series)

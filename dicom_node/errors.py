@@ -26,3 +26,9 @@ class RequestRefused(Exception):
 class LeaseLost(Exception):
     """A worker's job was taken over by another node (its lease expired): the job may not
     commit its result (fencing); the node that took it over commits the same outputs."""
+
+
+class Superseded(LeaseLost):
+    """A late instance reopened the series while its job ran (a new version): the job's
+    result, made from fewer instances, may not be committed; the new version's job makes
+    the result from all of them."""

@@ -99,20 +99,21 @@ class NodeContext:
                           institution_name=self.config.output.institution_name)
 
 
-def open_context(config: NodeConfig) -> NodeContext:
+def open_context(config: NodeConfig, node_id: str = "") -> NodeContext:
     """A NodeContext for ``config`` (the service's and the benchmarks' one way to build
     it): the model is loaded first, so a node with missing or bad weights never starts;
-    then the database, the audit log and the file store. The TBR analysis is inline
-    until the caller sets ``analysis``."""
+    then the database, the audit log (its events naming ``node_id``) and the file store.
+    The TBR analysis is inline until the caller sets ``analysis``."""
     device = pick_device(config.model.device)
     model = load_weights(config.model.weights_path, device)
     engine = make_engine(config.database_url)
     sessions = make_session_factory(engine)
-    return NodeContext(config=config, sessions=sessions, audit=AuditLog(sessions),
+    return NodeContext(config=config, sessions=sessions,
+                       audit=AuditLog(sessions, node=node_id),
                        store=FileStore(config.store_dir),
                        predictor=Predictor(model, device, config.model.batch_size,
                                            config.fusion),
-                       engine=engine)
+                       engine=engine, node_id=node_id)
 
 
 def process_next(ctx: NodeContext, on_queued: Callable[[], None] | None = None) -> bool:
@@ -172,12 +173,25 @@ def finish(ctx: NodeContext, series_id: int, job_id: int, state: SeriesState, re
                                 job=job_id, seconds=round(seconds, 3),
                                 reason=f"lease lost, result not recorded: {job.error}")
             return
+        if job.series_version != series.version:
+            # A late instance reopened the series while the job ran (version + 1): its
+            # result is not recorded, and the series' state is the new version's.
+            job.state = JobState.ABANDONED
+            job.finished_at = utcnow()
+            job.seconds = seconds
+            job.error = (f"superseded: a late instance reopened the series as version "
+                         f"{series.version}; the result of version {job.series_version} "
+                         "is not recorded")
+            ctx.audit.record_in(session, AuditKind.JOB_FAIL, outcome="warning",
+                                study_uid=series.study_uid, series_uid=series.series_uid,
+                                job=job_id, seconds=round(seconds, 3), reason=job.error)
+            return
         job.state = (JobState.DONE if state in (SeriesState.DONE, SeriesState.SKIPPED)
                      else JobState.FAILED)
         job.finished_at = utcnow()
         job.seconds = seconds
         job.error = "" if state == SeriesState.DONE else reason
-        if series.state == SeriesState.RUNNING:  # a late instance may have reopened it
+        if series.state == SeriesState.RUNNING:  # an admin may have discarded it meanwhile
             set_state(ctx.audit, session, series, state, reason, job=job_id)
         kind = AuditKind.JOB_FAIL if state == SeriesState.FAILED else AuditKind.JOB_FINISH
         ctx.audit.record_in(session, kind, outcome="error" if state == SeriesState.FAILED

@@ -24,15 +24,18 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_node.jobs import NodeContext, process_next
 from dicom_node.outbox.retention import apply_retention
 from dicom_node.outbox.sender import Sender
 from dicom_node.series.tracking import sweep, take_over_expired, triage
 from storage.audit import AuditKind, AuditLog
+
+if TYPE_CHECKING:  # the jobs import torch: a sender (build_send_scheduler) never does
+    from dicom_node.jobs import NodeContext
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ def _guarded(audit: AuditLog, name: str, work: Callable[[], object]) -> Callable
 
 
 def drain_queue(ctx: NodeContext, on_queued: Callable[[], None] | None = None) -> None:
+    from dicom_node.jobs import process_next  # only a node with a model gets here
+
     while not ctx.stopping.is_set() and process_next(ctx, on_queued):
         pass
 

@@ -2,16 +2,15 @@
 
 Roles (``[node] role``, ``serve --role``): :class:`Node` runs ``all`` (receiver, worker
 and sender in one process) or ``worker`` (sweep, triage and jobs: no receiver, no
-sending); :class:`SendOnlyNode` the ``sender`` (outbox and notifications, no model).
-The ``receiver`` role and the receive-only process (``dicom-node receive``) are
+sending). The ``sender`` role is :mod:`dicom_node.send_service`, the
+``receiver`` role and the receive-only process (``dicom-node receive``)
 :mod:`dicom_node.ingest.receive_process`: they need none of the model, so they do not
-import this module (nor torch)."""
+import this module (nor torch, which it imports)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -27,24 +26,22 @@ from dicom_node.errors import ConfigError
 from dicom_node.ingest.receiver import Receiver
 from dicom_node.jobs import open_context
 from dicom_node.ops.build_info import package_version
-from dicom_node.ops.heartbeat import HeartbeatWriter, JobStages, NodeIdentity, node_name
+from dicom_node.ops.heartbeat import (
+    HeartbeatWriter,
+    JobStages,
+    NodeIdentity,
+    node_host,
+    node_name,
+)
 from dicom_node.ops.metrics_http import BuildInfo, MetricsServer
 from dicom_node.outbox.notifications import collect, deliver_due, start_cursor
 from dicom_node.outbox.sender import Sender
-from dicom_node.scheduler import build_scheduler, build_send_scheduler
+from dicom_node.scheduler import build_scheduler
 from dicom_node.series.tracking import recover, renew_leases
 from dicom_node.writers.warm_up import warm_up_writers
-from storage.audit import AuditKind, AuditLog
-from storage.database import make_engine, make_session_factory
+from storage.audit import AuditKind
 
 log = logging.getLogger(__name__)
-
-
-def node_host(role: str) -> str:
-    """The heartbeat's host: the machine's name, with the role unless it is ``all`` (a
-    worker and a receiver on one machine and config are two rows)."""
-    host = socket.gethostname()
-    return host if role == "all" else f"{host}/{role}"
 
 
 class Node:
@@ -58,7 +55,7 @@ class Node:
         self.receives = config.role == "all"
         self.node_id = node_name(node_host(config.role), config.receiver.port)
         # The model first: a node with missing or bad weights never starts.
-        self.ctx = open_context(config)
+        self.ctx = open_context(config, self.node_id)
         assert self.ctx.engine is not None
         self.engine = self.ctx.engine
         self.sessions = self.ctx.sessions
@@ -71,7 +68,6 @@ class Node:
         # the running job's stage, for the heartbeat (dicom-node status)
         self.job_stages = JobStages()
         self.ctx.timing = self.job_stages
-        self.ctx.node_id = self.node_id  # the owner of the jobs it claims
         self.receiver = Receiver(config, self.sessions, self.audit, self.store)
         self.sender = Sender(config, self.sessions, self.audit, self.node_id)
         self.scheduler: BackgroundScheduler | None = None
@@ -235,57 +231,3 @@ class Node:
             self.heartbeat.stop()
         self.engine.dispose()
         log.info("node stopped")
-
-
-class SendOnlyNode:
-    """The ``sender`` role: the outbox drained and notifications sent, over the shared
-    database and store; no receiver, no model."""
-
-    def __init__(self, config: NodeConfig) -> None:
-        self.config = config
-        self.engine = make_engine(config.database_url)
-        self.sessions = make_session_factory(self.engine)
-        self.audit = AuditLog(self.sessions)
-        self.node_id = node_name(node_host("sender"), config.receiver.port)
-        self.sender = Sender(config, self.sessions, self.audit, self.node_id)
-        self.scheduler: BackgroundScheduler | None = None
-        self.heartbeat: HeartbeatWriter | None = None
-
-    def healthy(self) -> bool:
-        return self.scheduler is not None and self.scheduler.running
-
-    def start(self, heartbeat: Callable[[], None] | None = None) -> None:
-        version = package_version()
-        self.sender.release_own_claims()
-        notify: Callable[[], object] | None = None
-        if self.config.notifications:
-            start_cursor(self.audit)
-
-            def notify() -> None:
-                collect(self.config, self.audit, version, "")
-                deliver_due(self.config, self.audit, self.sessions, self.node_id)
-        self.scheduler = build_send_scheduler(self.audit, self.sender,
-                                              self.config.outbox.send_interval_s, heartbeat,
-                                              notify)
-        self.scheduler.start()
-        self.heartbeat = HeartbeatWriter(
-            self.sessions,
-            NodeIdentity(host=node_host("sender"), port=self.config.receiver.port,
-                         pid=os.getpid(), version=version, model="", model_sha256="",
-                         device="", listening=""),
-            self.config.heartbeat_interval_s, self.healthy, lambda: "",
-            self.sender.renew_claims)
-        self.heartbeat.start()
-        self.audit.record(AuditKind.NODE_START, role="sender")
-        log.info("sender started")
-
-    def stop(self) -> None:
-        if self.heartbeat is not None:
-            self.heartbeat.stopping()
-        if self.scheduler is not None:
-            self.scheduler.shutdown(wait=True)
-        self.audit.record(AuditKind.NODE_STOP, role="sender")
-        if self.heartbeat is not None:
-            self.heartbeat.stop()
-        self.engine.dispose()
-        log.info("sender stopped")

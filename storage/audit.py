@@ -1,7 +1,12 @@
 """The audit log: append-only events, each chained to the previous by its hash.
 
-``hash = sha256(prev_hash | at | kind | outcome | study | series | sop | peer | detail)``;
-:func:`verify_chain` recomputes it and reports the first broken link.
+``hash = sha256(prev_hash | at | kind | outcome | study | series | sop | peer | detail)``
+for an event without a node (all written before migration 0004), and for one that names
+its node (every event a node writes since) ``sha256("node|" + JSON array of the same
+fields and the node)``: the events written before keep their hashes, and no field's text
+can be moved into another unnoticed (a JSON array is unambiguous, and the old form starts
+with 64 hex digits, never with ``node|``). :func:`verify_chain` recomputes the hashes and
+reports the first broken link.
 """
 
 from __future__ import annotations
@@ -59,8 +64,11 @@ AUDIT_LOCK_KEY = 0x64636D6175646974
 
 
 def _digest(prev: str, at: datetime, kind: str, outcome: str, study: str, series: str,
-            sop: str, peer: str, detail: str) -> str:
-    text = "|".join((prev, at.isoformat(), kind, outcome, study, series, sop, peer, detail))
+            sop: str, peer: str, detail: str, node: str = "") -> str:
+    fields = (prev, at.isoformat(), kind, outcome, study, series, sop, peer, detail)
+    # the node only when there is one: the events from before the node column keep theirs
+    text = ("node|" + json.dumps([*fields, node], ensure_ascii=False) if node
+            else "|".join(fields))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -74,8 +82,12 @@ class AuditLog:
     the database's.
     """
 
-    def __init__(self, sessions: sessionmaker[Session], shared: bool = True) -> None:
+    def __init__(self, sessions: sessionmaker[Session], shared: bool = True,
+                 node: str = "") -> None:
+        """``node``: the name every event of this log carries (the process's heartbeat
+        name, :func:`dicom_node.ops.heartbeat.node_name`)."""
         self._sessions = sessions
+        self.node = node
         self._lock = threading.RLock()
         self._last_hash: str | None = None
         # Other processes (``dicom-node receive``, ``dicom-node outbox retry``, other
@@ -144,18 +156,22 @@ class AuditLog:
                 select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)).first()
             self._last_hash = last or GENESIS
         at = utcnow()
-        digest = _digest(self._last_hash, at, kind, outcome, study, series, sop, peer, detail)
-        row = {"at": at, "kind": kind, "outcome": outcome, "study_uid": study,
-               "series_uid": series, "sop_uid": sop, "peer": peer, "detail": detail,
-               "prev_hash": self._last_hash, "hash": digest}
+        digest = _digest(self._last_hash, at, kind, outcome, study, series, sop, peer, detail,
+                         self.node)
+        row: dict[str, Any] = {"at": at, "kind": kind, "outcome": outcome, "study_uid": study,
+                               "series_uid": series, "sop_uid": sop, "peer": peer,
+                               "detail": detail, "prev_hash": self._last_hash, "hash": digest}
+        if self.node:  # a log without a node writes as before 0004 (the column's default)
+            row["node"] = self.node
         self._last_hash = digest
         if not flush:
             # One multi-row INSERT per transaction instead of an ORM object per event.
             session.info.setdefault(_BATCHED, []).append(row)
             return
         self._insert_batched(session)  # earlier events first: ids follow the chain
-        session.add(AuditEvent(**row))
-        session.flush()
+        # A Core INSERT of exactly these columns (the ORM would ask for the node's server
+        # default back): a log without a node writes to a database before 0004 too.
+        session.execute(insert(AuditEvent), [row])
 
     @staticmethod
     def _insert_batched(session: Session) -> None:
@@ -184,7 +200,8 @@ def verify_chain(session: Session) -> ChainCheck:
             return ChainCheck(count, event.id, "prev_hash does not match the previous event")
         at = as_utc(event.at)
         expected = _digest(prev, at, event.kind, event.outcome, event.study_uid,
-                           event.series_uid, event.sop_uid, event.peer, event.detail)
+                           event.series_uid, event.sop_uid, event.peer, event.detail,
+                           event.node)
         if expected != event.hash:
             return ChainCheck(count, event.id, "content does not match its hash")
         prev = event.hash
@@ -218,7 +235,7 @@ PER_INSTANCE_FIELDS = frozenset({"bytes", "attempt"})
 @dataclass
 class EventGroup:
     """One line of the audit listing: an event, or (``count`` > 1) the per-instance events
-    of one kind, outcome, series and peer (one association, or one destination) that say
+    of one kind, outcome, series, peer (one association, or one destination) and node that say
     the same thing. ``detail`` leaves out what differs per instance."""
 
     first: AuditEvent
@@ -242,7 +259,7 @@ def _shared_detail(detail: str) -> str:
 
 def collapse_events(events: Sequence[AuditEvent]) -> list[EventGroup]:
     """Per-instance events (instance stored or refused, send attempts) collapsed into one
-    group per kind, outcome, series, peer and shared detail, placed where its first event
+    group per kind, outcome, series, peer, node and shared detail, placed where its first event
     was; every other event is a group of its own. ``events`` oldest first."""
     groups: list[EventGroup] = []
     open_groups: dict[tuple[str, ...], EventGroup] = {}
@@ -251,7 +268,8 @@ def collapse_events(events: Sequence[AuditEvent]) -> list[EventGroup]:
             groups.append(EventGroup(event, event.at, 1, event.detail))
             continue
         detail = _shared_detail(event.detail)
-        key = (event.kind, event.outcome, event.study_uid, event.series_uid, event.peer, detail)
+        key = (event.kind, event.outcome, event.study_uid, event.series_uid, event.peer,
+               event.node, detail)
         group = open_groups.get(key)
         if group is None:
             group = open_groups[key] = EventGroup(event, event.at, 0, detail)

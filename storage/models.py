@@ -6,6 +6,9 @@ Series states (persisted; every change is an audit event)::
         ^                                        |
         +------------- late instance ------------+   (reopens with version + 1)
 
+    A late instance also reopens a series that is ready or queued (same version) or
+    running (version + 1: the running job's result is not recorded, ``Superseded``).
+
     any state -> discarded (``dicom-node discard``); a finished or discarded series ->
     ready with version + 1 (``dicom-node reprocess``)
 """
@@ -211,6 +214,11 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    # The node that wrote the event (its heartbeat name, as leases name their owner:
+    # ``<host>[/<role>]:<port>``, ``<host>/cli`` for admin commands); "" for events
+    # written before migration 0004. No Python-side default: a writer without a node
+    # leaves the column out of its INSERT (see storage.audit).
+    node: Mapped[str] = mapped_column(String(300), server_default="")
 
 
 class NodeState(StrEnum):

@@ -4,9 +4,9 @@
 session, as the ``postgres`` user when the tests run as root (PostgreSQL refuses to run
 as root); every test gets a database of its own (``CREATE DATABASE``, dropped after).
 Durability is off (``fsync``, ``synchronous_commit``): the cluster lives as long as the
-session. Without PostgreSQL binaries the PostgreSQL leg is skipped with the reason,
-except under CI (``CI=true``), where ``make install`` installs them and a missing binary
-is a failure.
+session (``durable=True``, for the benchmarks, keeps PostgreSQL's defaults). Without
+PostgreSQL binaries the PostgreSQL leg is skipped with the reason, except under CI
+(``CI=true``), where ``make install`` installs them and a missing binary is a failure.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ def require_postgres() -> tuple[str, str]:
 class PostgresCluster:
     """One running cluster; :meth:`create_database` hands out empty databases."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
         self.initdb, self.pg_ctl = require_postgres()
+        self.durable = durable
         self.port = free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="dicom-node-pg-"))
         self.data = self.folder / "data"
@@ -71,9 +72,10 @@ class PostgresCluster:
             shutil.chown(self.folder, self._user, self._user)
         self._run(self.initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust",
                   "-E", "UTF8", "--locale=C", "--no-sync")
+        durability = ("" if self.durable else
+                      "-c fsync=off -c synchronous_commit=off -c full_page_writes=off ")
         options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                   "-c max_connections=300 -c shared_buffers=32MB "
+                   f"{durability}-c max_connections=300 -c shared_buffers=32MB "
                    # a hospital's server is rarely on UTC: aware datetimes come back in it
                    "-c timezone=Europe/Zurich")
         self._run(self.pg_ctl, "-D", str(self.data), "-o", options, "-l",

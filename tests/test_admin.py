@@ -1,4 +1,5 @@
-"""What an admin sees: status, check-config, /healthz and Prometheus metrics."""
+"""What an admin sees: status, check-config, /healthz and Prometheus metrics; on SQLite
+and PostgreSQL (the status and metrics queries run on both)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def _config_file(tmp_path: Path, config: NodeConfig, pacs_port: int, dead_port: 
     path.write_text(f"""
 [node]
 data_dir = "{config.data_dir}"
+database_url = "{config.database_url}"
 [receiver]
 port = {config.receiver.port}
 min_free_disk_mb = 1.0
@@ -52,7 +54,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_status_check_config_and_metrics(
-        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        database_url: str, tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
     dead_port = free_port()
     metrics_port = free_port()
@@ -119,7 +121,7 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def test_healthz_is_degraded_while_results_are_dead_letters(
-        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        database_url: str, tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node]) -> None:
     """A destination that never answers, one attempt allowed: every result becomes a dead
     letter, and /healthz says so (503 with the reason) instead of "ok"."""
@@ -146,7 +148,7 @@ def test_healthz_is_degraded_while_results_are_dead_letters(
 
 
 def test_counters_never_go_down_when_rows_go(
-        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        database_url: str, tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
     """The totals are counted from the audit log: retention deleting the files, and rows
     of received instances deleted outright, leave them where they were."""

@@ -1,6 +1,12 @@
 """SIGKILL the node mid-receive, mid-inference and mid-send; after a restart every
 series is processed exactly once, every result reaches the destination, and the store
-holds no partial file."""
+holds no partial file.
+
+The three kills run on SQLite and on PostgreSQL (``database_url``). On SQLite the
+database file itself is cut mid-write by the kill (its journal recovers it at the next
+open); on PostgreSQL the server lives on and only the node's open transactions are
+rolled back: that leg checks the node's own recovery (the abandoned job, the released
+send claims, the unrecorded files) against the other engine."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,9 +28,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
-from sqlalchemy import create_engine, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from storage.database import make_engine
 from storage.models import Job, OutboxEntry, Series
 from tests.conftest import free_port, subprocess_node_toml, wait_for, written_outputs
 from tests.dicom_factory import SeriesSpec, write_series
@@ -100,15 +108,34 @@ class NodeProcess:
                 raise AssertionError("the node did not stop within 15 min of SIGTERM") from None
 
 
+@dataclass(frozen=True)
+class Setup:
+    config: Path  # the node's TOML
+    port: int
+    pacs: SlowPacs
+    data: Path  # data_dir: the store (and the SQLite database)
+    url: str  # the database
+
+
 @pytest.fixture
-def setup(tmp_path: Path, test_weights: Path) -> Iterator[tuple[Path, int, SlowPacs, Path]]:
+def setup(request: pytest.FixtureRequest, tmp_path: Path, test_weights: Path) -> Iterator[Setup]:
+    """A node's config and its receiving PACS; the node uses ``database_url`` when the
+    test takes it, else the SQLite file in its data_dir."""
     pacs = SlowPacs(delay_s=0.05)
     port = free_port()
     data = tmp_path / "node"
     config = tmp_path / "node.toml"
-    config.write_text(subprocess_node_toml(data, port, test_weights, "TESTSCU", "PACS", pacs.port))
-    yield config, port, pacs, data
+    toml = subprocess_node_toml(data, port, test_weights, "TESTSCU", "PACS", pacs.port)
+    url = f"sqlite:///{data / 'dicom-node.db'}"
+    if "database_url" in request.fixturenames:
+        url = str(request.getfixturevalue("database_url"))
+        toml = toml.replace("[node]\n", f'[node]\ndatabase_url = "{url}"\n', 1)
+    config.write_text(toml)
+    yield Setup(config, port, pacs, data, url)
     pacs.stop()
+    engine = _engines.pop(url, None)
+    if engine is not None:
+        engine.dispose()
 
 
 def _send(files: list[Path], port: int, stop_after: int | None = None) -> int:
@@ -134,18 +161,26 @@ def _send(files: list[Path], port: int, stop_after: int | None = None) -> int:
     return done
 
 
-def _db(data: Path) -> Session:
-    return Session(create_engine(f"sqlite:///{data / 'dicom-node.db'}"))
+_engines: dict[str, Engine] = {}
 
 
-def _series_state(data: Path) -> str | None:
-    with _db(data) as session:
+def _db(url: str) -> Session:
+    """A session on the node's database (one engine per database and test)."""
+    if url not in _engines:
+        _engines[url] = make_engine(url)
+    return Session(_engines[url])
+
+
+def _series_state(url: str) -> str | None:
+    with _db(url) as session:
         return session.scalars(select(Series.state)).first()
 
 
-def _check_exactly_once(data: Path, pacs: SlowPacs, n_slices: int) -> None:
+def _check_exactly_once(setup: Setup, n_slices: int) -> None:
+    data, pacs = setup.data, setup.pacs
+
     def expected() -> int:  # SC per slice, SEG, SR, KOS (+ the image SR with a lesion)
-        with _db(data) as session:
+        with _db(setup.url) as session:
             return max(n_slices + 3, written_outputs(session))
 
     assert wait_for(lambda: pacs.unique() == expected(), 180), pacs.unique()
@@ -153,11 +188,11 @@ def _check_exactly_once(data: Path, pacs: SlowPacs, n_slices: int) -> None:
     def all_sent() -> bool:
         # the PACS counts an instance before it answers, and the node commits the
         # outcome after the answer (group commit, OUTCOME_LINGER_S): give it that moment
-        with _db(data) as session:
+        with _db(setup.url) as session:
             return set(session.scalars(select(OutboxEntry.state))) == {"sent"}
 
     wait_for(all_sent, 30)
-    with _db(data) as session:
+    with _db(setup.url) as session:
         jobs = session.scalars(select(Job)).all()
         entries = session.scalars(select(OutboxEntry)).all()
         series = session.scalars(select(Series)).all()
@@ -175,8 +210,8 @@ def _check_exactly_once(data: Path, pacs: SlowPacs, n_slices: int) -> None:
         dcmread(path)  # every stored file is whole
 
 
-def test_kill_mid_receive(tmp_path: Path, setup: tuple[Path, int, SlowPacs, Path]) -> None:
-    config, port, pacs, data = setup
+def test_kill_mid_receive(database_url: str, tmp_path: Path, setup: Setup) -> None:
+    config, port = setup.config, setup.port
     files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=12), seed=31)
     node = NodeProcess(config, port).start()
     try:
@@ -184,32 +219,32 @@ def test_kill_mid_receive(tmp_path: Path, setup: tuple[Path, int, SlowPacs, Path
         node.kill()  # half a series received
         node.start()
         assert _send(files, port) == 12  # the sender retries the whole series
-        _check_exactly_once(data, pacs, 12)
+        _check_exactly_once(setup, 12)
     finally:
         node.stop()
 
 
-def test_kill_during_inference(tmp_path: Path, setup: tuple[Path, int, SlowPacs, Path]) -> None:
-    config, port, pacs, data = setup
+def test_kill_during_inference(database_url: str, tmp_path: Path, setup: Setup) -> None:
+    config, port = setup.config, setup.port
     files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=40, rows=256, columns=256),
                          seed=32)
     node = NodeProcess(config, port).start()
     try:
         assert _send(files, port) == 40
-        assert wait_for(lambda: _series_state(data) == "running", 60, 0.02)
+        assert wait_for(lambda: _series_state(setup.url) == "running", 60, 0.02)
         node.kill()
-        with _db(data) as session:
+        with _db(setup.url) as session:
             assert session.scalars(select(Series.state)).first() == "running"
         node.start()
-        _check_exactly_once(data, pacs, 40)
-        with _db(data) as session:
+        _check_exactly_once(setup, 40)
+        with _db(setup.url) as session:
             assert [j.state for j in session.scalars(select(Job)).all()] == ["abandoned", "done"]
     finally:
         node.stop()
 
 
-def test_kill_mid_send(tmp_path: Path, setup: tuple[Path, int, SlowPacs, Path]) -> None:
-    config, port, pacs, data = setup
+def test_kill_mid_send(database_url: str, tmp_path: Path, setup: Setup) -> None:
+    config, port, pacs = setup.config, setup.port, setup.pacs
     pacs.delay_s = 0.1
     files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=30), seed=33)
     node = NodeProcess(config, port).start()
@@ -219,14 +254,13 @@ def test_kill_mid_send(tmp_path: Path, setup: tuple[Path, int, SlowPacs, Path]) 
         node.kill()
         assert pacs.unique() < 32
         node.start()
-        _check_exactly_once(data, pacs, 30)
+        _check_exactly_once(setup, 30)
     finally:
         node.stop()
 
 
-def test_sigterm_exits_cleanly(setup: tuple[Path, int, SlowPacs, Path]) -> None:
-    config, port, _pacs, _data = setup
-    node = NodeProcess(config, port).start()
+def test_sigterm_exits_cleanly(setup: Setup) -> None:
+    node = NodeProcess(setup.config, setup.port).start()
     assert node.proc is not None
     node.proc.send_signal(signal.SIGTERM)
     assert node.proc.wait(timeout=600) == 0

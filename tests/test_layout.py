@@ -4,9 +4,15 @@ and the rooms import each other only along the arrows of docs/architecture.md.""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from benchmarks._common import free_port
+from tests.conftest import subprocess_node_toml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,6 +32,41 @@ def test_receive_only_process_imports_no_torch() -> None:
     assert result.stdout.strip() == "", f"the receive process imports {result.stdout.strip()}"
 
 
+@pytest.mark.parametrize(("role", "ready"), [("sender", "draining the outbox"),
+                                              ("receiver", "listening as")])
+def test_sender_and_receiver_roles_start_without_torch(tmp_path: Path, test_weights: Path,
+                                                       role: str, ready: str) -> None:
+    """``dicom-node serve --role sender|receiver`` started for real (``python -X
+    importtime``: every module the process imported, up to the moment it says it is
+    ready, is on stderr): neither imports torch, or anything else of the model."""
+    config = tmp_path / "node.toml"
+    config.write_text(subprocess_node_toml(tmp_path / "node", free_port(), test_weights,
+                                           "STORESCU", "PACS", free_port()))
+    imports = tmp_path / "imports.txt"
+    with imports.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "dicom_node.cli", "serve", "--role",
+             role, "--config", str(config)], cwd=REPO, stdout=subprocess.PIPE, stderr=stderr,
+            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            assert proc.stdout is not None
+            lines = []
+            for line in proc.stdout:  # ends when the process exits without being ready
+                lines.append(line)
+                if ready in line:
+                    break
+            assert any(ready in line for line in lines), "".join(lines)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    modules = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+               for line in imports.read_text().splitlines() if line.startswith("import time:")}
+    assert {"sqlalchemy", "pynetdicom"} <= modules  # the import log is what the role loaded
+    assert not modules & {"torch", "highdicom", "scipy"}, sorted(
+        modules & {"torch", "highdicom", "scipy"})
+    assert proc.returncode == 0
+
+
 #: Which rooms (dicom_node's packages and top-level modules, and the storage package) a
 #: room may import: the arrows of docs/architecture.md. Lazy and type-only imports count.
 ALLOWED: dict[str, set[str]] = {
@@ -43,10 +84,11 @@ ALLOWED: dict[str, set[str]] = {
     "jobs": {"errors", "config", "series", "inference", "analysis", "writers", "outbox",
              "storage"},
     "scheduler": {"errors", "config", "jobs", "series", "outbox", "storage"},
+    "send_service": {"errors", "config", "ops", "outbox", "scheduler", "storage"},
     "service": {"errors", "config", "net", "ingest", "series", "inference", "analysis",
                 "writers", "outbox", "ops", "jobs", "scheduler", "storage"},
     "cli": {"errors", "config", "net", "ingest", "series", "inference", "analysis", "outbox",
-            "ops", "service", "storage"},
+            "ops", "service", "send_service", "storage"},
     "models": set(),
 }
 

@@ -1,25 +1,30 @@
 """Claims with leases, on SQLite and PostgreSQL: outbox entries claimed by one sender at
 a time and claimed again after a dead sender's lease; a dead worker's job taken over, and
-the late worker fenced off (it cannot commit its outputs)."""
+the late worker fenced off (it cannot commit its outputs); a job superseded by a late
+instance commits nothing."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from pydicom import Dataset
 from sqlalchemy import select, update
 
 from dicom_node.config import NodeConfig
-from dicom_node.errors import LeaseLost
+from dicom_node.errors import LeaseLost, Superseded
+from dicom_node.jobs import NodeContext, finish
 from dicom_node.ops.heartbeat import HeartbeatWriter, NodeIdentity
 from dicom_node.outbox.enqueue import enqueue_outputs
 from dicom_node.outbox.notifications import claim_next
 from dicom_node.outbox.sender import Sender
-from dicom_node.series.tracking import recover, renew_leases, take_over_expired
+from dicom_node.series.tracking import recover, renew_leases, reopen, take_over_expired
 from storage.audit import AuditLog, verify_chain
 from storage.database import make_engine, make_session_factory
 from storage.models import (
@@ -178,3 +183,42 @@ def test_notification_messages_are_claimed_by_one_sender_each(
     for thread in threads:
         thread.join(60)
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 12
+
+
+def test_a_late_instance_supersedes_the_running_job_so_a_version_is_done_once(
+        database_url: str, tmp_path: Path, make_config: Callable[..., NodeConfig]) -> None:
+    """A series judged complete too early is running when its last instances arrive:
+    the reopened series gets a new version, the running job (made from fewer instances)
+    commits nothing and leaves the series to the new version's job. Before, the series
+    was queued again at the same version and both jobs recorded a result."""
+    config = make_config(destinations=[
+        {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}])
+    sessions = make_session_factory(make_engine(config.database_url))
+    audit = AuditLog(sessions)
+    series_id, job_id = _running(audit, "w/worker:1", 60.0)
+    with audit.transaction() as session:
+        series = session.get(Series, series_id)
+        assert series is not None
+        reopen(audit, session, series, peer="late")
+    with sessions() as session:
+        series = session.get(Series, series_id)
+        assert series is not None
+        assert (series.state, series.version) == (SeriesState.RECEIVING, 2)
+    ds = Dataset()
+    ds.SOPInstanceUID, ds.SOPClassUID, ds.SeriesInstanceUID = "1.2.3.9.1", "1.2", "1.2.3.9"
+    with pytest.raises(Superseded, match="reopened the series as version 2"):
+        enqueue_outputs(config, audit, series_id, job_id, 1, [("sc", ds, tmp_path / "x")], None)
+    # the job's outcome: abandoned as superseded, the series left as the new version has it
+    with sessions() as session:
+        session.execute(update(Series).where(Series.id == series_id)
+                        .values(state=SeriesState.RUNNING))  # the version 2 job runs
+        session.commit()
+    finish(cast(NodeContext, SimpleNamespace(audit=audit)), series_id, job_id,
+           SeriesState.FAILED, "superseded", time.monotonic())
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state == JobState.ABANDONED
+        assert job.error.startswith("superseded: a late instance reopened")
+        assert session.get(Series, series_id).state == SeriesState.RUNNING  # type: ignore[union-attr]
+        assert session.scalars(select(OutputInstance.id)).all() == []
+        assert verify_chain(session).ok

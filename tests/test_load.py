@@ -1,4 +1,5 @@
-"""Load: 8 concurrent associations x 300 instances while the node processes and sends."""
+"""Load: 8 concurrent associations x 300 instances while the node processes and sends, on
+SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from sqlalchemy import func, select
 from storage.models import Instance, Series
 from tests.conftest import wait_for, written_outputs
 from tests.dicom_factory import SeriesSpec, write_series
-from tests.test_crash_safety import NodeProcess, SlowPacs, _db, _send, setup  # noqa: F401
+from tests.test_crash_safety import NodeProcess, Setup, _db, _send, setup  # noqa: F401
 
 SENDERS = 8
 INSTANCES = 300
@@ -23,9 +24,9 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def test_eight_concurrent_senders(tmp_path: Path,
-                                  setup: tuple[Path, int, SlowPacs, Path]) -> None:  # noqa: F811
-    config, port, pacs, data = setup
+def test_eight_concurrent_senders(database_url: str, tmp_path: Path,
+                                  setup: Setup) -> None:  # noqa: F811
+    config, port, pacs, data, url = setup.config, setup.port, setup.pacs, setup.data, setup.url
     pacs.delay_s = 0.0
     series = [write_series(tmp_path / f"s{i}", SeriesSpec(
         n_slices=INSTANCES, rows=32, columns=32, slice_spacing_mm=1.0,
@@ -45,7 +46,7 @@ def test_eight_concurrent_senders(tmp_path: Path,
             thread.join(timeout=1800)  # bounded by the SCU timeouts; an outcome, not a pace
         # no association refused below the limit (10), every instance acknowledged
         assert results == [INSTANCES] * SENDERS
-        with _db(data) as session:
+        with _db(url) as session:
             stored = session.scalar(select(func.count()).select_from(Instance))
             counts = session.scalars(select(Series.instance_count)).all()
         assert stored == SENDERS * INSTANCES
@@ -54,12 +55,12 @@ def test_eight_concurrent_senders(tmp_path: Path,
         assert len(files) == SENDERS * INSTANCES
 
         def all_done() -> bool:
-            with _db(data) as session:
+            with _db(url) as session:
                 return set(session.scalars(select(Series.state)).all()) == {"done"}
 
         assert wait_for(all_done, 900, 1.0)
         def expected() -> int:  # per series SC per slice, SEG, SR, KOS (+ image SR)
-            with _db(data) as session:
+            with _db(url) as session:
                 return max(SENDERS * (INSTANCES + 3), written_outputs(session))
 
         assert wait_for(lambda: pacs.unique() == expected(), 600, 1.0)

@@ -16,7 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from storage.audit import AuditLog, verify_chain
 from storage.database import make_engine, make_session_factory
 from storage.migrate import current_revision, head_revision, upgrade
-from storage.models import Base, Series
+from storage.models import AuditEvent, Base, Series
 
 BASELINE = "0001_baseline"
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +63,31 @@ def test_a_create_all_database_is_stamped_and_upgraded_with_its_rows(database_ur
     with make_session_factory(engine)() as session:
         assert session.scalars(sa.select(Series.series_uid)).all() == ["1.2.3"]
         assert verify_chain(session).ok
+    engine.dispose()
+
+
+def test_audit_events_before_0004_keep_verifying_beside_events_that_name_their_node(
+        database_url: str) -> None:
+    """A database populated at 0003 (events without a node) upgraded to the head: the old
+    events get an empty node, and the chain with a node's new events verifies."""
+    engine = _engine(database_url)
+    upgrade(engine, "0003_notification_claims")
+    old = AuditLog(make_session_factory(engine))  # writes no node column, as before 0004
+    with old.transaction() as session:
+        session.add(Series(series_uid="1.2.3", study_uid="1.2"))
+        old.record_in(session, "series.state", series_uid="1.2.3", state="receiving")
+    old.record("job.start", series_uid="1.2.3", job=1)
+
+    engine = make_engine(database_url)
+    assert current_revision(engine) == head_revision()
+    AuditLog(make_session_factory(engine), node="host/worker:104").record(
+        "job.finish", series_uid="1.2.3", job=1)
+    with make_session_factory(engine)() as session:
+        assert session.execute(sa.select(AuditEvent.kind, AuditEvent.node)
+                               .order_by(AuditEvent.id)).all() == [
+            ("series.state", ""), ("job.start", ""), ("job.finish", "host/worker:104")]
+        check = verify_chain(session)
+        assert check.ok and check.events == 3, check.reason
     engine.dispose()
 
 

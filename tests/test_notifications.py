@@ -101,7 +101,7 @@ def _endpoints(tmp_path: Path, receiver: HttpReceiver) -> list[dict[str, Any]]:
 
 
 def test_webhook_and_fhir_hear_of_done_skipped_and_dead_series(
-        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        database_url: str, tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node], http_receiver: HttpReceiver) -> None:
     http_receiver.failures = 2  # the first two messages are answered 503: retried
     node = start_node(make_config(
@@ -222,7 +222,7 @@ def _check_schema(body: dict[str, Any]) -> None:
 
 
 def test_a_restarted_node_does_not_repeat_or_flood(
-        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        database_url: str, tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node], http_receiver: HttpReceiver) -> None:
     """A node that processed series before notifications were configured does not send
     their history; after a restart it neither repeats nor skips a message."""

@@ -101,6 +101,8 @@ def test_refused_instances_go_to_dead_letter_and_can_be_retried(
 def test_inference_failure_is_retried_with_a_smaller_batch_then_recorded(
         tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node]) -> None:
+    # SQLite only: the retries are the predictor's, in memory; the database only records
+    # the job's outcome, as in every test that runs on both backends.
     node = start_node(make_config(model={"batch_size": 8}))
     calls: list[int] = []
     real = node.ctx.predictor.run_network
@@ -162,6 +164,9 @@ def test_audit_chain_verifies_and_detects_tampering(
 def test_retention_deletes_only_what_was_delivered(
         tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node], pynetdicom_pacs: PynetdicomPacs) -> None:
+    # SQLite only: the two nodes are told apart by their data_dir, each with its own
+    # database file; on one PostgreSQL database they would share (and send) each other's
+    # rows. Retention's queries run on PostgreSQL in test_admin's counters test.
     from dicom_node.config import RetentionConfig
     from dicom_node.outbox.retention import apply_retention
 
@@ -197,7 +202,7 @@ def test_retention_deletes_only_what_was_delivered(
 
 
 def test_low_disk_refuses_with_out_of_resources_and_writes_nothing(
-        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        database_url: str, tmp_path: Path, make_config: Callable[..., NodeConfig],
         start_node: Callable[[NodeConfig], Node]) -> None:
     node = start_node(make_config(receiver={"min_free_disk_mb": 1e12}))  # 1 EB watermark
     files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=3), seed=29)

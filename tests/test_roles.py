@@ -68,6 +68,7 @@ def test_receiver_worker_and_sender_processes_share_the_work(
             assert set(beats) == {"receiver", "worker", "sender"}
             assert beats["worker"].listening == "" and beats["sender"].model == ""
             assert beats["worker"].model != ""
+            beats_nodes = [b.node for b in beats.values()]
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -85,4 +86,12 @@ def test_receiver_worker_and_sender_processes_share_the_work(
             AuditEvent.kind == AuditKind.NODE_START))]
         for role in ("receiver", "worker", "sender"):
             assert sum(f'"role": "{role}"' in detail for detail in starts) == 1, role
+        # every event names the process that wrote it: its heartbeat name
+        by_kind = session.execute(select(AuditEvent.kind, AuditEvent.node)).all()
+        assert {node for _kind, node in by_kind} == set(beats_nodes)
+        roles = {kind: {node.split(":")[0].rsplit("/", 1)[-1] for k, node in by_kind
+                        if k == kind} for kind in ("instance.stored", "job.start",
+                                                   "send.attempt")}
+        assert roles == {"instance.stored": {"receiver"}, "job.start": {"worker"},
+                         "send.attempt": {"sender"}}
     engine.dispose()

@@ -19,9 +19,13 @@ import pytest
 from dicom_node.config import NodeConfig
 from dicom_node.ops import systemd_notify
 from dicom_node.service import Node
-from tests.conftest import REPO, free_port, wait_for
+from tests.conftest import REPO, free_port, pynetdicom_send, subprocess_node_toml, wait_for
+from tests.dicom_factory import SeriesSpec, write_series
 
 UNIT = REPO / "systemd" / "dicom-node.service"
+ROLES = ("receiver", "worker", "sender")
+#: One unit per role (several nodes on one PostgreSQL): dicom-node-<role>.service.
+ROLE_UNITS = {role: REPO / "systemd" / f"dicom-node-{role}.service" for role in ROLES}
 PORT_104_DROPIN = REPO / "systemd" / "port-104.conf"
 MAX_EXPOSURE = 2.0
 
@@ -190,18 +194,19 @@ def _systemd_analyze() -> str:
     return path
 
 
-def _installable_copy(tmp_path: Path, dropins: tuple[Path, ...] = ()) -> Path:
+def _installable_copy(tmp_path: Path, dropins: tuple[Path, ...] = (),
+                      source: Path = UNIT) -> Path:
     """The unit with ExecStart pointing at this checkout's dicom-node (verify needs it)."""
     binary = Path(sys.executable).with_name("dicom-node")
     assert binary.exists(), f"{binary} missing: is the project installed in the venv?"
-    text = UNIT.read_text()
+    text = source.read_text()
     assert "ExecStart=/opt/dicom-node/.venv/bin/dicom-node serve" in text
-    unit = tmp_path / "units" / UNIT.name
+    unit = tmp_path / "units" / source.name
     unit.parent.mkdir(parents=True)
     unit.write_text(text.replace("ExecStart=/opt/dicom-node/.venv/bin/dicom-node",
                                  f"ExecStart={binary}"))
     if dropins:
-        folder = unit.parent / f"{UNIT.name}.d"
+        folder = unit.parent / f"{source.name}.d"
         folder.mkdir()
         for dropin in dropins:
             shutil.copy(dropin, folder / dropin.name)
@@ -214,7 +219,7 @@ def _verify(tool: str, unit: Path) -> None:
     output = result.stdout + result.stderr
     # verify exits 0 on unknown keys or bad values ("... ignoring"): fail on any remark
     assert result.returncode == 0, output
-    assert UNIT.name not in output and "ignoring" not in output, output
+    assert unit.name not in output and "ignoring" not in output, output
 
 
 def _exposure(tool: str, unit: Path) -> float:
@@ -234,12 +239,17 @@ def test_unit_verifies(tmp_path: Path) -> None:
     _verify(_systemd_analyze(), _installable_copy(tmp_path))
 
 
-def test_unit_is_notify_with_watchdog_and_directories() -> None:
+def _keys(unit: Path) -> dict[str, list[str]]:
     keys: dict[str, list[str]] = {}
-    for line in UNIT.read_text().splitlines():
+    for line in unit.read_text().splitlines():
         if "=" in line and not line.startswith("#"):
             key, value = line.split("=", 1)
             keys.setdefault(key, []).append(value)
+    return keys
+
+
+def test_unit_is_notify_with_watchdog_and_directories() -> None:
+    keys = _keys(UNIT)
     assert keys["Type"] == ["notify"] and keys["NotifyAccess"] == ["main"]
     assert float(keys["WatchdogSec"][0]) > 0 and keys["Restart"] == ["on-failure"]
     assert keys["StateDirectory"] == ["dicom-node"]
@@ -258,6 +268,98 @@ def test_port_104_dropin_verifies_and_stays_ok(tmp_path: Path) -> None:
     unit = _installable_copy(tmp_path, (PORT_104_DROPIN,))
     _verify(tool, unit)
     assert _exposure(tool, unit) <= MAX_EXPOSURE
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_role_unit_verifies_and_stays_ok(tmp_path: Path, role: str) -> None:
+    tool = _systemd_analyze()
+    unit = _installable_copy(tmp_path, source=ROLE_UNITS[role])
+    _verify(tool, unit)
+    assert _exposure(tool, unit) <= MAX_EXPOSURE
+
+
+def test_receiver_unit_takes_the_port_104_dropin(tmp_path: Path) -> None:
+    tool = _systemd_analyze()
+    unit = _installable_copy(tmp_path, (PORT_104_DROPIN,), source=ROLE_UNITS["receiver"])
+    _verify(tool, unit)
+    assert _exposure(tool, unit) <= MAX_EXPOSURE
+
+
+#: What a role's unit may set differently from dicom-node.service: what it runs and how
+#: long it may take, its name, the shared dynamic user, and (receiver, sender: no model)
+#: no GPU devices and no writable-then-executable memory.
+PER_ROLE = {"Description", "ExecStart", "TimeoutStartSec", "TimeoutStopSec",
+            "SyslogIdentifier", "User", "Group", "Conflicts"}
+NO_MODEL = {"DeviceAllow", "PrivateDevices", "MemoryDenyWriteExecute"}
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_role_unit_keeps_the_node_units_hardening(role: str) -> None:
+    base, keys = _keys(UNIT), _keys(ROLE_UNITS[role])
+    allowed = PER_ROLE | (NO_MODEL if role != "worker" else set())
+    changed = {k for k in set(base) | set(keys) if base.get(k) != keys.get(k)}
+    assert changed <= allowed, changed - allowed
+    assert keys["ExecStart"] == [
+        f"/opt/dicom-node/.venv/bin/dicom-node serve --role {role} "
+        "--config /etc/dicom-node/config.toml"]
+    # one dynamic UID for every role on a machine (they share the state directory)
+    assert keys["DynamicUser"] == ["yes"] and keys["User"] == keys["Group"] == ["dicom-node"]
+    assert keys["Conflicts"] == ["dicom-node.service"]
+    assert keys["Type"] == ["notify"] and float(keys["WatchdogSec"][0]) > 0
+    if role == "worker":  # the model on the GPU: as the all-in-one node
+        assert keys["DeviceAllow"] == base["DeviceAllow"]
+        assert "PrivateDevices" not in keys and "MemoryDenyWriteExecute" not in keys
+    else:
+        assert "DeviceAllow" not in keys
+        assert keys["PrivateDevices"] == keys["MemoryDenyWriteExecute"] == ["yes"]
+
+
+ROLE_UNDER_MDWE = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+    sys.exit(77)
+from dicom_node.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("role", "ready"), [("receiver", "listening as"),
+                                              ("sender", "draining the outbox")])
+def test_no_model_roles_run_under_memory_deny_write_execute(
+        tmp_path: Path, test_weights: Path, role: str, ready: str) -> None:
+    """Why the receiver and sender units can set MemoryDenyWriteExecute=yes: each role,
+    started under the kernel's PR_SET_MDWE (the same rule), gets ready, works and stops
+    cleanly. The receiver also stores an instance (pydicom, pynetdicom, SQLite)."""
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(subprocess_node_toml(tmp_path / "node", port, test_weights, "TESTSCU",
+                                           "PACS", free_port()))
+    proc = subprocess.Popen([sys.executable, "-c", ROLE_UNDER_MDWE, "serve", "--role", role,
+                             "--config", str(config)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:  # ends if the process exits before it is ready
+            lines.append(line)
+            if ready in line:
+                break
+        if proc.poll() == 77:
+            pytest.skip("kernel without PR_SET_MDWE (Linux < 6.3)")
+        assert any(ready in line for line in lines), "".join(lines)
+        if role == "receiver":
+            files = write_series(tmp_path / "t1c", SeriesSpec(n_slices=2), seed=5)
+            assert pynetdicom_send(files, port, calling_ae="TESTSCU") == [0, 0]
+        proc.terminate()
+        rest = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, "".join(lines) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 MDWE_PROBE = """

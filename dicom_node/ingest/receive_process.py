@@ -23,14 +23,17 @@ class ReceiveOnlyNode:
     second core (one Python process runs one core's worth of handlers). The full node
     (``dicom-node serve``) still does everything else."""
 
-    def __init__(self, config: NodeConfig, port: int, role: str = "receive-only") -> None:
+    def __init__(self, config: NodeConfig, port: int, role: str = "receive-only",
+                 node_id: str = "") -> None:
         """``role``: what its audit events say it is, ``receive-only`` (beside a full node,
-        ``dicom-node receive``) or ``receiver`` (``serve --role receiver``)."""
+        ``dicom-node receive``) or ``receiver`` (``serve --role receiver``); ``node_id``:
+        the name its audit events carry (the CLI passes its heartbeat name)."""
         self.role = role
         self.config = replace(config, receiver=replace(config.receiver, port=port))
         self.engine = make_engine(config.database_url)
         self.sessions = make_session_factory(self.engine)
-        self.audit = AuditLog(self.sessions)
+        self.node_id = node_id
+        self.audit = AuditLog(self.sessions, node=self.node_id)
         self.store = FileStore(config.store_dir)
         self.receiver = Receiver(self.config, self.sessions, self.audit, self.store)
 

@@ -12,6 +12,7 @@ gone, or whose last beat is older than :func:`stale_after_s` is not running.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +33,19 @@ _FIRST_STAGE = "select_series"
 def node_name(host: str, port: int) -> str:
     """The heartbeat row's key: the node's host and its main DICOM port."""
     return f"{host}:{port}"
+
+
+def node_host(role: str) -> str:
+    """The heartbeat's host: the machine's name, with the role unless it is ``all`` (a
+    worker and a receiver on one machine and config are two rows)."""
+    host = socket.gethostname()
+    return host if role == "all" else f"{host}/{role}"
+
+
+def admin_node() -> str:
+    """The node an admin command (``dicom-node outbox retry``, ``discard``, ...) writes
+    its audit events as: the machine's name and ``/cli`` (the OS user is in the event)."""
+    return f"{socket.gethostname()}/cli"
 
 
 def stale_after_s(interval_s: float) -> float:

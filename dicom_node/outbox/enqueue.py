@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import Destination, NodeConfig
-from dicom_node.errors import LeaseLost
+from dicom_node.errors import LeaseLost, Superseded
 from storage.audit import AuditKind, AuditLog
 from storage.models import (
     Job,
@@ -91,6 +91,11 @@ def enqueue_outputs(config: NodeConfig, audit: AuditLog, series_id: int, job_id:
             # Fencing, in the transaction that commits the outputs: the job's lease expired
             # and another node took it over (it records the same UIDs itself).
             raise LeaseLost(f"job {job_id} was taken over: {job.error}")
+        if series.version != version:
+            # A late instance reopened the series while the job ran: the new version's
+            # job makes the result from every instance.
+            raise Superseded(f"job {job_id} made version {version}; a late instance "
+                             f"reopened the series as version {series.version}")
         routes = []
         # An admin discarded the series while its job ran (dicom-node discard): the
         # outputs are recorded, nothing is queued. Checked in this write transaction,

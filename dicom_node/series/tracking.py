@@ -83,8 +83,11 @@ def series_label(series: Series) -> str:
 
 def reopen(audit: AuditLog, session: Session, series: Series, peer: str = "") -> None:
     """A late instance arrived for a series past ``receiving``: it receives again, and a
-    finished one gets a new version (its outputs will supersede the earlier set)."""
-    if series.state in FINISHED_STATES:
+    finished one gets a new version (its outputs will supersede the earlier set). So does
+    a running one: its job holds the old version and may commit nothing (it would be a
+    result of fewer instances, and a second job of the same version would follow: the
+    job checks the version where it commits, :class:`dicom_node.errors.Superseded`)."""
+    if series.state in FINISHED_STATES or series.state == SeriesState.RUNNING:
         series.version += 1
     set_state(audit, session, series, SeriesState.RECEIVING, "late instance arrived",
               peer=peer)
