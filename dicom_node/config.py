@@ -121,6 +121,14 @@ class ReceiverConfig:
     #: Ports of receive-only processes that ``dicom-node serve`` starts beside itself
     #: (``dicom-node receive``): many concurrent senders spread over them use more cores.
     extra_ports: tuple[int, ...] = ()
+    #: A file in ``incoming/`` without a database row, or a temporary file, whose last
+    #: change is older than this belongs to a receiver that died (a live one commits the
+    #: row within a second of the file, and writes a temporary file continuously): on a
+    #: database other nodes share, any receiver records (or removes) it, at its start
+    #: and every ``orphan_sweep_interval_s``. One node on SQLite takes every such file
+    #: at its start, whatever its age (no other receiver can be writing).
+    orphan_grace_s: float = 300.0
+    orphan_sweep_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)

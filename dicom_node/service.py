@@ -23,6 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicom_node.analysis.process import AnalysisProcess
 from dicom_node.config import NodeConfig
 from dicom_node.errors import ConfigError
+from dicom_node.ingest.orphans import OrphanSweep
 from dicom_node.ingest.receiver import Receiver
 from dicom_node.jobs import open_context
 from dicom_node.ops.build_info import package_version
@@ -69,6 +70,7 @@ class Node:
         self.job_stages = JobStages()
         self.ctx.timing = self.job_stages
         self.receiver = Receiver(config, self.sessions, self.audit, self.store)
+        self.orphans = OrphanSweep(config, self.receiver, self.store)
         self.sender = Sender(config, self.sessions, self.audit, self.node_id)
         self.scheduler: BackgroundScheduler | None = None
         self.metrics: MetricsServer | None = None
@@ -91,8 +93,7 @@ class Node:
         logging.getLogger("highdicom").setLevel(logging.WARNING)
         # A worker leaves the store's temporary and unrecorded files alone: they may be a
         # receiver's, mid-write on the shared store.
-        partials = self.store.remove_partials() if self.receives else 0
-        unrecorded = self.receiver.record_unrecorded_files() if self.receives else 0
+        partials, unrecorded = self.orphans.at_start() if self.receives else (0, 0)
         resumed = recover(self.audit, associations=self.receives, owner=self.node_id)
         if self.receives:  # role all: it sends too
             self.sender.release_own_claims()

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,10 +107,18 @@ class FileStore:
         return self.outputs / check_uid(study_uid, "StudyInstanceUID") / check_uid(
             series_uid, "SeriesInstanceUID") / f"{check_uid(sop_uid, 'SOPInstanceUID')}.dcm"
 
-    def remove_partials(self) -> int:
-        """Delete temporary files left by a crash mid-write; return how many."""
+    def remove_partials(self, older_than_s: float = 0.0) -> int:
+        """Delete temporary files left by a crash mid-write; return how many. With
+        ``older_than_s``, only those unchanged for that long (on a shared store, a newer
+        one may be another node's, being written now)."""
         count = 0
+        cutoff = time.time() - older_than_s
         for part in self.root.rglob(".tmp-*.part"):
+            try:
+                if older_than_s > 0 and part.stat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:  # renamed or removed by its writer meanwhile
+                continue
             part.unlink(missing_ok=True)
             count += 1
         return count

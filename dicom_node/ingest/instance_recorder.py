@@ -16,6 +16,7 @@ recorder records it (audited as ``recovered``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -235,12 +236,26 @@ def _move(session: Session, old_series_id: int, new_series: Series) -> str:
     return old_series.series_uid
 
 
-def unrecorded_files(session: Session, store: FileStore) -> Iterator[Path]:
+def unrecorded_files(session: Session, store: FileStore, older_than_s: float = 0.0
+                     ) -> Iterator[Path]:
     """Files in ``incoming/`` that no instance row points at (a crash after the file was
-    made durable and before its row was committed)."""
+    made durable and before its row was committed). With ``older_than_s``, only files
+    unchanged for that long: a newer one may be a live receiver's, its row not yet
+    committed."""
     if not store.incoming.is_dir():
         return
-    known = set(session.scalars(select(Instance.path)))
+    cutoff = time.time() - older_than_s
+    candidates = []
     for path in sorted(store.incoming.glob("*/*/*.dcm")):
+        try:
+            if older_than_s > 0 and path.stat().st_mtime > cutoff:
+                continue
+        except FileNotFoundError:
+            continue
+        candidates.append(path)
+    if not candidates:
+        return
+    known = set(session.scalars(select(Instance.path)))
+    for path in candidates:
         if str(path) not in known:
             yield path

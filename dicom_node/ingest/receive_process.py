@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dicom_node.config import NodeConfig
+from dicom_node.ingest.orphans import OrphanSweep
 from dicom_node.ingest.receiver import Receiver
 from storage.audit import AuditKind, AuditLog
 from storage.database import make_engine, make_session_factory
@@ -36,8 +37,11 @@ class ReceiveOnlyNode:
         self.audit = AuditLog(self.sessions, node=self.node_id)
         self.store = FileStore(config.store_dir)
         self.receiver = Receiver(self.config, self.sessions, self.audit, self.store)
+        self.orphans = OrphanSweep(self.config, self.receiver, self.store)
 
     def start(self) -> None:
+        if self.role == "receiver":  # a node of its own: takes over a dead receiver's files
+            self.orphans.at_start()
         self.receiver.start()
         self.audit.record(AuditKind.NODE_START, role=self.role,
                           ae_title=self.config.receiver.ae_title, port=self.receiver.port)

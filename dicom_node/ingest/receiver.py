@@ -474,11 +474,13 @@ class Receiver:
                                  needs_sync=not self.config.receiver.fsync_each_instance
                                  and not identical, identical=identical)
 
-    def record_unrecorded_files(self) -> int:
-        """Record files in ``incoming/`` that have no database row (the node died after
-        making them durable and before committing them). Call before :meth:`start`."""
+    def record_unrecorded_files(self, older_than_s: float = 0.0) -> int:
+        """Record files in ``incoming/`` that have no database row (a node died after
+        making them durable and before committing them). ``older_than_s`` 0: every such
+        file (one node alone, before :meth:`start`); else only those unchanged for that
+        long (a shared store: see ``receiver.orphan_grace_s``)."""
         with self._sessions() as session:
-            paths = list(unrecorded_files(session, self._store))
+            paths = list(unrecorded_files(session, self._store, older_than_s))
         items = []
         for path in paths:
             try:
