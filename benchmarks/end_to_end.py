@@ -153,7 +153,7 @@ def one_run(root: Path, source: list[Path], args: argparse.Namespace) -> dict[st
                 first.append(time.time())
             if count < expected:
                 return False
-            # N + 2 at least (SC per slice, SEG, SR); N + 3 when a lesion was found (the
+            # N + 3 at least (SC per slice, SEG, SR, KOS); N + 4 when a lesion was found (the
             # image-anchored SR): the whole set is queued at once, so the outbox holds it
             return count >= max(expected, queued_outputs(data_dir / "dicom-node.db"))
 
