@@ -447,3 +447,30 @@ def test_uptake_models_learn_the_measured_pet_of_a_site_export(toy_dataset: Path
     # both arrays: the measured PET wins
     np.savez(site / "pairs.npz", **kept, pet_suv=measured, uptake=arrays["uptake"])
     assert ds.uptake_array(ds.load_dataset(site)) == "pet_suv"
+
+
+def test_l2_reconstruction_loss_is_the_squared_error_and_fixed_on_resume(
+        toy_dataset: Path, tmp_path: Path) -> None:
+    """--recon-loss l2 (the conditional mean, the oracle's quantity) replaces the L1 term by
+    the squared error / 0.1; it is recorded and cannot change on resume."""
+    from training.pix2pix import L2_SCALE, Pix2Pix, Pix2PixConfig
+
+    torch.manual_seed(0)
+    model = Pix2Pix(Pix2PixConfig(architecture="unet_128", ngf=8, ndf=8, output_nc=1,
+                                  recon_loss="l2"), torch.device("cpu"))
+    model.generator = torch.nn.Conv2d(1, 1, 1)  # type: ignore[assignment]  # deterministic
+    model.opt_g = torch.optim.Adam(model.generator.parameters())
+    data = ds.load_dataset(toy_dataset)
+    x, y = ds.batch(data, data.indices("train")[:2], "uptake")
+    with torch.no_grad():
+        fake = model.generator(x)
+    losses = model.train_step(x, y)
+    expected = float(((fake - y) ** 2).mean() / L2_SCALE)
+    assert losses["loss_G_L1_weighted"] == pytest.approx(expected, rel=1e-4)
+    assert losses["loss_G_L1"] == pytest.approx(float((fake - y).abs().mean()), rel=1e-4)
+    out = tmp_path / "run"
+    train(_config(toy_dataset, out, target="uptake", recon_loss="l2", max_steps=2))
+    assert json.loads((out / "config.json").read_text())["recon_loss"] == "l2"
+    with pytest.raises(ValueError, match="recon_loss"):
+        train(_config(toy_dataset, out, target="uptake", recon_loss="l1", max_steps=3),
+              resume=True)

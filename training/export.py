@@ -151,7 +151,8 @@ def benchmark_extras(validation: dict[str, Any] | None, sealed: dict[str, Any] |
 def method_text(config: dict[str, Any]) -> str:
     """One line naming the training method, with what differs from the publication."""
     text = (f"Pix2Pix (U-Net generator, 70x70 PatchGAN, vanilla GAN + "
-            f"{config['lambda_l1']:g} x L1")
+            f"{config['lambda_l1']:g} x "
+            f"{'L2 (squared error / 0.1)' if config.get('recon_loss') == 'l2' else 'L1'}")
     weight = float(config.get("tumour_l1_weight", 1.0))
     ema = float(config.get("ema_decay", 0.0))
     if weight != 1.0:
@@ -211,6 +212,7 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         "lr": config["lr"],
         "beta1": config["beta1"],
         "lambda_l1": config["lambda_l1"],
+        "recon_loss": config.get("recon_loss", "l1"),
         "tumour_oversample": config["tumour_oversample"],
         "tumour_l1_weight": config.get("tumour_l1_weight", 1.0),
         "tumour_margin_px": config.get("tumour_margin_px", 0),

@@ -42,7 +42,7 @@ from training.augment import AffineAugment, warp
 from training.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint
 from training.export import export_checkpoint
 from training.metrics import mean_sd, psnr, ssim
-from training.pix2pix import Pix2Pix, Pix2PixConfig
+from training.pix2pix import RECON_LOSSES, Pix2Pix, Pix2PixConfig
 from training.soft_fusion import soft_fuse
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ FIXED_ON_RESUME = ("dataset", "target", "ngf", "ndf", "batch_size", "seed", "upt
                    "epochs", "decay_epochs", "lambda_l1", "lr", "beta1", "context_slices",
                    "fusion_l1_weight", "fusion_gate_width_uptake", "augment_rotation_deg",
                    "augment_scale", "augment_shift_px", "small_lesion_area_px",
-                   "small_lesion_max_gain")
+                   "small_lesion_max_gain", "recon_loss")
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class TrainConfig:
     lr: float = 2e-4
     beta1: float = 0.5
     lambda_l1: float = 100.0
+    recon_loss: str = "l1"  # "l1" (published) or "l2" (the conditional mean), training/pix2pix.py
     max_steps: int | None = None
     threads: int | None = None
     val_max_slices: int | None = 512
@@ -178,6 +179,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--beta1", type=float, default=d.beta1)
     parser.add_argument("--lambda-l1", type=float, default=d.lambda_l1)
+    parser.add_argument("--recon-loss", choices=RECON_LOSSES, default=d.recon_loss,
+                        help="reconstruction term weighted by --lambda-l1: l1 (as published; "
+                             "the generator learns the conditional median) or l2 (squared "
+                             "error / 0.1: the conditional mean, what the oracle is)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many steps in total (resumable)")
     parser.add_argument("--threads", type=int, default=None,
@@ -211,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         context_slices=args.context_slices, fusion_l1_weight=args.fusion_l1_weight,
         fusion_gate_width_uptake=args.fusion_gate_width_uptake, seed=args.seed,
         device=args.device, lr=args.lr, beta1=args.beta1, lambda_l1=args.lambda_l1,
+        recon_loss=args.recon_loss,
         max_steps=args.max_steps, threads=args.threads,
         val_max_slices=args.val_max_slices or None, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, export=not args.no_export, name=args.name,
@@ -395,6 +401,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             and not data.has("tumour_labels")):
         raise ValueError("--tumour-l1-weight and --small-lesion-area-px need a dataset with "
                          "tumour masks ('tumour_labels')")
+    if config.recon_loss not in RECON_LOSSES:
+        raise ValueError(f"--recon-loss must be one of {RECON_LOSSES}, got {config.recon_loss!r}")
     if config.small_lesion_area_px < 0 or config.small_lesion_max_gain < 1.0:
         raise ValueError("--small-lesion-area-px must be >= 0 and --small-lesion-max-gain "
                          ">= 1")
@@ -431,7 +439,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         architecture=architecture, ngf=config.ngf, ndf=config.ndf,
         input_nc=input_channels(config.context_slices),
         output_nc=ds.output_channels(config.target), lr=config.lr, beta1=config.beta1,
-        lambda_l1=config.lambda_l1, epochs=config.epochs, decay_epochs=config.decay_epochs,
+        lambda_l1=config.lambda_l1, recon_loss=config.recon_loss, epochs=config.epochs,
+        decay_epochs=config.decay_epochs,
         ema_decay=config.ema_decay, cpu_bf16=config.bf16,
     )
     model = Pix2Pix(p2p_config, device)
