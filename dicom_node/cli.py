@@ -82,7 +82,6 @@ def cmd_receive(args: argparse.Namespace) -> int:
           f"{config.receiver.bind_address}:{node.receiver.port}", flush=True)
     while not stop.wait(timeout=0.5):  # wake now and then: see cmd_serve
         notifier.watchdog()
-        node.orphans.run_if_due()
     notifier.stopping("stopping: recording what was received")
     node.stop()
     return 0
@@ -114,7 +113,6 @@ def _serve_receiver(config: NodeConfig) -> int:
     print(f"dicom-node receiver listening as {listening}", flush=True)
     while not stop.wait(timeout=0.5):  # wake now and then: see cmd_serve
         notifier.watchdog()
-        node.orphans.run_if_due()
     notifier.stopping("stopping: recording what was received")
     heartbeat.stopping()
     node.stop()
@@ -192,8 +190,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Wake now and then: a signal delivered to another thread only runs its Python
     # handler once the main thread executes bytecode again.
     while not stop.wait(timeout=0.5):
-        if node.receives:
-            node.orphans.run_if_due()
+        pass
     notifier.stopping("stopping: finishing the running job")
     node.stop()
     return 0

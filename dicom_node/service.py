@@ -106,6 +106,7 @@ class Node:
             if self.receives:
                 self.receiver.start()
                 self._start_receive_processes()
+                self.orphans.start()
         except BaseException:
             self._stop_receive_processes()
             self.ctx.analysis.close()
@@ -220,6 +221,7 @@ class Node:
         self.ctx.stopping.set()
         if self.heartbeat is not None:
             self.heartbeat.stopping()
+        self.orphans.stop()
         self.receiver.stop()
         self._stop_receive_processes()
         if self.metrics is not None:

@@ -93,6 +93,14 @@ def fsync_file(path: Path) -> bool:
     return True
 
 
+def unchanged_for(path: Path, seconds: float) -> bool:
+    """Was ``path`` last changed at least ``seconds`` ago? (False if it is gone.)"""
+    try:
+        return path.stat().st_mtime <= time.time() - seconds
+    except FileNotFoundError:  # renamed or removed by its writer meanwhile
+        return False
+
+
 class FileStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -107,17 +115,13 @@ class FileStore:
         return self.outputs / check_uid(study_uid, "StudyInstanceUID") / check_uid(
             series_uid, "SeriesInstanceUID") / f"{check_uid(sop_uid, 'SOPInstanceUID')}.dcm"
 
-    def remove_partials(self, older_than_s: float = 0.0) -> int:
-        """Delete temporary files left by a crash mid-write; return how many. With
-        ``older_than_s``, only those unchanged for that long (on a shared store, a newer
-        one may be another node's, being written now)."""
+    def remove_partials(self, older_than_s: float = 0.0, under: Path | None = None) -> int:
+        """Delete temporary files left by a crash mid-write (under ``under``, default the
+        whole store); return how many. With ``older_than_s``, only those unchanged for
+        that long (on a shared store, a newer one may be another node's, being written)."""
         count = 0
-        cutoff = time.time() - older_than_s
-        for part in self.root.rglob(".tmp-*.part"):
-            try:
-                if older_than_s > 0 and part.stat().st_mtime > cutoff:
-                    continue
-            except FileNotFoundError:  # renamed or removed by its writer meanwhile
+        for part in (under or self.root).rglob(".tmp-*.part"):
+            if older_than_s > 0 and not unchanged_for(part, older_than_s):
                 continue
             part.unlink(missing_ok=True)
             count += 1

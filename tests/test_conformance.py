@@ -316,3 +316,60 @@ def test_the_tls_policy_of_the_statement_holds_on_a_running_node(
     assert echo() != 0
     assert echo("+tls", str(pki.other_client_key), str(pki.other_client_cert),
                 "+cf", str(pki.ca)) != 0
+
+
+def test_a_pacs_that_refuses_the_kos_gets_the_rest_of_the_set(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node]) -> None:
+    """A destination that accepts no context for the KOS: the KOS is dead-lettered with the
+    reason at once, every other output is stored, and the next series is sent as well (a
+    KOS it can never take does not head every later batch)."""
+    from sqlalchemy import select
+
+    from storage.models import OutboxEntry, OutboxState
+
+    stored: list[str] = []
+    lock = threading.Lock()
+
+    def on_store(event: evt.Event) -> int:
+        with lock:
+            stored.append(str(event.request.AffectedSOPClassUID))
+        return 0x0000
+
+    pacs = AE(ae_title="PACS")
+    for sop_class in (SecondaryCaptureImageStorage, SegmentationStorage, COMPREHENSIVE_3D_SR):
+        pacs.add_supported_context(sop_class)
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        node = start_node(make_config(destinations=[
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}]))
+        for seed in (21, 22):
+            source = write_series(tmp_path / f"t1c{seed}", SeriesSpec(n_slices=8), seed=seed)
+            assert pynetdicom_send(source, node.receiver.port) == [0] * len(source)
+
+        def entries() -> list[OutboxEntry]:
+            with node.sessions() as session:
+                return list(session.scalars(select(OutboxEntry)))
+
+        def settled() -> bool:
+            rows = entries()
+            return (len({r.output_id for r in rows}) >= 2 * (8 + 3)
+                    and all(r.state in (OutboxState.SENT, OutboxState.DEAD) for r in rows))
+
+        def series_states() -> list[str]:
+            from storage.models import Series
+            with node.sessions() as session:
+                return [str(x) for x in session.scalars(select(Series.state))]
+
+        assert wait_for(settled, 300), (series_states(), sorted(
+            {(str(r.state), r.last_error[:90]) for r in entries()}))
+    finally:
+        server.shutdown()  # type: ignore[union-attr]
+    rows = entries()
+    dead = [r for r in rows if r.state == OutboxState.DEAD]
+    assert len(dead) == 2 and all("Key Object Selection" in r.last_error for r in dead), \
+        [(r.state, r.last_error) for r in rows]
+    assert all(r.attempts <= 1 for r in dead)
+    assert KOS not in stored and len(stored) == len(rows) - 2

@@ -222,3 +222,28 @@ def test_a_late_instance_supersedes_the_running_job_so_a_version_is_done_once(
         assert session.get(Series, series_id).state == SeriesState.RUNNING  # type: ignore[union-attr]
         assert session.scalars(select(OutputInstance.id)).all() == []
         assert verify_chain(session).ok
+
+
+def test_a_superseded_jobs_expired_lease_leaves_the_new_versions_job_alone(
+        database_url: str, make_config: Callable[..., NodeConfig]) -> None:
+    """Version 1's worker died after a late instance made version 2, which another worker
+    now runs: taking over the expired lease abandons the version 1 job and does not queue
+    the series again (that would start a second version 2 job)."""
+    config = make_config()
+    sessions = make_session_factory(make_engine(config.database_url))
+    audit = AuditLog(sessions)
+    series_id, old_job = _running(audit, "dead/worker:1", -1.0)  # lease already over
+    with audit.transaction() as session:
+        series = session.get(Series, series_id)
+        assert series is not None
+        series.version, series.state = 2, SeriesState.RUNNING
+        job = Job(series_id=series_id, series_version=2, state=JobState.RUNNING,
+                  owner="live/worker:2", lease_until=utcnow() + timedelta(seconds=60))
+        session.add(job)
+        session.flush()
+        new_job = job.id
+    assert take_over_expired(audit, "me/worker:3") == 1
+    with sessions() as session:
+        assert session.get(Job, old_job).state == JobState.ABANDONED  # type: ignore[union-attr]
+        assert session.get(Job, new_job).state == JobState.RUNNING  # type: ignore[union-attr]
+        assert session.get(Series, series_id).state == SeriesState.RUNNING  # type: ignore[union-attr]

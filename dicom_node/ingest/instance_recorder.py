@@ -16,7 +16,6 @@ recorder records it (audited as ``recovered``).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.series.tracking import reopen
 from storage.audit import AuditKind, AuditLog
-from storage.file_store import FileStore, fsync_file
+from storage.file_store import FileStore, fsync_file, unchanged_for
 from storage.group_commit import GroupCommitter
 from storage.models import Instance, Series, SeriesState, as_utc
 
@@ -244,18 +243,11 @@ def unrecorded_files(session: Session, store: FileStore, older_than_s: float = 0
     committed."""
     if not store.incoming.is_dir():
         return
-    cutoff = time.time() - older_than_s
-    candidates = []
-    for path in sorted(store.incoming.glob("*/*/*.dcm")):
-        try:
-            if older_than_s > 0 and path.stat().st_mtime > cutoff:
-                continue
-        except FileNotFoundError:
-            continue
-        candidates.append(path)
-    if not candidates:
-        return
-    known = set(session.scalars(select(Instance.path)))
-    for path in candidates:
-        if str(path) not in known:
-            yield path
+    candidates = [str(path) for path in sorted(store.incoming.glob("*/*/*.dcm"))
+                  if older_than_s <= 0 or unchanged_for(path, older_than_s)]
+    for start in range(0, len(candidates), 500):  # only the candidates' rows, not all
+        chunk = candidates[start : start + 500]
+        known = set(session.scalars(select(Instance.path).where(Instance.path.in_(chunk))))
+        for path in chunk:
+            if path not in known:
+                yield Path(path)

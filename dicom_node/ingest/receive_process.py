@@ -43,10 +43,13 @@ class ReceiveOnlyNode:
         if self.role == "receiver":  # a node of its own: takes over a dead receiver's files
             self.orphans.at_start()
         self.receiver.start()
+        if self.role == "receiver":
+            self.orphans.start()
         self.audit.record(AuditKind.NODE_START, role=self.role,
                           ae_title=self.config.receiver.ae_title, port=self.receiver.port)
 
     def stop(self) -> None:
+        self.orphans.stop()
         self.receiver.stop()
         self.audit.record(AuditKind.NODE_STOP, role=self.role)
         self.engine.dispose()

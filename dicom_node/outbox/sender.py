@@ -25,7 +25,7 @@ from typing import Any
 
 import requests
 from pydicom import Dataset, dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config
 from pynetdicom.association import Association
 from sqlalchemy import or_, select, update
@@ -272,8 +272,9 @@ class Sender:
         stored = 0
         where = _Destination(destination, f"{ae_title}@{host}:{port}")
         outcomes = _OutcomeWriter(self._audit)
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         try:
-            for entry_id, path, _sop_class, sop_uid, study_uid, series_uid in work:
+            for entry_id, path, sop_class, sop_uid, study_uid, series_uid in work:
                 if not assoc.is_established:
                     self._retry_all([entry_id], "association ended before sending")
                     continue
@@ -281,7 +282,21 @@ class Sender:
                     outcomes.put(_Outcome(entry_id, where, None, f"output file missing: {path}",
                                           True, study_uid, series_uid, sop_uid))
                     continue
-                response = self._store(assoc, Path(path))
+                if sop_class not in accepted:
+                    # A PACS that does not take this SOP class (e.g. the KOS) refuses it on
+                    # every attempt: dead-lettered now, the rest of the set still sent.
+                    outcomes.put(_Outcome(
+                        entry_id, where, None, f"the destination accepted no presentation "
+                        f"context for SOP class {UID(sop_class).name} ({sop_class}): "
+                        "add it to the destination's accepted SOP classes", True, study_uid,
+                        series_uid, sop_uid))
+                    continue
+                try:
+                    response = self._store(assoc, Path(path))
+                except ValueError as exc:  # no context fits the file's transfer syntax
+                    outcomes.put(_Outcome(entry_id, where, None, f"cannot send: {exc}", True,
+                                          study_uid, series_uid, sop_uid))
+                    continue
                 status = int(response.Status) if "Status" in response else None
                 if status is None:
                     self._retry_all([entry_id], "no response (timeout or abort)")

@@ -11,7 +11,7 @@ steps take only what they need (config, sessions, audit), not the running node:
 - :func:`sweep`: receiving -> ready (quiet, or geometrically complete)
 - :func:`triage`: ready -> queued (an axial T1C) or skipped (the reason)
 - :func:`recover`: at start-up, running -> queued (the node died in the job)
-- :func:`reopen`: a late instance puts a ready/queued/finished series back to
+- :func:`reopen`: a late instance puts a ready/queued/running/finished series back to
   receiving (the instance recorder calls it)
 - a job moves queued -> running -> done/skipped/failed (:mod:`dicom_node.jobs`)
 - :func:`reprocess` (``dicom-node reprocess``): a finished series -> ready, version + 1
@@ -334,8 +334,15 @@ def take_over_expired(audit: AuditLog, by: str) -> int:
             job.state = JobState.ABANDONED
             job.finished_at = now
             job.error = f"lease of {job.owner} expired; taken over by {by}"
+            session.flush()
             series = session.get(Series, job.series_id)
-            if series is not None and series.state == SeriesState.RUNNING:
+            # Queued again only if the dead job was the series' current version and no
+            # other job runs it: a late instance may have made a newer version that
+            # another worker is running now (it must not get a second job).
+            other = session.scalar(select(Job.id).where(
+                Job.series_id == job.series_id, Job.state == JobState.RUNNING).limit(1))
+            if (series is not None and series.state == SeriesState.RUNNING
+                    and job.series_version == series.version and other is None):
                 set_state(audit, session, series, SeriesState.QUEUED,
                           f"taken over: the lease of {job.owner} on job {job.id} expired",
                           job=job.id, by=by)
