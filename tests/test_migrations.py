@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -88,6 +89,28 @@ def test_audit_events_before_0004_keep_verifying_beside_events_that_name_their_n
             ("series.state", ""), ("job.start", ""), ("job.finish", "host/worker:104")]
         check = verify_chain(session)
         assert check.ok and check.events == 3, check.reason
+    engine.dispose()
+
+
+def test_downgrading_0004_is_refused_once_events_name_their_node(database_url: str) -> None:
+    """Dropping the node column would make every event since 0004 fail verification: the
+    downgrade refuses (restore the pre-upgrade backup instead); an empty one goes down."""
+    from alembic import command
+
+    from storage.migrate import alembic_config
+
+    engine = make_engine(database_url)
+    with engine.connect() as connection:  # nothing names a node yet: the downgrade works
+        command.downgrade(alembic_config(connection), "0003_notification_claims")
+        connection.commit()
+    assert current_revision(engine) == "0003_notification_claims"
+    upgrade(engine)
+    AuditLog(make_session_factory(engine), node="host/worker:104").record("job.start", job=1)
+    with engine.connect() as connection, pytest.raises(RuntimeError, match="would break the audit chain"):
+        command.downgrade(alembic_config(connection), "0003_notification_claims")
+    assert current_revision(engine) == head_revision()
+    with make_session_factory(engine)() as session:
+        assert verify_chain(session).ok
     engine.dispose()
 
 

@@ -122,14 +122,15 @@ def _queue_outputs(session: Session, files: list[Path], pacs: HoldingPacs) -> li
 def _sender_config(tmp_path: Path, name: str, port: int, url: str, weights: Path,
                    pacs: HoldingPacs) -> Path:
     """A sender's config: its own calling AE title (the PACS tells the senders apart by
-    it), a lease of 3 s renewed every 0.5 s, one association, a DIMSE timeout longer than
+    it), a lease of 15 s renewed every 0.5 s (a busy CI machine's stall cannot outlast it),
+    one association, a DIMSE timeout longer than
     the test holds a C-STORE (the sender must not give up on it by itself)."""
     toml = subprocess_node_toml(tmp_path / "shared", port, weights, "STORESCU", pacs.ae_title,
                                 pacs.port)
     toml = toml.replace('ae_title = "DICOMNODE"', f'ae_title = "{name}"', 1)
     toml = toml.replace("[node]\n", f'[node]\ndatabase_url = "{url}"\n'
                         "heartbeat_interval_s = 0.5\n", 1)
-    toml = toml.replace("[outbox]\n", "[outbox]\nlease_s = 3.0\nassociations_per_destination = 1\n"
+    toml = toml.replace("[outbox]\n", "[outbox]\nlease_s = 15.0\nassociations_per_destination = 1\n"
                         "dimse_timeout_s = 120.0\n", 1)
     path = tmp_path / f"{name}.toml"
     path.write_text(toml)

@@ -241,8 +241,8 @@ def population_mean_uptake(data: ds.PairedDataset, bin_mm: float
     for start in tqdm(range(0, len(train), 64), desc="population mean", unit="chunk",
                       leave=False):
         part = train[start : start + 64]
-        if data.has("uptake"):
-            up = data.get("uptake")[part].astype(np.float32)
+        if data.has("pet_suv") or data.has("uptake"):  # what an uptake model learns
+            up = data.get(ds.uptake_array(data))[part].astype(np.float32)
         else:
             up = defuse_uptake(data.fusion[part], data.t1c[part], style)
         if data.has("brain_mask"):

@@ -26,5 +26,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Events written since 0004 are hashed with their node: dropping the column would
+    # make `audit --verify` report them as tampered, for good. Restore the backup taken
+    # before the upgrade instead (docs/operations.md, "Upgrade").
+    named = op.get_bind().execute(sa.text(
+        "SELECT count(*) FROM audit_events WHERE node <> ''")).scalar()
+    if named:
+        raise RuntimeError(f"{named} audit events name their node (written since 0004): "
+                           "a downgrade would break the audit chain; restore the backup "
+                           "taken before the upgrade instead")
     with op.batch_alter_table("audit_events") as batch:
         batch.drop_column("node")
