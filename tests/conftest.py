@@ -20,6 +20,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from benchmarks._common import free_port, port_open
 from benchmarks._common import wait_for as poll
 from dicom_node.config import NodeConfig, parse_config
+from dicom_node.net.ae import keep_responses
 from dicom_node.service import Node
 from tests.orthanc_peer import OrthancProcess, launch_orthanc
 from tests.postgres import PostgresCluster
@@ -318,6 +319,7 @@ def pynetdicom_send(files: list[Path], port: int, calling_ae: str = "TESTSCU",
                                                     for ds in datasets}))
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
     assert assoc.is_established, "association with the node failed"
+    keep_responses(assoc)  # pynetdicom's swallowed-response race (tests/test_sender_responses.py)
     statuses = []
     for ds in datasets:
         rsp = assoc.send_c_store(ds)

@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from dicom_node.net.ae import keep_responses
 from storage.database import make_engine
 from storage.models import Job, OutboxEntry, Series
 from tests.conftest import free_port, subprocess_node_toml, wait_for, written_outputs
@@ -148,6 +149,10 @@ def _send(files: list[Path], port: int, stop_after: int | None = None) -> int:
     assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
     if not assoc.is_established:
         return 0
+    # pynetdicom's reactor sometimes takes a C-STORE response meant for the waiting request
+    # ("Received unexpected C-STORE service message"), which then waits out the DIMSE
+    # timeout: the node's own sender keeps such responses (net.ae), and so does this SCU.
+    keep_responses(assoc)
     done = 0
     for index, path in enumerate(files):
         if stop_after is not None and index == stop_after:
