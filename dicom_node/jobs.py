@@ -260,7 +260,7 @@ def run_series(ctx: NodeContext, series_id: int, job_id: int,
             # While the analysis process measures the ratios: the stochastic passes behind
             # each lesion's interval (dicom_node/analysis/uncertainty.py).
             with timed("uncertainty passes (sample_uptake)"):
-                draws = ctx.predictor.sample_uptake(prediction.grey, samples,
+                draws = ctx.predictor.sample_uptake(prediction.input_grey, samples,
                                                     slice_spacing_mm=volume.spacing_mm[0],
                                                     slice_positions_mm=volume.positions_mm)
         limit_s = ctx.config.analysis.timeout_s

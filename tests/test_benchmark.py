@@ -16,7 +16,7 @@ import torch
 from dicom_node.analysis.tbr import Lesion, TbrResult
 from dicom_node.analysis.uncertainty import Calibration, lesion_intervals
 from dicom_node.inference.generator import build_generator
-from dicom_node.inference.model_weights import ModelCard, load_weights, save_weights
+from dicom_node.inference.model_weights import ModelCard, WeightsError, load_weights, save_weights
 from dicom_node.inference.predictor import Predictor
 from training.augment import AffineAugment, warp
 from training.benchmark import CohortError, check_cohort, run_benchmark
@@ -182,6 +182,23 @@ def test_sampling_is_seeded_and_varies(tmp_path: Path) -> None:
     first = predictor.predict(grey * 1000.0).uptake
     np.testing.assert_array_equal(first, predictor.predict(grey * 1000.0).uptake)
     assert all(not m.training for m in model.generator.modules())
+
+
+def test_the_network_reads_the_grey_its_card_was_trained_on(tmp_path: Path) -> None:
+    """A card's t1c_input_ceiling decides the network's input; the display grey (fusion,
+    SC, analysis) stays the [0, 1] window whatever the model."""
+    volume = np.random.default_rng(3).normal(1000.0, 30.0, (3, 40, 40)).astype(np.float32)
+    volume[1, 18:22, 18:22] = 1300.0
+    plain = Predictor(load_weights(_uptake_weights(tmp_path / "a.pt")), torch.device("cpu"), 2)
+    headroom = Predictor(load_weights(_uptake_weights(tmp_path / "b.pt", t1c_input_ceiling=2.0)),
+                         torch.device("cpu"), 2)
+    a, b = plain.predict(volume), headroom.predict(volume)
+    np.testing.assert_array_equal(a.grey, b.grey)
+    assert float(a.grey.max()) == 1.0
+    assert float(b.input_grey.max()) > 1.2 and float(a.input_grey.max()) == 1.0
+    assert not np.array_equal(a.uptake, b.uptake)  # same weights, other input
+    with pytest.raises(WeightsError, match="t1c_input_ceiling"):
+        _card(t1c_input_ceiling=0.5).validate()
 
 
 def test_intervals_combine_sampling_and_calibration() -> None:

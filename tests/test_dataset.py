@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from dicom_node.config import SelectionConfig, load_config
-from dicom_node.inference.fusion import fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion import NETWORK_T1C_CEILING, fuse, to_uint8, window_t1c
 from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.resampling import to_network
 from dicom_node.series.selection import select_series
@@ -135,11 +135,19 @@ def test_dataset_round_trips(cohort: tuple[Path, list[PhantomPatient]], tmp_path
         assert pairs[key].shape == shape, key
     assert pairs["patient_id"].dtype.kind == "U" and pairs["study_uid"].dtype.kind == "U"
     assert sorted(set(pairs["patient_id"].tolist())) == [p.patient_id for p in patients]
-    assert float(pairs["t1c"].min()) >= 0.0 and float(pairs["t1c"].max()) <= 1.0
+    # The network grey keeps headroom above the display window (enhancement survives).
+    info = json.loads((tmp_path / "dataset.json").read_text())
+    assert info["t1c_ceiling"] == NETWORK_T1C_CEILING == 2.0
+    assert float(pairs["t1c"].min()) >= 0.0
+    assert 1.0 < float(pairs["t1c"].max()) <= NETWORK_T1C_CEILING
     # One patient's pairs equal what the phantom says they are.
     first = patients[1]
     mine = np.flatnonzero(pairs["patient_id"] == first.patient_id)
     assert len(mine) == SMALL.slices
+    net_grey = window_t1c(first.t1c, NETWORK_T1C_CEILING)
+    np.testing.assert_array_equal(
+        pairs["t1c"][mine],
+        np.clip(to_network(net_grey, SIZE)[0][:, 0].numpy(), 0.0, 2.0).astype(np.float16))
     grey = window_t1c(first.t1c)
     np.testing.assert_array_equal(pairs["fusion"][mine], rgb_to_network(first.fusion, SIZE))
     oracle = rgb_to_network(to_uint8(fuse(grey, first.oracle_uptake, FusionStyle())), SIZE)

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from dicom_node.inference.fusion import defuse, fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion import (
+    NETWORK_T1C_CEILING,
+    defuse,
+    display_grey,
+    fuse,
+    to_uint8,
+    window_t1c,
+)
 from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.writers.uids import derive_uid, source_fingerprint
 
@@ -33,6 +41,24 @@ def test_window_t1c_is_in_unit_range() -> None:
     volume = np.random.default_rng(1).normal(500, 100, (3, 20, 20))
     grey = window_t1c(volume)
     assert grey.min() == 0.0 and grey.max() == 1.0
+
+
+def test_network_grey_keeps_enhancement_the_display_window_clips() -> None:
+    """A brain series' 99.5th percentile lies in its brightest white matter: at the display
+    window an enhancing lesion (1.25 x white matter) reads exactly as that white matter;
+    with the network's headroom it stays brighter (what fdopa-demo 3.2 never saw)."""
+    rng = np.random.default_rng(2)
+    volume = np.zeros((4, 64, 64), dtype=np.float32)
+    volume[:, 8:56, 8:56] = rng.normal(1000.0, 20.0, (4, 48, 48))  # white matter
+    volume[1, 30:33, 30:33] = 1250.0  # a small enhancing lesion
+    display = window_t1c(volume)
+    network = window_t1c(volume, NETWORK_T1C_CEILING)
+    brightest_wm = np.percentile(display[:, 8:56, 8:56], 99.9)
+    assert display[1, 31, 31] == 1.0 == brightest_wm
+    assert network[1, 31, 31] > 1.15 * np.percentile(network[:, 8:56, 8:56], 99.9)
+    np.testing.assert_array_equal(display_grey(network), display)
+    with pytest.raises(ValueError, match="ceiling"):
+        window_t1c(volume, 0.5)
 
 
 def test_output_uids_are_deterministic_and_distinct() -> None:

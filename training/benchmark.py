@@ -165,7 +165,8 @@ def evaluate_patient(index: int, seed: int, predictor: Predictor, geometry: Phan
     matches: dict[str, Matching] = {source: m for source, (_, m) in measured.items()}
     intervals: dict[int, TbrInterval] = {}
     if samples >= 2 and results["synthetic"].lesions:
-        draws = predictor.sample_uptake(grey, samples, geometry.slice_spacing_mm, positions)
+        draws = predictor.sample_uptake(prediction.input_grey, samples,
+                                        geometry.slice_spacing_mm, positions)
         intervals = {i.lesion: i for i in lesion_intervals(draws, results["synthetic"],
                                                             calibration)}
     record = PatientRecord(index=index, patient_id=patient.patient_id,

@@ -120,7 +120,8 @@ class PairedDataset:
         fusion is drawn over so that it matches the real fusion where no uptake shows."""
         if "t1c_backdrop" in self.extra:
             return self.extra["t1c_backdrop"][idx].astype(np.float32) / 255.0
-        return self.t1c[idx].astype(np.float32)
+        # the display grey: a network grey with headroom (t1c_ceiling > 1) clipped at 1
+        return np.minimum(self.t1c[idx].astype(np.float32), np.float32(1.0))
 
     def summary(self, split: str) -> dict[str, int]:
         idx = self.indices(split)

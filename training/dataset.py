@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from dicom_node.config import SelectionConfig, load_config
 from dicom_node.errors import ConfigError
+from dicom_node.inference.fusion import NETWORK_T1C_CEILING
 from dicom_node.inference.fusion_style import FusionStyle
 from training.dataset_io import DatasetSummary, summary_table, write_dataset
 from training.pair_arrays import (
@@ -50,22 +51,26 @@ logger = logging.getLogger(__name__)
 def build_dataset(studies_dir: Path, out_dir: Path, size: int = 128, split: str = "patient",
                   seed: int = 0, style: FusionStyle | None = None, progress: bool = True,
                   workers: int = 1, selection: SelectionConfig | None = None,
-                  pairing_rules: PairingRules | None = None) -> DatasetSummary:
+                  pairing_rules: PairingRules | None = None,
+                  t1c_ceiling: float = NETWORK_T1C_CEILING) -> DatasetSummary:
     """Scan, pair, resample, split and write a dataset (see the module docstring).
 
     ``workers`` > 1 builds that many studies at once in worker processes; the result is
     the same as with one. ``selection``: the node's series selection rules (default: the
-    node's defaults).
+    node's defaults). ``t1c_ceiling``: the clip of the stored T1C grey (window_t1c).
     """
     style = style or FusionStyle()
     if size < 16:
         raise ValueError("size must be at least 16")
+    if not t1c_ceiling >= 1.0:
+        raise ValueError("t1c_ceiling must be >= 1")
     studies = scan_studies(studies_dir, progress=progress)
     built: list[StudyPairs] = []
     skipped: list[dict[str, str]] = []
     pairing_rules = pairing_rules or PairingRules()
     build = partial(build_study_pairs, root=Path(studies_dir), size=size, style=style,
-                    rules=selection or SelectionConfig(), pairing_rules=pairing_rules)
+                    rules=selection or SelectionConfig(), pairing_rules=pairing_rules,
+                    t1c_ceiling=t1c_ceiling)
     pool_or_none = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=torch.set_num_threads, initargs=(1,))
                     if workers > 1 else nullcontext())
@@ -90,6 +95,7 @@ def build_dataset(studies_dir: Path, out_dir: Path, size: int = 128, split: str 
     out = Path(out_dir)
     write_dataset(out, arrays, splits, {
         "size": size,
+        "t1c_ceiling": t1c_ceiling,
         "pairing_rules": {"max_pet_mr_gap_min": pairing_rules.max_pet_mr_gap_min,
                           "gap_factor": pairing_rules.gap_factor},
         "source_dir": str(Path(studies_dir).resolve()),
@@ -176,6 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse a PET whose acquisition is more than this many minutes "
                              "from the T1C's (not simultaneous; default 30)")
     parser.add_argument("--size", type=int, default=128, help="network size (default 128)")
+    parser.add_argument("--t1c-ceiling", type=float, default=NETWORK_T1C_CEILING,
+                        help="clip of the stored T1C grey, 1 = the display window "
+                             "(default %(default)s: enhancement above the window is kept)")
     parser.add_argument("--split", choices=SPLIT_METHODS, default="patient",
                         help="patient (default) or slice (the paper's; leaks patients)")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
@@ -208,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = build_dataset(args.studies, args.out, size=args.size, split=args.split,
                                 seed=args.seed, workers=max(1, args.workers),
-                                selection=selection, pairing_rules=pairing_rules)
+                                selection=selection, pairing_rules=pairing_rules,
+                                t1c_ceiling=args.t1c_ceiling)
     except ValueError as exc:
         print(f"dataset: {exc}", file=sys.stderr)
         return 2

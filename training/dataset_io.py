@@ -3,7 +3,7 @@
 On-disk format (the training code reads exactly this)::
 
     DSDIR/pairs.npz
-        t1c               float16 (N, S, S)     windowed T1C in [0, 1]
+        t1c               float16 (N, S, S)     windowed T1C in [0, t1c_ceiling] (dataset.json; 1 before 3.3)
         t1c_backdrop      uint8   (N, S, S)     the T1C as the fusion shows it: the windowed
                                                 T1C as uint8 grey at the native matrix,
                                                 resampled like the fusion (the exact pixels

@@ -194,6 +194,7 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         "dataset": info["path"],
         "dataset_source": info.get("source"),
         "pet_layout": info.get("pet_layout", "same-grid"),
+        "t1c_ceiling": float(info.get("t1c_ceiling", 1.0)),
         "uptake_array": info.get("uptake_array"),
         "image_size": info["size"],
         "split_method": info["split_method"],
@@ -252,6 +253,7 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         context_spacing_mm=float(resolved.get("slice_spacing_mm", 0.0))
         if config.get("context_slices", 0) else 0.0,
         slice_smoothing_mm=float(slice_smoothing_mm),
+        t1c_input_ceiling=float(info.get("t1c_ceiling", 1.0)),
         uptake_contrast_gain=float(uptake_contrast_gain),
         cohorts=dict(cohorts or {}),
         tbr_interval=dict(tbr_interval or {}),

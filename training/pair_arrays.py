@@ -1,6 +1,7 @@
 """The arrays of a training dataset: one study's pairs at the network size, and the splits.
 
-The T1C grey values are :func:`dicom_node.inference.fusion.window_t1c` over the whole series, then
+The T1C grey values are :func:`dicom_node.inference.fusion.window_t1c` over the whole series
+(clipped at the dataset's ``t1c_ceiling``: 2 keeps enhancement above the display window), then
 :func:`dicom_node.inference.resampling.to_network` to the network size; the fusion is resampled per
 channel the same way. A phantom study (``ground_truth.json`` with the study's UID in the
 series folder or one of its parents, up to ``DIR``) also contributes uptake, the oracle
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from dicom_node.config import SelectionConfig
-from dicom_node.inference.fusion import fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion import display_grey, fuse, to_uint8, window_t1c
 from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.resampling import padding_for, to_network
 from training.pet_volume import resample_to_planes
@@ -142,20 +143,21 @@ class PixelError(ValueError):
 
 def build_study_pairs(study: StudyHeaders, root: Path, size: int, style: FusionStyle,
                       rules: SelectionConfig | None = None,
-                      pairing_rules: PairingRules | None = None) -> StudyPairs | str:
+                      pairing_rules: PairingRules | None = None,
+                      t1c_ceiling: float = 1.0) -> StudyPairs | str:
     """The network-size pairs of one study, or why it was skipped (:func:`plan_study`;
     pixel data that cannot be decoded, as the node's ``load_volume`` would refuse it)."""
     plan = plan_study(study, rules, pairing_rules)
     if isinstance(plan, Refusal):
         return plan.reason
     try:
-        return _build_planned(study, plan, root, size, style)
+        return _build_planned(study, plan, root, size, style, t1c_ceiling)
     except PixelError as exc:
         return str(exc)
 
 
 def _build_planned(study: StudyHeaders, plan: StudyPlan, root: Path, size: int,
-                   style: FusionStyle) -> StudyPairs | str:
+                   style: FusionStyle, t1c_ceiling: float = 1.0) -> StudyPairs | str:
     t1c_series, target_series, target_kind = plan.t1c, plan.target, plan.target_kind
     t1c = t1c_series.slices
     target = target_series.slices
@@ -173,7 +175,8 @@ def _build_planned(study: StudyHeaders, plan: StudyPlan, root: Path, size: int,
     if len(shapes) != 1:
         return f"T1C slices differ in matrix size: {sorted(shapes)}"
     volume = np.stack([v for v, _ in read])
-    grey = window_t1c(volume)
+    net_grey = window_t1c(volume, t1c_ceiling)
+    grey = display_grey(net_grey)
     t1c_idx = [i for i, _ in pairing.pairs]
     grey_paired = grey[t1c_idx]
 
@@ -194,7 +197,7 @@ def _build_planned(study: StudyHeaders, plan: StudyPlan, root: Path, size: int,
         fusion_native = to_uint8(fuse(grey_paired, suv, style))
         suv_net = to_network(suv, size)[0][:, 0].numpy().astype(np.float16)
 
-    t1c_net = to_network(grey_paired, size)[0][:, 0].numpy()
+    t1c_net = to_network(net_grey[t1c_idx], size)[0][:, 0].numpy()
     ground_truth = None
     has_tumour = np.zeros(len(t1c_idx), dtype=bool)
     npz_path = find_ground_truth(study, [t1c[0].path], root)
@@ -203,7 +206,7 @@ def _build_planned(study: StudyHeaders, plan: StudyPlan, root: Path, size: int,
                                                          style)
     return StudyPairs(
         patient_id=study.patient_id, study_uid=study.uid,
-        t1c=np.clip(t1c_net, 0.0, 1.0).astype(np.float16),
+        t1c=np.clip(t1c_net, 0.0, t1c_ceiling).astype(np.float16),
         t1c_backdrop=grey_to_network(grey_paired, size),
         fusion=rgb_to_network(fusion_native, size),
         slice_position_mm=positions[t1c_idx].astype(np.float32),

@@ -49,7 +49,13 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from dicom_node.inference.fusion import fuse, to_uint8, window_t1c
+from dicom_node.inference.fusion import (
+    NETWORK_T1C_CEILING,
+    display_grey,
+    fuse,
+    to_uint8,
+    window_t1c,
+)
 from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.resampling import to_network
 from training.dataset_io import write_atomic, write_json
@@ -80,8 +86,11 @@ class CohortSpec:
     tumour_reach_slices: int = 2
     lean: bool = False
     pet_layout: str = "scanner"
+    t1c_ceiling: float = NETWORK_T1C_CEILING  # the stored grey's clip (window_t1c)
 
     def __post_init__(self) -> None:
+        if not self.t1c_ceiling >= 1.0:
+            raise ValueError("t1c_ceiling must be >= 1")
         if self.pet_layout not in PET_LAYOUTS:
             raise ValueError(f"pet_layout must be one of {PET_LAYOUTS}, got {self.pet_layout!r}")
         p = self.tumour_count_p
@@ -156,13 +165,14 @@ def patient_arrays(index: int, spec: CohortSpec) -> dict[str, NDArray[np.generic
                                tumour_count_p=spec.tumour_count_p)
     size = spec.size
     keep = kept_slices(patient.tumour_labels, spec, index)
-    grey = window_t1c(patient.t1c)
+    net_grey = window_t1c(patient.t1c, spec.t1c_ceiling)
+    grey = display_grey(net_grey)
     uids = patient_uids(patient)
     z = patient.geometry.axis_mm(0)[keep].astype(np.float32)
     labels = patient.tumour_labels[keep].astype(np.uint8)
     out: dict[str, NDArray[np.generic]] = {
-        "t1c": np.clip(to_network(grey[keep], size)[0][:, 0].numpy(), 0.0, 1.0
-                       ).astype(np.float16),
+        "t1c": np.clip(to_network(net_grey[keep], size)[0][:, 0].numpy(), 0.0,
+                       spec.t1c_ceiling).astype(np.float16),
         "patient_id": np.array([patient.patient_id] * len(keep), dtype=str),
         "study_uid": np.array([uids.study] * len(keep), dtype=str),
         "slice_position_mm": z,
@@ -224,6 +234,7 @@ def build_phantom_dataset(spec: CohortSpec, patients: int, out_dir: Path, val_pa
     write_json(out / "splits.json", splits)
     info: dict[str, object] = {
         "size": spec.size,
+        "t1c_ceiling": spec.t1c_ceiling,
         "source": f"phantom-dataset seed {spec.seed}",
         "phantom_cohort": {"seed": spec.seed, "patients": patients,
                            "slice_spacing_mm": spec.slice_spacing_mm,
@@ -257,6 +268,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pet-layout", choices=PET_LAYOUTS, default="scanner",
                         help="the uptake target read from the PET as a PET/MR scanner writes "
                              "it (scanner, default) or on the T1C grid (same-grid)")
+    parser.add_argument("--t1c-ceiling", type=float, default=NETWORK_T1C_CEILING,
+                        help="clip of the stored T1C grey (1 = the display window, as "
+                             "datasets before 3.3 were; default %(default)s keeps enhancement)")
     parser.add_argument("--val-patients", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
 
@@ -268,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
                           tumour_count_p=p,  # type: ignore[arg-type]
                           normal_slice_fraction=args.normal_slice_fraction,
                           tumour_reach_slices=args.tumour_reach_slices, lean=args.lean,
-                          pet_layout=args.pet_layout)
+                          pet_layout=args.pet_layout, t1c_ceiling=args.t1c_ceiling)
         info = build_phantom_dataset(spec, args.patients, args.out, args.val_patients,
                                      args.workers)
     except ValueError as exc:

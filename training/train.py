@@ -292,6 +292,7 @@ def dataset_info(data: ds.PairedDataset) -> dict[str, Any]:
         "leaks_patients": bool(data.splits.get("leaks_patients", False)),
         "source": data.info.get("source_dir") or data.info.get("source"),
         "pet_layout": (data.info.get("phantom_cohort") or {}).get("pet_layout", "same-grid"),
+        "t1c_ceiling": float(data.info.get("t1c_ceiling", 1.0)),
         "uptake_array": ds.uptake_array(data) if (data.has("pet_suv") or data.has("uptake"))
         else None,
         "splits": {split: data.summary(split) for split in ds.SPLITS},

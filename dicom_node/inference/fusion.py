@@ -38,6 +38,10 @@ _HOT_POINTS: dict[str, tuple[tuple[float, float], ...]] = {
 }
 
 T1C_WINDOW_PERCENTILES = (0.5, 99.5)
+# The grey a newly built training set stores and its model reads: the window above,
+# clipped at 2 instead of 1 so that enhancement survives (see window_t1c). Models and
+# datasets made before it have ceiling 1 (their cards and dataset.json say which).
+NETWORK_T1C_CEILING = 2.0
 
 
 def colormap_knots(name: str) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -64,15 +68,29 @@ def colormap(t: NDArray[np.floating], name: str = "hot") -> FloatArray:
     return np.stack(channels, axis=-1).astype(np.float32)
 
 
-def window_t1c(volume: NDArray[np.floating] | NDArray[np.integer]) -> FloatArray:
-    """Window a T1C series (any shape) to grey values in [0, 1] by its percentiles."""
+def window_t1c(volume: NDArray[np.floating] | NDArray[np.integer],
+               ceiling: float = 1.0) -> FloatArray:
+    """Window a T1C series (any shape) to grey values by its percentiles: the 0.5th maps
+    to 0, the 99.5th to 1, and values are clipped to [0, ``ceiling``].
+
+    The display grey has ceiling 1. A network input keeps headroom above it
+    (:data:`NETWORK_T1C_CEILING`): the 99.5th percentile of a brain series lies in the
+    brightest white matter, so at ceiling 1 enhancing tissue (brighter than any white
+    matter) reads exactly as bright white matter and a small enhancing lesion vanishes."""
+    if ceiling < 1.0:
+        raise ValueError(f"ceiling must be >= 1, got {ceiling}")
     data = np.asarray(volume, dtype=np.float32)
     low, high = np.percentile(data, T1C_WINDOW_PERCENTILES)
     if high <= low:
         high = low + 1.0
-    scaled: NDArray[np.float32] = np.clip((data - low) / (high - low), 0.0, 1.0).astype(
+    scaled: NDArray[np.float32] = np.clip((data - low) / (high - low), 0.0, ceiling).astype(
         np.float32)
     return scaled
+
+
+def display_grey(network_grey: NDArray[np.floating]) -> FloatArray:
+    """The display grey (ceiling 1) of a grey windowed with headroom."""
+    return np.minimum(np.asarray(network_grey, dtype=np.float32), np.float32(1.0))
 
 
 def uptake_to_colour(uptake: NDArray[np.floating], style: FusionStyle) -> FloatArray:

@@ -64,6 +64,9 @@ class ModelCard:
     # The phantom cohorts behind this model: training and validation seeds (used for
     # choices) and the sealed test seed, evaluated once: see training.benchmark.
     cohorts: dict[str, Any] = field(default_factory=dict)
+    # The clip of the network's T1C grey (dicom_node.inference.fusion.window_t1c): 1 for
+    # models before 3.3 (their input clipped enhancement to bright white matter).
+    t1c_input_ceiling: float = 1.0
 
     @property
     def input_channels(self) -> int:
@@ -98,6 +101,11 @@ class ModelCard:
                                "finite length >= 0")
         if smoothing and self.output_kind != "uptake":
             raise WeightsError("model card slice_smoothing_mm applies to uptake models only")
+        ceiling = self.t1c_input_ceiling
+        if (isinstance(ceiling, bool) or not isinstance(ceiling, (int, float))
+                or not math.isfinite(ceiling) or ceiling < 1.0):
+            raise WeightsError(f"model card t1c_input_ceiling {ceiling!r} is not a finite "
+                               "value >= 1")
         gain = self.uptake_contrast_gain
         if (isinstance(gain, bool) or not isinstance(gain, (int, float))
                 or not math.isfinite(gain) or gain <= 0):

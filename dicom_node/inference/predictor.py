@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from dicom_node.inference.fusion import defuse, fuse, fuse_uint8, to_uint8, window_t1c
+from dicom_node.inference.fusion import (
+    defuse,
+    display_grey,
+    fuse,
+    fuse_uint8,
+    to_uint8,
+    window_t1c,
+)
 from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.model_weights import LoadedModel
 from dicom_node.inference.resampling import Padding, from_network, to_network
@@ -55,10 +62,17 @@ def pick_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class Prediction:
-    grey: NDArray[np.float32]  # (N, H, W) windowed T1C in [0, 1]
+    grey: NDArray[np.float32]  # (N, H, W) windowed T1C in [0, 1], the display grey
     uptake: NDArray[np.float32]  # (N, H, W) synthetic uptake
     style: FusionStyle  # how ``fusion`` is drawn
     model_fusion: NDArray[np.float32] | None = None  # a fusion model's own output
+    # The grey as the network read it (the card's t1c_input_ceiling); None: ``grey``
+    network_grey: NDArray[np.float32] | None = None
+
+    @property
+    def input_grey(self) -> NDArray[np.float32]:
+        """What :meth:`Predictor.sample_uptake` takes: the grey the network read."""
+        return self.grey if self.network_grey is None else self.network_grey
 
     @functools.cached_property
     def fusion(self) -> NDArray[np.float32]:
@@ -102,8 +116,8 @@ class Predictor:
                     progress: Callable[[int, int], None] | None = None,
                     batch_size: int | None = None,
                     slice_spacing_mm: float | None = None) -> torch.Tensor:
-        """(N, H, W) grey, ordered along the slice normal -> (N, C, H, W) generator output
-        in [-1, 1] at native size."""
+        """(N, H, W) grey (windowed to the card's ``t1c_input_ceiling``), ordered along the
+        slice normal -> (N, C, H, W) generator output in [-1, 1] at native size."""
         net_in, pad = self._network_input(grey, slice_spacing_mm)
         generator = self.model.generator
         generator.eval()
@@ -220,7 +234,8 @@ class Predictor:
         """``volume`` (N, H, W) ordered along the slice normal, ``slice_spacing_mm`` apart
         (for models that take neighbouring slices or smooth along the normal); with
         ``slice_positions_mm`` the smoothing stops at missing slices."""
-        grey = window_t1c(volume)
+        network_grey = window_t1c(volume, self.model.card.t1c_input_ceiling)
+        grey = display_grey(network_grey)
         started = time.monotonic()
 
         def check_deadline(done: int, total: int) -> None:
@@ -228,12 +243,13 @@ class Predictor:
                 raise InferenceTimeout(f"inference exceeded {timeout_s:g} s "
                                        f"({done}/{total} slices done)")
 
-        output = self.run_network(grey, progress=check_deadline, batch_size=batch_size,
+        output = self.run_network(network_grey, progress=check_deadline, batch_size=batch_size,
                                   slice_spacing_mm=slice_spacing_mm).numpy()
         if self.model.card.output_kind == "uptake":
             uptake = ((output[:, 0] + 1.0) / 2.0 * self.model.card.uptake_scale).astype(np.float32)
             uptake = self.calibrate(uptake, slice_spacing_mm, slice_positions_mm)
-            return Prediction(grey=grey, uptake=uptake, style=self.style)
+            return Prediction(grey=grey, uptake=uptake, style=self.style,
+                              network_grey=network_grey)
         fusion = np.transpose((output + 1.0) / 2.0, (0, 2, 3, 1)).astype(np.float32)
         # Quantise as the stored SC will be, so analysis sees what the viewer sees.
         fusion = np.rint(fusion * 255.0) / 255.0
