@@ -421,6 +421,26 @@ def test_fine_tuning_records_the_starting_weights(toy_dataset: Path, full_run: P
     assert training["init_generator"] == str(full_run / "generator.pt")
 
 
+def test_the_t1c_ceiling_goes_from_dataset_to_card_and_is_fixed_on_resume(
+        toy_dataset: Path, full_run: Path, tmp_path: Path) -> None:
+    """A model fine-tuned on a dataset with headroom (t1c_ceiling 2) reads its input that
+    way at the node (card), says what its start read, and cannot resume on other data."""
+    headroom = tmp_path / "headroom"
+    shutil.copytree(toy_dataset, headroom)
+    info = json.loads((headroom / "dataset.json").read_text())
+    (headroom / "dataset.json").write_text(json.dumps({**info, "t1c_ceiling": 2.0}))
+    run = train(_config(headroom, tmp_path / "run", max_steps=2,
+                        init_generator=str(full_run / "generator.pt")))
+    assert run.weights is not None
+    card = load_weights(run.weights).card
+    assert card.t1c_input_ceiling == 2.0 and card.training["t1c_ceiling"] == 2.0
+    assert card.training["init_generator_t1c_ceiling"] == 1.0
+    assert load_weights(full_run / "generator.pt").card.t1c_input_ceiling == 1.0
+    (headroom / "dataset.json").write_text(json.dumps({**info, "t1c_ceiling": 1.0}))
+    with pytest.raises(ValueError, match="cannot resume.*clipped at 2"):
+        train(_config(headroom, tmp_path / "run", max_steps=4), resume=True)
+
+
 def test_uptake_models_learn_the_measured_pet_of_a_site_export(toy_dataset: Path,
                                                                tmp_path: Path) -> None:
     """A site's exports give `pet_suv` (the PET as measured) and no phantom truth: an uptake

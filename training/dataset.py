@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing
 import sys
 from collections.abc import Iterable
@@ -62,8 +63,8 @@ def build_dataset(studies_dir: Path, out_dir: Path, size: int = 128, split: str 
     style = style or FusionStyle()
     if size < 16:
         raise ValueError("size must be at least 16")
-    if not t1c_ceiling >= 1.0:
-        raise ValueError("t1c_ceiling must be >= 1")
+    if not (math.isfinite(t1c_ceiling) and t1c_ceiling >= 1.0):
+        raise ValueError("t1c_ceiling must be a finite value >= 1")
     studies = scan_studies(studies_dir, progress=progress)
     built: list[StudyPairs] = []
     skipped: list[dict[str, str]] = []

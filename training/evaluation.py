@@ -117,7 +117,9 @@ def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
     if card.output_kind == "uptake" and sigma > 0 and (runs is None or positions_mm is None):
         raise ValueError(f"the model's output is smoothed along the slice normal ({sigma:g} mm): "
                          "give the runs of contiguous slices and their positions")
-    under = np.asarray(t1c[:, channels // 2] if backdrop is None else backdrop, dtype=np.float32)
+    # the display grey: a dataset's t1c may keep headroom above 1 (t1c_ceiling)
+    under = (np.minimum(np.asarray(t1c[:, channels // 2], dtype=np.float32), np.float32(1.0))
+             if backdrop is None else np.asarray(backdrop, dtype=np.float32))
     fusion = np.empty((n, height, width, 3), dtype=np.uint8)
     uptake = np.empty((n, height, width), dtype=np.float32) if card.output_kind == "uptake" \
         else None
@@ -244,7 +246,7 @@ def population_mean_uptake(data: ds.PairedDataset, bin_mm: float
         if data.has("pet_suv") or data.has("uptake"):  # what an uptake model learns
             up = data.get(ds.uptake_array(data))[part].astype(np.float32)
         else:
-            up = defuse_uptake(data.fusion[part], data.t1c[part], style)
+            up = defuse_uptake(data.fusion[part], data.backdrop(part), style)
         if data.has("brain_mask"):
             bg = background_mask(data, part)
             lesion = np.zeros_like(bg)

@@ -226,6 +226,7 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         "fusion_gate_width_uptake": config.get("fusion_gate_width_uptake", 0.05),
         "init_generator": config.get("init_generator"),
         "init_generator_sha256": resolved.get("init_generator_sha256"),
+        "init_generator_t1c_ceiling": resolved.get("init_generator_t1c_ceiling"),
         "device": resolved.get("device_resolved"),
         "mixed_precision": resolved.get("mixed_precision"),
         "bf16": config.get("bf16", False),

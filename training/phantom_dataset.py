@@ -26,7 +26,7 @@ Training cohorts may differ from the population on purpose, and ``dataset.json``
   RescaleSlope, :func:`training.phantom_dicom.scanner_pet_series`), SUVbw by the book
   (:func:`training.suv.suv_scale`) and trilinear resampling into the T1C planes
   (:func:`training.pet_volume.resample_to_planes`), exactly as ``dataset`` reads those files.
-  ``same-grid``: the PET on the T1C's grid in SUV units (the layout of fdopa-demo <= 3.2).
+  ``same-grid``: the PET on the T1C's grid in SUV units (the layout of fdopa-demo <= 3.3).
 
 Splits: the last ``--val-patients`` patients are the validation split (for the training
 curves only; model choices are made with ``benchmark`` on a separate cohort), the rest
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -89,8 +90,8 @@ class CohortSpec:
     t1c_ceiling: float = NETWORK_T1C_CEILING  # the stored grey's clip (window_t1c)
 
     def __post_init__(self) -> None:
-        if not self.t1c_ceiling >= 1.0:
-            raise ValueError("t1c_ceiling must be >= 1")
+        if not (math.isfinite(self.t1c_ceiling) and self.t1c_ceiling >= 1.0):
+            raise ValueError("t1c_ceiling must be a finite value >= 1")
         if self.pet_layout not in PET_LAYOUTS:
             raise ValueError(f"pet_layout must be one of {PET_LAYOUTS}, got {self.pet_layout!r}")
         p = self.tumour_count_p

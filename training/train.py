@@ -427,6 +427,11 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         if changed:
             raise ValueError(f"cannot resume with changed settings: {', '.join(changed)} "
                              f"(checkpoint has {', '.join(f'{k}={old.get(k)}' for k in changed)})")
+        trained_on = float(state["resolved"]["dataset_info"].get("t1c_ceiling", 1.0))
+        if trained_on != float(data.info.get("t1c_ceiling", 1.0)):
+            raise ValueError(f"cannot resume: the run began on a dataset whose T1C grey is "
+                             f"clipped at {trained_on:g}, {data.path} clips it at "
+                             f"{float(data.info.get('t1c_ceiling', 1.0)):g}")
         # The starting weights are those the run began from, whatever the resuming
         # command line says (the checkpoint already holds the trained generator).
         config = replace(config, init_generator=old.get("init_generator"))
@@ -452,6 +457,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     sums: dict[str, float] = {}
     window: dict[str, float] = {}
     init_sha256: str | None = None
+    init_ceiling: float | None = None
     if state is None and config.init_generator:
         initial = load_weights(Path(config.init_generator))
         if (initial.card.architecture, initial.card.ngf) != (architecture, config.ngf):
@@ -461,7 +467,12 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             initial.generator.state_dict(), model.generator.state_dict()))
         model.reset_average()
         init_sha256 = initial.sha256
+        init_ceiling = initial.card.t1c_input_ceiling
         print(f"generator initialised from {config.init_generator} (sha256 {initial.sha256[:16]})")
+        if init_ceiling != float(data.info.get("t1c_ceiling", 1.0)):
+            log.warning("--init-generator read the T1C clipped at %g; this dataset clips it "
+                        "at %g: the run adapts it to the new input", init_ceiling,
+                        float(data.info.get("t1c_ceiling", 1.0)))
     if state is not None:
         model.load_state_dict(state["model"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
@@ -478,8 +489,11 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                 "slice_spacing_mm": data.slice_spacing_mm()}
     if state is not None:  # a resumed run keeps what its start recorded
         init_sha256 = state["resolved"].get("init_generator_sha256")
+        init_ceiling = state["resolved"].get("init_generator_t1c_ceiling")
     if init_sha256 is not None:
         resolved["init_generator_sha256"] = init_sha256
+    if init_ceiling is not None:
+        resolved["init_generator_t1c_ceiling"] = init_ceiling
     write_json(run_dir / "config.json", resolved)
 
     weights = None

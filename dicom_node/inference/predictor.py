@@ -1,9 +1,11 @@
 """Run the generator over a T1C volume: synthetic fusion and uptake per slice.
 
-Pre-processing: window the series to grey [0, 1] (:func:`fusion.window_t1c`),
-pad to square and resize to the network size, scale to [-1, 1], and for a model
-trained with neighbouring slices stack them as channels (:mod:`slice_context`, at the
-model's training spacing). The generator runs
+Pre-processing: window the series by its percentiles (:func:`fusion.window_t1c`) to
+the display grey [0, 1] and, for the network, to [0, t1c_input_ceiling] (the model
+card's: 2 keeps enhancement that the display window clips to white matter), pad to
+square and resize to the network size, scale to [-1, 1], and for a model trained with
+neighbouring slices stack them as channels (:mod:`slice_context`, at the model's training
+spacing). The generator runs
 in eval mode (deterministic: dropout off, BatchNorm running statistics) under
 ``torch.inference_mode()``, batched, with autocast on CUDA. Its output is mapped
 back to the native matrix. A fusion model's RGB output is de-fused to uptake; an
