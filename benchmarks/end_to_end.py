@@ -130,7 +130,8 @@ def one_run(root: Path, source: list[Path], args: argparse.Namespace) -> dict[st
     data_dir = root / "node"
     config = root / "node.toml"
     config.write_text(TOML.format(data_dir=data_dir, port=port, stable=args.stable_after,
-                                  grace=args.grace, sweep=args.sweep, weights=DEMO_WEIGHTS,
+                                  grace=args.grace, sweep=args.sweep,
+                                  weights=getattr(args, "weights", None) or DEMO_WEIGHTS,
                                   device=args.device, send_interval=args.send_interval,
                                   pacs_port=scp.port,
                                   separate="false" if args.inline_analysis else "true",
@@ -205,6 +206,8 @@ def main() -> None:
                         help="outbox.send_interval_s")
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("--quick", action="store_true", help="1 run")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="another weights file (default: the shipped demo model)")
     parser.add_argument("--inline-analysis", action="store_true",
                         help="analysis.separate_process = false (TBR in the job's thread)")
     parser.add_argument("--analysis-threads", type=int, default=0,

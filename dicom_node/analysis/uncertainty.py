@@ -126,11 +126,18 @@ def lesion_intervals(samples: NDArray[np.float32], result: TbrResult, calibratio
     z = calibration.z
     out = []
     for lesion in result.lesions:
-        fraction = network_fraction(lesion.mask, size)
+        # Only the lesion's own slices are resampled (per slice, so exactly the same
+        # fractions as the whole volume's): a volume-sized resampling per lesion cost
+        # about 50 ms each.
+        slices = np.flatnonzero(lesion.mask.reshape(len(lesion.mask), -1).any(axis=1))
+        first, last = (int(slices[0]), int(slices[-1]) + 1) if slices.size else (0, 0)
+        fraction = network_fraction(lesion.mask[first:last], size)
+        if fraction.size == 0:
+            continue
         inside = (fraction >= 0.25).ravel()
         if not inside.any():
             inside = (fraction >= fraction.max()).ravel()
-        values = flat[:, inside].astype(np.float64)
+        values = samples[:, first:last].reshape(n, -1)[:, inside].astype(np.float64)
         tbr_max = values.max(axis=1) / bg_means
         tbr_mean = values.mean(axis=1) / bg_means
         sd_max, sd_mean = float(tbr_max.std(ddof=1)), float(tbr_mean.std(ddof=1))
