@@ -437,7 +437,7 @@ def test_the_t1c_ceiling_goes_from_dataset_to_card_and_is_fixed_on_resume(
     assert card.training["init_generator_t1c_ceiling"] == 1.0
     assert load_weights(full_run / "generator.pt").card.t1c_input_ceiling == 1.0
     (headroom / "dataset.json").write_text(json.dumps({**info, "t1c_ceiling": 1.0}))
-    with pytest.raises(ValueError, match="cannot resume.*clipped at 2"):
+    with pytest.raises(ValueError, match=r"cannot resume.*clipped at 2"):
         train(_config(headroom, tmp_path / "run", max_steps=4), resume=True)
 
 
