@@ -124,6 +124,16 @@ def queued_outputs(database: Path) -> int:
         return 0
 
 
+def phantom_brain_series(out_dir: Path, slices: int) -> list[Path]:
+    """The T1C of the demo's phantom patient (seed 0, patient 1000: chosen long before any
+    model, never for one) at 256 x 256, 1 mm pixels and ``slices`` 1 mm slices."""
+    from training.phantom import PhantomGeometry, generate_patient
+    from training.phantom_dicom import write_patient
+
+    patient = generate_patient(1000, 0, PhantomGeometry(slice_spacing_mm=1.0, n_slices=slices))
+    return list(write_patient(patient, out_dir).t1c)
+
+
 def one_run(root: Path, source: list[Path], args: argparse.Namespace) -> dict[str, float]:
     scp = Storescp(root / "storescp").start()
     port = free_port()
@@ -206,6 +216,10 @@ def main() -> None:
                         help="outbox.send_interval_s")
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("--quick", action="store_true", help="1 run")
+    parser.add_argument("--source", choices=("pattern", "phantom"), default="pattern",
+                        help="the series sent: the test pattern every earlier round used "
+                             "(default), or a phantom brain (the demo's patient: seed 0, "
+                             "patient 1000, two tumours) at 1 mm slices")
     parser.add_argument("--weights", type=Path, default=None,
                         help="another weights file (default: the shipped demo model)")
     parser.add_argument("--inline-analysis", action="store_true",
@@ -220,7 +234,8 @@ def main() -> None:
     results: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         root = Path(tmp)
-        source = write_mr_series(root / "src", args.slices, 256, 256, seed=21)
+        source = (write_mr_series(root / "src", args.slices, 256, 256, seed=21)
+                  if args.source == "pattern" else phantom_brain_series(root / "src", args.slices))
         for run in range(runs):
             results.append(one_run(root / f"run{run}", source, args))
     labels = [
