@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
+from dicom_node.inference.fusion import display_grey
 from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.slice_context import group_rows
 
@@ -99,6 +100,11 @@ class PairedDataset:
         return FusionStyle.from_dict(self.info.get("fusion_style") or {})
 
     @property
+    def t1c_ceiling(self) -> float:
+        """The clip of the stored T1C grey (``dataset.json``; 1 for datasets before it)."""
+        return float(self.info.get("t1c_ceiling", 1.0))
+
+    @property
     def split_method(self) -> str:
         return str(self.splits.get("method", "unknown"))
 
@@ -120,8 +126,7 @@ class PairedDataset:
         fusion is drawn over so that it matches the real fusion where no uptake shows."""
         if "t1c_backdrop" in self.extra:
             return self.extra["t1c_backdrop"][idx].astype(np.float32) / 255.0
-        # the display grey: a network grey with headroom (t1c_ceiling > 1) clipped at 1
-        return np.minimum(self.t1c[idx].astype(np.float32), np.float32(1.0))
+        return display_grey(self.t1c[idx])  # the stored grey may keep headroom above 1
 
     def summary(self, split: str) -> dict[str, int]:
         idx = self.indices(split)

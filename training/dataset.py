@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import multiprocessing
 import sys
 from collections.abc import Iterable
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from dicom_node.config import SelectionConfig, load_config
 from dicom_node.errors import ConfigError
-from dicom_node.inference.fusion import NETWORK_T1C_CEILING
+from dicom_node.inference.fusion import NETWORK_T1C_CEILING, check_ceiling
 from dicom_node.inference.fusion_style import FusionStyle
 from training.dataset_io import DatasetSummary, summary_table, write_dataset
 from training.pair_arrays import (
@@ -63,8 +62,7 @@ def build_dataset(studies_dir: Path, out_dir: Path, size: int = 128, split: str 
     style = style or FusionStyle()
     if size < 16:
         raise ValueError("size must be at least 16")
-    if not (math.isfinite(t1c_ceiling) and t1c_ceiling >= 1.0):
-        raise ValueError("t1c_ceiling must be a finite value >= 1")
+    check_ceiling(t1c_ceiling)
     studies = scan_studies(studies_dir, progress=progress)
     built: list[StudyPairs] = []
     skipped: list[dict[str, str]] = []

@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from dicom_node.errors import WeightsError
+from dicom_node.inference.fusion import display_grey
 from dicom_node.inference.model_weights import load_weights
 from training import data as ds
 from training.evaluation import (
@@ -103,13 +104,13 @@ def evaluate(dataset: Path, weights: Path, split: str, out: Path, device: str = 
     if style.as_dict() != model.card.fusion_style.as_dict():
         log.warning("fusion style of the dataset %s differs from the model card's %s",
                     style.as_dict(), model.card.fusion_style.as_dict())
-    ceiling = float(data.info.get("t1c_ceiling", 1.0))
-    if ceiling != model.card.t1c_input_ceiling:
-        raise ValueError(f"the dataset's T1C grey is clipped at {ceiling:g}, the model reads "
+    if data.t1c_ceiling != model.card.t1c_input_ceiling:
+        raise ValueError(f"the dataset's T1C grey is clipped at {data.t1c_ceiling:g}, the "
+                         f"model reads "
                          f"it clipped at {model.card.t1c_input_ceiling:g}: build the dataset "
                          "with the model's --t1c-ceiling")
     uptake_scale = float(model.card.uptake_scale)
-    grey = np.minimum(data.t1c[idx].astype(np.float32), np.float32(1.0))  # display grey
+    grey = display_grey(data.t1c[idx])
     backdrop = data.backdrop(idx)
     real = data.fusion[idx]
     if slice_smoothing_mm is not None:  # checked like a model card's own value

@@ -47,7 +47,7 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from dicom_node.inference.fusion import defuse, fuse, to_uint8
+from dicom_node.inference.fusion import defuse, display_grey, fuse, to_uint8
 from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.model_weights import LoadedModel
 from dicom_node.inference.resampling import from_network, to_network
@@ -118,8 +118,8 @@ def predict(model: LoadedModel, t1c: NDArray[np.floating], style: FusionStyle,
         raise ValueError(f"the model's output is smoothed along the slice normal ({sigma:g} mm): "
                          "give the runs of contiguous slices and their positions")
     # the display grey: a dataset's t1c may keep headroom above 1 (t1c_ceiling)
-    under = (np.minimum(np.asarray(t1c[:, channels // 2], dtype=np.float32), np.float32(1.0))
-             if backdrop is None else np.asarray(backdrop, dtype=np.float32))
+    under = (display_grey(t1c[:, channels // 2]) if backdrop is None
+             else np.asarray(backdrop, dtype=np.float32))
     fusion = np.empty((n, height, width, 3), dtype=np.uint8)
     uptake = np.empty((n, height, width), dtype=np.float32) if card.output_kind == "uptake" \
         else None

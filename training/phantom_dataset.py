@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -52,6 +51,7 @@ from tqdm import tqdm
 
 from dicom_node.inference.fusion import (
     NETWORK_T1C_CEILING,
+    check_ceiling,
     display_grey,
     fuse,
     to_uint8,
@@ -90,8 +90,7 @@ class CohortSpec:
     t1c_ceiling: float = NETWORK_T1C_CEILING  # the stored grey's clip (window_t1c)
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.t1c_ceiling) and self.t1c_ceiling >= 1.0):
-            raise ValueError("t1c_ceiling must be a finite value >= 1")
+        check_ceiling(self.t1c_ceiling)
         if self.pet_layout not in PET_LAYOUTS:
             raise ValueError(f"pet_layout must be one of {PET_LAYOUTS}, got {self.pet_layout!r}")
         p = self.tumour_count_p

@@ -292,7 +292,7 @@ def dataset_info(data: ds.PairedDataset) -> dict[str, Any]:
         "leaks_patients": bool(data.splits.get("leaks_patients", False)),
         "source": data.info.get("source_dir") or data.info.get("source"),
         "pet_layout": (data.info.get("phantom_cohort") or {}).get("pet_layout", "same-grid"),
-        "t1c_ceiling": float(data.info.get("t1c_ceiling", 1.0)),
+        "t1c_ceiling": data.t1c_ceiling,
         "uptake_array": ds.uptake_array(data) if (data.has("pet_suv") or data.has("uptake"))
         else None,
         "splits": {split: data.summary(split) for split in ds.SPLITS},
@@ -428,10 +428,10 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             raise ValueError(f"cannot resume with changed settings: {', '.join(changed)} "
                              f"(checkpoint has {', '.join(f'{k}={old.get(k)}' for k in changed)})")
         trained_on = float(state["resolved"]["dataset_info"].get("t1c_ceiling", 1.0))
-        if trained_on != float(data.info.get("t1c_ceiling", 1.0)):
+        if trained_on != data.t1c_ceiling:
             raise ValueError(f"cannot resume: the run began on a dataset whose T1C grey is "
                              f"clipped at {trained_on:g}, {data.path} clips it at "
-                             f"{float(data.info.get('t1c_ceiling', 1.0)):g}")
+                             f"{data.t1c_ceiling:g}")
         # The starting weights are those the run began from, whatever the resuming
         # command line says (the checkpoint already holds the trained generator).
         config = replace(config, init_generator=old.get("init_generator"))
@@ -469,10 +469,10 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         init_sha256 = initial.sha256
         init_ceiling = initial.card.t1c_input_ceiling
         print(f"generator initialised from {config.init_generator} (sha256 {initial.sha256[:16]})")
-        if init_ceiling != float(data.info.get("t1c_ceiling", 1.0)):
+        if init_ceiling != data.t1c_ceiling:
             log.warning("--init-generator read the T1C clipped at %g; this dataset clips it "
                         "at %g: the run adapts it to the new input", init_ceiling,
-                        float(data.info.get("t1c_ceiling", 1.0)))
+                        data.t1c_ceiling)
     if state is not None:
         model.load_state_dict(state["model"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]

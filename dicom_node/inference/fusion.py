@@ -21,6 +21,7 @@ models and de-fusion all use this one definition.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,8 +78,7 @@ def window_t1c(volume: NDArray[np.floating] | NDArray[np.integer],
     (:data:`NETWORK_T1C_CEILING`): the 99.5th percentile of a brain series lies in the
     brightest white matter, so at ceiling 1 enhancing tissue (brighter than any white
     matter) reads exactly as bright white matter and a small enhancing lesion vanishes."""
-    if ceiling < 1.0:
-        raise ValueError(f"ceiling must be >= 1, got {ceiling}")
+    check_ceiling(ceiling)
     data = np.asarray(volume, dtype=np.float32)
     low, high = np.percentile(data, T1C_WINDOW_PERCENTILES)
     if high <= low:
@@ -86,6 +86,13 @@ def window_t1c(volume: NDArray[np.floating] | NDArray[np.integer],
     scaled: NDArray[np.float32] = np.clip((data - low) / (high - low), 0.0, ceiling).astype(
         np.float32)
     return scaled
+
+
+def check_ceiling(ceiling: float) -> float:
+    """``ceiling`` if it is a usable grey ceiling (finite, >= 1), else ValueError."""
+    if not (math.isfinite(ceiling) and ceiling >= 1.0):
+        raise ValueError(f"the T1C grey's ceiling must be a finite value >= 1, got {ceiling}")
+    return ceiling
 
 
 def display_grey(network_grey: NDArray[np.floating]) -> FloatArray:
