@@ -216,3 +216,53 @@ def test_lesion_outline_of_small_regions_is_a_closed_polygon() -> None:
     points = lesion_outline(block)
     assert points[:, 0].min() == pytest.approx(1.0) and points[:, 0].max() == pytest.approx(7.0)
     assert points[:, 1].min() == pytest.approx(2.0) and points[:, 1].max() == pytest.approx(5.0)
+
+
+def _without_timestamps(ds) -> bytes:
+    """The encoded dataset with the creation times emptied (content, instance creation,
+    series, and the library's contribution date-time)."""
+    from io import BytesIO
+
+    copy = dcmread(BytesIO(encode(ds)))
+    for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime",
+                    "SeriesDate", "SeriesTime"):
+        if keyword in copy:
+            setattr(copy, keyword, "")
+    for item in copy.ContributingEquipmentSequence:
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = ""
+    return encode(copy)
+
+
+def test_reports_equal_highdicoms_own_assembly(analysed, monkeypatch) -> None:
+    """Both reports are built around a root without the measurement groups (highdicom's
+    constructor would copy and search them all) and given the groups after: the result
+    equals what highdicom assembles from the full tree, element for element, and a group
+    that references an instance outside the evidence is refused as highdicom would."""
+    import dicom_node.writers.sr as sr_module
+    from dicom_node.writers.sr import make_image_sr
+
+    volume, result, _ = analysed
+    seg = make_seg(volume.datasets, result, "2.25.41", "2.25.41.1", 9903, PROVENANCE)
+
+    def both() -> list[bytes]:
+        sr = make_sr(volume.datasets, seg, result, "2.25.42", "2.25.42.1", 9902, PROVENANCE)
+        image_sr = make_image_sr(volume.datasets, result, "2.25.43", "2.25.43.1", 9904,
+                                 PROVENANCE)
+        assert image_sr is not None
+        return [_without_timestamps(sr), _without_timestamps(image_sr)]
+
+    fast = both()
+    monkeypatch.setattr(sr_module, "_root_without_measurements", lambda root: root)
+    assert both() == fast
+    monkeypatch.undo()
+    # the reference check highdicom no longer makes over the whole tree
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid="2.25.45", identifier="Lesion 1"),
+        referenced_segment=sr_module._segment_ref(seg, 1), finding_type=codes.SCT.Neoplasm)
+    sr_module._check_references([group], [*volume.datasets, seg])
+    with pytest.raises(ValueError, match="not evidence"):
+        sr_module._check_references([group], volume.datasets)
