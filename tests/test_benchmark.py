@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from dicom_node.analysis.tbr import Lesion, TbrResult
-from dicom_node.analysis.uncertainty import Calibration, lesion_intervals
+from dicom_node.analysis.uncertainty import (
+    Calibration,
+    ConformalScores,
+    conformal_scores,
+    lesion_intervals,
+)
 from dicom_node.inference.generator import build_generator
 from dicom_node.inference.model_weights import ModelCard, WeightsError, load_weights, save_weights
 from dicom_node.inference.predictor import Predictor
@@ -22,6 +27,7 @@ from training.augment import AffineAugment, warp
 from training.benchmark import CohortError, check_cohort, run_benchmark
 from training.dataset import build_dataset
 from training.dataset_io import load_pairs
+from training.export import benchmark_extras
 from training.phantom import PhantomGeometry, generate_patient
 from training.phantom_dataset import CohortSpec, build_phantom_dataset, kept_slices, patient_arrays
 from training.phantom_dicom import write_patient
@@ -92,6 +98,19 @@ def test_benchmark_reports_lesions_per_uptake(tmp_path: Path) -> None:
     written = json.loads((out / "summary.json").read_text())
     assert written["meta"]["sha256"] == model.sha256 and written["meta"]["cohort"] == "validation"
     assert set(written["checks"]) >= {"detection", "false_foci", "tbr_max_bias"}
+    # what a conformal calibration takes: real - synthetic and the sampling SD per lesion
+    # found on both
+    pairs = written["intervals"]["calibration_pairs"]
+    both = [r for r in ({row["source"]: row for row in summary_rows(out) if row["label"] == label}
+                        for label in {row["label"] for row in summary_rows(out)})
+            if r["real"]["found"] == "True" and r["synthetic"]["found"] == "True"]
+    assert len(pairs["tbr_max"]) == len(pairs["tbr_mean"]) == len(both)
+    for (residual, sd), rows in zip(sorted(pairs["tbr_max"]), sorted(
+            both, key=lambda r: float(r["real"]["tbr_max"]) - float(r["synthetic"]["tbr_max"])),
+            strict=True):
+        assert residual == pytest.approx(float(rows["real"]["tbr_max"])
+                                         - float(rows["synthetic"]["tbr_max"]))
+        assert sd == pytest.approx(float(rows["synthetic"]["sd_model_tbr_max"])) and sd >= 0
     report = (out / "report.md").read_text()
     assert "lesions found" in report and "false foci" in report
     # the sealed cohort is refused before anything runs
@@ -99,6 +118,143 @@ def test_benchmark_reports_lesions_per_uptake(tmp_path: Path) -> None:
         run_benchmark(model, 0, range(1), "sealed-test", tmp_path / "x", 1.6, 0.1, samples=0,
                       progress=False, geometry=SMALL)
     assert not (tmp_path / "x").exists()
+
+
+def summary_rows(out: Path) -> list[dict[str, str]]:
+    import csv
+
+    with (out / "lesions.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_conformal_scores_are_order_statistics_and_refuse_too_few() -> None:
+    residuals = [float(v) for v in range(-9, 10)]  # 19 lesions: the fewest for 90 %
+    sds = [0.0] * 19
+    scores = conformal_scores(residuals, sds, 0.9)
+    assert scores.scale == pytest.approx(5.0)  # median |residual|
+    # floor(20 * 0.05) = 1st and ceil(20 * 0.95) = 19th of the sorted scores
+    assert (scores.low, scores.high, scores.n) == (pytest.approx(-9 / 5), pytest.approx(9 / 5), 19)
+    with pytest.raises(ValueError, match="cannot calibrate a 90% interval"):
+        conformal_scores(residuals[:18], sds[:18], 0.9)
+    with pytest.raises(ValueError, match="not finite"):
+        conformal_scores([*residuals[:18], math.nan], sds, 0.9)
+    with pytest.raises(ValueError, match="all zero"):
+        conformal_scores([0.0] * 19, sds, 0.9)
+    assert ConformalScores.from_dict(scores.as_dict()) == scores
+
+
+def test_conformal_intervals_cover_new_lesions_at_their_level() -> None:
+    """Skewed, biased residuals whose spread grows with the model's own SD (as on the
+    phantoms): calibrated on 400 lesions, the interval covers new lesions at about 90 %
+    (a calibration sample this size leaves it within a few points) and moves towards the
+    real values instead of staying centred; the Gaussian interval of the same residuals'
+    SD and mean, centred on the value, needs a much wider interval for it."""
+    rng = np.random.default_rng(7)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        sd = rng.uniform(0.02, 0.3, n)
+        residual = 0.25 + (np.hypot(sd, 0.2) * rng.gamma(2.0, 0.5, n) - 0.4)
+        return residual, sd
+
+    cal_r, cal_sd = draw(400)
+    scores = conformal_scores(cal_r, cal_sd, 0.9)
+    assert scores.low + scores.high > 0  # real above synthetic on average: not centred
+    test_r, test_sd = draw(20000)
+    width = np.hypot(test_sd, scores.scale)
+    low, high = scores.low * width, scores.high * width
+    assert scores.limits(1.0, 0.1) == pytest.approx((1.0 + low[0] / width[0] * math.hypot(0.1, scores.scale),
+                                                     1.0 + high[0] / width[0] * math.hypot(0.1, scores.scale)))
+    coverage = float(np.mean((low <= test_r) & (test_r <= high)))
+    assert 0.88 <= coverage <= 0.97
+    gauss = Calibration(residual_sd_tbr_max=float(np.std(cal_r, ddof=1)),
+                        residual_bias_tbr_max=-float(np.mean(cal_r)), level=0.9)
+    half = gauss.z * np.hypot(test_sd, gauss.residual_rms_tbr_max)
+    assert float(np.mean(np.abs(test_r) <= half)) >= 0.9  # it covers too ...
+    assert float(np.mean(high - low)) < 0.85 * float(np.mean(2 * half))  # ... by being wider
+
+
+def test_conformal_calibration_from_the_card_sets_the_intervals() -> None:
+    shape = (4, 128, 128)
+    lesion_mask = np.zeros(shape, bool)
+    lesion_mask[1:3, 40:60, 40:60] = True
+    background = np.zeros(shape, bool)
+    background[:, 80:120, 20:100] = True
+    lesion = Lesion(number=1, tbr_max=2.0, tbr_mean=1.8, volume_ml=1.0, max_uptake=2.0,
+                    mean_uptake=1.8, mask=lesion_mask)
+    result = TbrResult(background_mean=1.0, background_mask=background, threshold=1.6,
+                       lesions=[lesion])
+    samples = np.ones((5, *shape), np.float32)
+    for i in range(5):
+        samples[i][lesion_mask] = 1.8 + 0.05 * i
+    card = {"level": 0.9, "source": "validation cohorts seed 200, 210",
+            "residual_sd_tbr_max": 0.4, "residual_sd_tbr_mean": 0.2,
+            "conformal": {"tbr_max": {"low": -0.5, "high": 2.0, "scale": 0.3, "n": 70},
+                          "tbr_mean": {"low": -1.0, "high": 1.5, "scale": 0.1, "n": 70}}}
+    calibration = Calibration.from_card(card)
+    assert calibration.conformal and calibration.calibrated
+    (interval,) = lesion_intervals(samples, result, calibration)
+    sd = float(np.std([1.8 + 0.05 * i for i in range(5)], ddof=1))
+    width = math.hypot(sd, 0.3)
+    assert interval.tbr_max_low == pytest.approx(2.0 - 0.5 * width, rel=1e-4)
+    assert interval.tbr_max_high == pytest.approx(2.0 + 2.0 * width, rel=1e-4)
+    assert interval.tbr_mean_low == pytest.approx(1.8 - 1.0 * math.hypot(sd, 0.1), rel=1e-4)
+    assert not interval.equivocal  # 2.0 - 0.5 * 0.31 stays above 1.6
+    assert "split-conformal" in calibration.method_text(4)
+    # a lower score reaching under the threshold makes the finding equivocal
+    card["conformal"]["tbr_max"]["low"] = -1.5  # type: ignore[index]
+    (low,) = lesion_intervals(samples, result, Calibration.from_card(card))
+    assert low.equivocal and low.tbr_max_low < 1.6
+
+
+def _validation_summary(seed: int, pairs: list[list[float]] | None) -> dict[str, object]:
+    figures = {"found": 1, "false_foci_per_patient": 0.0,
+               "voi_tbr_max": {"r": {"r": 0.7}, "bias": -0.2},
+               "voi_tbr_mean": {"r": {"r": 0.7}, "bias": -0.1},
+               "node_tbr_max": {"r": {"n": len(pairs or [])}}}
+    intervals: dict[str, object] = {"residual_sd_tbr_max": 0.4, "residual_sd_tbr_mean": 0.2,
+                                    "residual_bias_tbr_max": -0.2,
+                                    "residual_bias_tbr_mean": -0.1}
+    if pairs is not None:
+        intervals["calibration_pairs"] = {"tbr_max": pairs, "tbr_mean": pairs}
+    return {"meta": {"seed": seed, "cohort": "validation", "sha256": "0"},
+            "patients": 60, "lesions": 60, "intervals": intervals, "checks": {},
+            "per_source": {s: figures for s in ("real", "synthetic", "oracle")}}
+
+
+def test_export_pools_validation_cohorts_into_the_interval_calibration() -> None:
+    rng = np.random.default_rng(3)
+    first = [[float(r), 0.1] for r in rng.normal(0.2, 0.4, 30)]
+    second = [[float(r), 0.1] for r in rng.normal(0.2, 0.4, 40)]
+    residuals = [p[0] for p in first + second]
+    cohorts = {"validation_seeds": [200, 210]}
+    summaries = [_validation_summary(200, first), _validation_summary(210, second)]
+    extras = benchmark_extras(summaries, None, 0.9, cohorts)
+    interval = extras["tbr_interval"]
+    # the Gaussian form (the default) over both cohorts' lesions, not the first one's figures
+    assert "conformal" not in interval
+    assert interval["residual_sd_tbr_max"] == pytest.approx(float(np.std(residuals, ddof=1)))
+    assert interval["residual_bias_tbr_max"] == pytest.approx(-float(np.mean(residuals)))
+    assert interval["residual_sd_tbr_max"] != 0.4  # the first summary's own figure
+    assert "seed 200, 210, 70 lesions" in interval["source"]
+    assert extras["benchmarks"]["validation"]["seed"] == 200
+    assert extras["benchmarks"]["validation_more"][0]["seed"] == 210
+    conformal = benchmark_extras(summaries, None, 0.9, cohorts, "conformal")["tbr_interval"]
+    assert conformal["conformal"]["tbr_max"] == conformal_scores(residuals, [0.1] * 70,
+                                                                 0.9).as_dict()
+    assert Calibration.from_card(conformal).conformal
+    # one cohort measured without uncertainty passes: its own figures, as older cards had
+    old = benchmark_extras([_validation_summary(200, None)], None, 0.9, {})
+    assert "conformal" not in old["tbr_interval"]
+    assert old["tbr_interval"]["residual_sd_tbr_max"] == 0.4
+    with pytest.raises(ValueError, match="uncertainty passes"):
+        benchmark_extras([_validation_summary(200, None), summaries[1]], None, 0.9, cohorts)
+    with pytest.raises(ValueError, match="not all among"):
+        benchmark_extras([_validation_summary(300, first)], None, 0.9, cohorts)
+    with pytest.raises(ValueError, match="seed given twice"):
+        benchmark_extras([summaries[0]] * 2, None, 0.9, cohorts)
+    with pytest.raises(ValueError, match="cannot calibrate"):
+        benchmark_extras([_validation_summary(200, first[:10])], None, 0.9, cohorts,
+                         "conformal")
 
 
 # --- training cohorts ----------------------------------------------------------------------

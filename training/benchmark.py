@@ -188,6 +188,7 @@ def evaluate_patient(index: int, seed: int, predictor: Predictor, geometry: Phan
                             "tbr_mean_low": interval.tbr_mean_low,
                             "tbr_mean_high": interval.tbr_mean_high,
                             "sd_model_tbr_max": interval.sd_model_tbr_max,
+                            "sd_model_tbr_mean": interval.sd_model_tbr_mean,
                             "equivocal": interval.equivocal})
             record.lesions.append(row)
     brain_centre = np.array([c.mean() for c in np.nonzero(patient.brain_mask)]) * np.array(spacing)
@@ -302,8 +303,15 @@ def summarise(records: list[PatientRecord]) -> dict[str, Any]:
                                     if f["source"] == "synthetic" and f.get("equivocal")),
     }
     # Residual SDs (synthetic - real, node's numbers on lesions found on both): what a
-    # calibration of the intervals takes from a validation cohort.
+    # calibration of the intervals takes from a validation cohort; with the model's
+    # sampling SD of each, what a conformal calibration takes (training/export.py pools
+    # the pairs of several validation cohorts).
     both = [k for k in keys if by_key[(*k, "real")]["found"] and by_key[(*k, "synthetic")]["found"]]
+    out["intervals"]["calibration_pairs"] = {
+        measure: [[by_key[(*k, "real")][measure] - by_key[(*k, "synthetic")][measure],
+                   by_key[(*k, "synthetic")][f"sd_model_{measure}"]]
+                  for k in both if f"sd_model_{measure}" in by_key[(*k, "synthetic")]]
+        for measure in ("tbr_max", "tbr_mean")}
     for measure in ("tbr_max", "tbr_mean"):
         diff = [by_key[(*k, "synthetic")][measure] - by_key[(*k, "real")][measure] for k in both]
         out["intervals"][f"residual_sd_{measure}"] = (float(np.std(diff, ddof=1))

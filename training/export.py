@@ -13,12 +13,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from dicom_node.analysis.uncertainty import conformal_scores
 from dicom_node.errors import WeightsError
 from dicom_node.inference.generator import build_generator
 from dicom_node.inference.model_weights import ModelCard, save_weights
 from training.checkpoint import load_checkpoint
 
 OUTPUT_KIND = {"fusion": "fusion_rgb", "uptake": "uptake"}
+INTERVAL_FORMS = ("gaussian", "conformal")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,12 +53,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sealed-test-seed", type=int, default=None,
                         help="the sealed test cohort's seed, drawn after the choices were "
                              "frozen; `benchmark --cohort sealed-test` evaluates it once")
-    parser.add_argument("--validation-benchmark", type=Path, default=None,
-                        help="summary.json of `benchmark --cohort validation`: its lesion "
-                             "figures go into the card, and its residual SDs calibrate the "
-                             "TBR intervals (dicom_node/analysis/uncertainty.py)")
+    parser.add_argument("--validation-benchmark", type=Path, action="append", default=[],
+                        help="summary.json of `benchmark --cohort validation`, repeatable: "
+                             "the first one's lesion figures go into the card (the others' "
+                             "beside them), and the lesions of all of them calibrate the TBR "
+                             "intervals (--interval-form; pooling needs benchmarks run with "
+                             "uncertainty passes)")
     parser.add_argument("--interval-level", type=float, default=0.9,
                         help="two-sided level of the TBR intervals (%(default)s)")
+    parser.add_argument("--interval-form", choices=INTERVAL_FORMS, default="gaussian",
+                        help="gaussian: centred, residual SD and mean in quadrature with the "
+                             "sampling SD; conformal: split-conformal scores, not centred "
+                             "(dicom_node/analysis/uncertainty.py; default %(default)s, the "
+                             "form chosen for fdopa-demo on three validation cohorts)")
     parser.add_argument("--sealed-test-benchmark", type=Path, default=None,
                         help="summary.json of `benchmark --cohort sealed-test` of these very "
                              "weights: recorded in the card, which then refuses a second one")
@@ -66,11 +77,11 @@ def run(args: argparse.Namespace) -> int:
         metrics = json.loads(args.metrics.read_text())
     try:
         cohorts = cohorts_from(args.training_seeds, args.validation_seeds, args.sealed_test_seed)
-        validation = (json.loads(args.validation_benchmark.read_text())
-                      if args.validation_benchmark else None)
+        validation = [json.loads(path.read_text()) for path in args.validation_benchmark]
         sealed = (json.loads(args.sealed_test_benchmark.read_text())
                   if args.sealed_test_benchmark else None)
-        extras = benchmark_extras(validation, sealed, args.interval_level, cohorts)
+        extras = benchmark_extras(validation, sealed, args.interval_level, cohorts,
+                                  args.interval_form)
         sha, card = export_checkpoint(args.checkpoint, args.out, name=args.name,
                                       version=args.version, test_metrics=metrics,
                                       fp16=not args.fp32, test_weights=args.test_weights,
@@ -122,23 +133,82 @@ def _benchmark_figures(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def benchmark_extras(validation: dict[str, Any] | None, sealed: dict[str, Any] | None,
-                     level: float, cohorts: dict[str, Any]) -> dict[str, Any]:
+def _pooled_pairs(validation: list[dict[str, Any]], measure: str) -> list[list[float]] | None:
+    """(real - synthetic, sampling SD) of every lesion of every summary, or None when a
+    summary was measured without uncertainty passes (it has no pairs)."""
+    pairs = [v["intervals"].get("calibration_pairs", {}).get(measure) for v in validation]
+    if not all(pairs):
+        return None
+    return [pair for some in pairs if some for pair in some]
+
+
+def tbr_interval(validation: list[dict[str, Any]], level: float,
+                 form: str = "gaussian") -> dict[str, Any]:
+    """The card's interval calibration from validation benchmark summaries, over the
+    lesions of all of them (dicom_node/analysis/uncertainty.py):
+
+    - ``gaussian``: the residual (synthetic - real) SD and mean per lesion. Several
+      cohorts are pooled from their per-lesion pairs (a benchmark with uncertainty
+      passes); one summary without them gives its own figures, as older cards had.
+    - ``conformal``: split-conformal scores, from the pairs only.
+    """
+    if form not in INTERVAL_FORMS:
+        raise ValueError(f"--interval-form must be one of {INTERVAL_FORMS}")
+    seeds = ", ".join(str(v["meta"]["seed"]) for v in validation)
+    cohorts = f"validation cohort{'s' if len(validation) > 1 else ''} seed {seeds}"
+    pooled = {m: _pooled_pairs(validation, m) for m in ("tbr_max", "tbr_mean")}
+    if pooled["tbr_max"] is None or pooled["tbr_mean"] is None:
+        if form == "conformal" or len(validation) > 1:
+            raise ValueError("every --validation-benchmark must be measured with uncertainty "
+                             "passes (its per-lesion pairs) to pool cohorts or to calibrate "
+                             "a conformal interval")
+        first = validation[0]
+        iv = first["intervals"]
+        return {"residual_sd_tbr_max": iv["residual_sd_tbr_max"],
+                "residual_sd_tbr_mean": iv["residual_sd_tbr_mean"],
+                "residual_bias_tbr_max": iv.get("residual_bias_tbr_max", 0.0),
+                "residual_bias_tbr_mean": iv.get("residual_bias_tbr_mean", 0.0),
+                "level": level,
+                "source": (f"{cohorts}, "
+                           f"{first['per_source']['synthetic']['node_tbr_max']['r']['n']} "
+                           "lesions found on real and synthetic")}
+    out: dict[str, Any] = {"level": level}
+    for measure in ("tbr_max", "tbr_mean"):
+        pairs = pooled[measure] or []
+        residuals = np.array([p[0] for p in pairs], dtype=np.float64)  # real - synthetic
+        if len(residuals) < 2:
+            raise ValueError(f"{len(residuals)} validation lesions found on real and "
+                             "synthetic: too few to calibrate an interval")
+        out[f"residual_sd_{measure}"] = float(np.std(residuals, ddof=1))
+        out[f"residual_bias_{measure}"] = float(-np.mean(residuals))  # synthetic - real
+        if form == "conformal":
+            out.setdefault("conformal", {})[measure] = conformal_scores(
+                [p[0] for p in pairs], [p[1] for p in pairs], level).as_dict()
+    out["source"] = (f"{cohorts}, {len(pooled['tbr_max'] or [])} lesions found on real and "
+                     f"synthetic{', split-conformal' if form == 'conformal' else ''}")
+    return out
+
+
+def benchmark_extras(validation: list[dict[str, Any]], sealed: dict[str, Any] | None,
+                     level: float, cohorts: dict[str, Any],
+                     interval_form: str = "gaussian") -> dict[str, Any]:
     """Card fields from benchmark summaries: cohorts, interval calibration, figures."""
     extras: dict[str, Any] = {"cohorts": cohorts, "benchmarks": {}, "tbr_interval": {}}
-    if validation is not None:
-        if validation["meta"]["cohort"] != "validation":
-            raise ValueError("--validation-benchmark is not a validation cohort's summary")
-        iv = validation["intervals"]
-        extras["benchmarks"]["validation"] = _benchmark_figures(validation)
-        extras["tbr_interval"] = {
-            "residual_sd_tbr_max": iv["residual_sd_tbr_max"],
-            "residual_sd_tbr_mean": iv["residual_sd_tbr_mean"],
-            "residual_bias_tbr_max": iv.get("residual_bias_tbr_max", 0.0),
-            "residual_bias_tbr_mean": iv.get("residual_bias_tbr_mean", 0.0), "level": level,
-            "source": (f"validation cohort seed {validation['meta']['seed']}, "
-                       f"{validation['per_source']['synthetic']['node_tbr_max']['r']['n']} "
-                       "lesions found on real and synthetic")}
+    if validation:
+        if any(v["meta"]["cohort"] != "validation" for v in validation):
+            raise ValueError("a --validation-benchmark is not a validation cohort's summary")
+        seeds = [v["meta"]["seed"] for v in validation]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"--validation-benchmark: seed given twice ({seeds})")
+        declared = set(cohorts.get("validation_seeds", []))
+        if declared and not set(seeds) <= declared:
+            raise ValueError(f"--validation-benchmark seeds {seeds} are not all among "
+                             f"--validation-seeds {sorted(declared)}")
+        extras["benchmarks"]["validation"] = _benchmark_figures(validation[0])
+        if len(validation) > 1:
+            extras["benchmarks"]["validation_more"] = [_benchmark_figures(v)
+                                                       for v in validation[1:]]
+        extras["tbr_interval"] = tbr_interval(validation, level, interval_form)
     if sealed is not None:
         if sealed["meta"]["cohort"] != "sealed-test":
             raise ValueError("--sealed-test-benchmark is not a sealed test cohort's summary")
