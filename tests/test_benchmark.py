@@ -162,8 +162,9 @@ def test_conformal_intervals_cover_new_lesions_at_their_level() -> None:
     test_r, test_sd = draw(20000)
     width = np.hypot(test_sd, scores.scale)
     low, high = scores.low * width, scores.high * width
-    assert scores.limits(1.0, 0.1) == pytest.approx((1.0 + low[0] / width[0] * math.hypot(0.1, scores.scale),
-                                                     1.0 + high[0] / width[0] * math.hypot(0.1, scores.scale)))
+    one = math.hypot(0.1, scores.scale)
+    assert scores.limits(1.0, 0.1) == pytest.approx((1.0 + scores.low * one,
+                                                     1.0 + scores.high * one))
     coverage = float(np.mean((low <= test_r) & (test_r <= high)))
     assert 0.88 <= coverage <= 0.97
     gauss = Calibration(residual_sd_tbr_max=float(np.std(cal_r, ddof=1)),
