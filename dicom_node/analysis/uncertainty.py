@@ -44,13 +44,12 @@ one), seeded, so one series always gets the same interval.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from dicom_node.analysis.tbr import TbrResult
 from dicom_node.inference.resampling import to_network
@@ -82,7 +81,7 @@ class ConformalScores:
                    scale=float(document["scale"]), n=int(document["n"]))
 
 
-def conformal_scores(residuals: Sequence[float], sd_model: Sequence[float],
+def conformal_scores(residuals: ArrayLike, sd_model: ArrayLike,
                      level: float = DEFAULT_LEVEL) -> ConformalScores:
     """Calibrate one ratio from validation lesions: ``residuals`` real - synthetic and the
     model's sampling SD ``sd_model`` of each. Refuses too few lesions for ``level``
