@@ -494,3 +494,47 @@ def test_l2_reconstruction_loss_is_the_squared_error_and_fixed_on_resume(
     with pytest.raises(ValueError, match="recon_loss"):
         train(_config(toy_dataset, out, target="uptake", recon_loss="l1", max_steps=3),
               resume=True)
+
+
+def test_tumour_quantile_costs_under_drawing_more_and_is_fixed_on_resume(
+        toy_dataset: Path, tmp_path: Path) -> None:
+    """--tumour-quantile q: in the tumour masks the reconstruction term is the doubled
+    pinball loss (under-drawing costs 2q per unit, over-drawing 2(1 - q)), elsewhere the L1;
+    0.5 is the plain L1. Recorded, named in the card's method, fixed on resume, and refused
+    without tumour masks."""
+    from training.pix2pix import Pix2Pix, Pix2PixConfig, tumour_pinball
+
+    residual = torch.tensor([[-1.0, 1.0, -1.0, 1.0]])
+    tumour = torch.tensor([[True, True, False, False]])
+    assert tumour_pinball(residual, tumour, 0.75).tolist() == [[1.5, 0.5, 1.0, 1.0]]
+    assert tumour_pinball(residual, tumour, 0.5).tolist() == [[1.0, 1.0, 1.0, 1.0]]
+
+    torch.manual_seed(0)
+    model = Pix2Pix(Pix2PixConfig(architecture="unet_128", ngf=8, ndf=8, output_nc=1,
+                                  tumour_quantile=0.8), torch.device("cpu"))
+    model.generator = torch.nn.Conv2d(1, 1, 1)  # type: ignore[assignment]  # deterministic
+    model.opt_g = torch.optim.Adam(model.generator.parameters())
+    data = ds.load_dataset(toy_dataset)
+    idx = data.indices("train")[:2]
+    x, y = ds.batch(data, idx, "uptake")
+    weight = ds.l1_weights(data, idx, 10.0, 2)
+    assert (weight > 1).any()
+    with torch.no_grad():
+        fake = model.generator(x)
+    losses = model.train_step(x, y, weight)
+    expected = float((tumour_pinball(fake - y, weight > 1, 0.8) * weight).mean())
+    assert losses["loss_G_L1_weighted"] == pytest.approx(expected, rel=1e-4)
+    plain = float(((fake - y).abs() * weight).mean())
+    assert expected != pytest.approx(plain, rel=1e-3)
+
+    out = tmp_path / "run"
+    train(_config(toy_dataset, out, target="uptake", tumour_l1_weight=10.0,
+                  tumour_quantile=0.7, max_steps=2))
+    assert json.loads((out / "config.json").read_text())["tumour_quantile"] == 0.7
+    from training.export import method_text
+    assert "quantile 0.7" in method_text(json.loads((out / "config.json").read_text()))
+    with pytest.raises(ValueError, match="tumour_quantile"):
+        train(_config(toy_dataset, out, target="uptake", tumour_l1_weight=10.0,
+                      tumour_quantile=0.6, max_steps=3), resume=True)
+    with pytest.raises(ValueError, match="tumour masks"):
+        train(_config(toy_dataset, tmp_path / "plain", target="uptake", tumour_quantile=0.7))

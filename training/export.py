@@ -228,6 +228,10 @@ def method_text(config: dict[str, Any]) -> str:
     if weight != 1.0:
         text += (f"; L1 weighted {weight:g}x on tumour masks grown by "
                  f"{config.get('tumour_margin_px', 0)} px")
+    quantile = float(config.get("tumour_quantile", 0.5))
+    if quantile != 0.5:
+        text += (f"; in the tumour masks the pinball loss of quantile {quantile:g} "
+                 "instead of the L1")
     small = int(config.get("small_lesion_area_px", 0))
     if small > 0:
         text += (f"; a lesion covering a pixels of a slice weighted "
@@ -284,6 +288,7 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         "beta1": config["beta1"],
         "lambda_l1": config["lambda_l1"],
         "recon_loss": config.get("recon_loss", "l1"),
+        "tumour_quantile": config.get("tumour_quantile", 0.5),
         "tumour_oversample": config["tumour_oversample"],
         "tumour_l1_weight": config.get("tumour_l1_weight", 1.0),
         "tumour_margin_px": config.get("tumour_margin_px", 0),

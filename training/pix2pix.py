@@ -109,11 +109,27 @@ class Pix2PixConfig:
     #: squared error over L2_SCALE (its gradient equals L1's at a residual of L2_SCALE / 2),
     #: whose minimiser is the conditional mean, E[target | input], the oracle's quantity.
     recon_loss: str = "l1"
+    #: In the tumour masks (pixels whose per-pixel L1 weight is above 1), the L1 becomes
+    #: the pinball loss of this quantile, doubled (0.5: plain L1): a generator drawing a
+    #: tumour lower than its PET costs 2q x the error, higher 2(1 - q) x. Above 0.5 it
+    #: learns that quantile of the uptake the T1C allows instead of its median.
+    tumour_quantile: float = 0.5
 
 
 #: Target units (the uptake's [-1, 1] mapping) that scale the "l2" reconstruction loss.
 L2_SCALE = 0.1
 RECON_LOSSES = ("l1", "l2")
+
+
+def tumour_pinball(residual: torch.Tensor, tumour: torch.Tensor, quantile: float
+                   ) -> torch.Tensor:
+    """Per-pixel reconstruction error for ``residual`` = fake - target: |residual| outside
+    ``tumour``; inside, twice the pinball loss of ``quantile`` (under-drawing costs
+    ``2 * quantile``, over-drawing ``2 * (1 - quantile)`` per unit)."""
+    under = residual < 0
+    slope = torch.where(under, torch.full_like(residual, 2.0 * quantile),
+                        torch.full_like(residual, 2.0 * (1.0 - quantile)))
+    return torch.where(tumour, slope * residual.abs(), residual.abs())
 
 
 class Pix2Pix:
@@ -193,6 +209,9 @@ class Pix2Pix:
             loss_g_l1 = error.mean()
             if self.config.recon_loss == "l2":
                 error = residual.square() / L2_SCALE
+            elif self.config.tumour_quantile != 0.5 and l1_weight is not None:
+                error = tumour_pinball(residual, l1_weight.to(self.device) > 1.0,
+                                       self.config.tumour_quantile)
             if l1_weight is None:
                 loss_l1_term = error.mean()
             else:

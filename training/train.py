@@ -54,7 +54,7 @@ FIXED_ON_RESUME = ("dataset", "target", "ngf", "ndf", "batch_size", "seed", "upt
                    "epochs", "decay_epochs", "lambda_l1", "lr", "beta1", "context_slices",
                    "fusion_l1_weight", "fusion_gate_width_uptake", "augment_rotation_deg",
                    "augment_scale", "augment_shift_px", "small_lesion_area_px",
-                   "small_lesion_max_gain", "recon_loss")
+                   "small_lesion_max_gain", "recon_loss", "tumour_quantile")
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ class TrainConfig:
     beta1: float = 0.5
     lambda_l1: float = 100.0
     recon_loss: str = "l1"  # "l1" (published) or "l2" (the conditional mean), training/pix2pix.py
+    tumour_quantile: float = 0.5  # pinball loss of this quantile in the tumour masks (0.5: L1)
     max_steps: int | None = None
     threads: int | None = None
     val_max_slices: int | None = 512
@@ -183,6 +184,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reconstruction term weighted by --lambda-l1: l1 (as published; "
                              "the generator learns the conditional median) or l2 (squared "
                              "error / 0.1: the conditional mean, what the oracle is)")
+    parser.add_argument("--tumour-quantile", type=float, default=d.tumour_quantile,
+                        help="in the tumour masks (where --tumour-l1-weight applies), the L1 "
+                             "becomes the doubled pinball loss of this quantile: above 0.5 "
+                             "under-drawing a tumour costs more than over-drawing it "
+                             "(default %(default)s: plain L1)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many steps in total (resumable)")
     parser.add_argument("--threads", type=int, default=None,
@@ -216,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         context_slices=args.context_slices, fusion_l1_weight=args.fusion_l1_weight,
         fusion_gate_width_uptake=args.fusion_gate_width_uptake, seed=args.seed,
         device=args.device, lr=args.lr, beta1=args.beta1, lambda_l1=args.lambda_l1,
-        recon_loss=args.recon_loss,
+        recon_loss=args.recon_loss, tumour_quantile=args.tumour_quantile,
         max_steps=args.max_steps, threads=args.threads,
         val_max_slices=args.val_max_slices or None, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, export=not args.no_export, name=args.name,
@@ -404,6 +410,12 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                          "tumour masks ('tumour_labels')")
     if config.recon_loss not in RECON_LOSSES:
         raise ValueError(f"--recon-loss must be one of {RECON_LOSSES}, got {config.recon_loss!r}")
+    if not 0.0 < config.tumour_quantile < 1.0:
+        raise ValueError("--tumour-quantile must lie between 0 and 1")
+    if config.tumour_quantile != 0.5 and (config.tumour_l1_weight <= 1.0
+                                          or config.recon_loss != "l1"):
+        raise ValueError("--tumour-quantile needs the tumour masks (--tumour-l1-weight above "
+                         "1) and --recon-loss l1")
     if config.small_lesion_area_px < 0 or config.small_lesion_max_gain < 1.0:
         raise ValueError("--small-lesion-area-px must be >= 0 and --small-lesion-max-gain "
                          ">= 1")
@@ -445,7 +457,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         architecture=architecture, ngf=config.ngf, ndf=config.ndf,
         input_nc=input_channels(config.context_slices),
         output_nc=ds.output_channels(config.target), lr=config.lr, beta1=config.beta1,
-        lambda_l1=config.lambda_l1, recon_loss=config.recon_loss, epochs=config.epochs,
+        lambda_l1=config.lambda_l1, recon_loss=config.recon_loss,
+        tumour_quantile=config.tumour_quantile, epochs=config.epochs,
         decay_epochs=config.decay_epochs,
         ema_decay=config.ema_decay, cpu_bf16=config.bf16,
     )
