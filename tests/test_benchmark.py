@@ -140,6 +140,8 @@ def test_conformal_scores_are_order_statistics_and_refuse_too_few() -> None:
         conformal_scores([*residuals[:18], math.nan], sds, 0.9)
     with pytest.raises(ValueError, match="all zero"):
         conformal_scores([0.0] * 19, sds, 0.9)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        conformal_scores(residuals, sds, 1.0)
     assert ConformalScores.from_dict(scores.as_dict()) == scores
 
 
@@ -256,6 +258,17 @@ def test_export_pools_validation_cohorts_into_the_interval_calibration() -> None
     with pytest.raises(ValueError, match="cannot calibrate"):
         benchmark_extras([_validation_summary(200, first[:10])], None, 0.9, cohorts,
                          "conformal")
+    with pytest.raises(ValueError, match="different weights"):
+        other = _validation_summary(210, second)
+        other["meta"]["sha256"] = "1"  # type: ignore[index]
+        benchmark_extras([summaries[0], other], None, 0.9, cohorts)
+    with pytest.raises(ValueError, match="not finite"):
+        benchmark_extras([_validation_summary(200, [*first, [math.nan, 0.1]])], None, 0.9,
+                         cohorts)
+    with pytest.raises(ValueError, match="needs a --validation-benchmark"):
+        benchmark_extras([], None, 0.9, cohorts, "conformal")
+    # the card's figures do not carry the per-lesion pairs
+    assert "calibration_pairs" not in extras["benchmarks"]["validation"]["intervals"]
 
 
 # --- training cohorts ----------------------------------------------------------------------

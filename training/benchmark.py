@@ -307,11 +307,12 @@ def summarise(records: list[PatientRecord]) -> dict[str, Any]:
     # sampling SD of each, what a conformal calibration takes (training/export.py pools
     # the pairs of several validation cohorts).
     both = [k for k in keys if by_key[(*k, "real")]["found"] and by_key[(*k, "synthetic")]["found"]]
-    out["intervals"]["calibration_pairs"] = {
-        measure: [[by_key[(*k, "real")][measure] - by_key[(*k, "synthetic")][measure],
-                   by_key[(*k, "synthetic")][f"sd_model_{measure}"]]
-                  for k in both if f"sd_model_{measure}" in by_key[(*k, "synthetic")]]
-        for measure in ("tbr_max", "tbr_mean")}
+    if with_interval:  # measured with uncertainty passes
+        out["intervals"]["calibration_pairs"] = {
+            measure: [[by_key[(*k, "real")][measure] - by_key[(*k, "synthetic")][measure],
+                       by_key[(*k, "synthetic")][f"sd_model_{measure}"]]
+                      for k in both if f"sd_model_{measure}" in by_key[(*k, "synthetic")]]
+            for measure in ("tbr_max", "tbr_mean")}
     for measure in ("tbr_max", "tbr_mean"):
         diff = [by_key[(*k, "synthetic")][measure] - by_key[(*k, "real")][measure] for k in both]
         out["intervals"][f"residual_sd_{measure}"] = (float(np.std(diff, ddof=1))

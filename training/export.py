@@ -127,7 +127,8 @@ def _benchmark_figures(summary: dict[str, Any]) -> dict[str, Any]:
         "r_voi_tbr_max": {s: per[s]["voi_tbr_max"]["r"]["r"] for s in per if s != "real"},
         "r_voi_tbr_mean": {s: per[s]["voi_tbr_mean"]["r"]["r"] for s in per if s != "real"},
         "bias_voi_tbr_max": {s: per[s]["voi_tbr_max"]["bias"] for s in per if s != "real"},
-        "intervals": summary["intervals"],
+        "intervals": {k: v for k, v in summary["intervals"].items()
+                      if k != "calibration_pairs"},
         "checks_passed": [k for k, v in summary["checks"].items() if v["pass"]],
         "checks_failed": [k for k, v in summary["checks"].items() if not v["pass"]],
     }
@@ -136,10 +137,9 @@ def _benchmark_figures(summary: dict[str, Any]) -> dict[str, Any]:
 def _pooled_pairs(validation: list[dict[str, Any]], measure: str) -> list[list[float]] | None:
     """(real - synthetic, sampling SD) of every lesion of every summary, or None when a
     summary was measured without uncertainty passes (it has no pairs)."""
-    pairs = [v["intervals"].get("calibration_pairs", {}).get(measure) for v in validation]
-    if not all(pairs):
+    if not all("calibration_pairs" in v["intervals"] for v in validation):
         return None
-    return [pair for some in pairs if some for pair in some]
+    return [pair for v in validation for pair in v["intervals"]["calibration_pairs"][measure]]
 
 
 def tbr_interval(validation: list[dict[str, Any]], level: float,
@@ -147,9 +147,10 @@ def tbr_interval(validation: list[dict[str, Any]], level: float,
     """The card's interval calibration from validation benchmark summaries, over the
     lesions of all of them (dicom_node/analysis/uncertainty.py):
 
-    - ``gaussian``: the residual (synthetic - real) SD and mean per lesion. Several
-      cohorts are pooled from their per-lesion pairs (a benchmark with uncertainty
-      passes); one summary without them gives its own figures, as older cards had.
+    - ``gaussian``: the residual (synthetic - real) SD and mean per lesion, over the
+      lesions that have an interval among those found on both (a benchmark with
+      uncertainty passes: its per-lesion pairs); one summary without pairs gives its own
+      figures (every lesion found on both), as older cards had.
     - ``conformal``: split-conformal scores, from the pairs only.
     """
     if form not in INTERVAL_FORMS:
@@ -176,6 +177,8 @@ def tbr_interval(validation: list[dict[str, Any]], level: float,
     for measure in ("tbr_max", "tbr_mean"):
         pairs = pooled[measure] or []
         residuals = np.array([p[0] for p in pairs], dtype=np.float64)  # real - synthetic
+        if not np.isfinite(np.array(pairs, dtype=np.float64)).all():
+            raise ValueError("a validation lesion's residual or sampling SD is not finite")
         if len(residuals) < 2:
             raise ValueError(f"{len(residuals)} validation lesions found on real and "
                              "synthetic: too few to calibrate an interval")
@@ -194,10 +197,14 @@ def benchmark_extras(validation: list[dict[str, Any]], sealed: dict[str, Any] | 
                      interval_form: str = "gaussian") -> dict[str, Any]:
     """Card fields from benchmark summaries: cohorts, interval calibration, figures."""
     extras: dict[str, Any] = {"cohorts": cohorts, "benchmarks": {}, "tbr_interval": {}}
+    if interval_form != "gaussian" and not validation:
+        raise ValueError(f"--interval-form {interval_form} needs a --validation-benchmark")
     if validation:
         if any(v["meta"]["cohort"] != "validation" for v in validation):
             raise ValueError("a --validation-benchmark is not a validation cohort's summary")
         seeds = [v["meta"]["seed"] for v in validation]
+        if len({v["meta"]["sha256"] for v in validation}) > 1:
+            raise ValueError("the --validation-benchmark summaries are of different weights")
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"--validation-benchmark: seed given twice ({seeds})")
         declared = set(cohorts.get("validation_seeds", []))

@@ -136,6 +136,9 @@ class Pix2Pix:
     """Generator, discriminator, their optimisers, schedulers and the AMP scaler."""
 
     def __init__(self, config: Pix2PixConfig, device: torch.device) -> None:
+        if config.tumour_quantile != 0.5 and config.recon_loss != "l1":
+            raise ValueError("tumour_quantile replaces the L1 in the tumour masks: it needs "
+                             "recon_loss 'l1'")
         self.config = config
         self.device = device
         self.use_amp = device.type == "cuda"

@@ -86,6 +86,8 @@ def conformal_scores(residuals: ArrayLike, sd_model: ArrayLike,
     """Calibrate one ratio from validation lesions: ``residuals`` real - synthetic and the
     model's sampling SD ``sd_model`` of each. Refuses too few lesions for ``level``
     (the order statistics would fall outside the sample: 19 at 90 %)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"interval level {level} must lie between 0 and 1")
     r = np.asarray(residuals, dtype=np.float64)
     sd = np.asarray(sd_model, dtype=np.float64)
     if r.shape != sd.shape or r.ndim != 1:
@@ -162,7 +164,7 @@ class Calibration:
 
     def method_text(self, samples: int) -> str:
         text = f"{self.level:.0%} interval: {samples} passes of {METHOD_SAMPLING}"
-        if self.conformal_tbr_max is not None:
+        if self.conformal:
             return (text + ", scaled by split-conformal scores of (real - synthetic) / "
                     "sqrt(SD^2 + s^2) on validation lesions "
                     f"({self.source or 'model card'}); not centred on the value")
@@ -227,6 +229,7 @@ def lesion_intervals(samples: NDArray[np.float32], result: TbrResult, calibratio
         tbr_mean = values.mean(axis=1) / bg_means
         sd_max, sd_mean = float(tbr_max.std(ddof=1)), float(tbr_mean.std(ddof=1))
         if calibration.conformal_tbr_max is not None and calibration.conformal_tbr_mean is not None:
+            # (both present: Calibration.conformal)
             low_max, high_max = calibration.conformal_tbr_max.limits(lesion.tbr_max, sd_max)
             low_mean, high_mean = calibration.conformal_tbr_mean.limits(lesion.tbr_mean, sd_mean)
         else:

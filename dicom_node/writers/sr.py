@@ -253,7 +253,7 @@ def _report(evidence: list[Dataset],
 
     highdicom's document constructor deep-copies the content tree, parses it back into
     its own item classes and searches all of it for references: with 18 lesions that was
-    more than half of the time both reports took (docs/performance.md, tenth round). The
+    more than half of the time both reports took (docs/performance.md, "Tenth round"). The
     document is therefore built around the report's root without its Imaging Measurements
     container (:func:`_root_without_measurements`), and the full content is attached
     after; every instance the groups reference is checked against the evidence here.
@@ -278,6 +278,9 @@ def _report(evidence: list[Dataset],
         contributing_equipment=provenance.contributing_equipment(),
         specific_character_set=OUTPUT_CHARACTER_SET,
     )
+    # The dataset now holds the whole tree; highdicom's parsed view of it (``sr.content``)
+    # keeps the root without the groups. Nothing reads that view: read_tbr_report and every
+    # peer read the dataset.
     sr.ContentSequence = report[0].ContentSequence
     sr.SeriesDescription = description
     stamp_series_date(sr)
