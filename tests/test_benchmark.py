@@ -98,19 +98,9 @@ def test_benchmark_reports_lesions_per_uptake(tmp_path: Path) -> None:
     written = json.loads((out / "summary.json").read_text())
     assert written["meta"]["sha256"] == model.sha256 and written["meta"]["cohort"] == "validation"
     assert set(written["checks"]) >= {"detection", "false_foci", "tbr_max_bias"}
-    # what a conformal calibration takes: real - synthetic and the sampling SD per lesion
-    # found on both
-    pairs = written["intervals"]["calibration_pairs"]
-    both = [r for r in ({row["source"]: row for row in summary_rows(out) if row["label"] == label}
-                        for label in {row["label"] for row in summary_rows(out)})
-            if r["real"]["found"] == "True" and r["synthetic"]["found"] == "True"]
-    assert len(pairs["tbr_max"]) == len(pairs["tbr_mean"]) == len(both)
-    for (residual, sd), rows in zip(sorted(pairs["tbr_max"]), sorted(
-            both, key=lambda r: float(r["real"]["tbr_max"]) - float(r["synthetic"]["tbr_max"])),
-            strict=True):
-        assert residual == pytest.approx(float(rows["real"]["tbr_max"])
-                                         - float(rows["synthetic"]["tbr_max"]))
-        assert sd == pytest.approx(float(rows["synthetic"]["sd_model_tbr_max"])) and sd >= 0
+    # the random generator finds nothing: no interval measured, so no calibration pairs
+    assert written["intervals"]["findings_with_interval"] == 0
+    assert "calibration_pairs" not in written["intervals"]
     report = (out / "report.md").read_text()
     assert "lesions found" in report and "false foci" in report
     # the sealed cohort is refused before anything runs
@@ -120,11 +110,48 @@ def test_benchmark_reports_lesions_per_uptake(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
-def summary_rows(out: Path) -> list[dict[str, str]]:
-    import csv
+def _lesion_rows(patient: str, real: float, synthetic: float | None, sd: float
+                 ) -> list[dict[str, object]]:
+    """One truth lesion's rows as evaluate_patient writes them: found on real and oracle,
+    and on synthetic (with an interval) unless ``synthetic`` is None."""
+    base = {"patient": patient, "label": 1, "kind": "solid_enhancing", "truth_volume_ml": 1.0,
+            "voi_tbr_max": real, "voi_tbr_mean": real - 0.3}
+    found = {"found": True, "volume_ml": 1.0, "finding_number": 1}
+    rows: list[dict[str, object]] = [
+        {**base, **found, "source": source, "tbr_max": real, "tbr_mean": real - 0.3}
+        for source in ("real", "oracle")]
+    if synthetic is None:
+        rows.append({**base, "source": "synthetic", "found": False, "tbr_max": math.nan,
+                     "tbr_mean": math.nan, "volume_ml": math.nan, "finding_number": 0})
+    else:
+        rows.append({**base, **found, "source": "synthetic", "tbr_max": synthetic,
+                     "tbr_mean": synthetic - 0.2, "tbr_max_low": synthetic - 0.5,
+                     "tbr_max_high": synthetic + 0.5, "tbr_mean_low": synthetic - 0.6,
+                     "tbr_mean_high": synthetic + 0.2, "sd_model_tbr_max": sd,
+                     "sd_model_tbr_mean": sd / 2, "equivocal": False})
+    return rows
 
-    with (out / "lesions.csv").open() as handle:
-        return list(csv.DictReader(handle))
+
+def test_summary_records_each_lesions_residual_and_sampling_sd() -> None:
+    """What a calibration takes from a validation cohort: per lesion found on real and
+    synthetic uptake, real - synthetic and the model's sampling SD (a lesion the synthetic
+    uptake missed has none), and the residual's SD and mean (synthetic - real) from them."""
+    from training.benchmark import PatientRecord, summarise
+
+    truth = [(2.5, 2.2, 0.1), (3.0, 2.4, 0.2), (2.0, None, 0.0), (2.8, 2.9, 0.05)]
+    records = [PatientRecord(index=i, patient_id=f"P{i}", tumours=1,
+                             lesions=_lesion_rows(f"P{i}", real, synthetic, sd))
+               for i, (real, synthetic, sd) in enumerate(truth)]
+    intervals = summarise(records)["intervals"]
+    found = [(real, synthetic, sd) for real, synthetic, sd in truth if synthetic is not None]
+    assert intervals["calibration_pairs"]["tbr_max"] == [
+        [pytest.approx(real - synthetic), sd] for real, synthetic, sd in found]
+    assert intervals["calibration_pairs"]["tbr_mean"] == [
+        [pytest.approx((real - 0.3) - (synthetic - 0.2)), sd / 2] for real, synthetic, sd in found]
+    residuals = [synthetic - real for real, synthetic, _ in found]
+    assert intervals["residual_bias_tbr_max"] == pytest.approx(float(np.mean(residuals)))
+    assert intervals["residual_sd_tbr_max"] == pytest.approx(float(np.std(residuals, ddof=1)))
+    assert intervals["n_coverage"] == 3
 
 
 def test_conformal_scores_are_order_statistics_and_refuse_too_few() -> None:
