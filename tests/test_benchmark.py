@@ -204,18 +204,7 @@ def test_conformal_intervals_cover_new_lesions_at_their_level() -> None:
 
 
 def test_conformal_calibration_from_the_card_sets_the_intervals() -> None:
-    shape = (4, 128, 128)
-    lesion_mask = np.zeros(shape, bool)
-    lesion_mask[1:3, 40:60, 40:60] = True
-    background = np.zeros(shape, bool)
-    background[:, 80:120, 20:100] = True
-    lesion = Lesion(number=1, tbr_max=2.0, tbr_mean=1.8, volume_ml=1.0, max_uptake=2.0,
-                    mean_uptake=1.8, mask=lesion_mask)
-    result = TbrResult(background_mean=1.0, background_mask=background, threshold=1.6,
-                       lesions=[lesion])
-    samples = np.ones((5, *shape), np.float32)
-    for i in range(5):
-        samples[i][lesion_mask] = 1.8 + 0.05 * i
+    result, samples = _one_lesion_and_samples()
     card = {"level": 0.9, "source": "validation cohorts seed 200, 210",
             "residual_sd_tbr_max": 0.4, "residual_sd_tbr_mean": 0.2,
             "conformal": {"tbr_max": {"low": -0.5, "high": 2.0, "scale": 0.3, "n": 70},
@@ -398,7 +387,9 @@ def test_the_network_reads_the_grey_its_card_was_trained_on(tmp_path: Path) -> N
         _card(t1c_input_ceiling=0.5).validate()
 
 
-def test_intervals_combine_sampling_and_calibration() -> None:
+def _one_lesion_and_samples() -> tuple[TbrResult, np.ndarray]:
+    """One lesion at TBRmax 2.0 / TBRmean 1.8 over a background of 1, and 5 sampling
+    passes drawing it at 1.80, 1.85, ... 2.00."""
     shape = (4, 128, 128)
     lesion_mask = np.zeros(shape, bool)
     lesion_mask[1:3, 40:60, 40:60] = True
@@ -411,6 +402,11 @@ def test_intervals_combine_sampling_and_calibration() -> None:
     samples = np.ones((5, *shape), np.float32)
     for i in range(5):
         samples[i][lesion_mask] = 1.8 + 0.05 * i
+    return result, samples
+
+
+def test_intervals_combine_sampling_and_calibration() -> None:
+    result, samples = _one_lesion_and_samples()
     calibration = Calibration(residual_sd_tbr_max=0.3, residual_sd_tbr_mean=0.2, level=0.9)
     (interval,) = lesion_intervals(samples, result, calibration)
     sd = float(np.std([1.8 + 0.05 * i for i in range(5)], ddof=1))
