@@ -134,14 +134,6 @@ def _benchmark_figures(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _pooled_pairs(validation: list[dict[str, Any]], measure: str) -> list[list[float]] | None:
-    """(real - synthetic, sampling SD) of every lesion of every summary, or None when a
-    summary was measured without uncertainty passes (it has no pairs)."""
-    if not all("calibration_pairs" in v["intervals"] for v in validation):
-        return None
-    return [pair for v in validation for pair in v["intervals"]["calibration_pairs"][measure]]
-
-
 def tbr_interval(validation: list[dict[str, Any]], level: float,
                  form: str = "gaussian") -> dict[str, Any]:
     """The card's interval calibration from validation benchmark summaries, over the
@@ -157,8 +149,8 @@ def tbr_interval(validation: list[dict[str, Any]], level: float,
         raise ValueError(f"--interval-form must be one of {INTERVAL_FORMS}")
     seeds = ", ".join(str(v["meta"]["seed"]) for v in validation)
     cohorts = f"validation cohort{'s' if len(validation) > 1 else ''} seed {seeds}"
-    pooled = {m: _pooled_pairs(validation, m) for m in ("tbr_max", "tbr_mean")}
-    if pooled["tbr_max"] is None or pooled["tbr_mean"] is None:
+    # (real - synthetic, sampling SD) per lesion: only in benchmarks run with uncertainty passes
+    if not all("calibration_pairs" in v["intervals"] for v in validation):
         if form == "conformal" or len(validation) > 1:
             raise ValueError("every --validation-benchmark must be measured with uncertainty "
                              "passes (its per-lesion pairs) to pool cohorts or to calibrate "
@@ -175,7 +167,7 @@ def tbr_interval(validation: list[dict[str, Any]], level: float,
                            "lesions found on real and synthetic")}
     out: dict[str, Any] = {"level": level}
     for measure in ("tbr_max", "tbr_mean"):
-        pairs = pooled[measure] or []
+        pairs = [pair for v in validation for pair in v["intervals"]["calibration_pairs"][measure]]
         residuals = np.array([p[0] for p in pairs], dtype=np.float64)  # real - synthetic
         if not np.isfinite(np.array(pairs, dtype=np.float64)).all():
             raise ValueError("a validation lesion's residual or sampling SD is not finite")
@@ -186,8 +178,9 @@ def tbr_interval(validation: list[dict[str, Any]], level: float,
         out[f"residual_bias_{measure}"] = float(-np.mean(residuals))  # synthetic - real
         if form == "conformal":
             out.setdefault("conformal", {})[measure] = conformal_scores(
-                [p[0] for p in pairs], [p[1] for p in pairs], level).as_dict()
-    out["source"] = (f"{cohorts}, {len(pooled['tbr_max'] or [])} lesions found on real and "
+                residuals, [p[1] for p in pairs], level).as_dict()
+    lesions = sum(len(v["intervals"]["calibration_pairs"]["tbr_max"]) for v in validation)
+    out["source"] = (f"{cohorts}, {lesions} lesions found on real and "
                      f"synthetic{', split-conformal' if form == 'conformal' else ''}")
     return out
 
