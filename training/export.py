@@ -232,6 +232,13 @@ def method_text(config: dict[str, Any]) -> str:
     if quantile != 0.5:
         text += (f"; in the tumour masks the pinball loss of quantile {quantile:g} "
                  "instead of the L1")
+    hard = float(config.get("hard_negative_weight", 1.0))
+    if hard > 1.0:
+        text += (f"; hard negatives mined on each batch (brain outside tumours and striatum "
+                 f"drawn >= {float(config.get('hard_negative_ratio', 1.6)):g} x slice "
+                 f"background where the real uptake, averaged over "
+                 f"{int(config.get('hard_negative_smooth_px', 5))} px, is not) weighted "
+                 f"{hard:g}x")
     small = int(config.get("small_lesion_area_px", 0))
     if small > 0:
         text += (f"; a lesion covering a pixels of a slice weighted "
@@ -289,6 +296,9 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         "lambda_l1": config["lambda_l1"],
         "recon_loss": config.get("recon_loss", "l1"),
         "tumour_quantile": config.get("tumour_quantile", 0.5),
+        "hard_negative_weight": config.get("hard_negative_weight", 1.0),
+        "hard_negative_ratio": config.get("hard_negative_ratio", 1.6),
+        "hard_negative_smooth_px": config.get("hard_negative_smooth_px", 5),
         "tumour_oversample": config["tumour_oversample"],
         "tumour_l1_weight": config.get("tumour_l1_weight", 1.0),
         "tumour_margin_px": config.get("tumour_margin_px", 0),

@@ -177,14 +177,18 @@ class Pix2Pix:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor,
                    l1_weight: torch.Tensor | None = None,
-                   extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   hard_negatives: Callable[[torch.Tensor], torch.Tensor] | None = None
                    ) -> dict[str, float]:
         """One Pix2Pix iteration (D step, then G step); returns the losses.
 
         ``l1_weight`` (B, 1, H, W), if given, weighs the L1 term per pixel; the reported
         ``loss_G_L1`` stays the plain L1 so that runs compare. ``extra_loss``, if given,
         maps the generator output to a further term of the generator loss (already
-        weighted), reported as ``loss_G_extra``.
+        weighted), reported as ``loss_G_extra``. ``hard_negatives``, if given, maps the
+        generator output (detached) to per-pixel L1 weights (1 where it finds nothing;
+        :mod:`training.hard_negatives`), merged with ``l1_weight`` by the larger; the
+        fraction of pixels it raised is reported as ``hard_negative_fraction``.
         """
         self.generator.train()
         self.discriminator.train()
@@ -215,10 +219,13 @@ class Pix2Pix:
             elif self.config.tumour_quantile != 0.5 and l1_weight is not None:
                 error = tumour_pinball(residual, l1_weight.to(self.device) > 1.0,
                                        self.config.tumour_quantile)
-            if l1_weight is None:
-                loss_l1_term = error.mean()
-            else:
-                loss_l1_term = (error * l1_weight.to(self.device, non_blocking=True)).mean()
+            weight = None if l1_weight is None else l1_weight.to(self.device, non_blocking=True)
+            hard_fraction = None
+            if hard_negatives is not None:
+                mined = hard_negatives(fake.detach().float())
+                hard_fraction = float((mined > 1.0).float().mean())
+                weight = mined if weight is None else torch.maximum(weight, mined)
+            loss_l1_term = error.mean() if weight is None else (error * weight).mean()
             loss_g = loss_g_gan + self.config.lambda_l1 * loss_l1_term
             loss_extra = extra_loss(fake.float()) if extra_loss is not None else None
             if loss_extra is not None:
@@ -235,6 +242,7 @@ class Pix2Pix:
             "loss_G_L1": float(loss_g_l1.detach()),
             "loss_G_L1_weighted": float(loss_l1_term.detach()),
             **({"loss_G_extra": float(loss_extra.detach())} if loss_extra is not None else {}),
+            **({"hard_negative_fraction": hard_fraction} if hard_fraction is not None else {}),
         }
 
     @property

@@ -38,9 +38,11 @@ from tqdm import tqdm
 from dicom_node.inference.model_weights import load_weights
 from dicom_node.inference.slice_context import input_channels
 from training import data as ds
+from training import hard_negatives
 from training.augment import AffineAugment, warp
 from training.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint
 from training.export import export_checkpoint
+from training.hard_negatives import HardNegatives
 from training.metrics import mean_sd, psnr, ssim
 from training.pix2pix import RECON_LOSSES, Pix2Pix, Pix2PixConfig
 from training.soft_fusion import soft_fuse
@@ -54,7 +56,8 @@ FIXED_ON_RESUME = ("dataset", "target", "ngf", "ndf", "batch_size", "seed", "upt
                    "epochs", "decay_epochs", "lambda_l1", "lr", "beta1", "context_slices",
                    "fusion_l1_weight", "fusion_gate_width_uptake", "augment_rotation_deg",
                    "augment_scale", "augment_shift_px", "small_lesion_area_px",
-                   "small_lesion_max_gain", "recon_loss", "tumour_quantile")
+                   "small_lesion_max_gain", "recon_loss", "tumour_quantile",
+                   "hard_negative_weight", "hard_negative_ratio", "hard_negative_smooth_px")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,9 @@ class TrainConfig:
     lambda_l1: float = 100.0
     recon_loss: str = "l1"  # "l1" (published) or "l2" (the conditional mean), training/pix2pix.py
     tumour_quantile: float = 0.5  # pinball loss of this quantile in the tumour masks (0.5: L1)
+    hard_negative_weight: float = 1.0  # L1 weight of mined false-focus pixels (1 = off)
+    hard_negative_ratio: float = 1.6  # x slice background: what counts as hot
+    hard_negative_smooth_px: int = 5  # real uptake averaged over this width before comparing
     max_steps: int | None = None
     threads: int | None = None
     val_max_slices: int | None = 512
@@ -189,6 +195,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "becomes the doubled pinball loss of this quantile: above 0.5 "
                              "under-drawing a tumour costs more than over-drawing it "
                              "(default %(default)s: plain L1)")
+    parser.add_argument("--hard-negative-weight", type=float, default=d.hard_negative_weight,
+                        help="L1 weight of the hard negatives mined on each batch: brain "
+                             "pixels outside the grown tumour masks where the generator draws "
+                             ">= --hard-negative-ratio x its slice background and the real "
+                             "uptake (smoothed) is below that ratio of its own, striatum "
+                             "excluded; needs tumour_labels, brain_mask and striatum_mask "
+                             "(1 = off; default %(default)s)")
+    parser.add_argument("--hard-negative-ratio", type=float, default=d.hard_negative_ratio,
+                        help="what counts as hot, x slice background (the node's tumour "
+                             "threshold; default %(default)s)")
+    parser.add_argument("--hard-negative-smooth-px", type=int,
+                        default=d.hard_negative_smooth_px,
+                        help="the real uptake is averaged over this odd width before it is "
+                             "compared (default %(default)s)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many steps in total (resumable)")
     parser.add_argument("--threads", type=int, default=None,
@@ -223,6 +243,9 @@ def run(args: argparse.Namespace) -> int:
         fusion_gate_width_uptake=args.fusion_gate_width_uptake, seed=args.seed,
         device=args.device, lr=args.lr, beta1=args.beta1, lambda_l1=args.lambda_l1,
         recon_loss=args.recon_loss, tumour_quantile=args.tumour_quantile,
+        hard_negative_weight=args.hard_negative_weight,
+        hard_negative_ratio=args.hard_negative_ratio,
+        hard_negative_smooth_px=args.hard_negative_smooth_px,
         max_steps=args.max_steps, threads=args.threads,
         val_max_slices=args.val_max_slices or None, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, export=not args.no_export, name=args.name,
@@ -372,6 +395,35 @@ def fusion_l1_term(pair: tuple[torch.Tensor, torch.Tensor], data: ds.PairedDatas
     return term
 
 
+def hard_negative_masks(data: ds.PairedDataset, idx: NDArray[np.int64]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(brain, tumours and striatum) of slices ``idx`` as float (B, 1, S, S), to be
+    flipped and warped with the batch. The striatum is FDOPA's physiological uptake,
+    whose ratio differs per patient and which the node excludes anyway: where a
+    generator draws it wider than a patient's PET is no false focus."""
+    brain = torch.from_numpy(data.get("brain_mask")[idx].astype(np.float32)).unsqueeze(1)
+    hot = (data.get("tumour_labels")[idx] > 0) | data.get("striatum_mask")[idx].astype(bool)
+    return brain, torch.from_numpy(hot.astype(np.float32)).unsqueeze(1)
+
+
+def hard_negative_weighting(y: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor],
+                            hard: HardNegatives, config: TrainConfig, device: torch.device
+                            ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Maps the generator output to the hard negatives' L1 weights (1 elsewhere)."""
+    real = (y.to(device).float() + 1.0) / 2.0 * config.uptake_scale
+    brain = masks[0].to(device) > 0.5
+    zone = hard_negatives.tumour_zone(masks[1].to(device) > 0.5,
+                                      config.tumour_margin_px + hard.smooth_px // 2)
+
+    def weigh(output: torch.Tensor) -> torch.Tensor:
+        fake = (output.clamp(-1.0, 1.0) + 1.0) / 2.0 * config.uptake_scale
+        mask = hard_negatives.hard_negative_mask(fake, real, brain, zone, hard.ratio,
+                                                 hard.smooth_px)
+        return hard_negatives.weights(mask, hard.weight)
+
+    return weigh
+
+
 def widened_state(initial: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
                   ) -> dict[str, torch.Tensor]:
     """``initial`` generator weights fitted to ``target``'s shapes: a one-slice model's
@@ -416,6 +468,13 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                                           or config.recon_loss != "l1"):
         raise ValueError("--tumour-quantile needs the tumour masks (--tumour-l1-weight above "
                          "1) and --recon-loss l1")
+    hard = HardNegatives(config.hard_negative_weight, config.hard_negative_ratio,
+                         config.hard_negative_smooth_px)
+    if hard.active and (config.target != "uptake" or not data.has("tumour_labels")
+                        or not data.has("brain_mask") or not data.has("striatum_mask")):
+        raise ValueError("--hard-negative-weight needs --target uptake and a dataset with "
+                         "tumour, brain and striatum masks ('tumour_labels', 'brain_mask', "
+                         "'striatum_mask')")
     if config.small_lesion_area_px < 0 or config.small_lesion_max_gain < 1.0:
         raise ValueError("--small-lesion-area-px must be >= 0 and --small-lesion-max-gain "
                          ">= 1")
@@ -561,9 +620,10 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                                           config.small_lesion_area_px,
                                           config.small_lesion_max_gain)
             fusion_pair = fusion_target(data, idx) if config.fusion_l1_weight > 0 else None
+            masks = hard_negative_masks(data, idx) if hard.active else None
             if config.hflip:
                 flip = flips[positions]
-                for tensor in (x, y, l1_weight, *(fusion_pair or ())):
+                for tensor in (x, y, l1_weight, *(fusion_pair or ()), *(masks or ())):
                     if tensor is not None:
                         tensor[flip] = tensor[flip].flip(-1)
             if augment.active:
@@ -576,10 +636,15 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                 if fusion_pair is not None:
                     fusion_pair = (warp(fusion_pair[0], theta, 0.0),
                                    warp(fusion_pair[1], theta, 0.0))
+                if masks is not None:
+                    masks = (warp(masks[0], theta, 0.0), warp(masks[1], theta, 0.0))
             extra = None
             if fusion_pair is not None:
                 extra = fusion_l1_term(fusion_pair, data, config, model.device)
-            losses = model.train_step(x, y, l1_weight, extra)
+            mining = None
+            if masks is not None:
+                mining = hard_negative_weighting(y, masks, hard, config, model.device)
+            losses = model.train_step(x, y, l1_weight, extra, mining)
             step += 1
             batch_in_epoch = b + 1
             for key, value in losses.items():
