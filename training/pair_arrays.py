@@ -31,6 +31,7 @@ from dicom_node.config import SelectionConfig
 from dicom_node.inference.fusion import display_grey, fuse, to_uint8, window_t1c
 from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.resampling import padding_for, to_network
+from dicom_node.series.volume import modality_values
 from training.pet_volume import resample_to_planes
 from training.scanning import (
     SliceHeader,
@@ -100,11 +101,8 @@ def _read_pixels(path: Path) -> tuple[NDArray[np.float32], pydicom.Dataset]:
                          f"{type(exc).__name__}: {exc}") from exc
     if data.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
         data = data[0]
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    values = data.astype(np.float32)
-    if data.ndim == 2 and (slope != 1.0 or intercept != 0.0):
-        values = values * np.float32(slope) + np.float32(intercept)
+    # Colour (RGB) pixels carry no modality rescale.
+    values = modality_values(ds, data) if data.ndim == 2 else data.astype(np.float32)
     return values, ds
 
 

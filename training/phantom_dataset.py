@@ -59,6 +59,7 @@ from dicom_node.inference.fusion import (
 )
 from dicom_node.inference.fusion_style import FusionStyle
 from dicom_node.inference.resampling import to_network
+from dicom_node.series.volume import modality_values
 from training.dataset_io import write_atomic, write_json
 from training.pair_arrays import grey_to_network, nearest_to_network, rgb_to_network
 from training.pet_volume import PlaneGeometry, resample_to_planes, stack_geometry
@@ -143,12 +144,7 @@ def scanner_layout_uptake(patient: PhantomPatient, keep: NDArray[np.int64],
     pet = []
     for j in stack.order:
         ds = series[j]
-        values = np.asarray(ds.pixel_array).astype(np.float32)
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        if slope != 1.0 or intercept != 0.0:
-            values = values * np.float32(slope) + np.float32(intercept)
-        pet.append(values * np.float32(scale.factors[j]))
+        pet.append(modality_values(ds, ds.pixel_array) * np.float32(scale.factors[j]))
     g = patient.geometry
     t1c_planes = [PlaneGeometry(position=_xyz([round(v, 4) for v in g.image_position(int(k))]),
                                 orientation=tuple(AXIAL_ORIENTATION),

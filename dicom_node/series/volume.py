@@ -189,6 +189,17 @@ class Volume:
         return self.slices[0].orientation[0] > 0
 
 
+def modality_values(ds: Dataset, stored: NDArray[Any]) -> NDArray[np.float32]:
+    """Stored pixel values as float32 modality values: x RescaleSlope + RescaleIntercept
+    (absent, empty or 1 / 0: the stored values)."""
+    values = np.asarray(stored, dtype=np.float32)
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    if slope != 1.0 or intercept != 0.0:
+        values = values * np.float32(slope) + np.float32(intercept)
+    return values
+
+
 def load_volume(slices: list[SliceInfo]) -> Volume:
     """Decode every slice (any transfer syntax pydicom can decode) into one volume."""
     ordered = sort_slices(slices)
@@ -213,8 +224,6 @@ def load_volume(slices: list[SliceInfo]) -> Volume:
         if plane.shape != (info.rows, info.columns):
             raise VolumeError(f"slice {info.sop_uid} has shape {plane.shape}, "
                               f"expected {(info.rows, info.columns)}")
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        pixels[index] = plane.astype(np.float32) * slope + intercept
+        pixels[index] = modality_values(ds, plane)
     spacing = (slice_spacing_mm(ordered), ordered[0].pixel_spacing[0], ordered[0].pixel_spacing[1])
     return Volume(pixels=pixels, slices=ordered, datasets=datasets, spacing_mm=spacing)
