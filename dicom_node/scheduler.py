@@ -13,6 +13,12 @@
 Each job is a boundary: an exception is logged and written to the audit log, and
 the job runs again at its next interval.
 
+Stopping (:func:`stop_scheduler`): APScheduler's ``shutdown(wait=True)`` joins the job
+threads while it holds the scheduler's own locks, and a job that wakes another one (a
+series done: the send job; the sweep: the inference job) needs those locks: a node
+stopped during a job never stopped. The scheduler is shut down without waiting, and the
+running jobs (counted by :class:`JobsInFlight`) are waited for outside its locks.
+
 Roles (``[node] role``): ``all`` runs every job; a ``worker`` the sweep, inference and
 retention (no send, no notify: the senders poll the outbox); a ``sender`` only send and
 notify (:func:`build_send_scheduler`, no model).
@@ -28,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import STATE_STOPPED
 
 from dicom_node.outbox.retention import apply_retention
 from dicom_node.outbox.sender import Sender
@@ -39,16 +46,66 @@ if TYPE_CHECKING:  # the jobs import torch: a sender (build_send_scheduler) neve
 
 log = logging.getLogger(__name__)
 
+#: How long a stop waits for the running jobs (a series being processed ends first; the
+#: inference and send loops start nothing new once the node is stopping). Below the
+#: units' TimeoutStopSec (120 s), so the log says which job held the stop.
+STOP_JOBS_TIMEOUT_S = 90.0
 
-def _guarded(audit: AuditLog, name: str, work: Callable[[], object]) -> Callable[[], None]:
+
+class JobsInFlight:
+    """How many of a scheduler's jobs are running, and a wait until none is."""
+
+    def __init__(self) -> None:
+        self._idle = threading.Condition()
+        self._running = 0
+
+    def enter(self) -> None:
+        with self._idle:
+            self._running += 1
+
+    def leave(self) -> None:
+        with self._idle:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.notify_all()
+
+    @property
+    def running(self) -> int:
+        with self._idle:
+            return self._running
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """True once no job runs; False if one still does after ``timeout_s``."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._running == 0, timeout=timeout_s)
+
+
+def _guarded(audit: AuditLog, name: str, work: Callable[[], object],
+             in_flight: JobsInFlight) -> Callable[[], None]:
     def run() -> None:
+        in_flight.enter()
         try:
             work()
         except Exception as exc:  # job boundary
             log.exception("%s job failed", name)
             audit.record(AuditKind.JOB_FAIL, outcome="error", job_name=name,
                          reason=f"{type(exc).__name__}: {exc}")
+        finally:
+            in_flight.leave()
     return run
+
+
+def stop_scheduler(scheduler: BackgroundScheduler, in_flight: JobsInFlight,
+                   timeout_s: float) -> bool:
+    """No job starts any more; the running ones end (they see the node stopping) within
+    ``timeout_s``. Returns False (and logs which) if one did not."""
+    scheduler.shutdown(wait=False)  # takes and releases the scheduler's locks at once
+    if in_flight.wait_idle(timeout_s):
+        return True
+    log.warning("%d job(s) still running %.0f s after the stop began; stopping without "
+                "them (their work is resumed or taken over at the next start)",
+                in_flight.running, timeout_s)
+    return False
 
 
 def drain_queue(ctx: NodeContext, on_queued: Callable[[], None] | None = None) -> None:
@@ -109,6 +166,8 @@ def _scheduler() -> BackgroundScheduler:
 def _waker(scheduler: BackgroundScheduler) -> Callable[[str], None]:
     def wake(job_id: str) -> None:
         """Run a job now instead of at its next interval (work is waiting for it)."""
+        if scheduler.state == STATE_STOPPED:
+            return  # stopping: nothing starts again
         job = scheduler.get_job(job_id)
         if job is not None:
             job.modify(next_run_time=datetime.now(UTC))
@@ -116,37 +175,40 @@ def _waker(scheduler: BackgroundScheduler) -> Callable[[str], None]:
 
 
 def _add_send_jobs(scheduler: BackgroundScheduler, audit: AuditLog, sender: Sender,
-                   send_interval_s: float, notify: Callable[[], object] | None) -> SendLoop:
+                   send_interval_s: float, notify: Callable[[], object] | None,
+                   in_flight: JobsInFlight) -> SendLoop:
     send_loop = SendLoop(sender.send_due, lambda: _waker(scheduler)("send"))
     # Two instances: a wake-up in the instant after a pass ended but before the scheduler
     # counted it finished queues a second pass on the one send thread instead of being
     # skipped; passes never overlap.
-    scheduler.add_job(_guarded(audit, "send", send_loop.run), "interval",
+    scheduler.add_job(_guarded(audit, "send", send_loop.run, in_flight), "interval",
                       seconds=send_interval_s, id="send", executor="send", max_instances=2)
     if notify is not None:  # [[notifications]]: messages made from the audit log, then sent
-        scheduler.add_job(_guarded(audit, "notify", notify), "interval",
+        scheduler.add_job(_guarded(audit, "notify", notify, in_flight), "interval",
                           seconds=send_interval_s, id="notify", executor="notify")
     return send_loop
 
 
 def build_send_scheduler(audit: AuditLog, sender: Sender, send_interval_s: float,
+                         in_flight: JobsInFlight,
                          heartbeat: Callable[[], None] | None = None,
                          notify: Callable[[], object] | None = None) -> BackgroundScheduler:
-    """The ``sender`` role's jobs: send and notify (and the systemd watchdog's beat)."""
+    """The ``sender`` role's jobs: send and notify (and the systemd watchdog's beat);
+    ``in_flight`` counts them while they run (for :func:`stop_scheduler`)."""
     scheduler = _scheduler()
-    _add_send_jobs(scheduler, audit, sender, send_interval_s, notify)
+    _add_send_jobs(scheduler, audit, sender, send_interval_s, notify, in_flight)
     if heartbeat is not None:
-        scheduler.add_job(_guarded(audit, "heartbeat", heartbeat), "interval",
+        scheduler.add_job(_guarded(audit, "heartbeat", heartbeat, in_flight), "interval",
                           seconds=send_interval_s, id="heartbeat", executor="default")
     return scheduler
 
 
-def build_scheduler(ctx: NodeContext, sender: Sender,
+def build_scheduler(ctx: NodeContext, sender: Sender, in_flight: JobsInFlight,
                     heartbeat: Callable[[], None] | None = None,
                     notify: Callable[[], object] | None = None,
                     send: bool = True) -> BackgroundScheduler:
     """The ``all`` role's jobs, or with ``send=False`` a ``worker``'s (no send, no
-    notify)."""
+    notify); ``in_flight`` counts them while they run (for :func:`stop_scheduler`)."""
     scheduler = _scheduler()
     interval = ctx.config.series.sweep_interval_s
     wake = _waker(scheduler)
@@ -162,17 +224,18 @@ def build_scheduler(ctx: NodeContext, sender: Sender,
         if heartbeat is not None:
             heartbeat()
 
-    scheduler.add_job(_guarded(ctx.audit, "sweep", sweep_and_triage), "interval",
+    scheduler.add_job(_guarded(ctx.audit, "sweep", sweep_and_triage, in_flight), "interval",
                       seconds=interval, id="sweep", executor="default")
     on_queued = (_add_send_jobs(scheduler, ctx.audit, sender, ctx.config.outbox.send_interval_s,
-                                notify).wake if send else None)
-    scheduler.add_job(_guarded(ctx.audit, "inference", lambda: drain_queue(ctx, on_queued)),
+                                notify, in_flight).wake if send else None)
+    scheduler.add_job(_guarded(ctx.audit, "inference", lambda: drain_queue(ctx, on_queued),
+                               in_flight),
                       "interval", seconds=interval, id="inference", executor="inference")
 
     def retention() -> None:
         with ctx.audit.transaction() as session:
             apply_retention(session, ctx.audit, ctx.config.retention)
 
-    scheduler.add_job(_guarded(ctx.audit, "retention", retention), "interval",
+    scheduler.add_job(_guarded(ctx.audit, "retention", retention, in_flight), "interval",
                       seconds=ctx.config.retention.interval_s, id="retention", executor="default")
     return scheduler

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -18,7 +19,12 @@ from dicom_node.ops.build_info import package_version
 from dicom_node.ops.heartbeat import HeartbeatWriter, NodeIdentity, node_host, node_name
 from dicom_node.outbox.notifications import collect, deliver_due, start_cursor
 from dicom_node.outbox.sender import Sender
-from dicom_node.scheduler import build_send_scheduler
+from dicom_node.scheduler import (
+    STOP_JOBS_TIMEOUT_S,
+    JobsInFlight,
+    build_send_scheduler,
+    stop_scheduler,
+)
 from storage.audit import AuditKind, AuditLog
 from storage.database import make_engine, make_session_factory
 
@@ -35,8 +41,10 @@ class SendOnlyNode:
         self.sessions = make_session_factory(self.engine)
         self.node_id = node_name(node_host("sender"), config.receiver.port)
         self.audit = AuditLog(self.sessions, node=self.node_id)
-        self.sender = Sender(config, self.sessions, self.audit, self.node_id)
+        self.stopping = threading.Event()
+        self.sender = Sender(config, self.sessions, self.audit, self.node_id, self.stopping)
         self.scheduler: BackgroundScheduler | None = None
+        self.jobs_in_flight = JobsInFlight()
         self.heartbeat: HeartbeatWriter | None = None
 
     def healthy(self) -> bool:
@@ -53,7 +61,8 @@ class SendOnlyNode:
                 collect(self.config, self.audit, version, "")
                 deliver_due(self.config, self.audit, self.sessions, self.node_id)
         self.scheduler = build_send_scheduler(self.audit, self.sender,
-                                              self.config.outbox.send_interval_s, heartbeat,
+                                              self.config.outbox.send_interval_s,
+                                              self.jobs_in_flight, heartbeat,
                                               notify)
         self.scheduler.start()
         self.heartbeat = HeartbeatWriter(
@@ -70,8 +79,9 @@ class SendOnlyNode:
     def stop(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stopping()
+        self.stopping.set()
         if self.scheduler is not None:
-            self.scheduler.shutdown(wait=True)
+            stop_scheduler(self.scheduler, self.jobs_in_flight, STOP_JOBS_TIMEOUT_S)
         self.audit.record(AuditKind.NODE_STOP, role="sender")
         if self.heartbeat is not None:
             self.heartbeat.stop()

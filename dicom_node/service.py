@@ -37,7 +37,12 @@ from dicom_node.ops.heartbeat import (
 from dicom_node.ops.metrics_http import BuildInfo, MetricsServer
 from dicom_node.outbox.notifications import collect, deliver_due, start_cursor
 from dicom_node.outbox.sender import Sender
-from dicom_node.scheduler import build_scheduler
+from dicom_node.scheduler import (
+    STOP_JOBS_TIMEOUT_S,
+    JobsInFlight,
+    build_scheduler,
+    stop_scheduler,
+)
 from dicom_node.series.tracking import recover, renew_leases
 from dicom_node.writers.warm_up import warm_up_writers
 from storage.audit import AuditKind
@@ -71,8 +76,10 @@ class Node:
         self.ctx.timing = self.job_stages
         self.receiver = Receiver(config, self.sessions, self.audit, self.store)
         self.orphans = OrphanSweep(config, self.receiver, self.store)
-        self.sender = Sender(config, self.sessions, self.audit, self.node_id)
+        self.sender = Sender(config, self.sessions, self.audit, self.node_id,
+                             self.ctx.stopping)
         self.scheduler: BackgroundScheduler | None = None
+        self.jobs_in_flight = JobsInFlight()
         self.metrics: MetricsServer | None = None
         self.heartbeat: HeartbeatWriter | None = None
         self._receive_processes: list[subprocess.Popen[bytes]] = []
@@ -114,7 +121,7 @@ class Node:
         card = self.ctx.predictor.model.card
         version = package_version()
         self.scheduler = build_scheduler(
-            self.ctx, self.sender, heartbeat,
+            self.ctx, self.sender, self.jobs_in_flight, heartbeat,
             self._notifier(version, f"{card.name} {card.version}") if self.receives else None,
             send=self.receives)
         self.scheduler.start()
@@ -227,7 +234,7 @@ class Node:
         if self.metrics is not None:
             self.metrics.stop()
         if self.scheduler is not None:
-            self.scheduler.shutdown(wait=True)
+            stop_scheduler(self.scheduler, self.jobs_in_flight, STOP_JOBS_TIMEOUT_S)
         self.ctx.analysis.close()
         self.audit.record(AuditKind.NODE_STOP)
         if self.heartbeat is not None:

@@ -54,7 +54,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.ingest.instance_header import InstanceHeader, read_instance_header, truncation
 from dicom_node.ingest.instance_recorder import InstanceRecorder, ReceivedInstance, unrecorded_files
 from dicom_node.net import dimse_status
-from dicom_node.net.ae import new_ae, set_nodelay
+from dicom_node.net.ae import bound_blocking_io, end_associations, new_ae, set_nodelay
 from dicom_node.net.tls import peer_certificate_subject, server_context
 from storage.audit import AuditKind, AuditLog
 from storage.file_store import FileStore, InvalidUID, atomic_move, atomic_write
@@ -91,6 +91,10 @@ DIAG_CALLED_AE_NOT_RECOGNIZED = 0x07
 #: fragment below it): its association is rejected at negotiation.
 MIN_PEER_MAX_PDU_BYTES = 1024
 REJECTION_LOG_EVERY = 10  # log a persistent caller's rejections once per ten
+#: At a stop, established associations may end on their own this long; then every
+#: connection left is aborted, and its threads given STOP_JOIN_S to end.
+STOP_GRACE_S = 10.0
+STOP_JOIN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -205,15 +209,28 @@ class Receiver:
         return self._server is not None
 
     def stop(self) -> None:
-        """Stop accepting associations; let the ones in flight end."""
+        """Stop accepting associations; let the established ones end for up to
+        STOP_GRACE_S, then abort every connection left (an instance not answered is the
+        peer's to send again: nothing is acknowledged that is not stored), and record
+        what was stored."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        deadline = time.monotonic() + STOP_GRACE_S
+        while (any(a.is_established for a in self.ae.active_associations)
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        left = self.ae.active_associations
+        if left:
+            alive = end_associations(left, STOP_JOIN_S)
+            log.warning("stopping: aborted %d association(s) still open%s", len(left),
+                        f" ({alive} did not end)" if alive else "")
         self.recorder.stop()
 
     # -- association events ---------------------------------------------------------------
     def _on_conn_open(self, event: evt.Event) -> None:
         set_nodelay(event.assoc)
+        bound_blocking_io(event.assoc, self.config.receiver.network_timeout_s)
         address, port = _peer(event.assoc)
         self._audit.record(AuditKind.ASSOC_OPEN, peer=f"{address}:{port}")
 

@@ -4,8 +4,10 @@ reaches into pynetdicom's internals (:func:`keep_responses`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import time
 from typing import Any
 
 from pynetdicom import AE
@@ -61,6 +63,49 @@ def set_nodelay(assoc: Association) -> None:
     sock = assoc.dul.socket
     if sock is not None and sock.socket is not None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def bound_blocking_io(assoc: Association, timeout_s: float) -> None:
+    """pynetdicom leaves an association's socket blocking without a timeout: a peer that
+    stops in the middle of a PDU holds its reading thread (which is not a daemon) for
+    ever, so the process cannot exit. A read or write now fails after ``timeout_s``
+    without progress, and the association is aborted as for any broken connection."""
+    sock = assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.settimeout(timeout_s)
+
+
+def end_associations(associations: list[Association], join_timeout_s: float) -> int:
+    """Abort ``associations`` now; returns how many still have a live reading thread
+    (which, not being a daemon, would keep the process from exiting) after
+    ``join_timeout_s``.
+
+    An established association gets an A-ABORT (``abort(block=False)``: blocking waits
+    for the state machine to reach idle, which a thread stuck in a read never lets it
+    do), sent where its connection still works. Whatever is still alive after half the
+    time, and every connection not yet established, is ended without one: its socket
+    shut (which ends a blocked read or write) and its reading thread told to end."""
+    established = [a for a in associations if a.is_established]
+    for assoc in established:
+        assoc.abort(block=False)
+    deadline = time.monotonic() + join_timeout_s
+    _join(established, time.monotonic() + join_timeout_s / 2.0)
+    for assoc in associations:
+        if assoc.dul.ident is not None and not assoc.dul.is_alive():
+            continue  # ended
+        sock = assoc.dul.socket
+        if sock is not None and sock.socket is not None:
+            with contextlib.suppress(OSError):  # already closed by the peer
+                sock.socket.shutdown(socket.SHUT_RDWR)
+        assoc.dul.kill_dul()  # a reading thread not started yet ends at its first turn
+    _join(associations, deadline)
+    return sum(1 for a in associations if a.dul.is_alive())
+
+
+def _join(associations: list[Association], deadline: float) -> None:
+    for assoc in associations:
+        if assoc.dul.ident is not None:  # started
+            assoc.dul.join(max(0.0, deadline - time.monotonic()))
 
 
 # How often one response may go back on the queue before it is dropped as pynetdicom

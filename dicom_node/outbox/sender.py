@@ -62,9 +62,13 @@ def is_permanent_failure(status: int) -> bool:
 
 class Sender:
     def __init__(self, config: NodeConfig, sessions: sessionmaker[Session],
-                 audit: AuditLog, node_id: str = "") -> None:
-        """``node_id``: the name the entries this sender claims carry (its heartbeat's)."""
+                 audit: AuditLog, node_id: str = "",
+                 stopping: threading.Event | None = None) -> None:
+        """``node_id``: the name the entries this sender claims carry (its heartbeat's);
+        ``stopping``, once set, ends a batch before its next entry (the rest of the batch
+        is released for the next pass, not counted as an attempt)."""
         self.config = config
+        self.stopping = stopping or threading.Event()
         self._sessions = sessions
         self._audit = audit
         self.node_id = node_id
@@ -149,7 +153,20 @@ class Sender:
             session.commit()
             return int(getattr(result, "rowcount", 0) or 0)
 
+    def release_claims(self, entry_ids: list[int]) -> None:
+        """Entries claimed but not tried (the node is stopping) are due again at once,
+        for this sender's next start or another sender."""
+        if not entry_ids:
+            return
+        with self._sessions() as session:
+            session.execute(update(OutboxEntry).where(
+                OutboxEntry.id.in_(entry_ids), OutboxEntry.claimed_by == self.node_id)
+                .values(lease_until=None))
+            session.commit()
+
     def _send_destination(self, destination: str) -> int:
+        if self.stopping.is_set():
+            return 0
         rows = self.claim(destination)
         if not rows:
             return 0
@@ -179,6 +196,10 @@ class Sender:
         if stored == len(work):
             log.info("sent %d outputs to %s (%s@%s:%d)", stored, destination, ae_title, host,
                      port)
+        elif self.stopping.is_set():
+            log.info("stopping: sent %d of %d outputs to %s (%s@%s:%d); the rest are due "
+                     "again at the next start", stored, len(work), destination, ae_title,
+                     host, port)
         else:
             log.warning("sent %d of %d outputs to %s (%s@%s:%d): %s; the rest wait for a "
                         "retry or are dead letters (dicom-node outbox)", stored, len(work),
@@ -274,7 +295,11 @@ class Sender:
         outcomes = _OutcomeWriter(self._audit)
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
         try:
-            for entry_id, path, sop_class, sop_uid, study_uid, series_uid in work:
+            for position, (entry_id, path, sop_class, sop_uid, study_uid, series_uid) in \
+                    enumerate(work):
+                if self.stopping.is_set():
+                    self.release_claims([item[0] for item in work[position:]])
+                    break
                 if not assoc.is_established:
                     self._retry_all([entry_id], "association ended before sending")
                     continue
