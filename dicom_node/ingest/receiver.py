@@ -222,9 +222,18 @@ class Receiver:
             time.sleep(0.1)
         left = self.ae.active_associations
         if left:
+            # Released or aborted ones, and those whose reading thread has ended (a
+            # connection the peer closed), are only winding down: ended without a word.
+            cut = [a for a in left if not (a.is_released or a.is_aborted)
+                   and a.dul.is_alive()]
+            peers = ", ".join(
+                f"{title}@{_peer(a)[0]}" if (title := str(a.requestor.ae_title).strip())
+                else f"{_peer(a)[0]} (no association requested yet)" for a in cut)
             alive = end_associations(left, STOP_JOIN_S)
-            log.warning("stopping: aborted %d association(s) still open%s", len(left),
-                        f" ({alive} did not end)" if alive else "")
+            if cut or alive:
+                log.warning("stopping: aborted %d association(s) still open%s%s", len(cut),
+                            f": {peers}" if peers else "",
+                            f" ({alive} did not end)" if alive else "")
         self.recorder.stop()
 
     # -- association events ---------------------------------------------------------------
