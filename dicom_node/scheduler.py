@@ -46,22 +46,32 @@ if TYPE_CHECKING:  # the jobs import torch: a sender (build_send_scheduler) neve
 
 log = logging.getLogger(__name__)
 
-#: How long a stop waits for the running jobs (a series being processed ends first; the
-#: inference and send loops start nothing new once the node is stopping). Below the
-#: units' TimeoutStopSec (120 s), so the log says which job held the stop.
-STOP_JOBS_TIMEOUT_S = 90.0
+#: After this long waiting for the running jobs at a stop (a series being processed ends
+#: first; the inference and send loops start nothing new once the node is stopping), the
+#: log says how many still run: below the units' TimeoutStopSec (120 s).
+STOP_JOBS_WARN_S = 90.0
 
 
 class JobsInFlight:
-    """How many of a scheduler's jobs are running, and a wait until none is."""
+    """How many of a scheduler's jobs are running, and a wait until none is. Once
+    closed, a job that was still waiting for its thread does not start."""
 
     def __init__(self) -> None:
         self._idle = threading.Condition()
         self._running = 0
+        self._closed = False
 
-    def enter(self) -> None:
+    def enter(self) -> bool:
+        """Count a job in; False (not counted: it must not run) once closed."""
         with self._idle:
+            if self._closed:
+                return False
             self._running += 1
+            return True
+
+    def close(self) -> None:
+        with self._idle:
+            self._closed = True
 
     def leave(self) -> None:
         with self._idle:
@@ -74,8 +84,9 @@ class JobsInFlight:
         with self._idle:
             return self._running
 
-    def wait_idle(self, timeout_s: float) -> bool:
-        """True once no job runs; False if one still does after ``timeout_s``."""
+    def wait_idle(self, timeout_s: float | None) -> bool:
+        """True once no job runs; False if one still does after ``timeout_s`` (None:
+        however long it takes)."""
         with self._idle:
             return self._idle.wait_for(lambda: self._running == 0, timeout=timeout_s)
 
@@ -83,7 +94,8 @@ class JobsInFlight:
 def _guarded(audit: AuditLog, name: str, work: Callable[[], object],
              in_flight: JobsInFlight) -> Callable[[], None]:
     def run() -> None:
-        in_flight.enter()
+        if not in_flight.enter():
+            return  # queued behind another job when the stop began: never started
         try:
             work()
         except Exception as exc:  # job boundary
@@ -96,15 +108,22 @@ def _guarded(audit: AuditLog, name: str, work: Callable[[], object],
 
 
 def stop_scheduler(scheduler: BackgroundScheduler, in_flight: JobsInFlight,
-                   timeout_s: float) -> bool:
-    """No job starts any more; the running ones end (they see the node stopping) within
-    ``timeout_s``. Returns False (and logs which) if one did not."""
+                   warn_after_s: float) -> bool:
+    """No job starts any more (one queued for a thread is dropped); the running ones
+    end, which they do at their next step (they see the node stopping). Waits for them
+    however long it takes: what the node tears down next (the analysis process, the
+    database) they still use, and their threads would hold the process anyway. Past
+    ``warn_after_s`` it logs how many still run, before systemd's TimeoutStopSec kills
+    the process (a killed job's series is taken over when its lease runs out). Returns
+    whether they had ended within ``warn_after_s``."""
+    in_flight.close()
     scheduler.shutdown(wait=False)  # takes and releases the scheduler's locks at once
-    if in_flight.wait_idle(timeout_s):
+    if in_flight.wait_idle(warn_after_s):
         return True
-    log.warning("%d job(s) still running %.0f s after the stop began; stopping without "
-                "them (their work is resumed or taken over at the next start)",
-                in_flight.running, timeout_s)
+    log.warning("%d job(s) still running %.0f s after the stop began; waiting for them "
+                "(a kill now leaves the series to be taken over when its lease runs out)",
+                in_flight.running, warn_after_s)
+    in_flight.wait_idle(None)
     return False
 
 

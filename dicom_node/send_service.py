@@ -20,7 +20,7 @@ from dicom_node.ops.heartbeat import HeartbeatWriter, NodeIdentity, node_host, n
 from dicom_node.outbox.notifications import collect, deliver_due, start_cursor
 from dicom_node.outbox.sender import Sender
 from dicom_node.scheduler import (
-    STOP_JOBS_TIMEOUT_S,
+    STOP_JOBS_WARN_S,
     JobsInFlight,
     build_send_scheduler,
     stop_scheduler,
@@ -81,7 +81,7 @@ class SendOnlyNode:
             self.heartbeat.stopping()
         self.stopping.set()
         if self.scheduler is not None:
-            stop_scheduler(self.scheduler, self.jobs_in_flight, STOP_JOBS_TIMEOUT_S)
+            stop_scheduler(self.scheduler, self.jobs_in_flight, STOP_JOBS_WARN_S)
         self.audit.record(AuditKind.NODE_STOP, role="sender")
         if self.heartbeat is not None:
             self.heartbeat.stop()

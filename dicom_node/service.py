@@ -38,7 +38,7 @@ from dicom_node.ops.metrics_http import BuildInfo, MetricsServer
 from dicom_node.outbox.notifications import collect, deliver_due, start_cursor
 from dicom_node.outbox.sender import Sender
 from dicom_node.scheduler import (
-    STOP_JOBS_TIMEOUT_S,
+    STOP_JOBS_WARN_S,
     JobsInFlight,
     build_scheduler,
     stop_scheduler,
@@ -234,7 +234,7 @@ class Node:
         if self.metrics is not None:
             self.metrics.stop()
         if self.scheduler is not None:
-            stop_scheduler(self.scheduler, self.jobs_in_flight, STOP_JOBS_TIMEOUT_S)
+            stop_scheduler(self.scheduler, self.jobs_in_flight, STOP_JOBS_WARN_S)
         self.ctx.analysis.close()
         self.audit.record(AuditKind.NODE_STOP)
         if self.heartbeat is not None:

@@ -70,7 +70,25 @@ def test_a_job_that_needs_the_scheduler_does_not_hold_the_stop(tmp_path: Path) -
     stopper.join(90)
     assert not stopper.is_alive(), "the stop waited on a job that waited on the scheduler"
     assert stopped == [True] and asked.is_set() and in_flight.running == 0
-    _waker(scheduler)("other")  # stopped: returns without touching the scheduler
+    asked_after: list[str] = []
+    scheduler.get_job = asked_after.append
+    _waker(scheduler)("other")  # stopped: the scheduler (and its locks) is not touched
+    assert asked_after == []
+    engine.dispose()
+
+
+def test_a_job_still_queued_when_the_stop_begins_never_starts(tmp_path: Path) -> None:
+    """Closed, the count lets no job start: one queued behind another for its thread
+    (the send loop's second instance) would otherwise run after the node tore down."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+    in_flight = JobsInFlight()
+    ran: list[str] = []
+    first = _guarded(AuditLog(make_session_factory(engine)), "first",
+                     lambda: ran.append("first"), in_flight)
+    first()
+    in_flight.close()
+    first()
+    assert ran == ["first"] and in_flight.running == 0
     engine.dispose()
 
 
@@ -154,7 +172,11 @@ def test_sigterm_during_a_job_with_a_peer_silent_mid_pdu(tmp_path: Path,
         assert wait_for(lambda: _series_states(db) == ["done"], 300), _series_states(db)
     finally:
         restarted.send_signal(signal.SIGTERM)
-        restarted.wait(timeout=120)
+        try:
+            restarted.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            restarted.kill()
+            restarted.wait()
     assert restarted.returncode == 0
 
 

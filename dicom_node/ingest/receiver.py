@@ -216,25 +216,27 @@ class Receiver:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-        deadline = time.monotonic() + STOP_GRACE_S
-        while (any(a.is_established for a in self.ae.active_associations)
-               and time.monotonic() < deadline):
-            time.sleep(0.1)
-        left = self.ae.active_associations
-        if left:
-            # Released or aborted ones, and those whose reading thread has ended (a
-            # connection the peer closed), are only winding down: ended without a word.
-            cut = [a for a in left if not (a.is_released or a.is_aborted)
-                   and a.dul.is_alive()]
-            peers = ", ".join(
-                f"{title}@{_peer(a)[0]}" if (title := str(a.requestor.ae_title).strip())
-                else f"{_peer(a)[0]} (no association requested yet)" for a in cut)
-            alive = end_associations(left, STOP_JOIN_S)
-            if cut or alive:
-                log.warning("stopping: aborted %d association(s) still open%s%s", len(cut),
-                            f": {peers}" if peers else "",
-                            f" ({alive} did not end)" if alive else "")
-        self.recorder.stop()
+        try:
+            deadline = time.monotonic() + STOP_GRACE_S
+            while (any(a.is_established for a in self.ae.active_associations)
+                   and time.monotonic() < deadline):
+                time.sleep(0.1)
+            left = self.ae.active_associations
+            if left:
+                # Released or aborted ones, and those whose reading thread has ended (a
+                # connection the peer closed), are only winding down: ended without a word.
+                cut = [a for a in left if not (a.is_released or a.is_aborted)
+                       and a.dul.is_alive()]
+                peers = ", ".join(
+                    f"{title}@{_peer(a)[0]}" if (title := str(a.requestor.ae_title).strip())
+                    else f"{_peer(a)[0]} (no association requested yet)" for a in cut)
+                alive = end_associations(left, STOP_JOIN_S)
+                if cut or alive:
+                    log.warning("stopping: aborted %d association(s) still open%s%s", len(cut),
+                                f": {peers}" if peers else "",
+                                f" ({alive} did not end)" if alive else "")
+        finally:  # what was stored is recorded, whatever happened above
+            self.recorder.stop()
 
     # -- association events ---------------------------------------------------------------
     def _on_conn_open(self, event: evt.Event) -> None:

@@ -94,18 +94,24 @@ def end_associations(associations: list[Association], join_timeout_s: float) -> 
         if assoc.dul.ident is not None and not assoc.dul.is_alive():
             continue  # ended
         sock = assoc.dul.socket
-        if sock is not None and sock.socket is not None:
+        raw = sock.socket if sock is not None else None  # the DUL may clear it meanwhile
+        if raw is not None:
             with contextlib.suppress(OSError):  # already closed by the peer
-                sock.socket.shutdown(socket.SHUT_RDWR)
+                raw.shutdown(socket.SHUT_RDWR)
         assoc.dul.kill_dul()  # a reading thread not started yet ends at its first turn
     _join(associations, deadline)
     return sum(1 for a in associations if a.dul.is_alive())
 
 
 def _join(associations: list[Association], deadline: float) -> None:
+    """The reading threads, then the associations' own (where a C-STORE handler may
+    still be storing an instance)."""
     for assoc in associations:
         if assoc.dul.ident is not None:  # started
             assoc.dul.join(max(0.0, deadline - time.monotonic()))
+    for assoc in associations:
+        if assoc.ident is not None:
+            assoc.join(max(0.0, deadline - time.monotonic()))
 
 
 # How often one response may go back on the queue before it is dropped as pynetdicom

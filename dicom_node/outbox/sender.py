@@ -34,7 +34,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.errors import ConfigError
 from dicom_node.net import dimse_status
-from dicom_node.net.ae import keep_responses, new_ae, quiet_unnamed_connect_errors, set_nodelay
+from dicom_node.net.ae import (
+    bound_blocking_io,
+    keep_responses,
+    new_ae,
+    quiet_unnamed_connect_errors,
+    set_nodelay,
+)
 from dicom_node.net.host_checks import connect_failure
 from dicom_node.net.tls import TlsConfig, client_tls_args
 from dicom_node.outbox.stow import StowUnavailable, store_instances
@@ -289,6 +295,9 @@ class Sender:
             self._retry_all([item[0] for item in work], f"{reason} ({ae_title}@{host}:{port})")
             return 0
         set_nodelay(assoc)
+        # pynetdicom leaves the socket without a timeout after connecting: a destination
+        # silent in the middle of a PDU would hold the send job (and a stop) for ever.
+        bound_blocking_io(assoc, cfg.dimse_timeout_s)
         keep_responses(assoc)
         stored = 0
         where = _Destination(destination, f"{ae_title}@{host}:{port}")
