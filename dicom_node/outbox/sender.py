@@ -149,26 +149,18 @@ class Sender:
             session.commit()
             return int(getattr(result, "rowcount", 0) or 0)
 
-    def release_own_claims(self) -> int:
-        """At start: the entries this sender (by name) claimed before it stopped or died
-        are due again at once, not after their lease."""
+    def release_own_claims(self, entry_ids: list[int] | None = None) -> int:
+        """The entries this sender (by name) claimed are due again at once, not after
+        their lease: at start, all it claimed before it stopped or died; at a stop, the
+        ``entry_ids`` of its batch it did not try (no attempt counted)."""
+        claimed = [OutboxEntry.claimed_by == self.node_id, OutboxEntry.lease_until.is_not(None)]
+        if entry_ids is not None:
+            claimed.append(OutboxEntry.id.in_(entry_ids))
         with self._sessions() as session:
-            result = session.execute(update(OutboxEntry).where(
-                OutboxEntry.claimed_by == self.node_id, OutboxEntry.lease_until.is_not(None))
-                .values(lease_until=None))
+            result = session.execute(update(OutboxEntry).where(*claimed)
+                                     .values(lease_until=None))
             session.commit()
             return int(getattr(result, "rowcount", 0) or 0)
-
-    def release_claims(self, entry_ids: list[int]) -> None:
-        """Entries claimed but not tried (the node is stopping) are due again at once,
-        for this sender's next start or another sender."""
-        if not entry_ids:
-            return
-        with self._sessions() as session:
-            session.execute(update(OutboxEntry).where(
-                OutboxEntry.id.in_(entry_ids), OutboxEntry.claimed_by == self.node_id)
-                .values(lease_until=None))
-            session.commit()
 
     def _send_destination(self, destination: str) -> int:
         if self.stopping.is_set():
@@ -307,7 +299,7 @@ class Sender:
             for position, (entry_id, path, sop_class, sop_uid, study_uid, series_uid) in \
                     enumerate(work):
                 if self.stopping.is_set():
-                    self.release_claims([item[0] for item in work[position:]])
+                    self.release_own_claims([item[0] for item in work[position:]])
                     break
                 if not assoc.is_established:
                     self._retry_all([entry_id], "association ended before sending")
