@@ -230,6 +230,11 @@ def main() -> None:
                         help="analysis.uncertainty_samples (default 4, the node's default; "
                              "0: no TBR intervals)")
     args = parser.parse_args()
+    if args.weights is not None:
+        # the node runs in a temporary directory: a relative path would be read from there
+        args.weights = args.weights.resolve()
+        if not args.weights.is_file():
+            parser.error(f"--weights {args.weights}: no such file")
     runs = 1 if args.quick else max(1, args.runs)
     results: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:

@@ -15,8 +15,8 @@ from training.export import method_text
 from training.hard_negatives import (
     MIN_BACKGROUND_PIXELS,
     HardNegatives,
+    excluded_zone,
     hard_negative_mask,
-    tumour_zone,
     weights,
 )
 from training.pix2pix import Pix2Pix, Pix2PixConfig
@@ -48,14 +48,14 @@ def scene() -> dict[str, torch.Tensor]:
 
 
 def test_only_the_invented_focus_is_a_hard_negative(scene: dict[str, torch.Tensor]) -> None:
-    zone = tumour_zone(scene["tumour"] | scene["striatum"], 2)
+    zone = excluded_zone(scene["tumour"] | scene["striatum"], 2)
     mask = hard_negative_mask(scene["fake"], scene["real"], scene["brain"], zone, 1.6, 5)
     assert mask[scene["invented"]].all()
     assert mask.sum() == scene["invented"].sum()
     assert not (mask & (scene["tumour"] | scene["striatum"] | scene["outside"])).any()
     # Without the striatum in the zone, its over-drawn part would be punished too.
     loose = hard_negative_mask(scene["fake"], scene["real"], scene["brain"],
-                               tumour_zone(scene["tumour"], 2), 1.6, 5)
+                               excluded_zone(scene["tumour"], 2), 1.6, 5)
     assert (loose & scene["striatum"]).any()
     # Where the real uptake is hot as well (and, blurred, a little wider), the focus is
     # no false one.
@@ -72,7 +72,7 @@ def test_each_uptake_is_measured_against_its_own_background(
         scene: dict[str, torch.Tensor]) -> None:
     """A generator drawing the whole brain at twice the uptake draws nothing hot; a slice
     with too little brain has no background and gives no hard negatives."""
-    zone = tumour_zone(scene["tumour"] | scene["striatum"], 2)
+    zone = excluded_zone(scene["tumour"] | scene["striatum"], 2)
     doubled = 2.0 * torch.where(scene["brain"], 1.0, 0.0)
     assert not hard_negative_mask(doubled, scene["real"], scene["brain"], zone, 1.6, 5).any()
     small = _disk(32, 32, 7)
@@ -128,10 +128,10 @@ def test_mining_on_a_batch_skips_tumours_and_striatum(tmp_path: Path) -> None:
     hot = masks[1] > 0.5
     brain = masks[0] > 0.5
     output = torch.where(hot, 2.0 * uptake, uptake)
-    focus = brain & ~tumour_zone(hot, 8)
+    focus = brain & ~excluded_zone(hot, 8)
     focus &= torch.rand(focus.shape, generator=torch.Generator().manual_seed(1)) < 0.002
     focus = torch.nn.functional.max_pool2d(focus.float(), 5, 1, 2) > 0.5
-    focus &= brain & ~tumour_zone(hot, 6)
+    focus &= brain & ~excluded_zone(hot, 6)
     assert focus.any()
     output = torch.where(focus, 2.5 * torch.ones_like(uptake), output)
     mined = weigh(output / config.uptake_scale * 2.0 - 1.0)

@@ -55,12 +55,12 @@ def slice_background(uptake: torch.Tensor, region: torch.Tensor) -> torch.Tensor
 
 
 def hard_negative_mask(fake_uptake: torch.Tensor, real_uptake: torch.Tensor,
-                       brain: torch.Tensor, tumour_zone: torch.Tensor, ratio: float,
+                       brain: torch.Tensor, excluded: torch.Tensor, ratio: float,
                        smooth_px: int) -> torch.Tensor:
-    """(B, 1, H, W) bool: brain pixels outside ``tumour_zone`` where the generator's uptake
+    """(B, 1, H, W) bool: brain pixels outside ``excluded`` where the generator's uptake
     is at or above ``ratio`` x its background and the smoothed real uptake is below
     ``ratio`` x the real background. All inputs (B, 1, H, W) in uptake units / bool."""
-    region = brain & ~tumour_zone
+    region = brain & ~excluded
     real_smooth = F.avg_pool2d(real_uptake, smooth_px, stride=1, padding=smooth_px // 2,
                                count_include_pad=False)
     fake_background = slice_background(fake_uptake, region)
@@ -70,8 +70,9 @@ def hard_negative_mask(fake_uptake: torch.Tensor, real_uptake: torch.Tensor,
     return region & hot & cold
 
 
-def tumour_zone(labels: torch.Tensor, margin_px: int) -> torch.Tensor:
-    """(B, 1, H, W) bool: the tumour masks ``labels`` (B, 1, H, W, > 0 inside) grown by
+def excluded_zone(labels: torch.Tensor, margin_px: int) -> torch.Tensor:
+    """(B, 1, H, W) bool: where no hard negative is mined, the regions ``labels``
+    (B, 1, H, W, > 0 inside: the tumours, and in training the striatum too) grown by
     ``margin_px`` pixels."""
     zone = (labels > 0).float()
     if margin_px > 0:

@@ -380,6 +380,11 @@ def fusion_target(data: ds.PairedDataset, idx: NDArray[np.int64]
     return grey, real.permute(0, 3, 1, 2).contiguous()
 
 
+def as_uptake(t: torch.Tensor, uptake_scale: float) -> torch.Tensor:
+    """The network's -1..1 uptake channel in uptake units (0..``uptake_scale``)."""
+    return (t + 1.0) / 2.0 * uptake_scale
+
+
 def fusion_l1_term(pair: tuple[torch.Tensor, torch.Tensor], data: ds.PairedDataset,
                    config: TrainConfig, device: torch.device
                    ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -388,7 +393,7 @@ def fusion_l1_term(pair: tuple[torch.Tensor, torch.Tensor], data: ds.PairedDatas
     style = data.fusion_style
 
     def term(output: torch.Tensor) -> torch.Tensor:
-        uptake = (output + 1.0) / 2.0 * config.uptake_scale
+        uptake = as_uptake(output, config.uptake_scale)
         rendered = soft_fuse(uptake, grey, style, config.fusion_gate_width_uptake)
         return config.fusion_l1_weight * (rendered - real).abs().mean()
 
@@ -410,13 +415,13 @@ def hard_negative_weighting(y: torch.Tensor, masks: tuple[torch.Tensor, torch.Te
                             hard: HardNegatives, config: TrainConfig, device: torch.device
                             ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Maps the generator output to the hard negatives' L1 weights (1 elsewhere)."""
-    real = (y.to(device).float() + 1.0) / 2.0 * config.uptake_scale
+    real = as_uptake(y.to(device).float(), config.uptake_scale)
     brain = masks[0].to(device) > 0.5
-    zone = hard_negatives.tumour_zone(masks[1].to(device) > 0.5,
+    zone = hard_negatives.excluded_zone(masks[1].to(device) > 0.5,
                                       config.tumour_margin_px + hard.smooth_px // 2)
 
     def weigh(output: torch.Tensor) -> torch.Tensor:
-        fake = (output.clamp(-1.0, 1.0) + 1.0) / 2.0 * config.uptake_scale
+        fake = as_uptake(output.clamp(-1.0, 1.0), config.uptake_scale)
         mask = hard_negatives.hard_negative_mask(fake, real, brain, zone, hard.ratio,
                                                  hard.smooth_px)
         return hard_negatives.weights(mask, hard.weight)
