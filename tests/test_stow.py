@@ -37,7 +37,7 @@ from dicom_node.outbox.stow import (
     tls_verify,
 )
 from dicom_node.service import Node
-from storage.models import AuditEvent, OutboxEntry, OutputInstance
+from storage.models import AuditEvent, OutboxEntry, OutputInstance, Series
 from tests.conftest import free_port, pynetdicom_send, wait_for
 from tests.dicom_factory import SeriesSpec, write_series
 from tests.orthanc_peer import DICOMWEB_PLUGIN, OrthancProcess
@@ -274,6 +274,74 @@ def test_each_instance_gets_the_outcome_the_server_gave_it(
     assert headers["Content-Type"].startswith('multipart/related; type="application/dicom"')
     assert int(headers["Content-Length"]) == len(body)
     assert _StowStub.received[0][0].get("Transfer-Encoding") is None  # not chunked
+
+
+def test_a_stopping_sender_sends_no_further_stow_request(
+        tmp_path: Path, make_config: Callable[..., NodeConfig],
+        start_node: Callable[[NodeConfig], Node]) -> None:
+    """Told to stop after its first STOW-RS request of a batch, the sender makes no other
+    (HTTP timeouts alone would let a stop wait for every request left): the rest is
+    released (due again, no attempt counted) and sent once the sender goes on."""
+    calls: list[list[str]] = []
+    held = threading.Event()
+
+    def script(uids: list[str]) -> tuple[int, dict[str, Any]]:
+        calls.append(uids)
+        held.set()  # the stop arrives while the first request is answered
+        return 200, {REFERENCED_SOP_SEQUENCE: {"vr": "SQ", "Value": [_item(u) for u in uids]}}
+
+    _StowStub.script = staticmethod(script)
+    _StowStub.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StowStub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        token = tmp_path / "token"
+        token.write_text("t0ken\n")
+        node = start_node(make_config(destinations=[{
+            "name": "cloud", "type": "dicomweb",
+            "url": f"http://127.0.0.1:{server.server_address[1]}/wado/",
+            "bearer_token_file": str(token), "max_instances_per_request": 2}]))
+        # held until the series is done, so that the first pass claims every output
+        held.set()
+        node.sender.stopping = held
+        source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=7)
+        assert set(pynetdicom_send(source, node.receiver.port)) == {0}
+
+        def entries() -> list[OutboxEntry]:
+            with node.sessions() as session:
+                return list(session.scalars(select(OutboxEntry)))
+
+        def series_done() -> bool:
+            with node.sessions() as session:
+                return [str(s) for s in session.scalars(select(Series.state))] == ["done"]
+
+        assert wait_for(series_done, 300)
+        assert len(entries()) == 8 + 3
+        assert not calls
+        held.clear()
+
+        def released() -> list[OutboxEntry]:
+            return [e for e in entries() if e.claimed_by == node.node_id
+                    and e.state == "pending" and e.lease_until is None]
+
+        assert wait_for(lambda: len(released()) == 8 + 3 - 2, 120)
+        assert len(calls) == 1 and len(calls[0]) == 2
+        assert all(e.attempts == 0 for e in released()), "a stop counted as an attempt"
+
+        def go_on(uids: list[str]) -> tuple[int, dict[str, Any]]:
+            calls.append(uids)
+            return 200, {REFERENCED_SOP_SEQUENCE: {"vr": "SQ",
+                                                   "Value": [_item(u) for u in uids]}}
+
+        _StowStub.script = staticmethod(go_on)
+        held.clear()  # the sender goes on: everything arrives, once
+        assert wait_for(lambda: all(e.state == "sent" for e in entries()), 120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    sent = [uid for call in calls for uid in call]
+    assert len(sent) == len(set(sent)) == 8 + 3, "an instance sent twice or not at all"
 
 
 def test_multipart_body_streams_the_files_as_written(tmp_path: Path) -> None:

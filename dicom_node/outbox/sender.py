@@ -71,8 +71,9 @@ class Sender:
                  audit: AuditLog, node_id: str = "",
                  stopping: threading.Event | None = None) -> None:
         """``node_id``: the name the entries this sender claims carry (its heartbeat's);
-        ``stopping``, once set, ends a batch before its next entry (the rest of the batch
-        is released for the next pass, not counted as an attempt)."""
+        ``stopping``, once set, ends a batch before its next entry (C-STORE) or request
+        (STOW-RS): the rest of the batch is released for the next pass, not counted as an
+        attempt."""
         self.config = config
         self.stopping = stopping or threading.Event()
         self._sessions = sessions
@@ -215,6 +216,9 @@ class Sender:
             with requests.Session() as http:
                 size = dest.max_instances_per_request
                 for start in range(0, len(work), size):
+                    if self.stopping.is_set():  # as between C-STOREs: the rest is due again
+                        self.release_own_claims([item[0] for item in work[start:]])
+                        break
                     share = work[start : start + size]
                     present = []
                     for item in share:
@@ -253,6 +257,9 @@ class Sender:
             outcomes.close()
         if stored == len(work):
             log.info("sent %d outputs to %s (STOW-RS %s)", stored, dest.name, dest.url)
+        elif self.stopping.is_set():
+            log.info("stopping: sent %d of %d outputs to %s (STOW-RS %s); the rest are due "
+                     "again at the next start", stored, len(work), dest.name, dest.url)
         else:
             log.warning("sent %d of %d outputs to %s (STOW-RS %s): %s; the rest wait for a "
                         "retry or are dead letters (dicom-node outbox)", stored, len(work),
