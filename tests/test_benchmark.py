@@ -154,6 +154,46 @@ def test_summary_records_each_lesions_residual_and_sampling_sd() -> None:
     assert intervals["n_coverage"] == 3
 
 
+def test_summary_and_report_split_lesions_by_tumour_kind() -> None:
+    """Per kind: lesions, found per uptake and the TBRmax bias at the truth; a missed
+    tumour still counts in the bias (its VOI is measured found or not)."""
+    from training.benchmark import PatientRecord, report_markdown, summarise
+
+    def rows(patient: str, kind: str, real: float, synthetic: float, found: bool
+             ) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for source, voi, hit in (("real", real, True), ("oracle", real - 0.1, True),
+                                 ("synthetic", synthetic, found)):
+            out.append({"patient": patient, "label": 1, "kind": kind, "truth_volume_ml": 1.0,
+                        "source": source, "found": hit, "finding_number": 1 if hit else 0,
+                        "tbr_max": voi if hit else math.nan,
+                        "tbr_mean": voi - 0.3 if hit else math.nan,
+                        "volume_ml": 1.0 if hit else math.nan,
+                        "voi_tbr_max": voi, "voi_tbr_mean": voi - 0.3})
+        return out
+
+    cohort = [("solid_enhancing", 2.5, 2.4, True), ("solid_enhancing", 3.0, 2.8, True),
+              ("non_enhancing", 2.0, 1.4, False), ("non_enhancing", 2.2, 1.9, True)]
+    records = [PatientRecord(index=i, patient_id=f"P{i}", tumours=1,
+                             lesions=rows(f"P{i}", kind, real, synthetic, found))
+               for i, (kind, real, synthetic, found) in enumerate(cohort)]
+    summary = summarise(records)
+    kinds = summary["per_kind"]
+    assert set(kinds) == {"solid_enhancing", "non_enhancing"}
+    assert kinds["solid_enhancing"]["lesions"] == kinds["non_enhancing"]["lesions"] == 2
+    assert kinds["non_enhancing"]["found"] == {"synthetic": 1, "real": 2, "oracle": 2}
+    assert kinds["solid_enhancing"]["found"]["synthetic"] == 2
+    assert kinds["non_enhancing"]["bias_voi_tbr_max_synthetic"] == pytest.approx(-0.45)
+    assert kinds["solid_enhancing"]["bias_voi_tbr_max_synthetic"] == pytest.approx(-0.15)
+    assert kinds["non_enhancing"]["bias_voi_tbr_max_oracle"] == pytest.approx(-0.1)
+    meta = {"model": "m", "cohort": "validation", "seed": 1, "command": "c", "sha256": "0",
+            "threshold": 1.6, "min_volume_ml": 0.1, "seconds": 1.0,
+            "interval_method": "none", "interval_level": 0.9}
+    report = report_markdown(summary, meta)
+    assert "| non enhancing | 2 | 1 / 2 / 2 | -0.45 (-0.10) |" in report
+    assert "| solid enhancing | 2 | 2 / 2 / 2 | -0.15 (-0.10) |" in report
+
+
 def test_conformal_scores_are_order_statistics_and_refuse_too_few() -> None:
     residuals = [float(v) for v in range(-9, 10)]  # 19 lesions: the fewest for 90 %
     sds = [0.0] * 19

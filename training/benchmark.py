@@ -14,6 +14,8 @@ what the T1C shows). Lesions are matched to the ground-truth tumours
 
 - lesion detection: tumours found by the node's method / all tumours;
 - false foci per patient and per tumour-free patient;
+- by tumour kind (solid, rim, non-enhancing): found per uptake and the TBRmax bias at the
+  truth, where a model's shortfall usually sits;
 - per-lesion TBRmax / TBRmean agreement with the real uptake (Pearson r with 95 % CI,
   Bland-Altman bias and limits): in a fixed VOI at the truth (every tumour), and as the
   node reports them (tumours found on both);
@@ -319,6 +321,7 @@ def summarise(records: list[PatientRecord]) -> dict[str, Any]:
                                                       if len(diff) > 1 else math.nan)
         out["intervals"][f"residual_bias_{measure}"] = (float(np.mean(diff))
                                                         if diff else math.nan)
+    out["per_kind"] = per_kind(by_key, keys)
     slices = [s for r in records for s in r.slices]
     table: dict[str, Any] = {}
     for source in ("synthetic", "oracle"):
@@ -336,6 +339,28 @@ def summarise(records: list[PatientRecord]) -> dict[str, Any]:
     table["tumour_slices"] = sum(1 for s in slices if s["tumour"])
     out["slice_table"] = table
     out["checks"] = checks(out)
+    return out
+
+
+def per_kind(by_key: dict[tuple[str, int, str], dict[str, Any]],
+             keys: list[tuple[str, int]]) -> dict[str, dict[str, Any]]:
+    """Per tumour kind (solid, rim, non-enhancing): lesions, how many each uptake found,
+    and the TBRmax bias at the truth (VOI, synthetic or oracle - real). Where the model
+    falls short of the oracle is rarely spread evenly over the kinds: the T1C shows
+    enhancement, not uptake, so a tumour that does not enhance is the hard case."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in sorted({str(by_key[(*k, "real")]["kind"]) for k in keys}):
+        mine = [k for k in keys if by_key[(*k, "real")]["kind"] == kind]
+        entry: dict[str, Any] = {
+            "lesions": len(mine),
+            "found": {s: sum(1 for k in mine if by_key[(*k, s)]["found"]) for s in SOURCES}}
+        for source in ("synthetic", "oracle"):
+            diff = np.array([by_key[(*k, source)]["voi_tbr_max"]
+                             - by_key[(*k, "real")]["voi_tbr_max"] for k in mine],
+                            dtype=np.float64)
+            diff = diff[np.isfinite(diff)]
+            entry[f"bias_voi_tbr_max_{source}"] = float(diff.mean()) if diff.size else math.nan
+        out[kind] = entry
     return out
 
 
@@ -407,6 +432,17 @@ def report_markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{per[s]['patients_with_false_foci']}" for s in SOURCES) + " |")
     lines.append("| fragments (satellites of a finding) | " + " | ".join(
         f"{per[s]['fragments']}" for s in SOURCES) + " |")
+    kinds = summary.get("per_kind", {})
+    if kinds:
+        lines += ["", "By tumour kind (TBRmax bias at the truth, synthetic - real; the "
+                  "oracle's in brackets):", "",
+                  "| kind | lesions | found synthetic / real / oracle | TBRmax bias |",
+                  "|---|---|---|---|"]
+        for kind, entry in kinds.items():
+            found = " / ".join(str(entry["found"][s]) for s in SOURCES)
+            lines.append(f"| {kind.replace('_', ' ')} | {entry['lesions']} | {found} | "
+                         f"{entry['bias_voi_tbr_max_synthetic']:+.2f} "
+                         f"({entry['bias_voi_tbr_max_oracle']:+.2f}) |")
     lines += ["", "## Per-lesion TBR against the real PET", "",
               "r [95 % CI] (n); Bland-Altman bias [limits of agreement], synthetic - real.", "",
               "| | synthetic | oracle |", "|---|---|---|"]
