@@ -214,37 +214,68 @@ def batch(data: PairedDataset, idx: NDArray[np.int64], target: str,
             target_tensor(data, idx, target, uptake_scale))
 
 
-def lesion_gain(labels: NDArray[np.integer], small_lesion_area_px: int, max_gain: float
-                ) -> NDArray[np.float32]:
-    """Per-pixel gain (B, S, S) for small lesions: a lesion whose cross-section on the slice
-    covers ``a`` pixels gets ``clip(small_lesion_area_px / a, 1, max_gain)`` on its
-    pixels, 1 elsewhere, so that a 20-pixel lesion weighs about as much in the loss as a
-    large one instead of a hundredth of it. ``small_lesion_area_px`` 0 switches it off."""
-    gain = np.ones(labels.shape, dtype=np.float32)
-    if small_lesion_area_px <= 0:
-        return gain
+ENHANCING_T1C = 0.95  # network-input T1C (0..ceiling); see non_enhancing_sections
+
+
+def non_enhancing_sections(labels: NDArray[np.integer], t1c: NDArray[np.floating],
+                           enhancing_t1c: float = ENHANCING_T1C) -> NDArray[np.bool_]:
+    """(B, S, S) bool: the pixels of each lesion cross-section whose T1C never reaches
+    ``enhancing_t1c`` (the network's input, windowed so that white matter is about 1):
+    a tumour that does not enhance, which the T1C shows only as a faint dark area. On the
+    phantom training cohort the per-section maxima fall in two groups, below 0.9 and
+    above 1.0."""
+    dark = np.zeros(labels.shape, dtype=bool)
     for value in np.unique(labels):
         if value == 0:
             continue
         mask = labels == value
-        area = mask.reshape(len(labels), -1).sum(axis=1).astype(np.float32)
-        per_slice = np.clip(small_lesion_area_px / np.maximum(area, 1.0), 1.0, max_gain)
-        gain = np.where(mask, np.maximum(gain, per_slice[:, None, None]), gain)
-    return gain
+        peak = np.where(mask, t1c, -np.inf).reshape(len(labels), -1).max(axis=1)
+        dark |= mask & (peak < enhancing_t1c)[:, None, None]
+    return dark
+
+
+def lesion_gain(labels: NDArray[np.integer], small_lesion_area_px: int, max_gain: float,
+                t1c: NDArray[np.floating] | None = None, non_enhancing_gain: float = 1.0,
+                enhancing_t1c: float = ENHANCING_T1C) -> NDArray[np.float32]:
+    """Per-pixel gain (B, S, S) for small lesions: a lesion whose cross-section on the slice
+    covers ``a`` pixels gets ``clip(small_lesion_area_px / a, 1, max_gain)`` on its
+    pixels, 1 elsewhere, so that a 20-pixel lesion weighs about as much in the loss as a
+    large one instead of a hundredth of it. ``small_lesion_area_px`` 0 switches it off.
+
+    With ``t1c`` and ``non_enhancing_gain``, a non-enhancing cross-section
+    (:func:`non_enhancing_sections`) gets that gain on top, the product capped at the
+    larger of the two maxima."""
+    gain = np.ones(labels.shape, dtype=np.float32)
+    if small_lesion_area_px > 0:
+        for value in np.unique(labels):
+            if value == 0:
+                continue
+            mask = labels == value
+            area = mask.reshape(len(labels), -1).sum(axis=1).astype(np.float32)
+            per_slice = np.clip(small_lesion_area_px / np.maximum(area, 1.0), 1.0, max_gain)
+            gain = np.where(mask, np.maximum(gain, per_slice[:, None, None]), gain)
+    if t1c is not None and non_enhancing_gain != 1.0:
+        cap = max(max_gain if small_lesion_area_px > 0 else 1.0, non_enhancing_gain)
+        dark = non_enhancing_sections(labels, t1c.astype(np.float32), enhancing_t1c)
+        gain = np.where(dark, np.minimum(gain * non_enhancing_gain, cap), gain)
+    return gain.astype(np.float32)
 
 
 def l1_weights(data: PairedDataset, idx: NDArray[np.int64], tumour_weight: float,
                margin_px: int, small_lesion_area_px: int = 0,
-               small_lesion_max_gain: float = 1.0) -> torch.Tensor:
+               small_lesion_max_gain: float = 1.0, non_enhancing_gain: float = 1.0,
+               enhancing_t1c: float = ENHANCING_T1C) -> torch.Tensor:
     """Per-pixel L1 weights (B, 1, S, S): ``tumour_weight`` on the tumour masks grown by
     ``margin_px`` pixels (where the blurred PET uptake of a lesion lies), 1 elsewhere;
-    with ``small_lesion_area_px``, a small lesion's weight is raised by its
-    :func:`lesion_gain` (grown with it).
+    with ``small_lesion_area_px`` or ``non_enhancing_gain``, a lesion's weight is raised
+    by its :func:`lesion_gain` (grown with it).
 
     Needs the dataset's ``tumour_labels`` (phantoms, or a site's segmentations).
     """
     labels = data.get("tumour_labels")[idx]
-    gain = lesion_gain(labels, small_lesion_area_px, small_lesion_max_gain)
+    t1c = data.t1c[idx] if non_enhancing_gain != 1.0 else None
+    gain = lesion_gain(labels, small_lesion_area_px, small_lesion_max_gain, t1c,
+                       non_enhancing_gain, enhancing_t1c)
     lesion = torch.from_numpy(np.where(labels > 0, float(tumour_weight) * gain, 0.0)
                               .astype(np.float32)).unsqueeze(1)
     if margin_px > 0:
@@ -266,14 +297,18 @@ def sampling_weights(has_tumour: NDArray[np.bool_], tumour_oversample: float,
 
 def small_lesion_slice_gain(data: PairedDataset, idx: NDArray[np.int64],
                             small_lesion_area_px: int, max_gain: float,
-                            chunk: int = 2048) -> NDArray[np.float32]:
+                            chunk: int = 2048, non_enhancing_gain: float = 1.0,
+                            enhancing_t1c: float = ENHANCING_T1C) -> NDArray[np.float32]:
     """Each slice's largest :func:`lesion_gain` (1 for a slice without a lesion)."""
     labels = data.get("tumour_labels")
+    t1c = data.t1c if non_enhancing_gain != 1.0 else None
     out = np.ones(len(idx), dtype=np.float32)
     for start in range(0, len(idx), chunk):
-        part = labels[idx[start:start + chunk]]
-        out[start:start + chunk] = lesion_gain(part, small_lesion_area_px,
-                                               max_gain).reshape(len(part), -1).max(axis=1)
+        rows = idx[start:start + chunk]
+        part = labels[rows]
+        out[start:start + chunk] = lesion_gain(
+            part, small_lesion_area_px, max_gain, None if t1c is None else t1c[rows],
+            non_enhancing_gain, enhancing_t1c).reshape(len(part), -1).max(axis=1)
     return out
 
 

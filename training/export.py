@@ -244,6 +244,11 @@ def method_text(config: dict[str, Any]) -> str:
         text += (f"; a lesion covering a pixels of a slice weighted "
                  f"clip({small} / a, 1, {float(config.get('small_lesion_max_gain', 1.0)):g})x "
                  f"more, its slice drawn sqrt of that more often")
+    non_enhancing = float(config.get("non_enhancing_gain", 1.0))
+    if non_enhancing != 1.0:
+        text += (f"; a tumour section whose T1C input stays below "
+                 f"{float(config.get('enhancing_t1c', 0.95)):g} (non-enhancing) weighted "
+                 f"{non_enhancing:g}x more, its slice drawn sqrt of that more often")
     fusion_weight = float(config.get("fusion_l1_weight", 0.0))
     if fusion_weight > 0.0:
         text += (f" + {fusion_weight:g} x L1 of the fusion rendered from the uptake (display "
@@ -304,6 +309,8 @@ def model_card(state: dict[str, Any], name: str | None = None, version: str = "1
         "tumour_margin_px": config.get("tumour_margin_px", 0),
         "small_lesion_area_px": config.get("small_lesion_area_px", 0),
         "small_lesion_max_gain": config.get("small_lesion_max_gain", 1.0),
+        "non_enhancing_gain": config.get("non_enhancing_gain", 1.0),
+        "enhancing_t1c": config.get("enhancing_t1c", 0.95),
         "ema_decay": config.get("ema_decay", 0.0),
         "hflip": config["hflip"],
         "context_slices": config.get("context_slices", 0),

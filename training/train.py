@@ -57,7 +57,8 @@ FIXED_ON_RESUME = ("dataset", "target", "ngf", "ndf", "batch_size", "seed", "upt
                    "fusion_l1_weight", "fusion_gate_width_uptake", "augment_rotation_deg",
                    "augment_scale", "augment_shift_px", "small_lesion_area_px",
                    "small_lesion_max_gain", "recon_loss", "tumour_quantile",
-                   "hard_negative_weight", "hard_negative_ratio", "hard_negative_smooth_px")
+                   "hard_negative_weight", "hard_negative_ratio", "hard_negative_smooth_px",
+                   "non_enhancing_gain", "enhancing_t1c")
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ class TrainConfig:
     augment_shift_px: float = 0.0
     small_lesion_area_px: int = 0  # raise small lesions' L1 weight and sampling (0 = off)
     small_lesion_max_gain: float = 8.0
+    non_enhancing_gain: float = 1.0  # raise non-enhancing tumours' L1 weight and sampling
+    enhancing_t1c: float = ds.ENHANCING_T1C  # a section below this T1C does not enhance
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "not drowned by large ones (0 = off; default %(default)s)")
     parser.add_argument("--small-lesion-max-gain", type=float, default=d.small_lesion_max_gain,
                         help="largest gain of --small-lesion-area-px (%(default)s)")
+    parser.add_argument("--non-enhancing-gain", type=float, default=d.non_enhancing_gain,
+                        help="a tumour cross-section whose T1C input stays below "
+                             "--enhancing-t1c (no enhancement) gets its tumour L1 weight times "
+                             "this, combined with the small-lesion gain and capped at the "
+                             "larger maximum, and its slice is drawn sqrt of that more often "
+                             "(1 = off; default %(default)s)")
+    parser.add_argument("--enhancing-t1c", type=float, default=d.enhancing_t1c,
+                        help="the network-input T1C (white matter about 1) a cross-section "
+                             "must reach to count as enhancing (%(default)s)")
     parser.add_argument("--ema-decay", type=float, default=d.ema_decay,
                         help="keep an exponential moving average of the generator weights "
                              "with this decay per step (e.g. 0.999) and validate / export "
@@ -238,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         tumour_margin_px=args.tumour_margin_px,
         small_lesion_area_px=args.small_lesion_area_px,
         small_lesion_max_gain=args.small_lesion_max_gain,
+        non_enhancing_gain=args.non_enhancing_gain, enhancing_t1c=args.enhancing_t1c,
         ema_decay=args.ema_decay, hflip=args.hflip,
         context_slices=args.context_slices, fusion_l1_weight=args.fusion_l1_weight,
         fusion_gate_width_uptake=args.fusion_gate_width_uptake, seed=args.seed,
@@ -461,10 +474,15 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     if config.target == "uptake" and not (data.has("pet_suv") or data.has("uptake")):
         raise ValueError("--target uptake needs a dataset with a 'pet_suv' (measured PET) "
                          "or an 'uptake' array")
-    if ((config.tumour_l1_weight != 1.0 or config.small_lesion_area_px > 0)
-            and not data.has("tumour_labels")):
-        raise ValueError("--tumour-l1-weight and --small-lesion-area-px need a dataset with "
-                         "tumour masks ('tumour_labels')")
+    if ((config.tumour_l1_weight != 1.0 or config.small_lesion_area_px > 0
+         or config.non_enhancing_gain != 1.0) and not data.has("tumour_labels")):
+        raise ValueError("--tumour-l1-weight, --small-lesion-area-px and --non-enhancing-gain "
+                         "need a dataset with tumour masks ('tumour_labels')")
+    if config.non_enhancing_gain < 1.0:
+        raise ValueError("--non-enhancing-gain must be >= 1")
+    if config.non_enhancing_gain != 1.0 and config.tumour_l1_weight <= 1.0:
+        raise ValueError("--non-enhancing-gain raises the tumour L1 weight: it needs "
+                         "--tumour-l1-weight above 1")
     if config.recon_loss not in RECON_LOSSES:
         raise ValueError(f"--recon-loss must be one of {RECON_LOSSES}, got {config.recon_loss!r}")
     if not 0.0 < config.tumour_quantile < 1.0:
@@ -575,9 +593,10 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
 
     weights = None
     slice_gain = None
-    if config.small_lesion_area_px > 0:
+    if config.small_lesion_area_px > 0 or config.non_enhancing_gain != 1.0:
         slice_gain = np.sqrt(ds.small_lesion_slice_gain(
-            data, train_idx, config.small_lesion_area_px, config.small_lesion_max_gain))
+            data, train_idx, config.small_lesion_area_px, config.small_lesion_max_gain,
+            non_enhancing_gain=config.non_enhancing_gain, enhancing_t1c=config.enhancing_t1c))
     if config.tumour_oversample != 1.0 or slice_gain is not None:
         weights = ds.sampling_weights(data.has_tumour[train_idx], config.tumour_oversample,
                                       slice_gain)
@@ -619,11 +638,13 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             idx = train_idx[positions.numpy()]
             x, y = ds.batch(data, idx, config.target, config.uptake_scale, config.context_slices)
             l1_weight = None
-            if config.tumour_l1_weight != 1.0 or config.small_lesion_area_px > 0:
+            if (config.tumour_l1_weight != 1.0 or config.small_lesion_area_px > 0
+                    or config.non_enhancing_gain != 1.0):
                 l1_weight = ds.l1_weights(data, idx, config.tumour_l1_weight,
                                           config.tumour_margin_px,
                                           config.small_lesion_area_px,
-                                          config.small_lesion_max_gain)
+                                          config.small_lesion_max_gain,
+                                          config.non_enhancing_gain, config.enhancing_t1c)
             fusion_pair = fusion_target(data, idx) if config.fusion_l1_weight > 0 else None
             masks = hard_negative_masks(data, idx) if hard.active else None
             if config.hflip:
