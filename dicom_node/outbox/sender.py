@@ -196,9 +196,10 @@ class Sender:
             log.info("sent %d outputs to %s (%s@%s:%d)", stored, destination, ae_title, host,
                      port)
         elif self.stopping.is_set():
+            failure = self._last_failure.pop(destination, None)
             log.info("stopping: sent %d of %d outputs to %s (%s@%s:%d); the rest are due "
-                     "again at the next start", stored, len(work), destination, ae_title,
-                     host, port)
+                     "again at the next start%s", stored, len(work), destination, ae_title,
+                     host, port, f" (failure before the stop: {failure})" if failure else "")
         else:
             log.warning("sent %d of %d outputs to %s (%s@%s:%d): %s; the rest wait for a "
                         "retry or are dead letters (dicom-node outbox)", stored, len(work),
@@ -258,8 +259,10 @@ class Sender:
         if stored == len(work):
             log.info("sent %d outputs to %s (STOW-RS %s)", stored, dest.name, dest.url)
         elif self.stopping.is_set():
+            failure = self._last_failure.pop(dest.name, None)
             log.info("stopping: sent %d of %d outputs to %s (STOW-RS %s); the rest are due "
-                     "again at the next start", stored, len(work), dest.name, dest.url)
+                     "again at the next start%s", stored, len(work), dest.name, dest.url,
+                     f" (failure before the stop: {failure})" if failure else "")
         else:
             log.warning("sent %d of %d outputs to %s (STOW-RS %s): %s; the rest wait for a "
                         "retry or are dead letters (dicom-node outbox)", stored, len(work),
