@@ -15,7 +15,8 @@ import json
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -203,6 +204,26 @@ class _StowStub(BaseHTTPRequestHandler):
         pass
 
 
+@contextmanager
+def _stow_stub(tmp_path: Path, script: Callable[[list[str]], tuple[int, dict[str, Any]]]
+               ) -> Iterator[dict[str, Any]]:
+    """The test's STOW-RS server answering from ``script`` (and keeping what it received
+    in ``_StowStub.received``), as a node's destination with a bearer token."""
+    _StowStub.script = staticmethod(script)
+    _StowStub.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StowStub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    try:
+        yield {"name": "cloud", "type": "dicomweb",
+               "url": f"http://127.0.0.1:{server.server_address[1]}/wado/",
+               "bearer_token_file": str(token)}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _item(uid: str, tag: str | None = None, code: int | None = None) -> dict[str, Any]:
     item: dict[str, Any] = {"00081155": {"vr": "UI", "Value": [uid]}}
     if tag is not None:
@@ -230,18 +251,8 @@ def test_each_instance_gets_the_outcome_the_server_gave_it(
             REFERENCED_SOP_SEQUENCE: {"vr": "SQ", "Value": [_item(warned, "00081196", 0xB000)]
                                       + [_item(u) for u in rest]}}
 
-    _StowStub.script = staticmethod(script)
-    _StowStub.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _StowStub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        token = tmp_path / "token"
-        token.write_text("t0ken\n")
-        node = start_node(make_config(destinations=[{
-            "name": "cloud", "type": "dicomweb",
-            "url": f"http://127.0.0.1:{server.server_address[1]}/wado/",
-            "bearer_token_file": str(token)}]))
+    with _stow_stub(tmp_path, script) as destination:
+        node = start_node(make_config(destinations=[destination]))
         source = write_series(tmp_path / "t1c", SeriesSpec(n_slices=8), seed=7)
         assert set(pynetdicom_send(source, node.receiver.port)) == {0}
         assert wait_for(lambda: len(calls) >= 2, 120)
@@ -253,9 +264,6 @@ def test_each_instance_gets_the_outcome_the_server_gave_it(
                         OutputInstance, OutputInstance.id == OutboxEntry.output_id))}
 
         assert wait_for(lambda: all(e.state != "pending" for e in by_uid().values()), 60)
-    finally:
-        server.shutdown()
-        server.server_close()
     refused, full, warned, silent, *rest = calls[0]
     entries = by_uid()
     assert len(calls[0]) == len(entries) == 8 + 3
@@ -290,18 +298,9 @@ def test_a_stopping_sender_sends_no_further_stow_request(
         held.set()  # the stop arrives while the first request is answered
         return 200, {REFERENCED_SOP_SEQUENCE: {"vr": "SQ", "Value": [_item(u) for u in uids]}}
 
-    _StowStub.script = staticmethod(script)
-    _StowStub.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _StowStub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        token = tmp_path / "token"
-        token.write_text("t0ken\n")
-        node = start_node(make_config(destinations=[{
-            "name": "cloud", "type": "dicomweb",
-            "url": f"http://127.0.0.1:{server.server_address[1]}/wado/",
-            "bearer_token_file": str(token), "max_instances_per_request": 2}]))
+    with _stow_stub(tmp_path, script) as destination:
+        node = start_node(make_config(destinations=[
+            {**destination, "max_instances_per_request": 2}]))
         # held until the series is done, so that the first pass claims every output
         held.set()
         node.sender.stopping = held
@@ -337,9 +336,6 @@ def test_a_stopping_sender_sends_no_further_stow_request(
         _StowStub.script = staticmethod(go_on)
         held.clear()  # the sender goes on: everything arrives, once
         assert wait_for(lambda: all(e.state == "sent" for e in entries()), 120)
-    finally:
-        server.shutdown()
-        server.server_close()
     sent = [uid for call in calls for uid in call]
     assert len(sent) == len(set(sent)) == 8 + 3, "an instance sent twice or not at all"
 

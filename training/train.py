@@ -431,7 +431,7 @@ def hard_negative_weighting(y: torch.Tensor, masks: tuple[torch.Tensor, torch.Te
     real = as_uptake(y.to(device).float(), config.uptake_scale)
     brain = masks[0].to(device) > 0.5
     zone = hard_negatives.excluded_zone(masks[1].to(device) > 0.5,
-                                      config.tumour_margin_px + hard.smooth_px // 2)
+                                        config.tumour_margin_px + hard.smooth_px // 2)
 
     def weigh(output: torch.Tensor) -> torch.Tensor:
         fake = as_uptake(output.clamp(-1.0, 1.0), config.uptake_scale)
@@ -474,8 +474,10 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     if config.target == "uptake" and not (data.has("pet_suv") or data.has("uptake")):
         raise ValueError("--target uptake needs a dataset with a 'pet_suv' (measured PET) "
                          "or an 'uptake' array")
-    if ((config.tumour_l1_weight != 1.0 or config.small_lesion_area_px > 0
-         or config.non_enhancing_gain != 1.0) and not data.has("tumour_labels")):
+    # the loss weighs pixels by the tumour masks (and the sampling by lesion gains)
+    weighs_lesions = (config.tumour_l1_weight != 1.0 or config.small_lesion_area_px > 0
+                      or config.non_enhancing_gain != 1.0)
+    if weighs_lesions and not data.has("tumour_labels"):
         raise ValueError("--tumour-l1-weight, --small-lesion-area-px and --non-enhancing-gain "
                          "need a dataset with tumour masks ('tumour_labels')")
     if config.non_enhancing_gain < 1.0:
@@ -638,8 +640,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             idx = train_idx[positions.numpy()]
             x, y = ds.batch(data, idx, config.target, config.uptake_scale, config.context_slices)
             l1_weight = None
-            if (config.tumour_l1_weight != 1.0 or config.small_lesion_area_px > 0
-                    or config.non_enhancing_gain != 1.0):
+            if weighs_lesions:
                 l1_weight = ds.l1_weights(data, idx, config.tumour_l1_weight,
                                           config.tumour_margin_px,
                                           config.small_lesion_area_px,

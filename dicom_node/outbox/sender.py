@@ -191,20 +191,7 @@ class Sender:
                                     thread_name_prefix=f"send-{destination}") as pool:
                 stored = sum(pool.map(lambda share: self._send_over_association(
                     share, destination, ae_title, host, port, tls_args, tls.enabled), shares))
-        # The operator's console: one line per pass and destination, named.
-        if stored == len(work):
-            log.info("sent %d outputs to %s (%s@%s:%d)", stored, destination, ae_title, host,
-                     port)
-        elif self.stopping.is_set():
-            failure = self._last_failure.pop(destination, None)
-            log.info("stopping: sent %d of %d outputs to %s (%s@%s:%d); the rest are due "
-                     "again at the next start%s", stored, len(work), destination, ae_title,
-                     host, port, f" (failure before the stop: {failure})" if failure else "")
-        else:
-            log.warning("sent %d of %d outputs to %s (%s@%s:%d): %s; the rest wait for a "
-                        "retry or are dead letters (dicom-node outbox)", stored, len(work),
-                        destination, ae_title, host, port,
-                        self._last_failure.pop(destination, "see dicom-node outbox"))
+        self._log_pass(stored, len(work), destination, f"{ae_title}@{host}:{port}")
         return stored
 
     def _send_dicomweb(self, work: list[_Work], dest: Destination) -> int:
@@ -256,19 +243,23 @@ class Sender:
                             self._retry_all([entry_id], answer.reason, status=answer.status)
         finally:
             outcomes.close()
-        if stored == len(work):
-            log.info("sent %d outputs to %s (STOW-RS %s)", stored, dest.name, dest.url)
+        self._log_pass(stored, len(work), dest.name, f"STOW-RS {dest.url}")
+        return stored
+
+    def _log_pass(self, stored: int, total: int, destination: str, where: str) -> None:
+        """The operator's console: one line per pass and destination, named, with the
+        failure the pass met (taken, so that a later pass does not repeat it)."""
+        if stored == total:
+            log.info("sent %d outputs to %s (%s)", stored, destination, where)
         elif self.stopping.is_set():
-            failure = self._last_failure.pop(dest.name, None)
-            log.info("stopping: sent %d of %d outputs to %s (STOW-RS %s); the rest are due "
-                     "again at the next start%s", stored, len(work), dest.name, dest.url,
+            failure = self._last_failure.pop(destination, None)
+            log.info("stopping: sent %d of %d outputs to %s (%s); the rest are due again at "
+                     "the next start%s", stored, total, destination, where,
                      f" (failure before the stop: {failure})" if failure else "")
         else:
-            log.warning("sent %d of %d outputs to %s (STOW-RS %s): %s; the rest wait for a "
-                        "retry or are dead letters (dicom-node outbox)", stored, len(work),
-                        dest.name, dest.url,
-                        self._last_failure.pop(dest.name, "see dicom-node outbox"))
-        return stored
+            log.warning("sent %d of %d outputs to %s (%s): %s; the rest wait for a retry or "
+                        "are dead letters (dicom-node outbox)", stored, total, destination,
+                        where, self._last_failure.pop(destination, "see dicom-node outbox"))
 
     def _shares(self, work: list[_Work]) -> list[list[_Work]]:
         """Split a batch into contiguous shares, one per association."""
