@@ -77,9 +77,41 @@ demo: install
 DEMO_DATA ?= build/m3
 DEMO_SMOOTHING ?= 3.6
 DEMO_SMOOTHING_33 ?= 1.2
-DEMO_VAL_331 = $(foreach seed,200 210 220,--validation-benchmark $(DEMO_DATA)/val$(seed)-331/summary.json)
-DEMO_VAL_34 = $(foreach seed,200 210 220,--validation-benchmark $(DEMO_DATA)/val$(seed)-34/summary.json)
-DEMO_VAL_35 = $(foreach seed,200 210 220,--validation-benchmark $(DEMO_DATA)/val$(seed)-35/summary.json)
+# $(call DEMO_VAL,X): the three validation summaries of release X, for export
+DEMO_VAL = $(foreach seed,200 210 220,--validation-benchmark $(DEMO_DATA)/val$(seed)-$(1)/summary.json)
+DEMO_VAL_331 = $(call DEMO_VAL,331)
+# 3.4's and 3.5's steps: fine-tune run$(1) from $(DEMO_DATA)/$(2) at tumour quantile $(3) with hard
+# negatives, export the candidate, benchmark it on the three validation cohorts, export it
+# frozen with its calibration and sealed seed $(5), benchmark that once, export version $(4).
+define QUANTILE_RELEASE
+	$(VENV)/bin/dicom-node-train train --dataset $(DEMO_DATA)/train-s100-c2 --out $(DEMO_DATA)/run$(1) \
+	  --init-generator $(DEMO_DATA)/$(2) --target uptake --ngf 16 --ndf 32 \
+	  --batch-size 8 --epochs 1 --decay-epochs 2 --lr 0.0001 --lambda-l1 1000 \
+	  --tumour-oversample 2 --tumour-l1-weight 10 --tumour-margin-px 2 --tumour-quantile $(3) \
+	  --hard-negative-weight 50 --hard-negative-ratio 1.4 --hard-negative-smooth-px 5 \
+	  --small-lesion-area-px 100 --small-lesion-max-gain 6 --ema-decay 0.999 --hflip --bf16 \
+	  --augment-rotation-deg 10 --augment-scale 0.08 --augment-shift-px 6 --threads 2 \
+	  --checkpoint-every 500 --val-max-slices 512 --seed 0 --name fdopa-demo --version $(4)
+	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run$(1)/checkpoint.pt \
+	  --out $(DEMO_DATA)/run$(1)/generator-cand.pt --name fdopa-demo --version $(4)-cand \
+	  --slice-smoothing-mm $(DEMO_SMOOTHING_33) --training-seeds 100 --validation-seeds 200,210,220
+	for seed in 200 210 220; do \
+	  $(VENV)/bin/dicom-node-train benchmark --weights $(DEMO_DATA)/run$(1)/generator-cand.pt \
+	    --seed $$seed --patients 60 --cohort validation --out $(DEMO_DATA)/val$$seed-$(1) \
+	    --uncertainty-samples 4 || exit 1; \
+	done
+	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run$(1)/checkpoint.pt \
+	  --out $(DEMO_DATA)/run$(1)/generator-frozen.pt --name fdopa-demo --version $(4) \
+	  --slice-smoothing-mm $(DEMO_SMOOTHING_33) --training-seeds 100 --validation-seeds 200,210,220 \
+	  --sealed-test-seed $(5) --interval-form gaussian $(call DEMO_VAL,$(1))
+	$(VENV)/bin/dicom-node-train benchmark --weights $(DEMO_DATA)/run$(1)/generator-frozen.pt \
+	  --seed $(5) --patients 60 --cohort sealed-test --out $(DEMO_DATA)/sealed$(5)
+	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run$(1)/checkpoint.pt \
+	  --out dicom_node/models/demo-generator.pt --name fdopa-demo --version $(4) \
+	  --slice-smoothing-mm $(DEMO_SMOOTHING_33) --training-seeds 100 --validation-seeds 200,210,220 \
+	  --sealed-test-seed $(5) --interval-form gaussian $(call DEMO_VAL,$(1)) \
+	  --sealed-test-benchmark $(DEMO_DATA)/sealed$(5)/summary.json
+endef
 demo-model: install
 	$(VENV)/bin/dicom-node-train phantom-dataset --patients 1200 --seed 100 --out $(DEMO_DATA)/train-s100 --pet-layout same-grid \
 	  --tumour-count-p 0.05,0.4,0.55 --normal-slice-fraction 0.25 --lean --val-patients 40 --workers 2 \
@@ -204,65 +236,13 @@ demo-model: install
 	# on each batch at 1.4 x the slice background (L1 weight 50); its rule (found - false foci
 	# above 3.3's 110 on validation seeds 200, 210, 220, at most 18 false foci) written before
 	# the run; intervals calibrated on the same three cohorts. Sealed seed 800, once.
-	$(VENV)/bin/dicom-node-train train --dataset $(DEMO_DATA)/train-s100-c2 --out $(DEMO_DATA)/run34 \
-	  --init-generator $(DEMO_DATA)/run33/generator-frozen.pt --target uptake --ngf 16 --ndf 32 \
-	  --batch-size 8 --epochs 1 --decay-epochs 2 --lr 0.0001 --lambda-l1 1000 \
-	  --tumour-oversample 2 --tumour-l1-weight 10 --tumour-margin-px 2 --tumour-quantile 0.6 \
-	  --hard-negative-weight 50 --hard-negative-ratio 1.4 --hard-negative-smooth-px 5 \
-	  --small-lesion-area-px 100 --small-lesion-max-gain 6 --ema-decay 0.999 --hflip --bf16 \
-	  --augment-rotation-deg 10 --augment-scale 0.08 --augment-shift-px 6 --threads 2 \
-	  --checkpoint-every 500 --val-max-slices 512 --seed 0 --name fdopa-demo --version 3.4
-	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run34/checkpoint.pt \
-	  --out $(DEMO_DATA)/run34/generator-cand.pt --name fdopa-demo --version 3.4-cand \
-	  --slice-smoothing-mm $(DEMO_SMOOTHING_33) --training-seeds 100 --validation-seeds 200,210,220
-	for seed in 200 210 220; do \
-	  $(VENV)/bin/dicom-node-train benchmark --weights $(DEMO_DATA)/run34/generator-cand.pt \
-	    --seed $$seed --patients 60 --cohort validation --out $(DEMO_DATA)/val$$seed-34 \
-	    --uncertainty-samples 4 || exit 1; \
-	done
-	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run34/checkpoint.pt \
-	  --out $(DEMO_DATA)/run34/generator-frozen.pt --name fdopa-demo --version 3.4 \
-	  --slice-smoothing-mm $(DEMO_SMOOTHING_33) --training-seeds 100 --validation-seeds 200,210,220 \
-	  --sealed-test-seed 800 --interval-form gaussian $(DEMO_VAL_34)
-	$(VENV)/bin/dicom-node-train benchmark --weights $(DEMO_DATA)/run34/generator-frozen.pt \
-	  --seed 800 --patients 60 --cohort sealed-test --out $(DEMO_DATA)/sealed800
-	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run34/checkpoint.pt \
-	  --out dicom_node/models/demo-generator.pt --name fdopa-demo --version 3.4 \
-	  --slice-smoothing-mm $(DEMO_SMOOTHING_33) --training-seeds 100 --validation-seeds 200,210,220 \
-	  --sealed-test-seed 800 --interval-form gaussian $(DEMO_VAL_34) \
-	  --sealed-test-benchmark $(DEMO_DATA)/sealed800/summary.json
+	$(call QUANTILE_RELEASE,34,run33/generator-frozen.pt,0.6,3.4,800)
 	# 3.5: 3.4 fine-tuned with the tumour pinball loss at quantile 0.7 (3.4: 0.6), hard negatives
 	# as 3.4's; its rule (build/m10/RULE-35.md: at most 18 false foci, found - false foci at
 	# least 3.4's 120, pooled TBRmax bias within +-0.25 on validation seeds 200, 210, 220)
 	# written before the run; the interval form kept by leaving one cohort out; calibrated on
 	# the same three cohorts. Sealed seed 900, once.
-	$(VENV)/bin/dicom-node-train train --dataset $(DEMO_DATA)/train-s100-c2 --out $(DEMO_DATA)/run35 \
-	  --init-generator $(DEMO_DATA)/run34/generator-frozen.pt --target uptake --ngf 16 --ndf 32 \
-	  --batch-size 8 --epochs 1 --decay-epochs 2 --lr 0.0001 --lambda-l1 1000 \
-	  --tumour-oversample 2 --tumour-l1-weight 10 --tumour-margin-px 2 --tumour-quantile 0.7 \
-	  --hard-negative-weight 50 --hard-negative-ratio 1.4 --hard-negative-smooth-px 5 \
-	  --small-lesion-area-px 100 --small-lesion-max-gain 6 --ema-decay 0.999 --hflip --bf16 \
-	  --augment-rotation-deg 10 --augment-scale 0.08 --augment-shift-px 6 --threads 2 \
-	  --checkpoint-every 500 --val-max-slices 512 --seed 0 --name fdopa-demo --version 3.5
-	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run35/checkpoint.pt \
-	  --out $(DEMO_DATA)/run35/generator-cand.pt --name fdopa-demo --version 3.5-cand \
-	  --slice-smoothing-mm $(DEMO_SMOOTHING_33) --training-seeds 100 --validation-seeds 200,210,220
-	for seed in 200 210 220; do \
-	  $(VENV)/bin/dicom-node-train benchmark --weights $(DEMO_DATA)/run35/generator-cand.pt \
-	    --seed $$seed --patients 60 --cohort validation --out $(DEMO_DATA)/val$$seed-35 \
-	    --uncertainty-samples 4 || exit 1; \
-	done
-	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run35/checkpoint.pt \
-	  --out $(DEMO_DATA)/run35/generator-frozen.pt --name fdopa-demo --version 3.5 \
-	  --slice-smoothing-mm $(DEMO_SMOOTHING_33) --training-seeds 100 --validation-seeds 200,210,220 \
-	  --sealed-test-seed 900 --interval-form gaussian $(DEMO_VAL_35)
-	$(VENV)/bin/dicom-node-train benchmark --weights $(DEMO_DATA)/run35/generator-frozen.pt \
-	  --seed 900 --patients 60 --cohort sealed-test --out $(DEMO_DATA)/sealed900
-	$(VENV)/bin/dicom-node-train export --checkpoint $(DEMO_DATA)/run35/checkpoint.pt \
-	  --out dicom_node/models/demo-generator.pt --name fdopa-demo --version 3.5 \
-	  --slice-smoothing-mm $(DEMO_SMOOTHING_33) --training-seeds 100 --validation-seeds 200,210,220 \
-	  --sealed-test-seed 900 --interval-form gaussian $(DEMO_VAL_35) \
-	  --sealed-test-benchmark $(DEMO_DATA)/sealed900/summary.json
+	$(call QUANTILE_RELEASE,35,run34/generator-frozen.pt,0.7,3.5,900)
 
 clean:
 	rm -rf var build *.egg-info
