@@ -301,6 +301,11 @@ def test_export_pools_validation_cohorts_into_the_interval_calibration() -> None
     assert conformal["conformal"]["tbr_max"] == conformal_scores(residuals, [0.1] * 70,
                                                                  0.9).as_dict()
     assert Calibration.from_card(conformal).conformal
+    shifted = benchmark_extras(summaries, None, 0.9, cohorts, "shifted")["tbr_interval"]
+    assert shifted["form"] == "shifted" and "form" not in interval
+    assert shifted["residual_bias_tbr_max"] == interval["residual_bias_tbr_max"]
+    assert Calibration.from_card(shifted).shifted and not Calibration.from_card(interval).shifted
+    assert "bias-corrected" in shifted["source"]
     # one cohort measured without uncertainty passes: its own figures, as older cards had
     old = benchmark_extras([_validation_summary(200, None)], None, 0.9, {})
     assert "conformal" not in old["tbr_interval"]
@@ -468,6 +473,31 @@ def test_intervals_combine_sampling_and_calibration() -> None:
     assert Calibration.from_card({"residual_sd_tbr_max": 0.3, "residual_bias_tbr_max": -0.4}
                                  ).residual_rms_tbr_max == pytest.approx(0.5)
     assert "root-mean-square" in biased.method_text(8)
+
+
+def test_shifted_intervals_move_by_the_validation_bias_instead_of_widening() -> None:
+    """The shifted form (``"form": "shifted"``): centred on the value minus the
+    validation bias (synthetic - real), half-width from the residual SD and the sampling
+    SD alone; the equivocal flag reads the moved lower limit."""
+    result, samples = _one_lesion_and_samples()
+    card = {"form": "shifted", "level": 0.9, "residual_sd_tbr_max": 0.3,
+            "residual_sd_tbr_mean": 0.2, "residual_bias_tbr_max": -0.4,
+            "residual_bias_tbr_mean": 0.1, "source": "validation cohorts seed 200, 210"}
+    calibration = Calibration.from_card(card)
+    assert calibration.shifted
+    (interval,) = lesion_intervals(samples, result, calibration)
+    sd = float(np.std([1.8 + 0.05 * i for i in range(5)], ddof=1))
+    half_max = calibration.z * math.hypot(sd, 0.3)
+    assert interval.tbr_max_low == pytest.approx(2.4 - half_max, rel=1e-4)
+    assert interval.tbr_max_high == pytest.approx(2.4 + half_max, rel=1e-4)
+    half_mean = calibration.z * math.hypot(sd, 0.2)
+    tbr_mean = result.lesions[0].tbr_mean
+    assert interval.tbr_mean_low == pytest.approx(tbr_mean - 0.1 - half_mean, rel=1e-4)
+    assert interval.tbr_mean_high == pytest.approx(tbr_mean - 0.1 + half_mean, rel=1e-4)
+    assert not interval.equivocal  # 2.4 - 0.50 stays above 1.6; the Gaussian form's does not
+    (gaussian,) = lesion_intervals(samples, result, Calibration.from_card({**card, "form": ""}))
+    assert gaussian.equivocal
+    assert "corrected by" in calibration.method_text(4)
 
 
 def test_summary_slice_shows_intervals_and_fits_the_slice() -> None:

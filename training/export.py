@@ -22,7 +22,8 @@ from dicom_node.inference.model_weights import ModelCard, save_weights
 from training.checkpoint import load_checkpoint
 
 OUTPUT_KIND = {"fusion": "fusion_rgb", "uptake": "uptake"}
-INTERVAL_FORMS = ("gaussian", "conformal")
+INTERVAL_FORMS = ("gaussian", "shifted", "conformal")
+_FORM_SOURCE = {"shifted": ", centred on the bias-corrected value", "conformal": ", split-conformal"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,9 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="two-sided level of the TBR intervals (%(default)s)")
     parser.add_argument("--interval-form", choices=INTERVAL_FORMS, default="gaussian",
                         help="gaussian: centred, residual SD and mean in quadrature with the "
-                             "sampling SD; conformal: split-conformal scores, not centred "
-                             "(dicom_node/analysis/uncertainty.py; default %(default)s, the "
-                             "form chosen for fdopa-demo on three validation cohorts)")
+                             "sampling SD; shifted: centred on the value corrected by the "
+                             "residual mean, residual SD and sampling SD in quadrature; "
+                             "conformal: split-conformal scores, not centred "
+                             "(dicom_node/analysis/uncertainty.py; default %(default)s; "
+                             "fdopa-demo chooses its form by leaving one validation cohort out)")
     parser.add_argument("--sealed-test-benchmark", type=Path, default=None,
                         help="summary.json of `benchmark --cohort sealed-test` of these very "
                              "weights: recorded in the card, which then refuses a second one")
@@ -143,6 +146,8 @@ def tbr_interval(validation: list[dict[str, Any]], level: float,
       lesions that have an interval among those found on both (a benchmark with
       uncertainty passes: its per-lesion pairs); one summary without pairs gives its own
       figures (every lesion found on both), as older cards had.
+    - ``shifted``: the same SD and mean, with ``"form": "shifted"``: the node centres the
+      interval on the value corrected by the mean instead of widening it by the mean.
     - ``conformal``: split-conformal scores, from the pairs only.
     """
     if form not in INTERVAL_FORMS:
@@ -157,7 +162,8 @@ def tbr_interval(validation: list[dict[str, Any]], level: float,
                              "a conformal interval")
         first = validation[0]
         iv = first["intervals"]
-        return {"residual_sd_tbr_max": iv["residual_sd_tbr_max"],
+        return {**({"form": "shifted"} if form == "shifted" else {}),
+                "residual_sd_tbr_max": iv["residual_sd_tbr_max"],
                 "residual_sd_tbr_mean": iv["residual_sd_tbr_mean"],
                 "residual_bias_tbr_max": iv.get("residual_bias_tbr_max", 0.0),
                 "residual_bias_tbr_mean": iv.get("residual_bias_tbr_mean", 0.0),
@@ -179,9 +185,11 @@ def tbr_interval(validation: list[dict[str, Any]], level: float,
         if form == "conformal":
             out.setdefault("conformal", {})[measure] = conformal_scores(
                 residuals, [p[1] for p in pairs], level).as_dict()
+    if form == "shifted":
+        out["form"] = "shifted"
     lesions = sum(len(v["intervals"]["calibration_pairs"]["tbr_max"]) for v in validation)
     out["source"] = (f"{cohorts}, {lesions} lesions found on real and "
-                     f"synthetic{', split-conformal' if form == 'conformal' else ''}")
+                     f"synthetic{_FORM_SOURCE.get(form, '')}")
     return out
 
 

@@ -18,12 +18,16 @@ Two sources of doubt, added in quadrature:
 Two ways to turn these into an interval; the model card's ``tbr_interval`` says which
 (``dicom-node-train export --interval-form``):
 
-- **Gaussian** (fdopa-demo's form): ``TBR +- z * sqrt(sd_model^2 + sd_residual^2 +
+- **Gaussian** (fdopa-demo 3.2-3.5's form): ``TBR +- z * sqrt(sd_model^2 + sd_residual^2 +
   mean_residual^2)`` with ``z`` for the card's two-sided level, and the residual's SD and
   mean measured per lesion on validation patients. The residual enters as its root mean
   square, so a validation bias the model still has widens the interval instead of moving
   it off the real value unseen. 3.3 took them from one validation cohort (31 lesions) and
   covered 66 % instead of 90 % on its sealed cohort; 3.3.1 pools three (docs/model-card.md).
+- **Shifted Gaussian** (cards with ``"form": "shifted"``; fdopa-demo 3.6's, chosen by
+  leaving one validation cohort out): ``TBR - mean_residual +- z * sqrt(sd_model^2 +
+  sd_residual^2)``, centred on the value corrected by the validation bias (synthetic -
+  real) instead of widened by it. The reported TBR stays the measured one.
 - **Split-conformal** (cards with a ``conformal`` entry): on validation lesions found on
   real and synthetic uptake, the score ``(real - synthetic) / sqrt(sd_model^2 + s^2)`` is
   ranked, and its lower and upper order statistics at the card's level
@@ -124,6 +128,7 @@ class Calibration:
     source: str = ""
     conformal_tbr_max: ConformalScores | None = None
     conformal_tbr_mean: ConformalScores | None = None
+    shifted: bool = False  # centred on the value - bias, half-width from the SD alone
 
     @classmethod
     def from_card(cls, document: dict[str, Any]) -> Calibration:
@@ -136,6 +141,7 @@ class Calibration:
                    residual_bias_tbr_mean=float(document.get("residual_bias_tbr_mean", 0.0)),
                    level=float(document.get("level", DEFAULT_LEVEL)),
                    source=str(document.get("source", "")),
+                   shifted=document.get("form") == "shifted",
                    conformal_tbr_max=(ConformalScores.from_dict(conformal["tbr_max"])
                                       if "tbr_max" in conformal else None),
                    conformal_tbr_mean=(ConformalScores.from_dict(conformal["tbr_mean"])
@@ -168,6 +174,10 @@ class Calibration:
             return (text + ", scaled by split-conformal scores of (real - synthetic) / "
                     "sqrt(SD^2 + s^2) on validation lesions "
                     f"({self.source or 'model card'}); not centred on the value")
+        if self.calibrated and self.shifted:
+            return (text + ", combined with the residual SD of synthetic vs real TBR per "
+                    "lesion on validation patients and centred on the value corrected by "
+                    f"their mean residual ({self.source or 'model card'})")
         if self.calibrated:
             return (text + ", combined with the root-mean-square residual (SD and mean) "
                     "of synthetic vs real TBR per lesion on validation patients "
@@ -232,6 +242,13 @@ def lesion_intervals(samples: NDArray[np.float32], result: TbrResult, calibratio
             # (both present: Calibration.conformal)
             low_max, high_max = calibration.conformal_tbr_max.limits(lesion.tbr_max, sd_max)
             low_mean, high_mean = calibration.conformal_tbr_mean.limits(lesion.tbr_mean, sd_mean)
+        elif calibration.shifted:
+            half_max = z * float(np.hypot(sd_max, calibration.residual_sd_tbr_max))
+            half_mean = z * float(np.hypot(sd_mean, calibration.residual_sd_tbr_mean))
+            centre_max = lesion.tbr_max - calibration.residual_bias_tbr_max
+            centre_mean = lesion.tbr_mean - calibration.residual_bias_tbr_mean
+            low_max, high_max = centre_max - half_max, centre_max + half_max
+            low_mean, high_mean = centre_mean - half_mean, centre_mean + half_mean
         else:
             half_max = z * float(np.hypot(sd_max, calibration.residual_rms_tbr_max))
             half_mean = z * float(np.hypot(sd_mean, calibration.residual_rms_tbr_mean))
