@@ -305,7 +305,14 @@ def test_export_pools_validation_cohorts_into_the_interval_calibration() -> None
     assert shifted["form"] == "shifted" and "form" not in interval
     assert shifted["residual_bias_tbr_max"] == interval["residual_bias_tbr_max"]
     assert Calibration.from_card(shifted).shifted and not Calibration.from_card(interval).shifted
-    assert "bias-corrected" in shifted["source"]
+    # one cohort without per-lesion pairs: its own figures, shifted too, if it has the mean
+    old_shifted = benchmark_extras([_validation_summary(200, None)], None, 0.9, {}, "shifted")
+    assert old_shifted["tbr_interval"]["form"] == "shifted"
+    assert old_shifted["tbr_interval"]["residual_bias_tbr_max"] == -0.2
+    no_mean = _validation_summary(200, None)
+    del no_mean["intervals"]["residual_bias_tbr_max"]  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="residual mean"):
+        benchmark_extras([no_mean], None, 0.9, {}, "shifted")
     # one cohort measured without uncertainty passes: its own figures, as older cards had
     old = benchmark_extras([_validation_summary(200, None)], None, 0.9, {})
     assert "conformal" not in old["tbr_interval"]

@@ -23,7 +23,6 @@ from training.checkpoint import load_checkpoint
 
 OUTPUT_KIND = {"fusion": "fusion_rgb", "uptake": "uptake"}
 INTERVAL_FORMS = ("gaussian", "shifted", "conformal")
-_FORM_SOURCE = {"shifted": ", centred on the bias-corrected value", "conformal": ", split-conformal"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +161,9 @@ def tbr_interval(validation: list[dict[str, Any]], level: float,
                              "a conformal interval")
         first = validation[0]
         iv = first["intervals"]
+        if form == "shifted" and "residual_bias_tbr_max" not in iv:
+            raise ValueError("--interval-form shifted needs the residual mean, which this "
+                             "--validation-benchmark summary lacks (measure it again)")
         return {**({"form": "shifted"} if form == "shifted" else {}),
                 "residual_sd_tbr_max": iv["residual_sd_tbr_max"],
                 "residual_sd_tbr_mean": iv["residual_sd_tbr_mean"],
@@ -189,7 +191,7 @@ def tbr_interval(validation: list[dict[str, Any]], level: float,
         out["form"] = "shifted"
     lesions = sum(len(v["intervals"]["calibration_pairs"]["tbr_max"]) for v in validation)
     out["source"] = (f"{cohorts}, {lesions} lesions found on real and "
-                     f"synthetic{_FORM_SOURCE.get(form, '')}")
+                     f"synthetic{', split-conformal' if form == 'conformal' else ''}")
     return out
 
 

@@ -15,7 +15,7 @@ Two sources of doubt, added in quadrature:
    (``dicom-node-train benchmark``); without it the interval holds the sampling
    spread only, and says so.
 
-Two ways to turn these into an interval; the model card's ``tbr_interval`` says which
+Three ways to turn these into an interval; the model card's ``tbr_interval`` says which
 (``dicom-node-train export --interval-form``):
 
 - **Gaussian** (fdopa-demo 3.2-3.5's form): ``TBR +- z * sqrt(sd_model^2 + sd_residual^2 +
@@ -117,8 +117,9 @@ def conformal_scores(residuals: ArrayLike, sd_model: ArrayLike,
 
 @dataclass(frozen=True)
 class Calibration:
-    """The model card's ``tbr_interval``: conformal scores per ratio (newer cards) or the
-    residual SDs and means per lesion (older ones), and the level."""
+    """The model card's ``tbr_interval``: conformal scores per ratio, or the residual SDs
+    and means per lesion (centred on the value, or on the value corrected by the mean when
+    ``"form": "shifted"``), and the level."""
 
     residual_sd_tbr_max: float = 0.0
     residual_sd_tbr_mean: float = 0.0
