@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("training.evaluate", "evaluate weights on a dataset split (report)"),
     "benchmark": ("training.benchmark",
                   "the node's path on held-out phantom patients, lesion by lesion"),
+    "interval-forms": ("training.interval_forms",
+                       "choose the TBR interval form by leaving one validation cohort out"),
     "export": ("training.export", "export a checkpoint's generator as node weights"),
     "demo": ("training.demo", "phantom study -> node -> results back, with a TBR table"),
 }

@@ -169,6 +169,22 @@ class Calibration:
     def z(self) -> float:
         return NormalDist().inv_cdf(0.5 + self.level / 2.0)
 
+    def limits(self, measure: str, value: float, sd_model: float) -> tuple[float, float]:
+        """The interval of one lesion's ``measure`` ("tbr_max" or "tbr_mean") measured at
+        ``value`` with the sampling SD ``sd_model``, in the card's form."""
+        if measure not in ("tbr_max", "tbr_mean"):
+            raise ValueError(f"no interval for {measure!r}")
+        if self.conformal_tbr_max is not None and self.conformal_tbr_mean is not None:
+            scores = self.conformal_tbr_max if measure == "tbr_max" else self.conformal_tbr_mean
+            return scores.limits(value, sd_model)
+        sd = self.residual_sd_tbr_max if measure == "tbr_max" else self.residual_sd_tbr_mean
+        bias = self.residual_bias_tbr_max if measure == "tbr_max" else self.residual_bias_tbr_mean
+        if self.shifted:
+            half, centre = self.z * float(np.hypot(sd_model, sd)), value - bias
+        else:
+            half, centre = self.z * float(np.hypot(sd_model, np.hypot(sd, bias))), value
+        return centre - half, centre + half
+
     def method_text(self, samples: int) -> str:
         text = f"{self.level:.0%} interval: {samples} passes of {METHOD_SAMPLING}"
         if self.conformal:
@@ -221,7 +237,6 @@ def lesion_intervals(samples: NDArray[np.float32], result: TbrResult, calibratio
         return []
     flat = samples.reshape(n, -1)
     bg_means = flat[:, background.ravel()].mean(axis=1).astype(np.float64)
-    z = calibration.z
     out = []
     for lesion in result.lesions:
         # Only the lesion's own slices are resampled (per slice, so exactly the same
@@ -239,22 +254,8 @@ def lesion_intervals(samples: NDArray[np.float32], result: TbrResult, calibratio
         tbr_max = values.max(axis=1) / bg_means
         tbr_mean = values.mean(axis=1) / bg_means
         sd_max, sd_mean = float(tbr_max.std(ddof=1)), float(tbr_mean.std(ddof=1))
-        if calibration.conformal_tbr_max is not None and calibration.conformal_tbr_mean is not None:
-            # (both present: Calibration.conformal)
-            low_max, high_max = calibration.conformal_tbr_max.limits(lesion.tbr_max, sd_max)
-            low_mean, high_mean = calibration.conformal_tbr_mean.limits(lesion.tbr_mean, sd_mean)
-        elif calibration.shifted:
-            half_max = z * float(np.hypot(sd_max, calibration.residual_sd_tbr_max))
-            half_mean = z * float(np.hypot(sd_mean, calibration.residual_sd_tbr_mean))
-            centre_max = lesion.tbr_max - calibration.residual_bias_tbr_max
-            centre_mean = lesion.tbr_mean - calibration.residual_bias_tbr_mean
-            low_max, high_max = centre_max - half_max, centre_max + half_max
-            low_mean, high_mean = centre_mean - half_mean, centre_mean + half_mean
-        else:
-            half_max = z * float(np.hypot(sd_max, calibration.residual_rms_tbr_max))
-            half_mean = z * float(np.hypot(sd_mean, calibration.residual_rms_tbr_mean))
-            low_max, high_max = lesion.tbr_max - half_max, lesion.tbr_max + half_max
-            low_mean, high_mean = lesion.tbr_mean - half_mean, lesion.tbr_mean + half_mean
+        low_max, high_max = calibration.limits("tbr_max", lesion.tbr_max, sd_max)
+        low_mean, high_mean = calibration.limits("tbr_mean", lesion.tbr_mean, sd_mean)
         out.append(TbrInterval(
             lesion=lesion.number, tbr_max_low=low_max, tbr_max_high=high_max,
             tbr_mean_low=low_mean, tbr_mean_high=high_mean,
