@@ -309,10 +309,11 @@ def test_export_pools_validation_cohorts_into_the_interval_calibration() -> None
     old_shifted = benchmark_extras([_validation_summary(200, None)], None, 0.9, {}, "shifted")
     assert old_shifted["tbr_interval"]["form"] == "shifted"
     assert old_shifted["tbr_interval"]["residual_bias_tbr_max"] == -0.2
-    no_mean = _validation_summary(200, None)
-    del no_mean["intervals"]["residual_bias_tbr_max"]  # type: ignore[attr-defined]
-    with pytest.raises(ValueError, match="residual mean"):
-        benchmark_extras([no_mean], None, 0.9, {}, "shifted")
+    for key in ("residual_bias_tbr_max", "residual_bias_tbr_mean"):
+        no_mean = _validation_summary(200, None)
+        del no_mean["intervals"][key]  # type: ignore[attr-defined]
+        with pytest.raises(ValueError, match="residual mean"):
+            benchmark_extras([no_mean], None, 0.9, {}, "shifted")
     # one cohort measured without uncertainty passes: its own figures, as older cards had
     old = benchmark_extras([_validation_summary(200, None)], None, 0.9, {})
     assert "conformal" not in old["tbr_interval"]

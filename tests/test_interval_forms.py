@@ -21,14 +21,16 @@ from training.interval_forms import (
 
 def _summary(seed: int, residuals: list[float], sd_model: float = 0.05,
              cohort: str = "validation", sha: str = "0") -> dict[str, Any]:
-    pairs = [[r, sd_model] for r in residuals]
+    """TBRmax residuals as given, TBRmean residuals half of them."""
     return {"meta": {"seed": seed, "cohort": cohort, "sha256": sha},
-            "intervals": {"calibration_pairs": {"tbr_max": pairs, "tbr_mean": pairs}}}
+            "intervals": {"calibration_pairs": {
+                "tbr_max": [[r, sd_model] for r in residuals],
+                "tbr_mean": [[0.5 * r, sd_model] for r in residuals]}}}
 
 
 def test_one_fold_by_hand() -> None:
     """Two cohorts: each is tested with the Gaussian interval calibrated on the other."""
-    a, b = [0.1, -0.2, 0.3, 0.9], [0.0, 0.2, -0.1, 0.5]
+    a, b = [0.1, -0.2, 0.3, 0.9], [0.0, 0.2, -0.1, 0.6]
     result = leave_one_cohort_out([_summary(200, a), _summary(210, b)], "gaussian")
     z = NormalDist().inv_cdf(0.95)
 
@@ -44,6 +46,10 @@ def test_one_fold_by_hand() -> None:
     assert result.coverage["tbr_max"] == pytest.approx((cov_a + cov_b) / 2)
     assert result.width["tbr_max"] == pytest.approx((width_a + width_b) / 2)
     assert result.lesions == 8
+    # (calibrated on the held-out cohort itself, b would cover itself: [0.75, 0.75])
+    mean_a, _ = coverage([0.5 * r for r in a], [0.5 * r for r in b])
+    mean_b, _ = coverage([0.5 * r for r in b], [0.5 * r for r in a])
+    assert result.fold_coverage["tbr_mean"] == pytest.approx([mean_a, mean_b])
 
 
 def test_a_bias_the_model_keeps_favours_the_shifted_form() -> None:
@@ -75,6 +81,7 @@ def test_the_pick_is_the_narrowest_form_that_covers() -> None:
     (lambda s: [s[0], _summary(210, [0.1] * 30, sha="1")], "different weights"),
     (lambda s: [s[0], s[0]], "given twice"),
     (lambda s: [s[0], {**s[1], "intervals": {}}], "uncertainty passes"),
+    (lambda s: [s[0], _summary(210, [])], "no lesion found"),
 ])
 def test_refusals(change: Any, message: str) -> None:
     summaries = [_summary(200, [0.1] * 30), _summary(210, [0.2] * 30)]
@@ -109,3 +116,9 @@ def test_command_prints_the_table_and_the_pick(tmp_path: Path,
     sealed.write_text(json.dumps(_summary(900, [0.1] * 40, cohort="sealed-test")))
     assert main(["interval-forms", *paths[:2], "--validation-benchmark", str(sealed)]) == 2
     assert "only validation" in capsys.readouterr().out
+    assert main(["interval-forms", *paths, "--interval-level", "1.2"]) == 2
+    assert "between 0 and 1" in capsys.readouterr().out
+    junk = tmp_path / "junk.json"
+    junk.write_text("{}")
+    assert main(["interval-forms", *paths[:2], "--validation-benchmark", str(junk)]) == 2
+    assert f"{junk}: not a benchmark summary" in capsys.readouterr().out

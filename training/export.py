@@ -161,7 +161,7 @@ def tbr_interval(validation: list[dict[str, Any]], level: float,
                              "a conformal interval")
         first = validation[0]
         iv = first["intervals"]
-        if form == "shifted" and "residual_bias_tbr_max" not in iv:
+        if form == "shifted" and not {"residual_bias_tbr_max", "residual_bias_tbr_mean"} <= iv.keys():
             raise ValueError("--interval-form shifted needs the residual mean, which this "
                              "--validation-benchmark summary lacks (measure it again)")
         return {**({"form": "shifted"} if form == "shifted" else {}),

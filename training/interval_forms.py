@@ -60,6 +60,10 @@ def check_summaries(summaries: list[dict[str, Any]]) -> None:
     if not all("calibration_pairs" in s["intervals"] for s in summaries):
         raise ValueError("every summary must be measured with uncertainty passes "
                          "(benchmark --uncertainty-samples > 1)")
+    for s in summaries:
+        if not all(s["intervals"]["calibration_pairs"].get(m) for m in MEASURES):
+            raise ValueError(f"validation seed {s['meta']['seed']} has no lesion found on "
+                             "real and synthetic: nothing to test a form on")
 
 
 def leave_one_cohort_out(summaries: list[dict[str, Any]], form: str,
@@ -129,10 +133,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not 0.0 < args.interval_level < 1.0:
+        print(f"error: --interval-level {args.interval_level} must lie between 0 and 1")
+        return 2
+    summaries = []
+    for path in args.validation_benchmark:
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"error: {path}: {exc}")
+            return 2
+        if not (isinstance(summary, dict) and isinstance(summary.get("meta"), dict)
+                and {"seed", "cohort", "sha256"} <= summary["meta"].keys()
+                and isinstance(summary.get("intervals"), dict)):
+            print(f"error: {path}: not a benchmark summary (no meta or intervals)")
+            return 2
+        summaries.append(summary)
     try:
-        summaries = [json.loads(path.read_text()) for path in args.validation_benchmark]
         check_summaries(summaries)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
+    except (KeyError, ValueError) as exc:
         print(f"error: {exc}")
         return 2
     results, skipped = [], []
@@ -152,5 +171,5 @@ def run(args: argparse.Namespace) -> int:
         args.out.write_text(json.dumps({
             "level": args.interval_level, "pick": chosen,
             "seeds": [s["meta"]["seed"] for s in summaries],
-            "forms": [vars(r) for r in results]}, indent=2))
+            "forms": [vars(r) for r in results]}, indent=2, allow_nan=False))
     return 0
