@@ -55,7 +55,7 @@ def test_small_lesions_weigh_more_and_large_ones_do_not() -> None:
     assert weights[1, 0, 12, 12] == 40.0                 # 25 px: 100 / 25 = 4x
     assert weights[1, 0, 8, 12] == 40.0                  # grown with its lesion (margin 2)
     assert weights[2].max() == 1.0                       # no lesion: plain L1
-    gain = ds.small_lesion_slice_gain(_Labels(labels), np.arange(3), 100, 6.0)  # type: ignore[arg-type]
+    gain = ds.lesion_slice_gain(_Labels(labels), np.arange(3), 100, 6.0)  # type: ignore[arg-type]
     assert gain.tolist() == [6.0, 4.0, 1.0]
     sampling = ds.sampling_weights(np.array([True, True, False]), 2.0, np.sqrt(gain))
     assert np.allclose(sampling.numpy(), [2.0 * np.sqrt(6.0), 4.0, 1.0])
@@ -93,7 +93,7 @@ def test_non_enhancing_gain_raises_weight_and_sampling_capped_with_small_lesions
                          non_enhancing_gain=3.0)
     assert both[0, 0, 26, 26] == 60.0                        # 6 x 3, capped at 6
     assert both[1, 0, 12, 12] == 40.0                        # enhancing: small gain only
-    gain = ds.small_lesion_slice_gain(data, np.arange(3), 0, 6.0,  # type: ignore[arg-type]
+    gain = ds.lesion_slice_gain(data, np.arange(3), 0, 6.0,  # type: ignore[arg-type]
                                       non_enhancing_gain=3.0)
     assert gain.tolist() == [3.0, 1.0, 1.0]
     off = ds.l1_weights(data, np.arange(3), 10.0, 2)  # type: ignore[arg-type]

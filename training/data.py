@@ -295,10 +295,10 @@ def sampling_weights(has_tumour: NDArray[np.bool_], tumour_oversample: float,
     return torch.from_numpy(weights.astype(np.float64))
 
 
-def small_lesion_slice_gain(data: PairedDataset, idx: NDArray[np.int64],
-                            small_lesion_area_px: int, max_gain: float,
-                            chunk: int = 2048, non_enhancing_gain: float = 1.0,
-                            enhancing_t1c: float = ENHANCING_T1C) -> NDArray[np.float32]:
+def lesion_slice_gain(data: PairedDataset, idx: NDArray[np.int64],
+                      small_lesion_area_px: int, max_gain: float,
+                      chunk: int = 2048, non_enhancing_gain: float = 1.0,
+                      enhancing_t1c: float = ENHANCING_T1C) -> NDArray[np.float32]:
     """Each slice's largest :func:`lesion_gain` (1 for a slice without a lesion)."""
     labels = data.get("tumour_labels")
     t1c = data.t1c if non_enhancing_gain != 1.0 else None

@@ -596,7 +596,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     weights = None
     slice_gain = None
     if config.small_lesion_area_px > 0 or config.non_enhancing_gain != 1.0:
-        slice_gain = np.sqrt(ds.small_lesion_slice_gain(
+        slice_gain = np.sqrt(ds.lesion_slice_gain(
             data, train_idx, config.small_lesion_area_px, config.small_lesion_max_gain,
             non_enhancing_gain=config.non_enhancing_gain, enhancing_t1c=config.enhancing_t1c))
     if config.tumour_oversample != 1.0 or slice_gain is not None:

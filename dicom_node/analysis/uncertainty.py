@@ -177,12 +177,14 @@ class Calibration:
         if self.conformal_tbr_max is not None and self.conformal_tbr_mean is not None:
             scores = self.conformal_tbr_max if measure == "tbr_max" else self.conformal_tbr_mean
             return scores.limits(value, sd_model)
-        sd = self.residual_sd_tbr_max if measure == "tbr_max" else self.residual_sd_tbr_mean
-        bias = self.residual_bias_tbr_max if measure == "tbr_max" else self.residual_bias_tbr_mean
         if self.shifted:
+            sd = self.residual_sd_tbr_max if measure == "tbr_max" else self.residual_sd_tbr_mean
+            bias = (self.residual_bias_tbr_max if measure == "tbr_max"
+                    else self.residual_bias_tbr_mean)
             half, centre = self.z * float(np.hypot(sd_model, sd)), value - bias
         else:
-            half, centre = self.z * float(np.hypot(sd_model, np.hypot(sd, bias))), value
+            rms = self.residual_rms_tbr_max if measure == "tbr_max" else self.residual_rms_tbr_mean
+            half, centre = self.z * float(np.hypot(sd_model, rms)), value
         return centre - half, centre + half
 
     def method_text(self, samples: int) -> str:
